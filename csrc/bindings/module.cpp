@@ -1,0 +1,10 @@
+#include "pybind.h"
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "llmem's compiled core: cells, slot search, batch splitting (private; use llmem)";
+    m.attr("__version__") = LLMEM_VERSION;
+
+    llmem::bind::register_errors(m);
+    llmem::bind::register_status(m);
+    llmem::bind::register_batch(m);
+}
