@@ -15,6 +15,14 @@ constexpr int32_t SEQ_MAX_LIMIT = 1 << 16;
 /// Token id meaning "this entry carries no token id" (an embedding-only entry).
 constexpr int32_t NO_TOKEN = -1;
 
+/// Sliding-window attention kinds (llama.cpp's llama_swa_type, same numbering).
+enum class swa_type : int32_t {
+    NONE      = 0,
+    STANDARD  = 1,
+    CHUNKED   = 2,
+    SYMMETRIC = 3,
+};
+
 /// Normalised half-open position range [p0, p1): negative p0 -> 0, negative p1 -> POS_OPEN.
 struct pos_range {
     int32_t p0;

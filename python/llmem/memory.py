@@ -1,0 +1,216 @@
+"""The memory interface every llmem memory implements, and the context protocol.
+
+A memory holds per-sequence state between decoding steps. Decoding one batch goes through a
+*context*: ``init_batch`` plans every micro-batch without changing the memory, and the caller then
+commits the micro-batches one at a time with ``apply()``, exactly like llama.cpp's decode loop::
+
+    ctx = memory.init_batch(batch, n_ubatch=512)
+    if ctx.status != Status.SUCCESS: ...          # FAILED_PREPARE: no room
+    for ubatch in ctx:                            # apply(), then yield; next() between ubatches
+        run_the_model(ubatch, ctx)
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import tempfile
+from typing import Iterator, Optional, Union
+
+from . import _core
+from .batch import Batch, BatchAllocator, UBatch
+from .errors import LlmemError
+from .status import Status, status_is_fail
+
+__all__ = ["Memory", "MemoryContext"]
+
+
+class MemoryContext(abc.ABC):
+    """One plan made by ``init_batch``/``init_full``/``init_update``.
+
+    ``apply()`` is the only call that changes the memory. A context with a failed status has no
+    micro-batches; iterating it raises :class:`LlmemError`.
+    """
+
+    __slots__ = ()
+
+    @property
+    @abc.abstractmethod
+    def status(self) -> Status:
+        """SUCCESS, NO_UPDATE (nothing to do) or a failure status."""
+
+    @abc.abstractmethod
+    def next(self) -> bool:
+        """Move to the next micro-batch; False when there is none."""
+
+    @abc.abstractmethod
+    def apply(self) -> bool:
+        """Commit the current micro-batch (or the update) into the memory."""
+
+    @property
+    @abc.abstractmethod
+    def ubatch(self) -> Optional[UBatch]:
+        """The current micro-batch (None for full and update contexts)."""
+
+    def __iter__(self) -> Iterator[UBatch]:
+        """Apply each micro-batch in turn and yield it (llama.cpp's apply/next loop)."""
+        status = self.status
+        if status_is_fail(status):
+            raise LlmemError(f"cannot run a memory context whose status is {Status(status).name}")
+        if status == Status.NO_UPDATE:
+            return
+        ub = self.ubatch
+        if ub is None:
+            self.apply()
+            return
+        while True:
+            if not self.apply():
+                raise LlmemError("the memory refused to apply a micro-batch")
+            yield self.ubatch
+            if not self.next():
+                return
+
+
+BatchOrAllocator = Union[Batch, BatchAllocator]
+
+
+class Memory(abc.ABC):
+    """Common interface of KVCache, KVCacheISWA, RecurrentMemory, HybridMemory and
+    HybridISWAMemory; method names and semantics follow llama.cpp's ``llama_memory_i``.
+
+    Position ranges are half-open ``[p0, p1)``; ``p0 < 0`` means from the start and ``p1 < 0``
+    means to the end. Sequence ids are ints in ``[0, n_seq_max)`` unless a method says otherwise.
+    """
+
+    # -- batches -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int,
+                   embd_all: bool = False) -> MemoryContext:
+        """Split a batch into micro-batches and check each can be placed; changes nothing."""
+
+    @abc.abstractmethod
+    def init_full(self) -> MemoryContext:
+        """A context covering the whole memory (for sizing a compute graph)."""
+
+    @abc.abstractmethod
+    def init_update(self, optimize: bool = False) -> MemoryContext:
+        """A context that applies pending work (K-shift, stream copies); NO_UPDATE if none."""
+
+    # -- sequences -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def clear(self, data: bool = True) -> None:
+        """Forget every sequence; with ``data`` also zero the state buffers."""
+
+    @abc.abstractmethod
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove positions [p0, p1) of a sequence; False when the memory cannot do it."""
+
+    @abc.abstractmethod
+    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Make ``seq_id_dst`` share the cells of ``seq_id_src`` in [p0, p1)."""
+
+    @abc.abstractmethod
+    def seq_keep(self, seq_id: int) -> None:
+        """Remove every sequence except ``seq_id``."""
+
+    @abc.abstractmethod
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        """Add ``shift`` to the positions in [p0, p1) of a sequence."""
+
+    @abc.abstractmethod
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        """Integer-divide the positions in [p0, p1) of a sequence by ``d`` (d >= 1)."""
+
+    @abc.abstractmethod
+    def seq_pos_min(self, seq_id: int) -> int:
+        """Smallest position the memory holds for a sequence, -1 if none."""
+
+    @abc.abstractmethod
+    def seq_pos_max(self, seq_id: int) -> int:
+        """Largest position the memory holds for a sequence, -1 if none."""
+
+    # -- introspection -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_can_shift(self) -> bool:
+        """Whether ``seq_add``/``seq_div`` are supported (llama.cpp's ``get_can_shift``)."""
+
+    @abc.abstractmethod
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes of state held, by buffer name."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Number of cells."""
+
+    @property
+    @abc.abstractmethod
+    def used(self) -> int:
+        """Number of cells in use."""
+
+    @property
+    @abc.abstractmethod
+    def head(self) -> int:
+        """Where the next slot search starts."""
+
+    @property
+    @abc.abstractmethod
+    def n_seq_max(self) -> int:
+        """Number of sequence ids the memory accepts."""
+
+    @abc.abstractmethod
+    def cells(self) -> dict:
+        """A snapshot of the cell metadata (numpy arrays) for inspection and tests."""
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        """Serialise the whole memory (-1) or one sequence in llama.cpp's byte layout."""
+
+    @abc.abstractmethod
+    def state_read(self, data: bytes, seq_id: int = -1, flags: int = 0) -> None:
+        """Restore from ``state_write`` bytes; raises StateError and changes nothing on failure."""
+
+    def save(self, path: Union[str, os.PathLike], seq_id: int = -1) -> None:
+        """Write ``state_write(seq_id)`` to a file, atomically (a crash leaves the old file)."""
+        data = self.state_write(seq_id)
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".llmem-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    def load(self, path: Union[str, os.PathLike], seq_id: int = -1) -> None:
+        """Read a file written by :meth:`save` into the whole memory (-1) or one sequence."""
+        with open(os.fspath(path), "rb") as f:
+            data = f.read()
+        self.state_read(data, seq_id)
+
+    # -- helpers for implementations -----------------------------------------------------------
+
+    def _allocator_for(self, balloc_or_batch: BatchOrAllocator) -> BatchAllocator:
+        """The allocator to split: the caller's (already initialised) or one validated here."""
+        if isinstance(balloc_or_batch, _core.BatchAllocator):
+            return balloc_or_batch
+        if isinstance(balloc_or_batch, _core.Batch):
+            balloc = getattr(self, "_own_balloc", None)
+            if balloc is None:
+                balloc = BatchAllocator(self.n_seq_max)
+                self._own_balloc = balloc
+            balloc.init(balloc_or_batch, self)
+            return balloc
+        raise TypeError(
+            f"balloc_or_batch must be a llmem.Batch or llmem.BatchAllocator, "
+            f"not {type(balloc_or_batch).__name__}")
