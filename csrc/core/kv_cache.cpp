@@ -1318,24 +1318,38 @@ void kv_cache::state_commit(parsed_state & ps) {
 }
 
 void kv_cache::state_read(const uint8_t * data, size_t n, size_t & off, int32_t seq) {
-    size_t pos = off;
-    auto   ps  = state_parse(data, n, pos, seq);
-    txn_begin();
-    bool placed = false;
+    off = kv_state_read_all({ this }, data, n, off, seq, false);
+}
+
+size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
+                         int32_t seq, bool exact) {
+    std::vector<std::unique_ptr<kv_cache::parsed_state>> parsed;
+    for (kv_cache * c : caches) {
+        parsed.push_back(c->state_parse(data, n, off, seq));
+    }
+    if (exact && off != n) {
+        throw state_error(std::to_string(n - off) + " unexpected bytes after the KV state");
+    }
+    size_t opened = 0;
     try {
-        placed = state_place(*ps);
+        for (; opened < caches.size(); ++opened) {
+            caches[opened]->txn_begin();
+            if (!caches[opened]->state_place(*parsed[opened])) {
+                ++opened;
+                throw state_error("failed to restore the sequence state: not enough free cells");
+            }
+        }
     } catch (...) {
-        txn_rollback();
+        for (size_t k = 0; k < opened; ++k) {
+            caches[k]->txn_rollback();
+        }
         throw;
     }
-    if (!placed) {
-        txn_rollback();
-        throw state_error("failed to restore the sequence state: no room for its " +
-                          std::to_string(ps->streams.empty() ? 0 : ps->streams[0].cell_count) + " cells");
+    for (size_t k = 0; k < caches.size(); ++k) {
+        caches[k]->txn_commit();
+        caches[k]->state_commit(*parsed[k]);
     }
-    txn_commit();
-    state_commit(*ps);
-    off = pos;
+    return off;
 }
 
 void kv_cache::zero_cells(uint32_t stream, const std::vector<uint32_t> & idxs) {

@@ -275,6 +275,13 @@ kv_context kv_init_batch(kv_cache & cache, batch_allocr & balloc, uint32_t n_uba
 std::pair<kv_context, kv_context> kv_iswa_init_batch(kv_cache & base, kv_cache & swa, batch_allocr & balloc,
                                                      uint32_t n_ubatch);
 
+/// Read consecutive KV sections (one per cache, in order) from data[off..n) for seq (-1: whole
+/// caches), all or nothing: throws state_error and changes no cache unless every section parses
+/// and fits. With `exact`, bytes left after the last section are an error too. Returns the new
+/// offset.
+size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
+                         int32_t seq, bool exact);
+
 /// Half / bfloat16 conversions used for K-shift and tests.
 float    f16_to_f32(uint16_t h);
 uint16_t f32_to_f16(float f);
