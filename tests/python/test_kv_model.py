@@ -1,0 +1,188 @@
+"""Model-based test: random histories of decodes, sequence operations, updates and state
+round-trips run on llmem.KVCache and on the independent reference (reference/ref_kv.py); after
+every step the chosen cells, the cell table, heads, seq_pos_min/max and has_shift must agree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import llmem
+from llmem import Batch, KVCache, Rope, StateError
+
+from reference.ref_kv import RefKV
+
+POS = st.integers(min_value=-1, max_value=24)
+
+
+class KVModel(RuleBasedStateMachine):
+    @initialize(size=st.sampled_from([4, 8, 16]), n_seq_max=st.integers(1, 4), unified=st.booleans(),
+                swa=st.sampled_from([(0, 0), (1, 2), (1, 3), (2, 4), (3, 4), (1, 5)]))
+    def setup(self, size, n_seq_max, unified, swa):
+        swa_type, n_swa = swa
+        self.ref = RefKV(size, n_seq_max, unified, n_swa, swa_type)
+        self.kv = KVCache(1, 2, 2, size, n_seq_max=n_seq_max, unified=unified, n_swa=n_swa,
+                          swa_type=swa_type, dtype_k=np.float32, dtype_v=np.float32,
+                          rope=Rope(2, head_dim=2))
+
+    # -- decode -------------------------------------------------------------------------------
+
+    @rule(data=st.data())
+    def decode(self, data):
+        ref = self.ref
+        n_seq = ref.n_seq_max
+        runs = []
+        if ref.unified:
+            n_runs = data.draw(st.integers(1, 3))
+            taken = set()
+            for _ in range(n_runs):
+                free = [s for s in range(n_seq) if s not in taken]
+                if not free:
+                    break
+                s = data.draw(st.sampled_from(free))
+                group = [s]
+                # couple a second sequence only when the memory says they are at the same place
+                mates = [t for t in free if t != s and ref.seq_pos_min(t) == ref.seq_pos_min(s)
+                         and ref.seq_pos_max(t) == ref.seq_pos_max(s)]
+                if mates and data.draw(st.booleans()):
+                    group.append(data.draw(st.sampled_from(mates)))
+                taken.update(group)
+                runs.append((tuple(group), data.draw(st.integers(1, 6))))
+        else:
+            runs.append(((data.draw(st.integers(0, n_seq - 1)),), data.draw(st.integers(1, 9))))
+        toks = []
+        for group, count in runs:
+            start = ref.seq_pos_max(group[0]) + 1
+            if start == 0:
+                start = data.draw(st.integers(0, 3))
+            toks += [(group, start + k) for k in range(count)]
+        n_ubatch = data.draw(st.integers(1, 8))
+
+        # llmem: a token's ids are given in attach order; the last one is the primary id
+        batch = Batch(token=np.arange(len(toks), dtype=np.int32),
+                      pos=np.array([p for _, p in toks], dtype=np.int32),
+                      seq_id=[list(reversed(g)) for g, _ in toks])
+        ctx = self.kv.init_batch(batch, n_ubatch)
+        ubatches = [toks[i:i + n_ubatch] for i in range(0, len(toks), n_ubatch)]
+        slots = ref.prepare(ubatches)
+        if slots is None:
+            assert ctx.status == llmem.Status.FAILED_PREPARE
+            return
+        assert ctx.status == llmem.Status.SUCCESS
+        k = 0
+        for ub in ctx:
+            expected = [c for _, cells in slots[k] for c in cells]
+            assert ctx.slot_cells().tolist() == expected
+            assert ub.pos.tolist() == [p for _, p in ubatches[k]]
+            ref.apply_ubatch(slots[k], ubatches[k])
+            k += 1
+        assert k == len(ubatches)
+
+    # -- sequence operations ------------------------------------------------------------------
+
+    def _both(self, name, *args):
+        """Run on both; both must raise ValueError or both succeed with the same result."""
+        try:
+            expected = getattr(self.ref, name)(*args)
+        except ValueError:
+            before = self.kv.cells()
+            with pytest.raises(ValueError):
+                getattr(self.kv, name)(*args)
+            after = self.kv.cells()
+            assert np.array_equal(before["pos"], after["pos"]) and before["seqs"] == after["seqs"]
+            return
+        got = getattr(self.kv, name)(*args)
+        assert got == expected
+
+    @rule(seq=st.integers(-2, 5), p0=POS, p1=POS)
+    def seq_rm(self, seq, p0, p1):
+        self._both("seq_rm", seq, p0, p1)
+
+    @rule(src=st.integers(0, 4), dst=st.integers(0, 4), p0=st.sampled_from([-1, 0, 2, 100]),
+          p1=st.sampled_from([-1, 3, 100]))
+    def seq_cp(self, src, dst, p0, p1):
+        self._both("seq_cp", src, dst, p0, p1)
+
+    @rule(seq=st.integers(0, 4))
+    def seq_keep(self, seq):
+        self._both("seq_keep", seq)
+
+    @rule(seq=st.integers(0, 4), p0=POS, p1=POS, d=st.integers(-6, 6))
+    def seq_add(self, seq, p0, p1, d):
+        self._both("seq_add", seq, p0, p1, d)
+
+    @rule(seq=st.integers(0, 4), p0=POS, p1=POS, d=st.integers(0, 4))
+    def seq_div(self, seq, p0, p1, d):
+        self._both("seq_div", seq, p0, p1, d)
+
+    @rule()
+    def update(self):
+        ctx = self.kv.init_update()
+        expected = llmem.Status.SUCCESS if (self.ref.get_has_shift() or self.kv._core.pending_copies) \
+            else llmem.Status.NO_UPDATE
+        assert ctx.status == expected
+        if ctx.status == llmem.Status.SUCCESS:
+            ctx.apply()
+        self.ref.update()
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @rule(src=st.integers(0, 3), dst=st.integers(0, 3))
+    def seq_state_round_trip(self, src, dst):
+        if src >= self.ref.n_seq_max or dst >= self.ref.n_seq_max:
+            return
+        blob = self.kv.state_write(src)
+        positions = self.ref.seq_state_cells(src)
+        ok = self.ref.seq_state_restore(positions, dst)
+        if ok:
+            self.kv.state_read(blob, dst)
+        else:
+            before = self.kv.cells()
+            with pytest.raises(StateError):
+                self.kv.state_read(blob, dst)
+            after = self.kv.cells()
+            assert np.array_equal(before["pos"], after["pos"]) and before["seqs"] == after["seqs"]
+            assert before["head"] == after["head"]
+
+    @rule()
+    def whole_state_into_fresh_cache(self):
+        ref = self.ref
+        other = KVCache(1, 2, 2, ref.size, n_seq_max=ref.n_seq_max, unified=ref.unified,
+                        n_swa=ref.n_swa, swa_type=ref.swa_type, dtype_k=np.float32,
+                        dtype_v=np.float32)
+        other.state_read(self.kv.state_write(-1))
+        got = other.cells()
+        for s in range(ref.n_stream):
+            used = [c for c in ref.cells[s] if c.pos != -1]
+            n = len(used)
+            assert got["pos"][s][:n].tolist() == [c.pos for c in used]
+            assert (got["pos"][s][n:] == -1).all()
+            assert got["seqs"][s][:n] == [tuple(sorted(c.seqs)) for c in used]
+            assert got["head"][s] == 0
+
+    # -- invariants -----------------------------------------------------------------------------
+
+    @invariant()
+    def same_cells(self):
+        if not hasattr(self, "ref"):
+            return
+        exp = self.ref.snapshot()
+        got = self.kv.cells()
+        assert got["pos"].tolist() == exp["pos"]
+        assert got["seqs"] == exp["seqs"]
+        assert got["shift"].tolist() == exp["shift"]
+        assert got["head"] == exp["head"]
+        assert self.kv.used == self.ref.used()
+        assert self.kv.get_has_shift() == self.ref.get_has_shift()
+        for s in range(self.ref.n_seq_max):
+            assert self.kv.seq_pos_min(s) == self.ref.seq_pos_min(s)
+            assert self.kv.seq_pos_max(s) == self.ref.seq_pos_max(s)
+        assert self.kv._core.check_invariants()
+
+
+TestKVModel = KVModel.TestCase
+TestKVModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None,
+                                suppress_health_check=[HealthCheck.too_slow])
