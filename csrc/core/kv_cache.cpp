@@ -1152,7 +1152,7 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
             throw state_error("layer count mismatch: the state has " + std::to_string(n_lay) + ", the cache " +
                               std::to_string(n_layer()));
         }
-        if ((v_trans != 0) != p_.v_trans) {
+        if (v_trans > 1 || (v_trans != 0) != p_.v_trans) {
             throw state_error("v_trans mismatch: the state has " + std::to_string(v_trans) + ", the cache " +
                               std::to_string(p_.v_trans ? 1 : 0));
         }

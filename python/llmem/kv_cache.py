@@ -552,6 +552,11 @@ class KVCacheISWA(Memory):
             return self.swa
         raise ValueError(f"model layer {il!r} is not stored in this cache")
 
+    @property
+    def layers(self) -> list[int]:
+        """Model layer ids stored in either cache, ascending."""
+        return sorted(self.base.layers + self.swa.layers)
+
     def k(self, il: int) -> np.ndarray:
         return self._cache_of(il).k(il)
 
@@ -696,6 +701,10 @@ class KVCacheISWAContext(MemoryContext):
     @property
     def ubatch(self) -> Optional[UBatch]:
         return self.base.ubatch
+
+    def slot_cells(self) -> np.ndarray:
+        """Cells of the current micro-batch in the base cache."""
+        return self.base.slot_cells()
 
     def _ctx_of(self, il: int) -> KVCacheContext:
         return self.base if self._mem._cache_of(il) is self._mem.base else self.swa
