@@ -73,38 +73,28 @@ float f16_to_f32(uint16_t h) {
 }
 
 uint16_t f32_to_f16(float f) {
+    // Round to nearest even with few branches: normal numbers by integer rounding of the
+    // rebased exponent, subnormals by letting the FPU align the mantissa (adding 0.5f).
     uint32_t x;
     std::memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000u;
-    uint32_t       mant = x & 0x7fffffu;
-    const int32_t  exp  = int32_t((x >> 23) & 0xffu);
-    if (exp == 255) {
-        return uint16_t(sign | 0x7c00u | (mant ? 0x200u : 0u));
+    const uint32_t sign = x & 0x80000000u;
+    x ^= sign;
+    uint32_t o;
+    if (x >= 0x47800000u) {
+        o = x > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN stays NaN, overflow becomes inf
+    } else if (x < 0x38800000u) {
+        float v;
+        std::memcpy(&v, &x, 4);
+        v += 0.5f;
+        uint32_t r;
+        std::memcpy(&r, &v, 4);
+        o = r - 0x3f000000u;
+    } else {
+        const uint32_t mant_odd = (x >> 13) & 1u;
+        x += (uint32_t(15 - 127) << 23) + 0xfffu + mant_odd;
+        o = x >> 13;
     }
-    const int32_t e = exp - 127 + 15;
-    if (e >= 31) {
-        return uint16_t(sign | 0x7c00u);
-    }
-    if (e <= 0) {
-        if (e < -10) {
-            return uint16_t(sign);
-        }
-        mant |= 0x800000u;
-        const uint32_t shift = uint32_t(14 - e);
-        uint32_t       h     = mant >> shift;
-        const uint32_t rem   = mant & ((1u << shift) - 1);
-        const uint32_t half  = 1u << (shift - 1);
-        if (rem > half || (rem == half && (h & 1u))) {
-            ++h;
-        }
-        return uint16_t(sign | h);
-    }
-    uint32_t       h   = (uint32_t(e) << 10) | (mant >> 13);
-    const uint32_t rem = mant & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) {
-        ++h;  // a carry into the exponent is the correct rounding
-    }
-    return uint16_t(sign | h);
+    return uint16_t((sign >> 16) | o);
 }
 
 float bf16_to_f32(uint16_t h) {
@@ -170,42 +160,69 @@ void rope_tables(const rope_params & r, int32_t delta, std::vector<float> & cs, 
     }
 }
 
-inline float load_elem(const uint8_t * p, int32_t type) {
-    if (type == int32_t(kv_type::F32)) {
+const float * f16_table() {
+    static const std::vector<float> table = [] {
+        std::vector<float> t(65536);
+        for (uint32_t h = 0; h < 65536; ++h) {
+            t[h] = f16_to_f32(uint16_t(h));
+        }
+        return t;
+    }();
+    return table.data();
+}
+
+template <int32_t TYPE>
+inline float load_as(const uint8_t * p) {
+    if constexpr (TYPE == int32_t(kv_type::F32)) {
         float f;
         std::memcpy(&f, p, 4);
         return f;
+    } else {
+        uint16_t h;
+        std::memcpy(&h, p, 2);
+        if constexpr (TYPE == int32_t(kv_type::F16)) {
+            return f16_table()[h];
+        } else {
+            return bf16_to_f32(h);
+        }
     }
-    uint16_t h;
-    std::memcpy(&h, p, 2);
-    return type == int32_t(kv_type::F16) ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
-inline void store_elem(uint8_t * p, int32_t type, float f) {
-    if (type == int32_t(kv_type::F32)) {
+template <int32_t TYPE>
+inline void store_as(uint8_t * p, float f) {
+    if constexpr (TYPE == int32_t(kv_type::F32)) {
         std::memcpy(p, &f, 4);
-        return;
+    } else {
+        const uint16_t h = TYPE == int32_t(kv_type::F16) ? f32_to_f16(f) : f32_to_bf16(f);
+        std::memcpy(p, &h, 2);
     }
-    const uint16_t h = type == int32_t(kv_type::F16) ? f32_to_f16(f) : f32_to_bf16(f);
-    std::memcpy(p, &h, 2);
 }
 
-// Rotate the RoPE part of every head of one K row in place.
-void rotate_row(uint8_t * row, int32_t type, uint32_t n_embd, const rope_params & r, const std::vector<float> & cs,
-                const std::vector<float> & sn) {
-    const size_t   es     = kv_type_size(type);
-    const uint32_t n_head = n_embd / r.head_dim;
-    const uint32_t half   = r.n_rot / 2;
+template <int32_t TYPE>
+void rotate_row_as(uint8_t * row, uint32_t n_embd, const rope_params & r, const float * cs, const float * sn) {
+    constexpr size_t es     = TYPE == int32_t(kv_type::F32) ? 4 : 2;
+    const uint32_t   n_head = n_embd / r.head_dim;
+    const uint32_t   half   = r.n_rot / 2;
     for (uint32_t h = 0; h < n_head; ++h) {
         uint8_t * base = row + size_t(h) * r.head_dim * es;
         for (uint32_t k = 0; k < half; ++k) {
             const uint32_t ia = r.neox ? k : 2 * k;
             const uint32_t ib = r.neox ? k + half : 2 * k + 1;
-            const float    a  = load_elem(base + ia * es, type);
-            const float    b  = load_elem(base + ib * es, type);
-            store_elem(base + ia * es, type, a * cs[k] - b * sn[k]);
-            store_elem(base + ib * es, type, a * sn[k] + b * cs[k]);
+            const float    a  = load_as<TYPE>(base + ia * es);
+            const float    b  = load_as<TYPE>(base + ib * es);
+            store_as<TYPE>(base + ia * es, a * cs[k] - b * sn[k]);
+            store_as<TYPE>(base + ib * es, a * sn[k] + b * cs[k]);
         }
+    }
+}
+
+// Rotate the RoPE part of every head of one K row in place.
+void rotate_row(uint8_t * row, int32_t type, uint32_t n_embd, const rope_params & r, const std::vector<float> & cs,
+                const std::vector<float> & sn) {
+    switch (type) {
+        case int32_t(kv_type::F32):  rotate_row_as<int32_t(kv_type::F32)>(row, n_embd, r, cs.data(), sn.data()); break;
+        case int32_t(kv_type::F16):  rotate_row_as<int32_t(kv_type::F16)>(row, n_embd, r, cs.data(), sn.data()); break;
+        default:                     rotate_row_as<int32_t(kv_type::BF16)>(row, n_embd, r, cs.data(), sn.data()); break;
     }
 }
 
@@ -778,7 +795,11 @@ bool kv_cache::prepare_into(const std::vector<ubatch> & ubatches, std::vector<sl
                 ok = false;
                 break;
             }
-            apply_ubatch(slots[u], ubatches[u]);
+            // Later ubatches must see this one; nothing looks past the last, so skip its
+            // apply (and undo): a one-ubatch decode step costs one slot search.
+            if (u + 1 < ubatches.size()) {
+                apply_ubatch(slots[u], ubatches[u]);
+            }
         }
     } catch (...) {
         txn_rollback();

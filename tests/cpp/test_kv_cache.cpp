@@ -705,4 +705,19 @@ TEST(KvConvert, HalfAndBfloatRoundTrip) {
     EXPECT_EQ(f32_to_bf16(1.0f), 0x3f80);
 }
 
+TEST(KvConvert, HalfRoundingIsExhaustivelyNearestEven) {
+    for (uint32_t h = 0; h < 0x7c00; ++h) {  // every finite non-negative half
+        const float f = f16_to_f32(uint16_t(h));
+        ASSERT_EQ(f32_to_f16(f), h);
+        ASSERT_EQ(f32_to_f16(-f), h | 0x8000u);
+        if (h + 1 < 0x7c00) {
+            // the midpoint to the next half is exact in float and must round to the even one
+            const float mid = (f + f16_to_f32(uint16_t(h + 1))) * 0.5f;
+            ASSERT_EQ(f32_to_f16(mid), (h & 1u) ? h + 1 : h) << h;
+        }
+    }
+    EXPECT_EQ(f32_to_f16(1e6f), 0x7c00);
+    EXPECT_EQ(f32_to_f16(std::nanf("")) & 0x7c00, 0x7c00);
+}
+
 } // namespace
