@@ -693,6 +693,61 @@ TEST(KvState, StateClearZeroesOnlyCellsOfThatSequenceAlone) {
     EXPECT_EQ(bc.k[4], 0.0f);
 }
 
+// -- M-RoPE cells (ext) ---------------------------------------------------------------------
+
+// A 2-D ubatch: every token at temporal position p with image coordinates (y, x).
+ubatch make_2d(int32_t seq, int32_t p, const std::vector<std::pair<int32_t, int32_t>> & yx) {
+    std::vector<tok> toks;
+    for (size_t k = 0; k < yx.size(); ++k) {
+        toks.push_back({ { seq }, p });
+    }
+    ubatch ub = make_ub(toks);
+    const uint32_t n = ub.n_tokens;
+    ub.n_pos = 4;
+    auto & pos = ub.data->pos;
+    pos.resize(4 * n);
+    for (uint32_t k = 0; k < n; ++k) {
+        pos[n + k]     = yx[k].first;
+        pos[2 * n + k] = yx[k].second;
+        pos[3 * n + k] = 0;
+    }
+    return ub;
+}
+
+TEST(KvMrope, TwoDimensionalMaskAndExtInState) {
+    kv_cache_params p = params(8, 2);
+    p.n_pos_per_embd  = 4;
+    kv_cache c(p);
+    const ubatch ub  = make_2d(0, 5, { { 0, 0 }, { 0, 1 }, { 1, 0 } });
+    const auto   got = place(c, { ub });
+    ASSERT_EQ(got[0], (idx_list{ 0, 1, 2 }));
+    EXPECT_EQ(c.cells(0).ext_get(2), (cell_ext{ 0, 1, -1 }));
+    slot_info slot;
+    slot.n_per_group = 3;
+    slot.strm        = { 0 };
+    slot.idxs        = got[0];
+    // same temporal position: a cell is visible when its (y, x) is not after the query's
+    EXPECT_EQ(mask_rows(c, slot, ub, 8, true), (rows{ "0-------", "00------", "000-----" }));
+    std::vector<uint8_t> blob;
+    c.state_write(blob, 0);
+    EXPECT_EQ(blob.size(), 8u + 3 * (4 + 4 + 12 + 4) + 8 + 2 * 12 + 2 * 3 * 16);
+    size_t off = 0;
+    c.state_read(blob.data(), blob.size(), off, 1);
+    EXPECT_EQ(c.cells(0).ext_get(5), (cell_ext{ 0, 1, -1 }));
+}
+
+TEST(KvMrope, EmptiedCellForgetsItsExt) {
+    kv_cache_params p = params(4);
+    p.n_pos_per_embd  = 4;
+    kv_cache c(p);
+    place(c, { make_2d(0, 0, { { 3, 4 } }) });
+    c.seq_rm(0, -1, -1);
+    // Every way of emptying a cell resets its ext, so an embedding placed later starts clean.
+    EXPECT_EQ(c.cells(0).ext_get(0), cell_ext{});
+    place(c, run(0, 0, 1));
+    EXPECT_EQ(c.cells(0).ext_get(0), cell_ext{});
+}
+
 // -- conversions --------------------------------------------------------------------------------
 
 TEST(KvConvert, HalfAndBfloatRoundTrip) {
