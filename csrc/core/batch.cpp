@@ -44,6 +44,7 @@ struct batch_allocr::state {
     std::vector<int8_t>  output;
     uint32_t             n_outputs   = 0;
     bool                 has_coupled = false;
+    bool                 single_ids  = true;  // every entry has exactly one id
 
     std::vector<int32_t> seq_id_unq;  // ascending ids present in the batch
     std::vector<int32_t> seq_idx;     // [n_seq_max] rank in seq_id_unq or -1
@@ -85,6 +86,7 @@ struct batch_allocr::state {
         has_embd    = false;
         n_outputs   = 0;
         has_coupled = false;
+        single_ids  = true;
         token.clear();
         embd.clear();
         pos.clear();
@@ -222,17 +224,25 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
 
     // sequence ids in stored order (primary first); an entry without ids is refused
     st.seq_id_off.resize(n + 1);
-    st.seq_id_off[0] = 0;
-    for (uint32_t i = 0; i < n; ++i) {
-        if (b.seq_id_off.empty()) {
-            st.seq_id.push_back(0);
-        } else {
+    if (b.seq_id_off.empty()) {
+        st.seq_id.assign(n, 0);
+        for (uint32_t i = 0; i <= n; ++i) {
+            st.seq_id_off[i] = int32_t(i);
+        }
+    } else if (b.seq_id.size() == n && b.seq_id_off[n] == int32_t(n)) {
+        // one id per entry (the decode-step shape): nothing to reorder
+        st.seq_id.assign(b.seq_id.begin(), b.seq_id.end());
+        st.seq_id_off.assign(b.seq_id_off.begin(), b.seq_id_off.end());
+    } else {
+        st.seq_id_off[0] = 0;
+        for (uint32_t i = 0; i < n; ++i) {
             const int32_t k0 = b.seq_id_off[i];
             const int32_t k1 = b.seq_id_off[i + 1];
             append_stored_ids(b.seq_id.data() + k0, k1 - k0, st.seq_id);
+            st.seq_id_off[i + 1] = int32_t(st.seq_id.size());
         }
-        st.seq_id_off[i + 1] = int32_t(st.seq_id.size());
     }
+    st.single_ids = st.seq_id.size() == n;
 
     // positions: given, or continuing each sequence from the memory (keyed by the caller's first id)
     if (!b.pos.empty()) {
@@ -328,7 +338,9 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
             }
         }
     }
-    std::sort(st.seq_id_unq.begin(), st.seq_id_unq.end());
+    if (!std::is_sorted(st.seq_id_unq.begin(), st.seq_id_unq.end())) {
+        std::sort(st.seq_id_unq.begin(), st.seq_id_unq.end());
+    }
     for (size_t r = 0; r < st.seq_id_unq.size(); ++r) {
         st.seq_idx[st.seq_id_unq[r]] = int32_t(r);
     }
@@ -486,36 +498,59 @@ ubatch batch_allocr::make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_s
     if (st.has_embd) {
         d->embd.resize(size_t(nt) * st.n_embd);
     }
-    d->seq_id_off[0] = 0;
+
+    if (st.has_token) {
+        for (uint32_t k = 0; k < nt; ++k) {
+            d->token[k] = st.token[idxs[k]];
+        }
+    }
+    if (st.has_embd) {
+        for (uint32_t k = 0; k < nt; ++k) {
+            std::copy_n(st.embd.data() + size_t(idxs[k]) * st.n_embd, st.n_embd, d->embd.data() + size_t(k) * st.n_embd);
+        }
+    }
+    for (uint32_t j = 0; j < n_pos_; ++j) {
+        // token batches carry one position, used for every section
+        const int32_t * src = st.pos.data() + (st.n_pos_val == 1 ? 0 : size_t(j) * st.n_tokens);
+        int32_t *       dst = d->pos.data() + size_t(j) * nt;
+        for (uint32_t k = 0; k < nt; ++k) {
+            dst[k] = src[idxs[k]];
+        }
+    }
+    if (st.single_ids) {
+        d->seq_id.resize(nt);
+        for (uint32_t k = 0; k < nt; ++k) {
+            d->seq_id[k]     = st.seq_id[idxs[k]];
+            d->seq_id_off[k] = int32_t(k);
+        }
+        d->seq_id_off[nt] = int32_t(nt);
+    } else {
+        d->seq_id_off[0] = 0;
+        for (uint32_t k = 0; k < nt; ++k) {
+            const int32_t i = idxs[k];
+            d->seq_id.insert(d->seq_id.end(), st.seq_id.begin() + st.seq_id_off[i], st.seq_id.begin() + st.seq_id_off[i + 1]);
+            d->seq_id_off[k + 1] = int32_t(d->seq_id.size());
+        }
+    }
+    bool unq_sorted = true;
+    for (int32_t s : d->seq_id) {
+        if (d->seq_idx[s] < 0) {
+            d->seq_idx[s] = 0;
+            unq_sorted = unq_sorted && (d->seq_id_unq.empty() || d->seq_id_unq.back() < s);
+            d->seq_id_unq.push_back(s);
+        }
+    }
     for (uint32_t k = 0; k < nt; ++k) {
         const int32_t i = idxs[k];
-        if (st.has_token) {
-            d->token[k] = st.token[i];
-        }
-        if (st.has_embd) {
-            std::copy_n(st.embd.data() + size_t(i) * st.n_embd, st.n_embd, d->embd.data() + size_t(k) * st.n_embd);
-        }
-        for (uint32_t j = 0; j < n_pos_; ++j) {
-            // token batches carry one position, used for every section
-            const uint32_t src_j = st.n_pos_val == 1 ? 0 : j;
-            d->pos[size_t(j) * nt + k] = st.pos[size_t(src_j) * st.n_tokens + i];
-        }
-        for (int32_t q = st.seq_id_off[i]; q < st.seq_id_off[i + 1]; ++q) {
-            const int32_t s = st.seq_id[q];
-            d->seq_id.push_back(s);
-            if (d->seq_idx[s] < 0) {
-                d->seq_idx[s] = 0;
-                d->seq_id_unq.push_back(s);
-            }
-        }
-        d->seq_id_off[k + 1] = int32_t(d->seq_id.size());
         d->output[k]    = st.output[i];
         d->batch_idx[k] = i;
         if (st.output[i]) {
             st.out_ids.push_back(i);
         }
     }
-    std::sort(d->seq_id_unq.begin(), d->seq_id_unq.end());
+    if (!unq_sorted) {
+        std::sort(d->seq_id_unq.begin(), d->seq_id_unq.end());
+    }
     for (size_t r = 0; r < d->seq_id_unq.size(); ++r) {
         d->seq_idx[d->seq_id_unq[r]] = int32_t(r);
     }
