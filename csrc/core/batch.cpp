@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -205,9 +206,11 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
 
     // token ids
     if (st.has_token) {
+        // one unsigned compare covers both ends of [0, n_vocab)
+        const uint32_t limit = n_vocab_ >= 0 ? uint32_t(n_vocab_) : uint32_t(std::numeric_limits<int32_t>::max()) + 1u;
         for (uint32_t i = 0; i < n; ++i) {
             const int32_t t = b.token[i];
-            if (t < 0 || (n_vocab_ >= 0 && t >= n_vocab_)) {
+            if (uint32_t(t) >= limit) {
                 if (n_vocab_ >= 0) {
                     reject(batch_reject::BAD_TOKEN,
                            format("token[%u] = %d is outside the vocabulary [0, %d)", i, t, n_vocab_));
@@ -274,31 +277,46 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
         touched.clear();
     }
 
-    for (uint32_t i = 0; i < n; ++i) {
-        const int32_t k0 = st.seq_id_off[i];
-        const int32_t k1 = st.seq_id_off[i + 1];
-        if (k0 == k1) {
-            reject(batch_reject::NO_SEQ_ID, format("entry %u belongs to no sequence", i));
+    if (st.single_ids) {
+        for (uint32_t i = 0; i < n; ++i) {
+            if (uint32_t(st.seq_id[i]) >= uint32_t(n_seq_max_)) {
+                reject(batch_reject::BAD_SEQ_ID, format("seq_id[%u][0] = %d is outside [0, n_seq_max = %d)", i,
+                                                        st.seq_id[i], n_seq_max_));
+            }
         }
-        for (int32_t k = k0; k < k1; ++k) {
-            const int32_t s = st.seq_id[k];
-            if (s < 0 || s >= n_seq_max_) {
-                reject(batch_reject::BAD_SEQ_ID,
-                       format("seq_id[%u][%d] = %d is outside [0, n_seq_max = %d)", i, k - k0, s, n_seq_max_));
+    } else {
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t k0 = st.seq_id_off[i];
+            const int32_t k1 = st.seq_id_off[i + 1];
+            if (k0 == k1) {
+                reject(batch_reject::NO_SEQ_ID, format("entry %u belongs to no sequence", i));
+            }
+            for (int32_t k = k0; k < k1; ++k) {
+                const int32_t s = st.seq_id[k];
+                if (s < 0 || s >= n_seq_max_) {
+                    reject(batch_reject::BAD_SEQ_ID,
+                           format("seq_id[%u][%d] = %d is outside [0, n_seq_max = %d)", i, k - k0, s, n_seq_max_));
+                }
             }
         }
     }
 
     // output flags
     st.output.resize(n);
-    for (uint32_t i = 0; i < n; ++i) {
-        st.output[i] = b.output.empty() ? int8_t(i == n - 1) : int8_t(b.output[i] != 0);
-    }
     if (output_all) {
         std::fill(st.output.begin(), st.output.end(), int8_t(1));
-    }
-    for (uint32_t i = 0; i < n; ++i) {
-        st.n_outputs += uint32_t(st.output[i]);
+        st.n_outputs = n;
+    } else if (b.output.empty()) {
+        std::fill(st.output.begin(), st.output.end(), int8_t(0));
+        st.output[n - 1] = 1;
+        st.n_outputs     = 1;
+    } else {
+        uint32_t count = 0;
+        for (uint32_t i = 0; i < n; ++i) {
+            st.output[i] = int8_t(b.output[i] != 0);
+            count += uint32_t(st.output[i]);
+        }
+        st.n_outputs = count;
     }
 
     // per-sequence position ranges, the ids present, coupling; the first decrease of a
@@ -307,16 +325,18 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
     struct decrease { uint32_t entry; int32_t seq, pos, prev; };
     bool     has_decrease = false;
     decrease first_decrease{};
-    for (uint32_t i = 0; i < n; ++i) {
-        const int32_t p  = st.pos_temporal(i);
-        const int32_t k0 = st.seq_id_off[i];
-        const int32_t k1 = st.seq_id_off[i + 1];
-        for (int32_t k = k0; k < k1; ++k) {
-            const int32_t s = st.seq_id[k];
+    st.group_of.resize(n);
+    int32_t n_groups = 0;
+    if (st.single_ids) {
+        // the decode-step shape: one id per entry; the groups are the sequences themselves
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t p = st.pos[i];
+            const int32_t s = st.seq_id[i];
             if (st.seq_n[s]++ == 0) {
                 st.seq_id_unq.push_back(s);
-                st.seq_pmin[s] = p;
-                st.seq_pmax[s] = p;
+                st.seq_pmin[s]     = p;
+                st.seq_pmax[s]     = p;
+                st.single_group[s] = n_groups++;
                 if (p < -1 && !has_decrease) {
                     has_decrease   = true;
                     first_decrease = { i, s, p, -1 };
@@ -332,9 +352,38 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
                 }
             }
             st.seq_plast[s] = p;
-            if (k > k0) {
-                st.has_coupled = true;
-                coupled.emplace_back(s, st.seq_id[k0]);
+            st.group_of[i]  = st.single_group[s];
+        }
+    } else {
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t p  = st.pos_temporal(i);
+            const int32_t k0 = st.seq_id_off[i];
+            const int32_t k1 = st.seq_id_off[i + 1];
+            for (int32_t k = k0; k < k1; ++k) {
+                const int32_t s = st.seq_id[k];
+                if (st.seq_n[s]++ == 0) {
+                    st.seq_id_unq.push_back(s);
+                    st.seq_pmin[s] = p;
+                    st.seq_pmax[s] = p;
+                    if (p < -1 && !has_decrease) {
+                        has_decrease   = true;
+                        first_decrease = { i, s, p, -1 };
+                    }
+                } else {
+                    const int32_t prev = st.seq_plast[s];
+                    st.seq_pmin[s] = std::min(st.seq_pmin[s], p);
+                    st.seq_pmax[s] = std::max(st.seq_pmax[s], p);
+                    st.seq_irregular[s] |= uint8_t(p != prev + 1);
+                    if (p < prev && !has_decrease) {
+                        has_decrease   = true;
+                        first_decrease = { i, s, p, prev };
+                    }
+                }
+                st.seq_plast[s] = p;
+                if (k > k0) {
+                    st.has_coupled = true;
+                    coupled.emplace_back(s, st.seq_id[k0]);
+                }
             }
         }
     }
@@ -409,26 +458,26 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
 
     // groups: entries with the same set of ids, each group's entries ascending
     st.seq_set.assign(st.seq_id.begin(), st.seq_id.end());
-    st.group_of.resize(n);
-    int32_t n_groups = 0;
-    std::map<std::vector<int32_t>, int32_t> multi_groups;  // only batches with multi-seq entries
-    for (uint32_t i = 0; i < n; ++i) {
-        const int32_t k0 = st.seq_id_off[i];
-        const int32_t k1 = st.seq_id_off[i + 1];
-        if (k1 - k0 == 1) {
-            int32_t & g = st.single_group[st.seq_id[k0]];
-            if (g < 0) {
-                g = n_groups++;
+    if (!st.single_ids) {
+        std::map<std::vector<int32_t>, int32_t> multi_groups;  // only batches with multi-seq entries
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t k0 = st.seq_id_off[i];
+            const int32_t k1 = st.seq_id_off[i + 1];
+            if (k1 - k0 == 1) {
+                int32_t & g = st.single_group[st.seq_id[k0]];
+                if (g < 0) {
+                    g = n_groups++;
+                }
+                st.group_of[i] = g;
+            } else {
+                std::sort(st.seq_set.begin() + k0, st.seq_set.begin() + k1);
+                std::vector<int32_t> key(st.seq_set.begin() + k0, st.seq_set.begin() + k1);
+                auto it = multi_groups.try_emplace(std::move(key), n_groups).first;
+                if (it->second == n_groups) {
+                    ++n_groups;
+                }
+                st.group_of[i] = it->second;
             }
-            st.group_of[i] = g;
-        } else {
-            std::sort(st.seq_set.begin() + k0, st.seq_set.begin() + k1);
-            std::vector<int32_t> key(st.seq_set.begin() + k0, st.seq_set.begin() + k1);
-            auto it = multi_groups.try_emplace(std::move(key), n_groups).first;
-            if (it->second == n_groups) {
-                ++n_groups;
-            }
-            st.group_of[i] = it->second;
         }
     }
     st.group_off.assign(size_t(n_groups) + 1, 0);
