@@ -1,5 +1,5 @@
 import os
 import sys
 
-# Let tests import the pure-Python reference models as `reference.<name>`.
-sys.path.insert(0, os.path.dirname(__file__))
+# tests/python holds shared helpers (reference models, oracle replay); make them importable.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
