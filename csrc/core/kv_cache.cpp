@@ -322,7 +322,8 @@ kv_cache::kv_cache(const kv_cache_params & params) : p_(params) {
 
     cells_.reserve(n_stream_);
     for (uint32_t s = 0; s < n_stream_; ++s) {
-        cells_.emplace_back(p_.kv_size, p_.n_seq_max, with_ext_);
+        // a per-sequence stream only ever holds its own sequence
+        cells_.emplace_back(p_.kv_size, p_.n_seq_max, with_ext_, p_.unified ? 0 : int32_t(s), p_.unified ? 0 : 1);
     }
     heads_.assign(n_stream_, 0);
     txn_open_flag_.assign(n_stream_, 0);
@@ -1161,6 +1162,10 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
                     if (id < 0 || id >= p_.n_seq_max) {
                         throw state_error("invalid seq_id " + std::to_string(id) + " in the state (n_seq_max " +
                                           std::to_string(p_.n_seq_max) + ")");
+                    }
+                    if (!cells_[s].holds_id(id)) {
+                        throw state_error("seq_id " + std::to_string(id) + " listed in stream " + std::to_string(s) +
+                                          ", which holds sequence " + std::to_string(s) + " only");
                     }
                     st.seqs.push_back(id);
                 }

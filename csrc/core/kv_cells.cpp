@@ -14,10 +14,14 @@ inline uint32_t clz64(uint64_t w) { return uint32_t(__builtin_clzll(w)); }
 
 } // namespace
 
-kv_cells::kv_cells(uint32_t size, int32_t n_seq_max, bool with_ext)
-    : size_(size), n_seq_max_(n_seq_max), with_ext_(with_ext) {
+kv_cells::kv_cells(uint32_t size, int32_t n_seq_max, bool with_ext, int32_t seq_base, int32_t n_local)
+    : size_(size), n_seq_max_(n_seq_max), seq_base_(seq_base), n_local_(n_local > 0 ? n_local : n_seq_max - seq_base),
+      with_ext_(with_ext) {
     if (n_seq_max <= 0) {
         throw std::invalid_argument("n_seq_max must be positive, got " + std::to_string(n_seq_max));
+    }
+    if (seq_base < 0 || n_local_ <= 0 || seq_base + n_local_ > n_seq_max) {
+        throw std::invalid_argument("kv_cells: local id range outside [0, n_seq_max)");
     }
     pos_.assign(size, -1);
     shift_.assign(size, 0);
@@ -27,7 +31,7 @@ kv_cells::kv_cells(uint32_t size, int32_t n_seq_max, bool with_ext)
     n_seq_.assign(size, 0);
     seq_.assign(size, -1);
     used_bits_.assign((size_t(size) + 63) / 64, 0);
-    index_.resize(size_t(n_seq_max));
+    index_.resize(size_t(n_local_));
     stamp_.assign(size, 0);
 }
 
@@ -81,21 +85,21 @@ const int32_t * kv_cells::seq_list(uint32_t i, uint32_t & n) const {
 }
 
 int32_t kv_cells::seq_pos_min(int32_t s) const {
-    if (!in_range(s) || index_[s].empty()) {
+    if (!in_range(s) || ix(s).empty()) {
         return -1;
     }
-    return key_pos(index_[s].front());
+    return key_pos(ix(s).front());
 }
 
 int32_t kv_cells::seq_pos_max(int32_t s) const {
-    if (!in_range(s) || index_[s].empty()) {
+    if (!in_range(s) || ix(s).empty()) {
         return -1;
     }
-    return key_pos(index_[s].back());
+    return key_pos(ix(s).back());
 }
 
 uint32_t kv_cells::seq_n_cells(int32_t s) const {
-    return in_range(s) ? uint32_t(index_[s].size()) : 0;
+    return in_range(s) ? uint32_t(ix(s).size()) : 0;
 }
 
 uint32_t kv_cells::next_empty(uint32_t from) const {
@@ -151,7 +155,7 @@ void kv_cells::mark_unused(uint32_t i) {
 }
 
 void kv_cells::index_insert(int32_t s, int32_t p, uint32_t i) {
-    auto &         v = index_[s];
+    auto &         v = ix(s);
     const uint64_t k = key(p, i);
     if (v.empty() || v.back() < k) {
         v.push_back(k);  // the decode case: the newest position of the sequence
@@ -161,7 +165,7 @@ void kv_cells::index_insert(int32_t s, int32_t p, uint32_t i) {
 }
 
 void kv_cells::index_erase(int32_t s, int32_t p, uint32_t i) {
-    auto &         v = index_[s];
+    auto &         v = ix(s);
     const uint64_t k = key(p, i);
     if (!v.empty() && v.back() == k) {
         v.pop_back();
@@ -406,7 +410,7 @@ uint32_t kv_cells::seq_rm_range(int32_t s, int32_t p0, int32_t p1) {
     if (!in_range(s) || p0 >= p1) {
         return size_;
     }
-    auto &   v      = index_[s];
+    auto &   v      = ix(s);
     auto     lo     = std::lower_bound(v.begin(), v.end(), key(p0, 0));
     auto     hi     = std::lower_bound(lo, v.end(), key(p1, 0));
     uint32_t lowest = size_;
@@ -460,9 +464,9 @@ uint32_t kv_cells::keep_only(int32_t s) {
         }
     }
     // No cell holds any other sequence now.
-    for (int32_t t = 0; t < n_seq_max_; ++t) {
+    for (int32_t t = seq_base_; t < seq_base_ + n_local_; ++t) {
         if (t != s) {
-            index_[t].clear();
+            ix(t).clear();
         }
     }
     return lowest;
@@ -472,7 +476,7 @@ uint32_t kv_cells::seq_pos_add(int32_t s, int32_t p0, int32_t p1, int32_t d) {
     if (!in_range(s) || p0 >= p1 || d == 0) {
         return size_;
     }
-    auto & v  = index_[s];
+    auto & v  = ix(s);
     auto   lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
     auto   hi = std::lower_bound(lo, v.end(), key(p1, 0));
     if (lo == hi) {
@@ -525,7 +529,7 @@ void kv_cells::seq_pos_div(int32_t s, int32_t p0, int32_t p1, int32_t d) {
     if (!in_range(s) || p0 >= p1 || d == 1) {
         return;
     }
-    auto & v  = index_[s];
+    auto & v  = ix(s);
     auto   lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
     auto   hi = std::lower_bound(lo, v.end(), key(p1, 0));
     if (lo == hi) {
@@ -638,7 +642,7 @@ bool kv_cells::check_invariants() const {
             if (!in_range(ids[k]) || (k > 0 && ids[k - 1] >= ids[k])) {
                 return false;
             }
-            const auto & v = index_[ids[k]];
+            const auto & v = ix(ids[k]);
             if (!std::binary_search(v.begin(), v.end(), key(pos_[i], i))) {
                 return false;
             }

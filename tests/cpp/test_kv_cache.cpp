@@ -238,6 +238,32 @@ TEST(KvStreams, Case46FailedPrepareKeepsHeads) {
     EXPECT_EQ(place(c, { make_ub(run(2, 3, 4), true) }), (std::vector<idx_list>{ { 3 } }));
 }
 
+TEST(KvStreams, ThousandStreams) {
+    kv_cache c(params(8, 1024, false));
+    EXPECT_EQ(place(c, { make_ub(run(1000, 0, 3), true) }), (std::vector<idx_list>{ { 0, 1, 2 } }));
+    EXPECT_EQ(c.seq_pos_max(1000), 2);
+    EXPECT_EQ(c.seq_pos_max(999), -1);
+    c.seq_cp(1000, 3, -1, -1);
+    EXPECT_EQ(dump(c, 3), "0:p0{3} 1:p1{3} 2:p2{3} . . . . .");
+    c.seq_keep(3);
+    EXPECT_EQ(c.seq_pos_max(1000), 2);
+    c.seq_rm(-1, -1, -1);
+    EXPECT_EQ(c.used_count(), 0u);
+}
+
+TEST(KvStreams, WholeStateWithForeignIdInAStreamIsRefused) {
+    kv_cache c(params(4, 2, false));
+    place(c, { make_ub(run(0, 0, 1), true) });
+    std::vector<uint8_t> blob;
+    c.state_write(blob, -1);
+    // stream 0's single record lists seq 0: make it seq 1, which lives in stream 1
+    int32_t one = 1;
+    std::memcpy(blob.data() + 4 + 4 + 8, &one, 4);
+    size_t off = 0;
+    EXPECT_THROW(c.state_read(blob.data(), blob.size(), off, -1), state_error);
+    EXPECT_EQ(c.seq_pos_max(0), 0);
+}
+
 TEST(KvStreams, MalformedUbatchIsRefused) {
     kv_cache c(params(8, 2, false));
     EXPECT_THROW(place(c, { make_ub(cat(run(0, 0, 2), run(1, 0, 1)), true) }), std::invalid_argument);

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -28,10 +29,14 @@ struct cell_ext {
 /// journal_rollback() every cell touched is saved before its first change.
 class kv_cells {
 public:
-    kv_cells(uint32_t size, int32_t n_seq_max, bool with_ext);
+    /// Sequences are ids in [0, n_seq_max); the table indexes the n_local ids starting at
+    /// seq_base (all of them by default; a per-sequence stream indexes only its own id).
+    kv_cells(uint32_t size, int32_t n_seq_max, bool with_ext, int32_t seq_base = 0, int32_t n_local = 0);
 
     uint32_t size()        const { return size_; }
     int32_t  n_seq_max()   const { return n_seq_max_; }
+    /// True for the ids this table can hold.
+    bool     holds_id(int32_t s) const { return in_range(s); }
     bool     with_ext()    const { return with_ext_; }
     uint32_t used_count()  const { return used_count_; }
     /// One past the largest used index, 0 when no cell is used.
@@ -57,7 +62,7 @@ public:
     uint32_t seq_n_cells(int32_t s) const;
 
     /// Keys of the cells of s in (pos, cell) order; decode with key_pos / key_cell.
-    const std::vector<uint64_t> & seq_index(int32_t s) const { return index_[s]; }
+    const std::vector<uint64_t> & seq_index(int32_t s) const { return in_range(s) ? ix(s) : empty_index_; }
     static uint64_t key(int32_t p, uint32_t i) { return (uint64_t(uint32_t(p) ^ 0x80000000u) << 32) | i; }
     static int32_t  key_pos(uint64_t k)  { return int32_t(uint32_t(k >> 32) ^ 0x80000000u); }
     static uint32_t key_cell(uint64_t k) { return uint32_t(k); }
@@ -128,11 +133,16 @@ private:
     void empty_cell(uint32_t i);      // pos -1, no seqs, shift 0, ext reset, unused (no index work)
     uint32_t multi_alloc();
     void multi_free(uint32_t slot);
-    bool in_range(int32_t s) const { return s >= 0 && s < n_seq_max_; }
+    bool in_range(int32_t s) const { return s >= seq_base_ && s < seq_base_ + n_local_; }
+    std::vector<uint64_t> &       ix(int32_t s) { return index_[size_t(s - seq_base_)]; }
+    const std::vector<uint64_t> & ix(int32_t s) const { return index_[size_t(s - seq_base_)]; }
 
     uint32_t size_;
     int32_t  n_seq_max_;
+    int32_t  seq_base_;
+    int32_t  n_local_;
     bool     with_ext_;
+    std::vector<uint64_t> empty_index_;
 
     std::vector<int32_t>  pos_;
     std::vector<int32_t>  shift_;
