@@ -68,6 +68,39 @@ def decode_steps(kv: KVCache, n_seqs: int, n_steps: int):
     return median_us(samples)
 
 
+def decode_breakdown(kv: KVCache, n_seqs: int, n: int):
+    """Median cost of each part of a decode step: Batch(), BatchAllocator.init, the split alone,
+    KVCache.init_batch on an initialised allocator (split + slot search + context), apply()."""
+    tokens = np.zeros(n_seqs, np.int32)
+    seq_ids = np.arange(n_seqs, dtype=np.int32)
+    ba = llmem.BatchAllocator(n_seqs)
+    out = {"Batch()": [], "allocator init": [], "split only": [], "init_batch": [], "apply": []}
+    done = 0
+    while done < n:
+        burst = min(50, n - done)
+        start = [kv.seq_pos_max(s) + 1 for s in range(n_seqs)]
+        for _ in range(burst):
+            t0 = time.perf_counter_ns()
+            b = Batch(token=tokens, seq_id=seq_ids)
+            t1 = time.perf_counter_ns()
+            ba.init(b, kv)
+            t2 = time.perf_counter_ns()
+            ba.split_reset()
+            while ba.split_simple(512):
+                pass
+            t3 = time.perf_counter_ns()
+            ctx = kv.init_batch(ba, 512)
+            t4 = time.perf_counter_ns()
+            ctx.apply()
+            t5 = time.perf_counter_ns()
+            for k, v in zip(out, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                out[k].append(v)
+        for s in range(n_seqs):
+            kv.seq_rm(s, start[s], -1)
+        done += burst
+    return {k: median_us(v) for k, v in out.items()}
+
+
 def seq_rm_tail(kv: KVCache, n: int):
     samples = []
     tok = np.zeros(1, np.int32)
@@ -180,6 +213,8 @@ def main(argv=None) -> None:
         kv = filled_cache(n_cells, n_seqs)
         us = decode_steps(kv, n_seqs, steps)
         print(f"  {n_seqs:4d} seqs, {n_cells:8d} cells half full: {us:8.2f} us   (target <= {target} us)")
+        parts = decode_breakdown(kv, n_seqs, 100 if q else 500)
+        print("      parts: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()) + " (us)")
         rm = seq_rm_tail(kv, steps)
         print(f"  seq_rm of a one-token tail at {n_cells:8d} cells: {rm:8.2f} us   (target <= 2 us)")
         cp, rm_all, add = seq_ops(kv, 20 if q else 100)

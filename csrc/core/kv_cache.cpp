@@ -672,7 +672,7 @@ bool kv_cache::find_slot(const ubatch & ub, bool cont, slot_info & out) const {
                 out.idxs.push_back(c);
                 ++got;
             }
-            for (uint32_t c = T.next_empty(0); c < h && got < n; c = T.next_empty(c + 1)) {
+            for (uint32_t c = got < n ? T.next_empty(0) : h; c < h && got < n; c = T.next_empty(c + 1)) {
                 out.idxs.push_back(c);
                 ++got;
             }
