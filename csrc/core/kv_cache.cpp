@@ -1431,6 +1431,58 @@ kv_context::kv_context(kv_cache & cache, std::vector<slot_info> slots, std::vect
     }
 }
 
+kv_context::~kv_context() {
+    if (cache_ && !is_full_) {
+        cache_->release_plan(std::move(slots_), std::move(ubatches_));
+    }
+}
+
+kv_context::kv_context(kv_context && o) noexcept
+    : status_(o.status_), cache_(o.cache_), slots_(std::move(o.slots_)), ubatches_(std::move(o.ubatches_)),
+      i_cur_(o.i_cur_), n_kv_(o.n_kv_), is_full_(o.is_full_) {
+    o.cache_ = nullptr;
+}
+
+kv_context & kv_context::operator=(kv_context && o) noexcept {
+    if (this != &o) {
+        if (cache_ && !is_full_) {
+            cache_->release_plan(std::move(slots_), std::move(ubatches_));
+        }
+        status_   = o.status_;
+        cache_    = o.cache_;
+        slots_    = std::move(o.slots_);
+        ubatches_ = std::move(o.ubatches_);
+        i_cur_    = o.i_cur_;
+        n_kv_     = o.n_kv_;
+        is_full_  = o.is_full_;
+        o.cache_  = nullptr;
+    }
+    return *this;
+}
+
+void kv_cache::acquire_plan(std::vector<slot_info> & slots, std::vector<ubatch> & ubatches) {
+    if (!slot_pool_.empty()) {
+        slots = std::move(slot_pool_.back());
+        slot_pool_.pop_back();
+    }
+    if (!ubatch_pool_.empty()) {
+        ubatches = std::move(ubatch_pool_.back());
+        ubatch_pool_.pop_back();
+    }
+    ubatches.clear();
+}
+
+void kv_cache::release_plan(std::vector<slot_info> && slots, std::vector<ubatch> && ubatches) {
+    constexpr size_t keep = 4;
+    ubatches.clear();  // drop the ubatch data now, so the allocator can recycle it
+    if (slots.capacity() > 0 && slot_pool_.size() < keep) {
+        slot_pool_.push_back(std::move(slots));
+    }
+    if (ubatches.capacity() > 0 && ubatch_pool_.size() < keep) {
+        ubatch_pool_.push_back(std::move(ubatches));
+    }
+}
+
 kv_context kv_context::full(kv_cache & cache) {
     kv_context ctx(memory_status::SUCCESS);
     ctx.cache_   = &cache;
@@ -1483,12 +1535,11 @@ const slot_info & kv_context::get_slot() const {
 }
 
 kv_context kv_init_batch(kv_cache & cache, batch_allocr & balloc, uint32_t n_ubatch) {
-    std::vector<ubatch> ubs;
-    if (!cache.split_batch(balloc, n_ubatch, ubs)) {
-        return kv_context(memory_status::FAILED_PREPARE);
-    }
+    std::vector<ubatch>    ubs;
     std::vector<slot_info> slots;
-    if (!cache.prepare_into(ubs, slots)) {
+    cache.acquire_plan(slots, ubs);
+    if (!cache.split_batch(balloc, n_ubatch, ubs) || !cache.prepare_into(ubs, slots)) {
+        cache.release_plan(std::move(slots), std::move(ubs));
         return kv_context(memory_status::FAILED_PREPARE);
     }
     return kv_context(cache, std::move(slots), std::move(ubs));

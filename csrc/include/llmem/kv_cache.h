@@ -192,6 +192,10 @@ public:
     /// Write the parsed state into the cache (after state_place for a sequence state).
     void state_commit(parsed_state & ps);
 
+    /// Recycled vectors for batch contexts: a warm decode loop allocates no plan storage.
+    void acquire_plan(std::vector<slot_info> & slots, std::vector<ubatch> & ubatches);
+    void release_plan(std::vector<slot_info> && slots, std::vector<ubatch> && ubatches);
+
     /// Undoable group of changes over every stream (cells and heads).
     void txn_begin();
     void txn_commit();
@@ -225,6 +229,9 @@ private:
     std::vector<uint8_t>  txn_open_flag_;                      // per stream
     std::vector<std::pair<uint32_t, uint32_t>> txn_open_;      // (stream, head at open)
 
+    std::vector<std::vector<slot_info>> slot_pool_;
+    std::vector<std::vector<ubatch>>    ubatch_pool_;
+
     // scratch reused on the hot path
     std::vector<int32_t>  max_rm_;
     std::vector<int32_t>  max_rm_seqs_;
@@ -241,6 +248,13 @@ public:
     kv_context(kv_cache & cache, std::vector<slot_info> slots, std::vector<ubatch> ubatches);
     /// A full-cache context (for sizing): n_kv = kv_size, every stream.
     static kv_context full(kv_cache & cache);
+
+    /// Gives its plan storage back to the cache (which must still exist).
+    ~kv_context();
+    kv_context(kv_context && o) noexcept;
+    kv_context & operator=(kv_context && o) noexcept;
+    kv_context(const kv_context &)             = delete;
+    kv_context & operator=(const kv_context &) = delete;
 
     memory_status status() const { return status_; }
     /// Advance to the next ubatch; false past the last one.
