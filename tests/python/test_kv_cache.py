@@ -306,7 +306,7 @@ def test_whole_and_seq_round_trip_into_other_ids_of_fragmented_cache():
     whole = a.state_write(-1)
     b = KVCache(2, 8, 8, 32, n_seq_max=4, dtype_k=np.float32, dtype_v=np.float32)
     b.state_read(whole)
-    assert b.state_write(-1) == whole[:len(whole)] or True
+    assert b.state_write(-1) == whole  # compaction keeps the cell order: same bytes
     assert [b.seq_pos_min(s) for s in range(4)] == [a.seq_pos_min(s) for s in range(4)]
     assert b.state_write(3) == a.state_write(3)
 
@@ -406,7 +406,8 @@ def test_iswa_decode_routes_layers_and_reports_swa_positions():
     for ub in ctx:
         ctx.cpy_k(0, np.ones((ub.n_tokens, 4), np.float32))
         ctx.cpy_k(1, np.full((ub.n_tokens, 4), 2.0, np.float32))
-        assert ctx.base.n_kv >= ctx.swa.n_kv or ctx.swa.n_kv == 256
+        assert ctx.swa.n_kv == 256  # the window cache has 256 cells: never more
+        assert ctx.base.n_kv == (256 if m2.base.used <= 256 else 512)
     assert m2.seq_pos_max(0) == 299
     assert m2.seq_pos_min(0) == m2.swa.seq_pos_min(0) > 0
     assert m2.base.seq_pos_min(0) == 0
