@@ -783,6 +783,33 @@ void kv_cache::apply_ubatch(const slot_info & slot, const ubatch & ub) {
     }
 }
 
+bool kv_cache::slot_still_valid(const slot_info & slot, const ubatch & ub) const {
+    const uint32_t n = slot.n_per_group;
+    if (size_t(n) * slot.n_groups() != ub.n_tokens || slot.idxs.size() != ub.n_tokens) {
+        return false;
+    }
+    for (uint32_t g = 0; g < slot.n_groups(); ++g) {
+        if (slot.strm[g] >= n_stream_) {
+            return false;
+        }
+        const kv_cells & T = cells_[slot.strm[g]];
+        for (uint32_t k = 0; k < n; ++k) {
+            const uint32_t c = slot.idxs[g * n + k];
+            if (c >= p_.kv_size) {
+                return false;
+            }
+            if (T.is_empty(c)) {
+                continue;
+            }
+            if (T.seq_count(c) != 1 ||
+                !is_masked_swa(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(T.seq_get(c)) + 1)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 bool kv_cache::prepare_into(const std::vector<ubatch> & ubatches, std::vector<slot_info> & slots) {
     for (const auto & ub : ubatches) {
         check_ubatch(ub);
@@ -1511,6 +1538,11 @@ bool kv_context::apply() {
     }
     if (status_ != memory_status::SUCCESS || i_cur_ >= ubatches_.size()) {
         throw error("this memory context has no micro-batch to apply");
+    }
+    if (!cache_->slot_still_valid(slots_[i_cur_], ubatches_[i_cur_])) {
+        // llama.cpp would overwrite live cells here; the plan is stale, refuse it unchanged
+        throw error("the KV cache changed since init_batch: the cells planned for this micro-batch "
+                    "are no longer free; call init_batch again");
     }
     cache_->apply_ubatch(slots_[i_cur_], ubatches_[i_cur_]);
     n_kv_ = cache_->get_n_kv(slots_[i_cur_]);

@@ -196,6 +196,18 @@ TEST(KvPlacement, Case43NKv) {
     EXPECT_EQ(small.get_n_kv(s), 8u);
 }
 
+TEST(KvPlacement, StalePlanIsRefusedAtApply) {
+    kv_cache            c(params(4, 2));
+    std::vector<ubatch> ubs = { make_ub(run(0, 0, 2)) };
+    std::vector<slot_info> slots;
+    ASSERT_TRUE(c.prepare_into(ubs, slots));
+    kv_context ctx(c, slots, ubs);
+    place(c, run(1, 0, 2));  // takes the same cells behind the plan's back
+    const std::string before = dump(c);
+    EXPECT_THROW(ctx.apply(), llmem::error);
+    EXPECT_EQ(dump(c), before);
+}
+
 TEST(KvPlacement, NegativePositionIsRefused) {
     kv_cache c(params(8));
     EXPECT_THROW(place(c, run(0, -1, 1)), std::invalid_argument);

@@ -147,6 +147,9 @@ public:
     bool find_slot(const ubatch & ub, bool cont, slot_info & out) const;
     /// Write the ubatch's metadata into the slot's cells (SWA reuse and purge included).
     void apply_ubatch(const slot_info & slot, const ubatch & ub);
+    /// True if every cell of the slot is still empty or reusable (as find_slot chose it) and in
+    /// range: false when the cache changed between init_batch and apply.
+    bool slot_still_valid(const slot_info & slot, const ubatch & ub) const;
     /// Slots for every ubatch as if applied in order; the cache is left exactly as it was.
     /// Empty on failure. Throws std::invalid_argument for a malformed ubatch.
     std::vector<slot_info> prepare(const std::vector<ubatch> & ubatches);
