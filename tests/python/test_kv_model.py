@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import llmem
 from llmem import Batch, KVCache, Rope, StateError
 
-from reference.ref_kv import RefKV
+from reference.ref_kv import RefKV, is_masked_swa
 
 POS = st.integers(min_value=-1, max_value=24)
 
@@ -78,8 +78,27 @@ class KVModel(RuleBasedStateMachine):
             assert ctx.slot_cells().tolist() == expected
             assert ub.pos.tolist() == [p for _, p in ubatches[k]]
             ref.apply_ubatch(slots[k], ubatches[k])
+            self._check_masks(ctx, slots[k], ubatches[k])
             k += 1
         assert k == len(ubatches)
+
+    def _check_masks(self, ctx, slot, toks):
+        """kq_mask and kq_cells against the reference cells (spec §7.4, no 2-D, no ALiBi)."""
+        ref = self.ref
+        assert ctx.n_kv == ref.size  # P = 256 > every size used here
+        per_group = len(toks) // len(slot)
+        for causal in (True, False):
+            mask = ctx.kq_mask(causal)
+            offs, cells = ctx.kq_cells(causal)
+            for t, (seqs, p1) in enumerate(toks):
+                stream = slot[t // per_group][0]
+                s = seqs[0]
+                want = [j for j, c in enumerate(ref.cells[stream])
+                        if s in c.seqs and not (causal and c.pos > p1)
+                        and not is_masked_swa(ref.n_swa, ref.swa_type, c.pos, p1)]
+                assert cells[offs[t]:offs[t + 1]].tolist() == want
+                assert np.flatnonzero(mask[t] == 0).tolist() == want
+                assert np.isneginf(np.delete(mask[t], want)).all()
 
     # -- sequence operations ------------------------------------------------------------------
 
