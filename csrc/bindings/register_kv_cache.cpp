@@ -4,6 +4,8 @@
 #include "llmem/errors.h"
 #include "llmem/kv_cache.h"
 
+#include <algorithm>
+#include <cstring>
 #include <limits>
 #include <string>
 
@@ -412,6 +414,85 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
           },
           py::arg("caches"), py::arg("data"), py::arg("offset"), py::arg("seq_id") = -1,
           "As kv_state_read from `offset`, allowing bytes after the sections; returns the end offset.");
+
+    m.def("kv_scatter_v_trans",
+          [](py::handle v_obj, py::handle vals_obj, py::array_t<int64_t, py::array::c_style> idx, int64_t size_,
+             int64_t n_stream_) {
+              if (!py::isinstance<py::array>(v_obj) || !py::isinstance<py::array>(vals_obj)) {
+                  throw py::type_error("v and values must be numpy arrays");
+              }
+              py::array v    = py::reinterpret_borrow<py::array>(v_obj);
+              py::array vals = py::reinterpret_borrow<py::array>(vals_obj);
+              if (v.ndim() != 3 || !(v.flags() & py::array::c_style) || !v.writeable()) {
+                  throw std::invalid_argument("v must be a writeable C-contiguous [n_stream, n_embd_v_max, kv_size] array");
+              }
+              if (vals.ndim() != 2 || !(vals.flags() & py::array::c_style) || !vals.dtype().is(v.dtype())) {
+                  throw std::invalid_argument("values must be a C-contiguous [n_tokens, n_embd_v] array of V's dtype");
+              }
+              const size_t   es = size_t(v.itemsize());
+              const uint32_t size = to_count(size_, "kv_size"), n_stream = to_count(n_stream_, "n_stream");
+              const size_t   e_max = size_t(v.shape(1));
+              const size_t   n = size_t(vals.shape(0)), ne = size_t(vals.shape(1));
+              if (size_t(v.shape(0)) != n_stream || size_t(v.shape(2)) != size || ne > e_max ||
+                  size_t(idx.size()) != n || (es != 2 && es != 4)) {
+                  throw std::invalid_argument("kv_scatter_v_trans: shapes do not match");
+              }
+              const int64_t * ix = idx.data();
+              for (size_t t = 0; t < n; ++t) {
+                  if (ix[t] < 0 || ix[t] >= int64_t(n_stream) * size) {
+                      throw std::invalid_argument("kv_scatter_v_trans: row index out of range");
+                  }
+              }
+              uint8_t *       dst = static_cast<uint8_t *>(v.mutable_data());
+              const uint8_t * src = static_cast<const uint8_t *>(vals.data());
+              py::gil_scoped_release r;
+              std::vector<size_t> base(n);  // element offset of (feature 0, cell) of each token
+              for (size_t t = 0; t < n; ++t) {
+                  const size_t s = size_t(ix[t]) / size, c = size_t(ix[t]) % size;
+                  base[t]        = s * e_max * size + c;
+              }
+              auto run = [&](auto elem) {
+                  using T = decltype(elem);
+                  T *       d = reinterpret_cast<T *>(dst);
+                  const T * x = reinterpret_cast<const T *>(src);
+                  // 32x32 tiles through a local buffer: each source row piece and each
+                  // destination row piece is a whole cache line, and the power-of-two source
+                  // stride never has to keep a column in cache. Feature tiles are outermost so
+                  // each group of destination rows (one page each) is finished before the next.
+                  constexpr size_t tile = 32;
+                  T                buf[tile][tile];
+                  for (size_t j0 = 0; j0 < ne; j0 += tile) {
+                      const size_t nj = std::min(tile, ne - j0);
+                      for (size_t t0 = 0; t0 < n; t0 += tile) {
+                          const size_t nt = std::min(tile, n - t0);
+                          for (size_t t = 0; t < nt; ++t) {
+                              const T * xr = x + (t0 + t) * ne + j0;
+                              for (size_t j = 0; j < nj; ++j) {
+                                  buf[j][t] = xr[j];
+                              }
+                          }
+                          const bool run_of_cells = base[t0 + nt - 1] - base[t0] == nt - 1;
+                          for (size_t j = 0; j < nj; ++j) {
+                              const size_t row = (j0 + j) * size;
+                              if (run_of_cells) {
+                                  std::memcpy(d + base[t0] + row, buf[j], nt * sizeof(T));
+                                  continue;
+                              }
+                              for (size_t t = 0; t < nt; ++t) {
+                                  d[base[t0 + t] + row] = buf[j][t];
+                              }
+                          }
+                      }
+                  }
+              };
+              if (es == 2) {
+                  run(uint16_t{});
+              } else {
+                  run(uint32_t{});
+              }
+          },
+          py::arg("v"), py::arg("values"), py::arg("k_idxs"), py::arg("kv_size"), py::arg("n_stream"),
+          "Write token rows into transposed V: v[s, j, c] = values[t, j] for row k_idxs[t] = s*kv_size + c.");
 
     m.def("kv_is_masked_swa",
           [](int64_t n_swa, int32_t type, int64_t p0, int64_t p1) {

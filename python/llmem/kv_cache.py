@@ -436,18 +436,8 @@ class KVCacheContext(MemoryContext):
         ne = c._n_embd_v(il)
         vals = _to_storage(_rows(v_cur, len(idx), ne, "v_cur"), c._type_v, "v_cur")
         if c._core_v_trans():
-            size = c.size
-            first, last = int(idx[0]), int(idx[-1])
-            if last - first == len(idx) - 1 and first // size == last // size and \
-                    (len(idx) < 3 or bool(np.all(np.diff(idx) == 1))):
-                # one run of consecutive cells (the usual case): a strided block copy
-                s0, c0 = divmod(first, size)
-                V[s0, :ne, c0:c0 + len(idx)] = vals.T
-            else:
-                strm, cell = idx // size, idx % size
-                Vt = V.reshape(-1, size)  # [n_stream * n_embd_v_max, kv_size]
-                rows = strm[:, None] * V.shape[1] + np.arange(ne)[None, :]
-                Vt[rows, cell[:, None]] = vals
+            vals = np.ascontiguousarray(vals, dtype=V.dtype)
+            _core.kv_scatter_v_trans(V, vals, idx, c.size, V.shape[0])
         else:
             V.reshape(-1, V.shape[2])[idx] = vals
 
