@@ -433,3 +433,24 @@ def test_iswa_failed_swa_section_changes_neither_cache():  # spec §11 case 36
     assert (m.seq_pos_min(1), m.seq_pos_max(1), m.base.seq_pos_max(1)) == (0, 1, 1)
     part = m.state_write(0, flags=llmem.kv_cache.STATE_PARTIAL_ONLY)
     assert part == m.swa.state_write(0)
+
+
+@pytest.mark.parametrize("v_trans", [True, False])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_cpy_v_scattered_cells_and_streams(v_trans, dtype):
+    c = KVCache(1, 4, 37, 64, n_seq_max=2, unified=False, v_trans=v_trans, dtype_v=dtype)
+    decode(c, [1] * 40, list(range(40)))
+    c.seq_rm(1, 3, 7)
+    c.seq_rm(1, 20, 33)  # holes at cells 3..6 and 20..32 of stream 1
+    n = 30
+    ctx = c.init_batch(Batch(token=np.zeros(n, np.int32), seq_id=np.ones(n, np.int32)), 64)
+    ctx.apply()
+    cells = ctx.slot_cells().tolist()
+    assert cells[:4] == [3, 4, 5, 6] and len(set(cells)) == n
+    vals = np.random.default_rng(3).standard_normal((n, 37)).astype(dtype)
+    ctx.cpy_v(0, vals)
+    V = c.v(0)
+    for t, cell in enumerate(cells):
+        got = V[1, :37, cell] if v_trans else V[1, cell]
+        assert np.array_equal(got, vals[t])
+    assert not V[0].any()
