@@ -208,6 +208,14 @@ def test_s3_7_pos_shape_checked():
     assert reason_of(lambda: a.init(token=[1, 2], pos=[0], seq_id=[[9], [0]])) == "BAD_SHAPE"
 
 
+def test_s3_6_embedding_width_checked_after_token_ids():
+    a = RefBatchAllocator(4, n_vocab=32, n_embd=3)
+    assert reason_of(lambda: a.init(token=[1, 1], embd=[EMB, EMB])) == "BAD_SHAPE"
+    assert reason_of(lambda: a.init(token=[-7, 1], embd=[EMB, EMB])) == "BAD_TOKEN"
+    assert reason_of(lambda: a.init(embd=[[1.0, 2.0, 3.0], EMB])) == "BAD_SHAPE"
+    a.init(embd=[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+
+
 def test_s3_8_bad_and_missing_seq_ids():
     assert reject([(4, 0)]) == "BAD_SEQ_ID"
     assert reject([(-1, 0)]) == "BAD_SEQ_ID"
