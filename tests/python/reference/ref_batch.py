@@ -53,6 +53,10 @@ REASONS = (
 )
 
 
+def _wrap_i32(v: int) -> int:
+    return (v + 2**31) % 2**32 - 2**31
+
+
 class RefBatchError(ValueError):
     """The reference refused a batch; ``reason`` is one of ``REASONS``."""
 
@@ -217,7 +221,9 @@ class RefBatchAllocator:
                 if len(arr_ids) > 0:
                     first = int(arr_ids[0])
                     if 0 <= first < self.n_seq_max:
-                        e.pos[0] = counter(first)
+                        # positions are int32 (§0): a counter past 2**31 - 1 wraps, as the
+                        # reference's int32 arithmetic does in practice
+                        e.pos[0] = _wrap_i32(counter(first))
                         next_pos[first] += 1
         return entries
 
