@@ -1,7 +1,7 @@
 import os
 import sys
 
-# Make `reference` (tests/python/reference) importable from every test module.
+# tests/python holds shared helpers (reference models, oracle replay); make them importable.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
