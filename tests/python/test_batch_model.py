@@ -12,6 +12,11 @@ Known difference (kept failing on purpose, see ``test_shape_checks_come_after_to
 checks the length of ``pos`` and the embedding width before the token ids, so a batch with a bad
 token id *and* a bad shape gets BAD_SHAPE from llmem and BAD_TOKEN from the reference, which
 follows the spec's step order (token ids step 5, embeddings step 6, positions step 7).
+
+Regression found after a00580d (kept failing on purpose, see
+``test_entry_without_ids_next_to_multi_id_entries``): an entry without ids next to an entry with
+two ids is accepted (ids redistributed between entries) or reported as BAD_SEQ_ID. The random
+test finds it too.
 """
 
 from __future__ import annotations
@@ -524,3 +529,23 @@ def test_shape_checks_come_after_token_ids():
     for case in (bad_pos, bad_width):
         assert init_ref(make_ref(case), case) == "BAD_TOKEN"
         assert init_llmem(make_llmem(case), case) == "BAD_TOKEN", describe(case)
+
+
+@pytest.mark.parametrize("seq_id, expect", [
+    ([[], [0, 1]], "NO_SEQ_ID"),
+    ([[0, 1], []], "NO_SEQ_ID"),
+    ([[], [1, 0], [0]], "NO_SEQ_ID"),
+    ([[], [0, 5]], "NO_SEQ_ID"),          # entry 0 comes first (§3 step 8 walks entries in order)
+    ([[0, 1], [], [5]], "NO_SEQ_ID"),
+])
+def test_entry_without_ids_next_to_multi_id_entries(seq_id, expect):
+    """§3 step 8: an entry with no ids MUST be rejected, in entry order.
+
+    Regression of a00580d ("one-id-per-entry fast paths"): when the total number of ids equals the
+    number of entries, llmem takes the one-id fast path, so an empty entry next to a two-id entry
+    is accepted with the ids redistributed (entry 0 gets one of entry 1's ids), or reported as
+    BAD_SEQ_ID.
+    """
+    case = dict(case_of([(0, i) for i in range(len(seq_id))]), seq_id=seq_id)
+    assert init_ref(make_ref(case), case) == expect
+    assert init_llmem(make_llmem(case), case) == expect, describe(case)
