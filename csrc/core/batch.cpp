@@ -257,7 +257,10 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
             st.seq_id_off[i + 1] = int32_t(st.seq_id.size());
         }
     }
-    st.single_ids = st.seq_id.size() == n;
+    st.single_ids = true;
+    for (uint32_t i = 0; i < n && st.single_ids; ++i) {
+        st.single_ids = st.seq_id_off[i + 1] - st.seq_id_off[i] == 1;
+    }
 
     // positions: given, or continuing each sequence from the memory (keyed by the caller's first id)
     if (!b.pos.empty()) {

@@ -35,11 +35,9 @@ from llmem.errors import BatchError  # noqa: E402
 
 EMBD_VALUES = [0.0, 0.5, -1.0, 2.0, 3.25]  # exact in float32
 
-# llmem reports BAD_SHAPE before BAD_TOKEN (see test_shape_checks_come_after_token_ids, which keeps
-# failing until that is settled). While this is True, a random batch carries a bad token id or a
-# bad shape but not both, so that the model test keeps looking for *other* differences instead of
-# re-finding this one. Set it to False once llmem (or the reference) is changed.
-KNOWN_SHAPE_BEFORE_TOKEN = True
+# True would keep bad token ids and bad shapes out of the same random batch (a workaround used while
+# llmem checked shapes first; fixed, so both may now meet).
+KNOWN_SHAPE_BEFORE_TOKEN = False
 
 
 # =============================================================================================
