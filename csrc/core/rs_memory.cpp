@@ -850,7 +850,7 @@ void rs_memory::parse_state(const uint8_t * data, size_t n_data, int32_t seq, pa
     ps.consumed = rd.offset();
 }
 
-size_t rs_memory::state_read(const uint8_t * data, size_t n_data, int32_t seq, uint32_t flags) {
+size_t rs_memory::state_read(const uint8_t * data, size_t n_data, int32_t seq, uint32_t flags, bool whole_buffer) {
     if (seq < -1 || seq >= n_seq_max_) {
         throw std::invalid_argument("seq_id must be -1 or in [0, " + std::to_string(n_seq_max_) + "), got " +
                                     std::to_string(seq));
@@ -863,6 +863,9 @@ size_t rs_memory::state_read(const uint8_t * data, size_t n_data, int32_t seq, u
     }
     parsed_state ps;
     parse_state(data, n_data, seq, ps);
+    if (whole_buffer && ps.consumed != n_data) {
+        throw state_error(std::to_string(n_data - ps.consumed) + " bytes follow the recurrent state block");
+    }
 
     uint32_t first = 0;  // cell receiving the first row
     if (seq == -1) {

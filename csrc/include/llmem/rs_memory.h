@@ -119,8 +119,9 @@ public:
     /// Write the recurrent block into `out`, which holds exactly state_write_size() bytes.
     void state_write(uint8_t * out, size_t n_out, int32_t seq, uint32_t flags) const;
     /// Read a recurrent block from the start of `data`; returns the bytes it used. Throws
-    /// state_error (memory, metadata and buffers untouched) for anything unreadable.
-    size_t state_read(const uint8_t * data, size_t n_data, int32_t seq, uint32_t flags);
+    /// state_error (memory, metadata and buffers untouched) for anything unreadable, and, with
+    /// whole_buffer, for bytes left over after the block.
+    size_t state_read(const uint8_t * data, size_t n_data, int32_t seq, uint32_t flags, bool whole_buffer = false);
 
     // -- inspection --------------------------------------------------------------------------
 
