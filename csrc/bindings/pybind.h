@@ -28,11 +28,24 @@ py::array_t<T> readonly_view(const T * ptr, size_t n, py::handle owner) {
     return a;
 }
 
-/// Convert an int-like array argument to int32 values, refusing floats, bools-as-ids and
-/// values outside int32. `name` is used in the error message.
-std::vector<int32_t> to_int32_vector(py::handle obj, const char * name);
+/// An array argument converted for the C++ core: C-contiguous values and the shape it had.
+template <typename T>
+struct converted {
+    std::vector<T>           values;
+    std::vector<py::ssize_t> shape;
+};
 
-/// Raise ValueError("<name> ...") with the given detail.
-[[noreturn]] void throw_value_error(const std::string & msg);
+/// Integers of any numpy integer dtype (or a nested sequence of Python ints) as int32; floats,
+/// bools and values outside int32 raise TypeError/ValueError naming `name`.
+converted<int32_t> to_int32(py::handle obj, const char * name, int max_ndim);
+
+/// Floating-point values as float32 (TypeError for other dtypes).
+converted<float> to_float32(py::handle obj, const char * name, int max_ndim);
+
+/// Truth values (bool or integer dtype) as 0/1.
+converted<int8_t> to_flags(py::handle obj, const char * name);
+
+/// A non-negative integer argument that must fit in uint32 (ValueError naming `name`).
+uint32_t to_count(int64_t value, const char * name);
 
 } // namespace llmem::bind

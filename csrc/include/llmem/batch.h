@@ -83,8 +83,16 @@ private:
     std::unique_ptr<state> cur_;    // the validated batch and its split cursor
     std::unique_ptr<state> spare_;  // scratch for the next init(), swapped in on success
 
+    // a sequence set picked by split_equal: its group of entries and how far it has been taken
+    struct chosen_set {
+        int32_t  group;
+        uint32_t cursor;
+        uint32_t taken;
+    };
+
     std::vector<std::shared_ptr<ubatch_data>> pool_;  // recycled ubatch storage
-    std::vector<int32_t> scratch_idxs_;               // reused by the splitters
+    std::vector<int32_t>    scratch_idxs_;            // reused by the splitters and init()
+    std::vector<chosen_set> scratch_chosen_;
 };
 
 } // namespace llmem

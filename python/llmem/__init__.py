@@ -1,0 +1,42 @@
+"""llmem: llama.cpp's LLM memory layer (KV cache, recurrent state, hybrid) for Python.
+
+The compiled core (``llmem._core``) keeps the cell bookkeeping; the classes here own the state
+tensors as numpy arrays. Behaviour, decisions and state bytes follow llama.cpp's memory layer.
+"""
+
+from __future__ import annotations
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "llmem's compiled core (llmem._core) is missing: install the package with "
+        "'pip install .' (or 'pip install -e . --no-build-isolation' for development)"
+    ) from exc
+
+from .batch import Batch, BatchAllocator, UBatch
+from .errors import BatchError, LlmemError, StateError
+from .memory import Memory, MemoryContext
+from .status import Status, SWAType, status_combine, status_is_fail
+
+__version__: str = _core.__version__
+
+__all__ = [
+    "Batch",
+    "BatchAllocator",
+    "BatchError",
+    "LlmemError",
+    "Memory",
+    "MemoryContext",
+    "StateError",
+    "Status",
+    "SWAType",
+    "UBatch",
+    "__version__",
+    "status_combine",
+    "status_is_fail",
+]
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
