@@ -44,8 +44,8 @@ uint64_t check_state_array(const py::array & a, const char * kind, size_t layer,
     return uint64_t(a.shape(1)) * uint64_t(a.itemsize());
 }
 
-void attach(py_rs_memory & mem, uint32_t n_layer_total, const std::vector<py::array> & r,
-            const std::vector<py::array> & s, int32_t type_r, int32_t type_s) {
+void attach(py_rs_memory & mem, uint32_t n_layer_total, std::vector<py::array> r,
+            std::vector<py::array> s, int32_t type_r, int32_t type_s) {
     if (r.size() != s.size()) {
         throw std::invalid_argument("r and s must list the same present layers");
     }
