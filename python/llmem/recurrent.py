@@ -327,7 +327,13 @@ class RecurrentMemory(Memory):
         row size that differs, too many cells, sequence ids out of range or repeated, more than
         one cell for one sequence) and then leaves the memory, metadata and arrays, unchanged.
         """
-        self._mem.state_read(data, _int("seq_id", seq_id), _int("flags", flags, 0))
+        if isinstance(data, str):
+            raise TypeError("data must be a bytes-like object, not str")
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+        self._mem.state_read(view, _int("seq_id", seq_id), _int("flags", flags, 0))
 
 
 class RecurrentContext(MemoryContext):
