@@ -275,6 +275,61 @@ class RefRecurrent:
                 self.rs_idx[q] = 0
         return idx * self.size + c.src0
 
+    # 5.14: which cells a write selects and the metadata it writes for them
+    def state_write_meta(self, seq: int) -> list[tuple[int, tuple[int, ...]]]:
+        out = []
+        for c in self.cells:
+            if seq == -1 and c.ids:
+                out.append((c.pos, tuple(sorted(c.ids))))
+            elif seq != -1 and seq in c.ids:
+                out.append((c.pos, ()))
+        return out
+
+    def state_write_refused(self, seq: int) -> bool:
+        """A whole write aborts in llama.cpp when sharers of a cell have different rollbacks."""
+        if seq != -1 or self.n_rs_seq == 0:
+            return False
+        for c in self.cells:
+            planes = {self.rs_idx[x] if x < self.n_seq_max else 0 for x in c.ids}
+            if len(planes) > 1:
+                return True
+        return False
+
+    # 5.15, metadata part, for blocks that are readable (llmem refuses the rest unchanged);
+    # returns False (and leaves everything as it was) where the read fails
+    def state_read_meta(self, seq: int, cells: list[tuple[int, tuple[int, ...]]]) -> bool:
+        if len(cells) > self.size:
+            return False
+        if seq == -1:
+            seen = [x for _, ids in cells for x in ids]
+            if len(seen) != len(set(seen)) or any(not 0 <= x < min(self.n_seq_max, self.size) for x in seen):
+                return False
+            self.clear()
+            for i, (pos, ids) in enumerate(cells):
+                c = self.cells[i]
+                c.pos = pos
+                for x in ids:
+                    c.ids.add(x)
+                    self.cells[x].tail = i
+                c.src = i
+            self.head = 0
+            self.used = len(cells)
+            return True
+        if len(cells) > 1 or any(ids for _, ids in cells):
+            return False
+        saved = copy.deepcopy(self.__dict__)
+        self.seq_rm(seq, -1, -1)
+        if cells:
+            pos = cells[0][0]
+            if not self.find_slot([([seq], 1, pos)]):
+                self.__dict__.update(saved)
+                return False
+            assert self.cells[self.head].pos == pos and seq in self.cells[self.head].ids
+            self.cells[self.head].src = self.head
+        if self.n_rs_seq:
+            self.rs_idx[seq] = 0
+        return True
+
     def snapshot(self) -> dict:
         return {
             "pos": [c.pos for c in self.cells],
