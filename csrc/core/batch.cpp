@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -44,6 +45,7 @@ struct batch_allocr::state {
     std::vector<int8_t>  output;
     uint32_t             n_outputs   = 0;
     bool                 has_coupled = false;
+    bool                 single_ids  = true;  // every entry has exactly one id
 
     std::vector<int32_t> seq_id_unq;  // ascending ids present in the batch
     std::vector<int32_t> seq_idx;     // [n_seq_max] rank in seq_id_unq or -1
@@ -85,6 +87,7 @@ struct batch_allocr::state {
         has_embd    = false;
         n_outputs   = 0;
         has_coupled = false;
+        single_ids  = true;
         token.clear();
         embd.clear();
         pos.clear();
@@ -203,9 +206,11 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
 
     // token ids
     if (st.has_token) {
+        // one unsigned compare covers both ends of [0, n_vocab)
+        const uint32_t limit = n_vocab_ >= 0 ? uint32_t(n_vocab_) : uint32_t(std::numeric_limits<int32_t>::max()) + 1u;
         for (uint32_t i = 0; i < n; ++i) {
             const int32_t t = b.token[i];
-            if (t < 0 || (n_vocab_ >= 0 && t >= n_vocab_)) {
+            if (uint32_t(t) >= limit) {
                 if (n_vocab_ >= 0) {
                     reject(batch_reject::BAD_TOKEN,
                            format("token[%u] = %d is outside the vocabulary [0, %d)", i, t, n_vocab_));
@@ -222,17 +227,25 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
 
     // sequence ids in stored order (primary first); an entry without ids is refused
     st.seq_id_off.resize(n + 1);
-    st.seq_id_off[0] = 0;
-    for (uint32_t i = 0; i < n; ++i) {
-        if (b.seq_id_off.empty()) {
-            st.seq_id.push_back(0);
-        } else {
+    if (b.seq_id_off.empty()) {
+        st.seq_id.assign(n, 0);
+        for (uint32_t i = 0; i <= n; ++i) {
+            st.seq_id_off[i] = int32_t(i);
+        }
+    } else if (b.seq_id.size() == n && b.seq_id_off[n] == int32_t(n)) {
+        // one id per entry (the decode-step shape): nothing to reorder
+        st.seq_id.assign(b.seq_id.begin(), b.seq_id.end());
+        st.seq_id_off.assign(b.seq_id_off.begin(), b.seq_id_off.end());
+    } else {
+        st.seq_id_off[0] = 0;
+        for (uint32_t i = 0; i < n; ++i) {
             const int32_t k0 = b.seq_id_off[i];
             const int32_t k1 = b.seq_id_off[i + 1];
             append_stored_ids(b.seq_id.data() + k0, k1 - k0, st.seq_id);
+            st.seq_id_off[i + 1] = int32_t(st.seq_id.size());
         }
-        st.seq_id_off[i + 1] = int32_t(st.seq_id.size());
     }
+    st.single_ids = st.seq_id.size() == n;
 
     // positions: given, or continuing each sequence from the memory (keyed by the caller's first id)
     if (!b.pos.empty()) {
@@ -264,31 +277,46 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
         touched.clear();
     }
 
-    for (uint32_t i = 0; i < n; ++i) {
-        const int32_t k0 = st.seq_id_off[i];
-        const int32_t k1 = st.seq_id_off[i + 1];
-        if (k0 == k1) {
-            reject(batch_reject::NO_SEQ_ID, format("entry %u belongs to no sequence", i));
+    if (st.single_ids) {
+        for (uint32_t i = 0; i < n; ++i) {
+            if (uint32_t(st.seq_id[i]) >= uint32_t(n_seq_max_)) {
+                reject(batch_reject::BAD_SEQ_ID, format("seq_id[%u][0] = %d is outside [0, n_seq_max = %d)", i,
+                                                        st.seq_id[i], n_seq_max_));
+            }
         }
-        for (int32_t k = k0; k < k1; ++k) {
-            const int32_t s = st.seq_id[k];
-            if (s < 0 || s >= n_seq_max_) {
-                reject(batch_reject::BAD_SEQ_ID,
-                       format("seq_id[%u][%d] = %d is outside [0, n_seq_max = %d)", i, k - k0, s, n_seq_max_));
+    } else {
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t k0 = st.seq_id_off[i];
+            const int32_t k1 = st.seq_id_off[i + 1];
+            if (k0 == k1) {
+                reject(batch_reject::NO_SEQ_ID, format("entry %u belongs to no sequence", i));
+            }
+            for (int32_t k = k0; k < k1; ++k) {
+                const int32_t s = st.seq_id[k];
+                if (s < 0 || s >= n_seq_max_) {
+                    reject(batch_reject::BAD_SEQ_ID,
+                           format("seq_id[%u][%d] = %d is outside [0, n_seq_max = %d)", i, k - k0, s, n_seq_max_));
+                }
             }
         }
     }
 
     // output flags
     st.output.resize(n);
-    for (uint32_t i = 0; i < n; ++i) {
-        st.output[i] = b.output.empty() ? int8_t(i == n - 1) : int8_t(b.output[i] != 0);
-    }
     if (output_all) {
         std::fill(st.output.begin(), st.output.end(), int8_t(1));
-    }
-    for (uint32_t i = 0; i < n; ++i) {
-        st.n_outputs += uint32_t(st.output[i]);
+        st.n_outputs = n;
+    } else if (b.output.empty()) {
+        std::fill(st.output.begin(), st.output.end(), int8_t(0));
+        st.output[n - 1] = 1;
+        st.n_outputs     = 1;
+    } else {
+        uint32_t count = 0;
+        for (uint32_t i = 0; i < n; ++i) {
+            st.output[i] = int8_t(b.output[i] != 0);
+            count += uint32_t(st.output[i]);
+        }
+        st.n_outputs = count;
     }
 
     // per-sequence position ranges, the ids present, coupling; the first decrease of a
@@ -297,16 +325,18 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
     struct decrease { uint32_t entry; int32_t seq, pos, prev; };
     bool     has_decrease = false;
     decrease first_decrease{};
-    for (uint32_t i = 0; i < n; ++i) {
-        const int32_t p  = st.pos_temporal(i);
-        const int32_t k0 = st.seq_id_off[i];
-        const int32_t k1 = st.seq_id_off[i + 1];
-        for (int32_t k = k0; k < k1; ++k) {
-            const int32_t s = st.seq_id[k];
+    st.group_of.resize(n);
+    int32_t n_groups = 0;
+    if (st.single_ids) {
+        // the decode-step shape: one id per entry; the groups are the sequences themselves
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t p = st.pos[i];
+            const int32_t s = st.seq_id[i];
             if (st.seq_n[s]++ == 0) {
                 st.seq_id_unq.push_back(s);
-                st.seq_pmin[s] = p;
-                st.seq_pmax[s] = p;
+                st.seq_pmin[s]     = p;
+                st.seq_pmax[s]     = p;
+                st.single_group[s] = n_groups++;
                 if (p < -1 && !has_decrease) {
                     has_decrease   = true;
                     first_decrease = { i, s, p, -1 };
@@ -322,13 +352,44 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
                 }
             }
             st.seq_plast[s] = p;
-            if (k > k0) {
-                st.has_coupled = true;
-                coupled.emplace_back(s, st.seq_id[k0]);
+            st.group_of[i]  = st.single_group[s];
+        }
+    } else {
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t p  = st.pos_temporal(i);
+            const int32_t k0 = st.seq_id_off[i];
+            const int32_t k1 = st.seq_id_off[i + 1];
+            for (int32_t k = k0; k < k1; ++k) {
+                const int32_t s = st.seq_id[k];
+                if (st.seq_n[s]++ == 0) {
+                    st.seq_id_unq.push_back(s);
+                    st.seq_pmin[s] = p;
+                    st.seq_pmax[s] = p;
+                    if (p < -1 && !has_decrease) {
+                        has_decrease   = true;
+                        first_decrease = { i, s, p, -1 };
+                    }
+                } else {
+                    const int32_t prev = st.seq_plast[s];
+                    st.seq_pmin[s] = std::min(st.seq_pmin[s], p);
+                    st.seq_pmax[s] = std::max(st.seq_pmax[s], p);
+                    st.seq_irregular[s] |= uint8_t(p != prev + 1);
+                    if (p < prev && !has_decrease) {
+                        has_decrease   = true;
+                        first_decrease = { i, s, p, prev };
+                    }
+                }
+                st.seq_plast[s] = p;
+                if (k > k0) {
+                    st.has_coupled = true;
+                    coupled.emplace_back(s, st.seq_id[k0]);
+                }
             }
         }
     }
-    std::sort(st.seq_id_unq.begin(), st.seq_id_unq.end());
+    if (!std::is_sorted(st.seq_id_unq.begin(), st.seq_id_unq.end())) {
+        std::sort(st.seq_id_unq.begin(), st.seq_id_unq.end());
+    }
     for (size_t r = 0; r < st.seq_id_unq.size(); ++r) {
         st.seq_idx[st.seq_id_unq[r]] = int32_t(r);
     }
@@ -397,26 +458,26 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
 
     // groups: entries with the same set of ids, each group's entries ascending
     st.seq_set.assign(st.seq_id.begin(), st.seq_id.end());
-    st.group_of.resize(n);
-    int32_t n_groups = 0;
-    std::map<std::vector<int32_t>, int32_t> multi_groups;  // only batches with multi-seq entries
-    for (uint32_t i = 0; i < n; ++i) {
-        const int32_t k0 = st.seq_id_off[i];
-        const int32_t k1 = st.seq_id_off[i + 1];
-        if (k1 - k0 == 1) {
-            int32_t & g = st.single_group[st.seq_id[k0]];
-            if (g < 0) {
-                g = n_groups++;
+    if (!st.single_ids) {
+        std::map<std::vector<int32_t>, int32_t> multi_groups;  // only batches with multi-seq entries
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t k0 = st.seq_id_off[i];
+            const int32_t k1 = st.seq_id_off[i + 1];
+            if (k1 - k0 == 1) {
+                int32_t & g = st.single_group[st.seq_id[k0]];
+                if (g < 0) {
+                    g = n_groups++;
+                }
+                st.group_of[i] = g;
+            } else {
+                std::sort(st.seq_set.begin() + k0, st.seq_set.begin() + k1);
+                std::vector<int32_t> key(st.seq_set.begin() + k0, st.seq_set.begin() + k1);
+                auto it = multi_groups.try_emplace(std::move(key), n_groups).first;
+                if (it->second == n_groups) {
+                    ++n_groups;
+                }
+                st.group_of[i] = it->second;
             }
-            st.group_of[i] = g;
-        } else {
-            std::sort(st.seq_set.begin() + k0, st.seq_set.begin() + k1);
-            std::vector<int32_t> key(st.seq_set.begin() + k0, st.seq_set.begin() + k1);
-            auto it = multi_groups.try_emplace(std::move(key), n_groups).first;
-            if (it->second == n_groups) {
-                ++n_groups;
-            }
-            st.group_of[i] = it->second;
         }
     }
     st.group_off.assign(size_t(n_groups) + 1, 0);
@@ -486,36 +547,59 @@ ubatch batch_allocr::make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_s
     if (st.has_embd) {
         d->embd.resize(size_t(nt) * st.n_embd);
     }
-    d->seq_id_off[0] = 0;
+
+    if (st.has_token) {
+        for (uint32_t k = 0; k < nt; ++k) {
+            d->token[k] = st.token[idxs[k]];
+        }
+    }
+    if (st.has_embd) {
+        for (uint32_t k = 0; k < nt; ++k) {
+            std::copy_n(st.embd.data() + size_t(idxs[k]) * st.n_embd, st.n_embd, d->embd.data() + size_t(k) * st.n_embd);
+        }
+    }
+    for (uint32_t j = 0; j < n_pos_; ++j) {
+        // token batches carry one position, used for every section
+        const int32_t * src = st.pos.data() + (st.n_pos_val == 1 ? 0 : size_t(j) * st.n_tokens);
+        int32_t *       dst = d->pos.data() + size_t(j) * nt;
+        for (uint32_t k = 0; k < nt; ++k) {
+            dst[k] = src[idxs[k]];
+        }
+    }
+    if (st.single_ids) {
+        d->seq_id.resize(nt);
+        for (uint32_t k = 0; k < nt; ++k) {
+            d->seq_id[k]     = st.seq_id[idxs[k]];
+            d->seq_id_off[k] = int32_t(k);
+        }
+        d->seq_id_off[nt] = int32_t(nt);
+    } else {
+        d->seq_id_off[0] = 0;
+        for (uint32_t k = 0; k < nt; ++k) {
+            const int32_t i = idxs[k];
+            d->seq_id.insert(d->seq_id.end(), st.seq_id.begin() + st.seq_id_off[i], st.seq_id.begin() + st.seq_id_off[i + 1]);
+            d->seq_id_off[k + 1] = int32_t(d->seq_id.size());
+        }
+    }
+    bool unq_sorted = true;
+    for (int32_t s : d->seq_id) {
+        if (d->seq_idx[s] < 0) {
+            d->seq_idx[s] = 0;
+            unq_sorted = unq_sorted && (d->seq_id_unq.empty() || d->seq_id_unq.back() < s);
+            d->seq_id_unq.push_back(s);
+        }
+    }
     for (uint32_t k = 0; k < nt; ++k) {
         const int32_t i = idxs[k];
-        if (st.has_token) {
-            d->token[k] = st.token[i];
-        }
-        if (st.has_embd) {
-            std::copy_n(st.embd.data() + size_t(i) * st.n_embd, st.n_embd, d->embd.data() + size_t(k) * st.n_embd);
-        }
-        for (uint32_t j = 0; j < n_pos_; ++j) {
-            // token batches carry one position, used for every section
-            const uint32_t src_j = st.n_pos_val == 1 ? 0 : j;
-            d->pos[size_t(j) * nt + k] = st.pos[size_t(src_j) * st.n_tokens + i];
-        }
-        for (int32_t q = st.seq_id_off[i]; q < st.seq_id_off[i + 1]; ++q) {
-            const int32_t s = st.seq_id[q];
-            d->seq_id.push_back(s);
-            if (d->seq_idx[s] < 0) {
-                d->seq_idx[s] = 0;
-                d->seq_id_unq.push_back(s);
-            }
-        }
-        d->seq_id_off[k + 1] = int32_t(d->seq_id.size());
         d->output[k]    = st.output[i];
         d->batch_idx[k] = i;
         if (st.output[i]) {
             st.out_ids.push_back(i);
         }
     }
-    std::sort(d->seq_id_unq.begin(), d->seq_id_unq.end());
+    if (!unq_sorted) {
+        std::sort(d->seq_id_unq.begin(), d->seq_id_unq.end());
+    }
     for (size_t r = 0; r < d->seq_id_unq.size(); ++r) {
         d->seq_idx[d->seq_id_unq[r]] = int32_t(r);
     }

@@ -1,0 +1,1 @@
+"""llmem benchmarks (run one with ``python bench/bench_<topic>.py``)."""

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# llmem's test command (the README's, and what .ci/run calls). On a fresh machine it installs what
+# is missing (Debian's libgtest-dev when root, the Python build and test packages), then:
+#   1. builds the C++ core's GoogleTest suite and runs it with ctest,
+#   2. builds and runs the same suite under AddressSanitizer + UndefinedBehaviorSanitizer,
+#   3. installs the package into a private virtualenv (build/test-venv) and runs pytest.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k batch).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-python3}"
+jobs="${LLMEM_JOBS:-2}"
+venv="$root/build/test-venv"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages"
+if ! dpkg -s libgtest-dev >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev >/dev/null
+    else
+        echo "libgtest-dev is missing: run 'sudo apt-get install libgtest-dev' (or run this as root)" >&2
+        exit 1
+    fi
+fi
+echo "libgtest-dev: $(dpkg -s libgtest-dev | sed -n 's/^Version: //p')"
+
+step "python environment ($venv)"
+if [ ! -x "$venv/bin/python" ]; then
+    "$python" -m venv --system-site-packages "$venv"
+fi
+vpy="$venv/bin/python"
+missing=()
+for mod_pkg in scikit_build_core:scikit-build-core pybind11:pybind11 cmake:cmake ninja:ninja \
+               numpy:numpy pytest:pytest hypothesis:hypothesis gguf:gguf; do
+    "$vpy" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    "$vpy" -m pip install -q "${missing[@]}"
+fi
+export PATH="$venv/bin:$PATH"   # the venv's cmake/ninja when they came from PyPI
+
+run_ctest() {  # build dir, extra cmake args...
+    local dir="$1"; shift
+    cmake -S . -B "$dir" -G Ninja -DLLMEM_BUILD_PYTHON=OFF -DLLMEM_BUILD_TESTS=ON -DLLMEM_WERROR=ON "$@" >/dev/null
+    cmake --build "$dir" -j "$jobs"
+    ctest --test-dir "$dir" --output-on-failure -j "$jobs"
+}
+
+step "C++ unit tests"
+run_ctest build/cpp-tests -DCMAKE_BUILD_TYPE=Release
+
+step "C++ unit tests under ASan + UBSan"
+ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    run_ctest build/cpp-asan -DCMAKE_BUILD_TYPE=Debug -DLLMEM_SANITIZE=ON
+
+step "build and install the package"
+"$vpy" -m pip install -q --no-build-isolation --no-deps .
+
+step "pytest"
+cd "$root"
+"$vpy" -m pytest -q "$@"
