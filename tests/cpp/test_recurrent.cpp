@@ -1,6 +1,7 @@
 // Worked examples and edge cases of the recurrent memory (spec section 5 and tricky cases 22-45),
 // driven with hand-made micro-batches so the memory is tested apart from the batch allocator.
 
+#include "llmem/batch.h"
 #include "llmem/errors.h"
 #include "llmem/rs_memory.h"
 
@@ -937,4 +938,93 @@ TEST(RsState, OnDeviceNeedsContiguousCells) {
     EXPECT_THROW(bm.write(-1, RS_STATE_ON_DEVICE), llmem::error);
     EXPECT_NO_THROW(bm.write(0, RS_STATE_ON_DEVICE));
     EXPECT_EQ(bm.write(-1, RS_STATE_PARTIAL_ONLY), bm.write(-1, 0));
+}
+
+// -- init_batch with the real batch allocator (spec 4.7, 5.9) --------------------------------------
+
+namespace {
+
+// entries: (ids in attach order, position)
+batch make_batch(const std::vector<std::pair<std::vector<int32_t>, int32_t>> & entries) {
+    batch b;
+    b.n_tokens = uint32_t(entries.size());
+    b.seq_id_off.push_back(0);
+    for (const auto & e : entries) {
+        b.token.push_back(0);
+        b.pos.push_back(e.second);
+        b.seq_id.insert(b.seq_id.end(), e.first.begin(), e.first.end());
+        b.seq_id_off.push_back(int32_t(b.seq_id.size()));
+    }
+    return b;
+}
+
+// Validate against the memory, init_batch, apply every ubatch and read its s_copy.
+memory_status decode_batch(rs_memory & mem, const std::vector<std::pair<std::vector<int32_t>, int32_t>> & entries,
+                           uint32_t n_ubatch = 512, bool embd_all = false,
+                           std::vector<std::vector<int32_t>> * copies = nullptr) {
+    batch_allocr balloc(mem.n_seq_max());
+    balloc.init(make_batch(entries), &mem, false);
+    auto ctx = mem.init_batch(balloc, n_ubatch, embd_all);
+    if (ctx->status() != memory_status::SUCCESS) {
+        return ctx->status();
+    }
+    do {
+        EXPECT_TRUE(ctx->apply());
+        const auto & c = ctx->s_copy_all();
+        if (copies) {
+            copies->push_back(c);
+        }
+    } while (ctx->next());
+    return memory_status::SUCCESS;
+}
+
+} // namespace
+
+TEST(RsInitBatch, Tricky24_IdBeyondSizeFailsPrepare) {
+    rs_memory mem(2, 4, 0);
+    EXPECT_EQ(decode_batch(mem, { { { 3 }, 0 } }), memory_status::FAILED_PREPARE);
+    EXPECT_EQ(mem.used(), 0u);
+    EXPECT_EQ(mem.init_update()->status(), memory_status::NO_UPDATE);
+}
+
+TEST(RsInitBatch, Tricky26_SequentialSplitDecidesOneOrTwoUbatches) {
+    rs_memory mem(4, 4, 0);
+    for (int32_t s : { 2, 0, 1 }) {
+        ASSERT_EQ(decode_batch(mem, { { { s }, 0 } }), memory_status::SUCCESS);
+    }
+    std::vector<std::vector<int32_t>> copies;
+    ASSERT_EQ(decode_batch(mem, { { { 1 }, 1 }, { { 2 }, 1 } }, 512, false, &copies), memory_status::SUCCESS);
+    EXPECT_EQ(copies, (std::vector<std::vector<int32_t>>{ { 2, 0, 1 } }));
+    copies.clear();
+    ASSERT_EQ(decode_batch(mem, { { { 2 }, 2 }, { { 1 }, 2 } }, 512, false, &copies), memory_status::SUCCESS);
+    EXPECT_EQ(copies.size(), 2u);
+}
+
+TEST(RsInitBatch, Tricky31_CoupledTokensNeedEmbdAll) {
+    rs_memory mem(4, 4, 0);
+    const std::vector<std::pair<std::vector<int32_t>, int32_t>> coupled = { { { 0, 1 }, 0 }, { { 0, 1 }, 1 } };
+    EXPECT_EQ(decode_batch(mem, coupled), memory_status::FAILED_PREPARE);
+    EXPECT_EQ(mem.used(), 0u);
+    ASSERT_EQ(decode_batch(mem, coupled, 512, true), memory_status::SUCCESS);
+    EXPECT_EQ(ids_of(mem, 0), (std::vector<int32_t>{ 0, 1 }));
+    std::vector<std::vector<int32_t>> copies;
+    ASSERT_EQ(decode_batch(mem, { { { 0 }, 2 }, { { 1 }, 2 } }, 512, false, &copies), memory_status::SUCCESS);
+    EXPECT_EQ(copies, (std::vector<std::vector<int32_t>>{ { 0, 0 } }));
+    EXPECT_EQ(mem.rs_z(), 1);
+    EXPECT_EQ(ids_of(mem, 0), (std::vector<int32_t>{ 0 }));
+    EXPECT_EQ(ids_of(mem, 1), (std::vector<int32_t>{ 1 }));
+}
+
+TEST(RsInitBatch, RollbackSplitKeepsTheLastTokensTogether) {
+    rs_memory mem(4, 4, 2);
+    batch_allocr balloc(4);
+    balloc.init(make_batch({ { { 0 }, 0 }, { { 0 }, 1 }, { { 0 }, 2 }, { { 0 }, 3 }, { { 0 }, 4 } }), &mem, false);
+    auto ctx = mem.init_batch(balloc, 4, false);
+    ASSERT_EQ(ctx->status(), memory_status::SUCCESS);
+    ASSERT_EQ(ctx->n_ubatches(), 2u);
+    EXPECT_EQ(ctx->get_ubatch().n_tokens, 2u);
+    ctx->next();
+    EXPECT_EQ(ctx->get_ubatch().n_tokens, 3u);  // keep_tail = n_rs_seq + 1
+    EXPECT_THROW(mem.init_batch(balloc, 3, false), std::invalid_argument);
+    EXPECT_EQ(mem.used(), 0u);
 }
