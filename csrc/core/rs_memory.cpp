@@ -83,10 +83,6 @@ private:
 
 } // namespace
 
-bool rs_cell::has(int32_t seq) const {
-    return std::binary_search(ids.begin(), ids.end(), seq);
-}
-
 // The result of checking a whole state block before anything is changed.
 struct rs_memory::parsed_state {
     uint32_t              cell_count = 0;
@@ -117,6 +113,7 @@ rs_memory::rs_memory(uint32_t size, int32_t n_seq_max, uint32_t n_rs_seq)
     rs_idx_.assign(size_t(n_seq_max), 0);
     src_refs_.assign(size, 0);
     cell_epoch_.assign(size, 0);
+    ids_epoch_.assign(size, 0);
     tail_epoch_.assign(size, 0);
     read_ubatch_ = std::make_shared<ubatch_data>();
 }
@@ -143,21 +140,33 @@ void rs_memory::attach_buffers(const rs_buffers & bufs) {
 
 // -- mutation primitives (journaled during dry runs) --------------------------------------------
 
-rs_cell & rs_memory::mut_cell(uint32_t i) {
+inline rs_cell & rs_memory::mut_cell(uint32_t i) {
     if (undo_active_ && cell_epoch_[i] != undo_epoch_) {
         cell_epoch_[i] = undo_epoch_;
-        if (cell_log_n_ == cell_log_.size()) {
-            cell_log_.push_back({ i, cells_[i] });
-        } else {
-            cell_log_[cell_log_n_].idx   = i;
-            cell_log_[cell_log_n_].saved = cells_[i];  // reuses the saved ids' capacity
-        }
-        ++cell_log_n_;
+        const rs_cell & c = cells_[i];
+        cell_log_.push_back({ i, c.pos, c.src, c.src0 });
     }
     return cells_[i];
 }
 
-void rs_memory::set_tail(uint32_t seq, int32_t cell) {
+inline std::vector<int32_t> & rs_memory::mut_ids(uint32_t i) {
+    if (undo_active_ && ids_epoch_[i] != undo_epoch_) {
+        ids_epoch_[i] = undo_epoch_;
+        if (ids_log_n_ == ids_log_.size()) {
+            ids_log_.push_back({ i, cells_[i].ids });
+        } else {
+            ids_log_[ids_log_n_].idx = i;
+            ids_log_[ids_log_n_].ids = cells_[i].ids;  // reuses the saved vector's capacity
+        }
+        ++ids_log_n_;
+    }
+    return cells_[i].ids;
+}
+
+inline void rs_memory::set_tail(uint32_t seq, int32_t cell) {
+    if (tails_[seq] == cell) {
+        return;
+    }
     if (undo_active_ && tail_epoch_[seq] != undo_epoch_) {
         tail_epoch_[seq] = undo_epoch_;
         tail_log_.push_back({ seq, tails_[seq] });
@@ -165,7 +174,7 @@ void rs_memory::set_tail(uint32_t seq, int32_t cell) {
     tails_[seq] = cell;
 }
 
-void rs_memory::set_src(uint32_t i, int32_t src) {
+inline void rs_memory::set_src(uint32_t i, int32_t src) {
     rs_cell & c = mut_cell(i);
     if (c.src >= 0) {
         --src_refs_[uint32_t(c.src)];
@@ -177,46 +186,47 @@ void rs_memory::set_src(uint32_t i, int32_t src) {
 }
 
 void rs_memory::add_id(uint32_t i, int32_t seq) {
-    rs_cell & c = mut_cell(i);
-    auto it = std::lower_bound(c.ids.begin(), c.ids.end(), seq);
-    if (it != c.ids.end() && *it == seq) {
+    if (cells_[i].has(seq)) {
         return;
     }
-    if (c.ids.empty()) {
+    std::vector<int32_t> & ids = mut_ids(i);
+    if (ids.empty()) {
         ++n_nonempty_;
     }
-    c.ids.insert(it, seq);
+    ids.insert(std::lower_bound(ids.begin(), ids.end(), seq), seq);
 }
 
 void rs_memory::erase_id(uint32_t i, int32_t seq) {
-    rs_cell & c = mut_cell(i);
-    auto it = std::lower_bound(c.ids.begin(), c.ids.end(), seq);
-    if (it == c.ids.end() || *it != seq) {
+    if (!cells_[i].has(seq)) {
         return;
     }
-    c.ids.erase(it);
-    if (c.ids.empty()) {
+    std::vector<int32_t> & ids = mut_ids(i);
+    ids.erase(std::lower_bound(ids.begin(), ids.end(), seq));
+    if (ids.empty()) {
         --n_nonempty_;
     }
 }
 
 void rs_memory::set_ids(uint32_t i, const int32_t * ids, uint32_t n_ids) {
-    rs_cell & c = mut_cell(i);
-    const bool was_empty = c.ids.empty();
-    c.ids.assign(ids, ids + n_ids);
-    std::sort(c.ids.begin(), c.ids.end());
-    c.ids.erase(std::unique(c.ids.begin(), c.ids.end()), c.ids.end());
-    if (was_empty && !c.ids.empty()) {
+    const std::vector<int32_t> & cur = cells_[i].ids;
+    if (n_ids == 1 && cur.size() == 1 && cur[0] == ids[0]) {
+        return;  // the usual case: a sequence continuing in its own cell
+    }
+    std::vector<int32_t> & dst = mut_ids(i);
+    const bool was_empty = dst.empty();
+    dst.assign(ids, ids + n_ids);
+    std::sort(dst.begin(), dst.end());
+    dst.erase(std::unique(dst.begin(), dst.end()), dst.end());
+    if (was_empty && !dst.empty()) {
         ++n_nonempty_;
-    } else if (!was_empty && c.ids.empty()) {
+    } else if (!was_empty && dst.empty()) {
         --n_nonempty_;
     }
 }
 
 void rs_memory::empty_cell(uint32_t i) {
-    rs_cell & c = mut_cell(i);
-    if (!c.ids.empty()) {
-        c.ids.clear();
+    if (!cells_[i].ids.empty()) {
+        mut_ids(i).clear();
         --n_nonempty_;
     }
 }
@@ -228,7 +238,7 @@ void rs_memory::swap_cells(uint32_t a, uint32_t b) {
     rs_cell & cb = mut_cell(b);
     std::swap(ca.pos, cb.pos);
     std::swap(ca.src, cb.src);  // the multiset of src values, hence src_refs_, is unchanged
-    std::swap(ca.ids, cb.ids);
+    std::swap(mut_ids(a), mut_ids(b));
     for (int32_t x : ca.ids) {
         set_tail(uint32_t(x), int32_t(a));
     }
@@ -252,28 +262,32 @@ uint32_t rs_memory::next_empty_cell(uint32_t from) const {
 void rs_memory::begin_undo() {
     undo_active_ = true;
     ++undo_epoch_;
-    cell_log_n_ = 0;
+    cell_log_.clear();
+    ids_log_n_ = 0;
     tail_log_.clear();
     saved_head_ = head_;
     saved_used_ = used_;
 }
 
 void rs_memory::undo() {
-    for (size_t k = 0; k < cell_log_n_; ++k) {
-        const cell_undo & u = cell_log_[k];
+    for (const cell_undo & u : cell_log_) {
         rs_cell & c = cells_[u.idx];
         if (c.src >= 0) {
             --src_refs_[uint32_t(c.src)];
         }
-        if (!c.ids.empty()) {
-            --n_nonempty_;
-        }
-        c = u.saved;
+        c.pos  = u.pos;
+        c.src  = u.src;
+        c.src0 = u.src0;
         if (c.src >= 0) {
             ++src_refs_[uint32_t(c.src)];
         }
-        if (!c.ids.empty()) {
-            ++n_nonempty_;
+    }
+    for (size_t k = 0; k < ids_log_n_; ++k) {
+        std::vector<int32_t> & ids = cells_[ids_log_[k].idx].ids;
+        const bool was_empty = ids.empty();
+        ids = ids_log_[k].ids;
+        if (was_empty != ids.empty()) {
+            n_nonempty_ = ids.empty() ? n_nonempty_ - 1 : n_nonempty_ + 1;
         }
     }
     for (const tail_undo & u : tail_log_) {
@@ -492,8 +506,12 @@ bool rs_memory::find_slot(const ubatch & ub) {
         }
     }
 
-    // every set gets a cell of its own; a shared cell is left by the sequence being decoded
-    uint32_t empty = next_empty_cell(head_);
+    // every set gets a cell of its own; a shared cell is left by the sequence being decoded.
+    // The free cell is looked up only when a set first needs one: owned sets change no cell's
+    // emptiness, so the lookup gives what llama.cpp's eager search from head gives.
+    constexpr uint32_t NOT_SEARCHED = UINT32_MAX;
+    uint32_t empty = NOT_SEARCHED;
+    bool     advance = false;
     uint32_t lo = size_ - 1;
     uint32_t hi = 0;
     for (uint32_t s = 0; s < n_seqs; ++s) {
@@ -507,6 +525,12 @@ bool rs_memory::find_slot(const ubatch & ub) {
             owned = cells_[uint32_t(t)].ids.size() == 1;
         }
         if (!owned) {
+            if (empty == NOT_SEARCHED) {
+                empty = next_empty_cell(head_);
+            } else if (advance) {
+                empty = next_empty_cell(empty + 1 == size_ ? 0 : empty + 1);
+            }
+            advance = false;
             if (!cells_[empty].empty()) {
                 throw error("rs_memory: internal error, no free cell for sequence " + std::to_string(q));
             }
@@ -521,9 +545,7 @@ bool rs_memory::find_slot(const ubatch & ub) {
             // O(ids) tail update of swap_cells relies on (no other decision depends on it)
             add_id(empty, q);
             set_tail(uint32_t(q), int32_t(empty));
-            if (s + 1 < n_seqs) {
-                empty = next_empty_cell(empty + 1 == size_ ? 0 : empty + 1);
-            }
+            advance = true;  // llama.cpp moves on to the next free cell here
         }
         const uint32_t c = uint32_t(tails_[uint32_t(q)]);
         lo = std::min(lo, c);

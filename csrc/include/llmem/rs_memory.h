@@ -5,6 +5,7 @@
 #include "llmem/status.h"
 #include "llmem/ubatch.h"
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -32,7 +33,9 @@ struct rs_cell {
     std::vector<int32_t> ids;
 
     bool empty() const { return ids.empty(); }
-    bool has(int32_t seq) const;
+    bool has(int32_t seq) const {
+        return ids.size() == 1 ? ids[0] == seq : std::binary_search(ids.begin(), ids.end(), seq);
+    }
 };
 
 /// The caller-owned state arrays of a recurrent memory. Every present layer has an R and an S
@@ -140,13 +143,16 @@ public:
     const rs_buffers & buffers() const { return bufs_; }
 
 private:
-    struct cell_undo { uint32_t idx; rs_cell saved; };
+    struct cell_undo { uint32_t idx; int32_t pos, src, src0; };
+    struct ids_undo  { uint32_t idx; std::vector<int32_t> ids; };
     struct tail_undo { uint32_t seq; int32_t saved; };
     struct parsed_state;
 
     // every mutation of a cell or a tail goes through these, so a dry run can be undone and
-    // the derived counters (non-empty cells, src references) stay exact
+    // the derived counters (non-empty cells, src references) stay exact; mut_cell() is for
+    // pos/src0 (src through set_src), mut_ids() for the ids
     rs_cell & mut_cell(uint32_t i);
+    std::vector<int32_t> & mut_ids(uint32_t i);
     void set_tail(uint32_t seq, int32_t cell);
     void set_src(uint32_t i, int32_t src);
     void add_id(uint32_t i, int32_t seq);
@@ -181,10 +187,12 @@ private:
 
     bool undo_active_ = false;
     uint64_t undo_epoch_ = 0;
-    std::vector<uint64_t>  cell_epoch_;  // [size]: epoch in which the cell was saved
+    std::vector<uint64_t>  cell_epoch_;  // [size]: epoch in which the cell's fields were saved
+    std::vector<uint64_t>  ids_epoch_;   // [size]: epoch in which the cell's ids were saved
     std::vector<uint64_t>  tail_epoch_;
     std::vector<cell_undo> cell_log_;
-    size_t                 cell_log_n_ = 0;
+    std::vector<ids_undo>  ids_log_;     // entries are reused (their vectors keep capacity)
+    size_t                 ids_log_n_ = 0;
     std::vector<tail_undo> tail_log_;
     uint32_t saved_head_ = 0;
     uint32_t saved_used_ = 0;
