@@ -127,6 +127,48 @@ size_t state_read(py_rs_memory & mem, const py::buffer & data, int32_t seq, uint
     return mem.state_read(ptr, n - offset, seq, flags, whole_buffer);
 }
 
+py::array gather_states(llmem::rs_context & ctx, int kind, size_t layer, const py::dtype & dtype) {
+    const uint64_t rb = ctx.row_bytes(kind, layer);
+    const uint64_t width = rb / uint64_t(dtype.itemsize());
+    const uint32_t n_seqs = ctx.get_ubatch().n_seqs;
+    py::array out(dtype, { py::ssize_t(n_seqs), py::ssize_t(width) });
+    uint8_t * dst = static_cast<uint8_t *>(out.mutable_data());
+    {
+        py::gil_scoped_release release;
+        ctx.gather(kind, layer, dst);
+    }
+    return out;
+}
+
+void store_states(llmem::rs_context & ctx, int kind, size_t layer, const py::array & rows, uint32_t max_planes) {
+    const uint64_t rb = ctx.row_bytes(kind, layer);
+    const py::ssize_t n_seqs = py::ssize_t(ctx.get_ubatch().n_seqs);
+    const py::ssize_t width = py::ssize_t(rb / uint64_t(rows.itemsize()));
+    const char * name = kind == 0 ? "r" : "s";
+    if (!(rows.flags() & py::array::c_style)) {
+        throw std::invalid_argument(std::string("new ") + name + " states must be a C-contiguous array");
+    }
+    uint32_t n_planes = 0;
+    if (rows.ndim() == 2 && rows.shape(0) == n_seqs && rows.shape(1) == width) {
+        n_planes = 1;
+    } else if (rows.ndim() == 3 && rows.shape(0) >= 1 && rows.shape(0) <= py::ssize_t(max_planes) &&
+               rows.shape(1) == n_seqs && rows.shape(2) == width) {
+        n_planes = uint32_t(rows.shape(0));
+    } else {
+        std::string shape = "(";
+        for (py::ssize_t d = 0; d < rows.ndim(); ++d) {
+            shape += (d ? ", " : "") + std::to_string(rows.shape(d));
+        }
+        throw std::invalid_argument(std::string("new ") + name + " states must have shape (" +
+                                    std::to_string(n_seqs) + ", " + std::to_string(width) + ") or (k, " +
+                                    std::to_string(n_seqs) + ", " + std::to_string(width) + ") with 1 <= k <= " +
+                                    std::to_string(max_planes) + ", got " + shape + (rows.ndim() == 1 ? ",)" : ")"));
+    }
+    const uint8_t * src = static_cast<const uint8_t *>(rows.data());
+    py::gil_scoped_release release;
+    ctx.store(kind, layer, src, n_planes);
+}
+
 } // namespace
 
 void register_recurrent(py::module_ & m) {
@@ -191,6 +233,10 @@ One plan of a recurrent memory (private; use the context llmem.RecurrentMemory r
         .def_property_readonly("n_rs", &llmem::rs_context::n_rs)
         .def_property_readonly("head", &llmem::rs_context::head)
         .def_property_readonly("rs_z", &llmem::rs_context::rs_z)
+        .def("gather", &gather_states, py::arg("kind"), py::arg("layer"), py::arg("dtype"),
+             "Input states of the ubatch's sets for one array (once per ubatch), as a new array.")
+        .def("store", &store_states, py::arg("kind"), py::arg("layer"), py::arg("rows"), py::arg("max_planes"),
+             "Write new states (n_seqs rows, or k planes of them) into the ubatch's cells.")
         .def("s_copy_all", [](llmem::rs_context & ctx) {
             const std::vector<int32_t> & c = ctx.s_copy_all();
             return py::array_t<int32_t>(py::ssize_t(c.size()), c.data());

@@ -985,13 +985,18 @@ const ubatch & rs_context::get_ubatch() const {
     return ubatches_[i_];
 }
 
+void rs_context::new_ubatch() {
+    copies_valid_ = false;
+    std::fill(gathered_.begin(), gathered_.end(), 0);
+}
+
 bool rs_context::next() {
     if (i_ + 1 >= ubatches_.size()) {
         return false;
     }
     ++i_;
     applied_ = false;
-    copies_valid_ = false;
+    new_ubatch();
     return true;
 }
 
@@ -1004,7 +1009,7 @@ bool rs_context::apply() {
     }
     mem_->find_slot(ubatches_[i_]);  // result ignored, as llama.cpp: prepare() already checked it
     applied_ = true;
-    copies_valid_ = false;
+    new_ubatch();
     return true;
 }
 
@@ -1029,6 +1034,85 @@ const std::vector<int32_t> & rs_context::s_copy_all() {
         copies_valid_ = true;
     }
     return copies_;
+}
+
+} // namespace llmem
+
+namespace llmem {
+
+uint8_t * rs_context::array_base(int kind, size_t layer) const {
+    const rs_buffers & b = mem_->buffers();
+    if ((kind != 0 && kind != 1) || layer >= b.r.size()) {
+        throw std::invalid_argument("no state array " + std::to_string(kind) + " for present layer " +
+                                    std::to_string(layer));
+    }
+    return kind == 0 ? b.r[layer] : b.s[layer];
+}
+
+uint64_t rs_context::row_bytes(int kind, size_t layer) const {
+    array_base(kind, layer);
+    const rs_buffers & b = mem_->buffers();
+    return kind == 0 ? b.r_row_bytes[layer] : b.s_row_bytes[layer];
+}
+
+bool rs_context::gathered(int kind, size_t layer) const {
+    const size_t k = 2 * layer + size_t(kind);
+    return k < gathered_.size() && gathered_[k];
+}
+
+void rs_context::gather(int kind, size_t layer, uint8_t * out) {
+    uint8_t * base = array_base(kind, layer);
+    const uint64_t rb = row_bytes(kind, layer);
+    if (ubatches_.empty()) {
+        throw error("states are gathered per micro-batch: this context has none");
+    }
+    const std::vector<int32_t> & copies = s_copy_all();  // throws before apply()
+    gathered_.resize(2 * mem_->buffers().r.size(), 0);
+    uint8_t & done = gathered_[2 * layer + size_t(kind)];
+    if (done) {
+        throw error("the input states of this array were already gathered for this micro-batch");
+    }
+    done = 1;
+    const uint32_t n_seqs = ubatches_[i_].n_seqs;
+    const uint32_t head = mem_->head();
+    const size_t n_rs = copies.size();
+    if (rb == 0) {
+        return;
+    }
+    if (mem_->rs_z() >= 0) {
+        std::memset(base + uint64_t(mem_->rs_z()) * rb, 0, size_t(rb));
+    }
+    if (out != nullptr) {
+        for (uint32_t s = 0; s < n_seqs; ++s) {
+            std::memcpy(out + uint64_t(s) * rb, base + uint64_t(copies[s]) * rb, size_t(rb));
+        }
+    }
+    if (n_rs > n_seqs) {
+        // sources may be destinations of other moves: read them all before writing any
+        const size_t n_extra = n_rs - n_seqs;
+        scratch_.resize(size_t(n_extra * rb));
+        for (size_t k = 0; k < n_extra; ++k) {
+            std::memcpy(scratch_.data() + k * rb, base + uint64_t(copies[n_seqs + k]) * rb, size_t(rb));
+        }
+        std::memcpy(base + uint64_t(head + n_seqs) * rb, scratch_.data(), size_t(n_extra * rb));
+    }
+}
+
+void rs_context::store(int kind, size_t layer, const uint8_t * rows, uint32_t n_planes) {
+    uint8_t * base = array_base(kind, layer);
+    const uint64_t rb = row_bytes(kind, layer);
+    if (n_planes == 0 || n_planes > mem_->n_rs_seq() + 1) {
+        throw std::invalid_argument("store: n_planes must be in [1, " + std::to_string(mem_->n_rs_seq() + 1) +
+                                    "], got " + std::to_string(n_planes));
+    }
+    if (!gathered(kind, layer)) {
+        gather(kind, layer, nullptr);  // the slot's other cells move before their rows are overwritten
+    }
+    const uint64_t n_seqs = ubatches_[i_].n_seqs;
+    const uint64_t head = mem_->head();
+    for (uint64_t p = 0; p < n_planes; ++p) {
+        std::memcpy(base + (p * mem_->size() + head) * rb, rows + p * n_seqs * rb, size_t(n_seqs * rb));
+    }
 }
 
 } // namespace llmem

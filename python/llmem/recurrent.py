@@ -111,7 +111,7 @@ class RecurrentMemory(Memory):
     Instances are not thread-safe (like numpy arrays).
     """
 
-    __slots__ = ("_mem", "_r", "_s", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc")
+    __slots__ = ("_mem", "_r", "_s", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index")
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
                  mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r=np.float32, dtype_s=np.float32,
@@ -134,6 +134,9 @@ class RecurrentMemory(Memory):
         self._s: list[Optional[np.ndarray]] = [
             np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
         self._own_balloc = None
+        self._present_index = []
+        for il in range(n_layer):
+            self._present_index.append(sum(present[:il]) if present[il] else -1)
         self._mem.attach_buffers(
             n_layer,
             [a for a in self._r if a is not None],
@@ -160,6 +163,14 @@ class RecurrentMemory(Memory):
         """Whether layer ``il`` has state arrays (it passed ``layer_filter``)."""
         il = _int("il", il, 0, self._n_layer - 1)
         return self._r[il] is not None
+
+    def _array_slot(self, kind: int, il: int) -> tuple[int, np.dtype]:
+        """(index among the present layers, dtype) of array ``kind`` (0: r, 1: s) of layer il."""
+        dtype = self._dtype_s if kind else self._dtype_r
+        if type(il) is int and 0 <= il < self._n_layer and self._present_index[il] >= 0:
+            return self._present_index[il], dtype
+        self._layer_array(self._s if kind else self._r, "rs"[kind], il)  # raises for a bad il
+        return self._present_index[operator.index(il)], dtype
 
     def _layer_array(self, arrays: list, kind: str, il: int) -> np.ndarray:
         il = _int("il", il, 0, self._n_layer - 1)
@@ -412,66 +423,42 @@ class RecurrentContext(MemoryContext):
         return int(self._copies[i])
 
     def get_r(self, il: int) -> np.ndarray:
-        """Input r states of the micro-batch's sequence sets, ``[n_seqs, n_embd_r]``."""
-        return self._prepare(self._memory._r, "r", 0, il)
+        """Input r states of the micro-batch's sequence sets, ``[n_seqs, n_embd_r]``.
+
+        The first call for a layer in a micro-batch zeroes row ``rs_z``, gathers the rows of
+        ``s_copy`` and moves the slot's other cells (as the graph does); later calls return the
+        same array.
+        """
+        return self._gather(0, il)
 
     def get_s(self, il: int) -> np.ndarray:
-        """Input s states of the micro-batch's sequence sets, ``[n_seqs, n_embd_s]``."""
-        return self._prepare(self._memory._s, "s", 1, il)
+        """Input s states of the micro-batch's sequence sets, ``[n_seqs, n_embd_s]`` (see
+        :meth:`get_r`)."""
+        return self._gather(1, il)
 
     def store_r(self, il: int, new: np.ndarray) -> None:
-        """Write the new r states: ``[n_seqs, n_embd_r]`` (plane 0), or ``[k, n_seqs, n_embd_r]``
-        with ``k <= 1 + n_rs_seq`` where ``new[d]`` is the state ``d`` tokens before the end."""
-        self._store(self._memory._r, "r", 0, il, new)
+        """Write the new r states: C-contiguous ``[n_seqs, n_embd_r]`` (plane 0), or
+        ``[k, n_seqs, n_embd_r]`` with ``k <= 1 + n_rs_seq`` where ``new[d]`` is the state ``d``
+        tokens before the end (the rollback snapshots)."""
+        self._store(0, il, new)
 
     def store_s(self, il: int, new: np.ndarray) -> None:
         """Write the new s states; shapes as :meth:`store_r`."""
-        self._store(self._memory._s, "s", 1, il, new)
+        self._store(1, il, new)
 
-    def _ubatch_slot(self) -> tuple[int, int]:
-        ub = self._ctx.ubatch
-        if ub is None:
-            raise LlmemError("this context has no micro-batch: states are read and stored per micro-batch")
-        return ub.n_seqs, self._ctx.head
-
-    def _prepare(self, arrays: list, kind: str, kind_id: int, il: int) -> np.ndarray:
-        buf = self._memory._layer_array(arrays, kind, il)
-        key = 2 * il + kind_id
+    def _gather(self, kind: int, il: int) -> np.ndarray:
+        layer, dtype = self._memory._array_slot(kind, il)
+        key = 2 * layer + kind
         out = self._gathered.get(key)
-        if out is not None:
-            return out
-        n_seqs, head = self._ubatch_slot()
-        if self._copies is None:
-            self._copies = self._ctx.s_copy_all()  # raises before apply()
-        copies = self._copies
-        rs_z = self._ctx.rs_z
-        if rs_z >= 0:
-            buf[rs_z] = 0
-        out = buf.take(copies[:n_seqs], axis=0)
-        n_rs = len(copies)
-        if n_rs > n_seqs:
-            # fancy indexing copies first, so overlapping source and destination rows are safe
-            buf[head + n_seqs:head + n_rs] = buf[copies[n_seqs:]]
-        self._gathered[key] = out
+        if out is None:
+            out = self._ctx.gather(kind, layer, dtype)
+            self._gathered[key] = out
         return out
 
-    def _store(self, arrays: list, kind: str, kind_id: int, il: int, new) -> None:
-        buf = self._memory._layer_array(arrays, kind, il)
+    def _store(self, kind: int, il: int, new) -> None:
+        layer, dtype = self._memory._array_slot(kind, il)
         if not isinstance(new, np.ndarray):
-            raise TypeError(f"new {kind} states must be a numpy array, not {type(new).__name__}")
-        if new.dtype != buf.dtype:
-            raise TypeError(f"new {kind} states of layer {il} must be {buf.dtype}, not {new.dtype}")
-        self._prepare(arrays, kind, kind_id, il)  # the slot's other cells move before overwriting
-        n_seqs, head = self._ubatch_slot()
-        width = buf.shape[1]
-        if new.shape == (n_seqs, width):
-            buf[head:head + n_seqs] = new
-            return
-        planes = 1 + self._memory.n_rs_seq
-        if new.ndim == 3 and 1 <= new.shape[0] <= planes and new.shape[1:] == (n_seqs, width):
-            size = self._memory.size
-            buf.reshape(planes, size, width)[:new.shape[0], head:head + n_seqs] = new
-            return
-        raise ValueError(
-            f"new {kind} states of layer {il} must have shape ({n_seqs}, {width}) or (k, {n_seqs}, {width}) "
-            f"with 1 <= k <= {planes}, got {new.shape}")
+            raise TypeError(f"new {'rs'[kind]} states must be a numpy array, not {type(new).__name__}")
+        if new.dtype != dtype:
+            raise TypeError(f"new {'rs'[kind]} states of layer {il} must be {dtype}, not {new.dtype}")
+        self._ctx.store(kind, layer, new, self._memory.n_rs_seq + 1)

@@ -1028,3 +1028,62 @@ TEST(RsInitBatch, RollbackSplitKeepsTheLastTokensTogether) {
     EXPECT_THROW(mem.init_batch(balloc, 3, false), std::invalid_argument);
     EXPECT_EQ(mem.used(), 0u);
 }
+
+// -- the computation contract: gather / store (spec 5.12) ----------------------------------------
+
+TEST(RsContextStates, GatherZeroesRsZMovesOtherCellsAndStoreWritesPlanes) {
+    buffered_memory bm(4, 4, 0, 1, 1, 1);
+    rs_memory & mem = bm.mem;
+    const auto state = [&](int32_t seq) { return bm.s[0][size_t(mem.tail(seq))]; };
+    for (int32_t s : { 2, 0, 1 }) {
+        decode_seq(mem, s, 0, 1);
+        bm.s[0][size_t(mem.tail(s))] = 10.0f + float(s);
+    }
+    // example B: seqs 1 and 2 in one ubatch; seq 0's state must move from row 1 to row 2
+    const ubatch ub = make_ubatch({ { { 1 }, { 1 } }, { { 2 }, { 1 } } });
+    ASSERT_TRUE(mem.prepare({ ub }));
+    rs_context ctx(&mem, std::vector<ubatch>{ ub });
+    EXPECT_THROW(ctx.gather(1, 0, nullptr), llmem::error);  // before apply()
+    ctx.apply();
+    float in[2] = { 0, 0 };
+    ctx.gather(1, 0, reinterpret_cast<uint8_t *>(in));
+    EXPECT_EQ(in[0], 11.0f);
+    EXPECT_EQ(in[1], 12.0f);
+    EXPECT_EQ(state(0), 10.0f);
+    EXPECT_THROW(ctx.gather(1, 0, nullptr), llmem::error);  // once per ubatch
+    const float out[2] = { 21.0f, 22.0f };
+    ctx.store(1, 0, reinterpret_cast<const uint8_t *>(out), 1);
+    EXPECT_EQ(state(1), 21.0f);
+    EXPECT_EQ(state(2), 22.0f);
+    EXPECT_EQ(state(0), 10.0f);
+    // r was never gathered: storing it moves seq 0's r row first
+    bm.r[0][1] = 5.0f;  // seq 0's r before the ubatch (it was in cell 1)
+    const float r_out[2] = { 1.0f, 2.0f };
+    ctx.store(0, 0, reinterpret_cast<const uint8_t *>(r_out), 1);
+    EXPECT_EQ(bm.r[0][size_t(mem.tail(0))], 5.0f);
+    EXPECT_THROW(ctx.store(0, 0, reinterpret_cast<const uint8_t *>(r_out), 2), std::invalid_argument);
+    EXPECT_THROW(ctx.gather(2, 0, nullptr), std::invalid_argument);
+    EXPECT_THROW(ctx.gather(0, 1, nullptr), std::invalid_argument);
+}
+
+TEST(RsContextStates, NewSequenceReadsTheZeroedRow) {
+    buffered_memory bm(4, 4, 1, 1, 1, 1);
+    std::fill(bm.s[0].begin(), bm.s[0].end(), 7.0f);
+    const ubatch ub = make_ubatch({ { { 0 }, { 0, 1 } } });
+    rs_context ctx(&bm.mem, std::vector<ubatch>{ ub });
+    ctx.apply();
+    float in = -1.0f;
+    ctx.gather(1, 0, reinterpret_cast<uint8_t *>(&in));
+    EXPECT_EQ(bm.mem.rs_z(), 0);
+    EXPECT_EQ(in, 0.0f);
+    const float planes[2] = { 3.0f, 2.0f };  // plane 0 (end), plane 1 (one token before)
+    ctx.store(1, 0, reinterpret_cast<const uint8_t *>(planes), 2);
+    EXPECT_EQ(bm.s[0][0], 3.0f);
+    EXPECT_EQ(bm.s[0][4], 2.0f);
+    EXPECT_TRUE(bm.mem.seq_rm(0, 1, -1));
+    const ubatch again = make_ubatch({ { { 0 }, { 1 } } });
+    rs_context ctx2(&bm.mem, std::vector<ubatch>{ again });
+    ctx2.apply();
+    ctx2.gather(1, 0, reinterpret_cast<uint8_t *>(&in));
+    EXPECT_EQ(in, 2.0f);  // the rollback snapshot
+}

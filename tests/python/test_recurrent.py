@@ -414,6 +414,13 @@ def test_get_and_store_refusals():
         ctx.store_r(0, np.zeros((2, 2, 2), np.float32))  # n_rs_seq = 0: one plane only
     with pytest.raises(TypeError):
         ctx.store_r(0, [[0.0, 0.0]])
+    with pytest.raises(ValueError, match="contiguous"):
+        ctx.store_s(0, np.zeros((3, 2), np.float32).T)
+    with pytest.raises(ValueError, match="il=-1"):
+        ctx.get_s(-1)
+    with pytest.raises(TypeError, match="il"):
+        ctx.get_r("0")
+    assert ctx.get_s(np.int64(0)) is s_in
     with pytest.raises(ValueError, match="i="):
         ctx.s_copy(2)
     assert ctx.s_copy(1) == ctx.s_copy_all()[1]

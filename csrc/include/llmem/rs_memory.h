@@ -230,6 +230,18 @@ public:
     /// Throws llmem::error before apply().
     const std::vector<int32_t> & s_copy_all();
 
+    /// The graph's input step for state array `kind` (0: r, 1: s) of present layer `layer`:
+    /// zero row rs_z, copy the n_seqs input rows (s_copy) into `out` (may be null), then move
+    /// the states of the slot's other cells into place. Once per array per applied ubatch;
+    /// throws llmem::error on a repeat, before apply() or without a ubatch.
+    void gather(int kind, size_t layer, uint8_t * out);
+    /// Write `n_planes` planes of n_seqs rows (plane-major; plane d = the state d tokens before
+    /// the end) into the ubatch's cells, running gather(kind, layer, nullptr) first if needed.
+    void store(int kind, size_t layer, const uint8_t * rows, uint32_t n_planes);
+    bool gathered(int kind, size_t layer) const;
+    /// Bytes of one row of state array `kind` of present layer `layer`.
+    uint64_t row_bytes(int kind, size_t layer) const;
+
 private:
     rs_memory *          mem_;
     memory_status        status_;
@@ -239,6 +251,11 @@ private:
     bool                 applied_ = false;
     bool                 copies_valid_ = false;
     std::vector<int32_t> copies_;
+    std::vector<uint8_t> gathered_;  // [2 * present layers]: gather() done for this ubatch
+    std::vector<uint8_t> scratch_;   // rows of the slot's other cells while they move
+
+    void new_ubatch();
+    uint8_t * array_base(int kind, size_t layer) const;
 };
 
 } // namespace llmem
