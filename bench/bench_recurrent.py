@@ -17,7 +17,12 @@ import os
 import sys
 import time
 
-import numpy as np
+# OpenBLAS starts worker threads that spin for a while after numpy is imported; on a small shared
+# machine they take the core from the measured code (copies ran 20x slower). llmem uses no BLAS.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import per_call_us, print_table  # noqa: E402

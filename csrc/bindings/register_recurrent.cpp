@@ -127,17 +127,18 @@ size_t state_read(py_rs_memory & mem, const py::buffer & data, int32_t seq, uint
     return mem.state_read(ptr, n - offset, seq, flags, whole_buffer);
 }
 
-py::array gather_states(llmem::rs_context & ctx, int kind, size_t layer, const py::dtype & dtype) {
+// Gather into `out`, a C-contiguous writeable array of at least n_seqs rows of the array's width.
+void gather_states(llmem::rs_context & ctx, int kind, size_t layer, py::array & out) {
     const uint64_t rb = ctx.row_bytes(kind, layer);
-    const uint64_t width = rb / uint64_t(dtype.itemsize());
-    const uint32_t n_seqs = ctx.get_ubatch().n_seqs;
-    py::array out(dtype, { py::ssize_t(n_seqs), py::ssize_t(width) });
-    uint8_t * dst = static_cast<uint8_t *>(out.mutable_data());
-    {
-        py::gil_scoped_release release;
-        ctx.gather(kind, layer, dst);
+    const uint64_t n_seqs = ctx.get_ubatch().n_seqs;
+    if (!(out.flags() & py::array::c_style) || !out.writeable() || out.ndim() != 2 ||
+        uint64_t(out.shape(0)) < n_seqs || uint64_t(out.shape(1)) * uint64_t(out.itemsize()) != rb) {
+        throw std::invalid_argument("gather: out must be a writeable C-contiguous array of " + std::to_string(n_seqs) +
+                                    " rows of " + std::to_string(rb) + " bytes");
     }
-    return out;
+    uint8_t * dst = static_cast<uint8_t *>(out.mutable_data());
+    py::gil_scoped_release release;
+    ctx.gather(kind, layer, dst);
 }
 
 void store_states(llmem::rs_context & ctx, int kind, size_t layer, const py::array & rows, uint32_t max_planes) {
@@ -230,11 +231,12 @@ One plan of a recurrent memory (private; use the context llmem.RecurrentMemory r
         })
         .def("next", &llmem::rs_context::next)
         .def("apply", &llmem::rs_context::apply)
+        .def_property_readonly("n_seqs", [](const llmem::rs_context & ctx) { return ctx.get_ubatch().n_seqs; })
         .def_property_readonly("n_rs", &llmem::rs_context::n_rs)
         .def_property_readonly("head", &llmem::rs_context::head)
         .def_property_readonly("rs_z", &llmem::rs_context::rs_z)
-        .def("gather", &gather_states, py::arg("kind"), py::arg("layer"), py::arg("dtype"),
-             "Input states of the ubatch's sets for one array (once per ubatch), as a new array.")
+        .def("gather", &gather_states, py::arg("kind"), py::arg("layer"), py::arg("out"),
+             "Write the input states of the ubatch's sets for one array (once per ubatch) into out.")
         .def("store", &store_states, py::arg("kind"), py::arg("layer"), py::arg("rows"), py::arg("max_planes"),
              "Write new states (n_seqs rows, or k planes of them) into the ubatch's cells.")
         .def("s_copy_all", [](llmem::rs_context & ctx) {

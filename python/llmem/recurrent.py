@@ -111,7 +111,8 @@ class RecurrentMemory(Memory):
     Instances are not thread-safe (like numpy arrays).
     """
 
-    __slots__ = ("_mem", "_r", "_s", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index")
+    __slots__ = ("_mem", "_r", "_s", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index",
+                 "_staging")
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
                  mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r=np.float32, dtype_s=np.float32,
@@ -134,6 +135,7 @@ class RecurrentMemory(Memory):
         self._s: list[Optional[np.ndarray]] = [
             np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
         self._own_balloc = None
+        self._staging: dict[int, np.ndarray] = {}
         self._present_index = []
         for il in range(n_layer):
             self._present_index.append(sum(present[:il]) if present[il] else -1)
@@ -171,6 +173,16 @@ class RecurrentMemory(Memory):
             return self._present_index[il], dtype
         self._layer_array(self._s if kind else self._r, "rs"[kind], il)  # raises for a bad il
         return self._present_index[operator.index(il)], dtype
+
+    def _staging_for(self, kind: int, layer: int, il: int) -> np.ndarray:
+        """The reused array get_r/get_s gather into: as many rows as cells, allocated once."""
+        key = 2 * layer + kind
+        staging = self._staging.get(key)
+        if staging is None:
+            src = (self._s if kind else self._r)[il]
+            staging = np.empty((self.size, src.shape[1]), src.dtype)
+            self._staging[key] = staging
+        return staging
 
     def _layer_array(self, arrays: list, kind: str, il: int) -> np.ndarray:
         il = _int("il", il, 0, self._n_layer - 1)
@@ -427,7 +439,8 @@ class RecurrentContext(MemoryContext):
 
         The first call for a layer in a micro-batch zeroes row ``rs_z``, gathers the rows of
         ``s_copy`` and moves the slot's other cells (as the graph does); later calls return the
-        same array.
+        same array. It is a view of a staging array the memory reuses for every micro-batch
+        (no allocation per step): copy it to keep it past the next micro-batch's ``get_r(il)``.
         """
         return self._gather(0, il)
 
@@ -451,7 +464,10 @@ class RecurrentContext(MemoryContext):
         key = 2 * layer + kind
         out = self._gathered.get(key)
         if out is None:
-            out = self._ctx.gather(kind, layer, dtype)
+            staging = self._memory._staging_for(kind, layer, il)
+            n_seqs = self._ctx.n_seqs
+            self._ctx.gather(kind, layer, staging)
+            out = staging[:n_seqs]
             self._gathered[key] = out
         return out
 
