@@ -32,7 +32,8 @@ from llmem import RecurrentMemory, Status  # noqa: E402
 
 
 def decode_step_stages(n_seq: int, steps: int, repeat: int, n_embd_s: int = 1024) -> dict[str, float]:
-    """Best-of-repeat mean microseconds per decode step, by stage."""
+    """Microseconds per decode step, by stage: for each stage the best mean over `repeat` short
+    runs of `steps` steps (short runs, so that on a shared machine some of them run undisturbed)."""
     mem = RecurrentMemory(2, 192, n_embd_s, mem_size=n_seq, n_seq_max=n_seq)
     balloc = llmem.BatchAllocator(n_seq)
     token = np.zeros(n_seq, np.int32)
@@ -40,7 +41,7 @@ def decode_step_stages(n_seq: int, steps: int, repeat: int, n_embd_s: int = 1024
     new_s = np.ones((n_seq, n_embd_s), np.float32)
     clock = time.perf_counter
     best: dict[str, float] = {}
-    for rep in range(repeat + 1):  # the first round warms up (and gives every sequence its cell)
+    for rep in range(repeat + 1):  # the first run warms up (and gives every sequence its cell)
         acc = dict.fromkeys(("batch", "init_batch", "apply", "states"), 0.0)
         for _ in range(steps):
             t0 = clock()
@@ -136,11 +137,10 @@ def main() -> None:
 
     rows = []
     for n_seq in (1, 64, 256):
-        steps = max(50, (2000 if not args.quick else 400) // max(1, n_seq // 16))
-        st = decode_step_stages(n_seq, steps, repeat)
+        st = decode_step_stages(n_seq, 10, 40 * repeat)
         rows.append([n_seq, st["batch"], st["init_batch"], st["apply"], st["memory work"], st["states"],
                      st["total"]])
-    print_table("Decode step, us (2 layers, s rows of 4 KiB; best of %d)" % repeat,
+    print_table("Decode step, us (2 layers, s rows of 4 KiB; per stage the best of %d runs of 10 steps)" % (40 * repeat),
                 ["n_seq", "Batch+init", "init_batch", "apply+s_copy", "memory work", "get/store_s x2", "total"],
                 rows)
 
