@@ -190,6 +190,16 @@ def test_tricky_32_33_context_protocol():
     assert full.s_copy_all().shape == (4,)
 
 
+def test_full_context_s_copy_reads_cells_from_zero_whatever_the_head():
+    mem = memory()
+    for s in range(3):
+        run(mem, s, 0, 1)
+    assert mem.head == 2
+    full = mem.init_full()
+    # llama.cpp reads cell k + head here, past the end of its cells for k >= 2 (deviation)
+    assert full.s_copy_all().tolist() == mem.cells()["src0"].tolist()
+
+
 # -- sequence operations --------------------------------------------------------------------------
 
 
