@@ -488,6 +488,9 @@ bool rs_memory::find_slot(const ubatch & ub) {
         const uint32_t  e   = s * n_seq_tokens;
         const int32_t * ids = ub.seq_ids(e);
         const int32_t   nid = ub.n_seq_id(e);
+        if (nid < 1) {
+            throw std::invalid_argument("find_slot: sequence set " + std::to_string(s) + " has no sequence id");
+        }
         for (int32_t j = 0; j < nid; ++j) {
             const int32_t x = ids[j];
             if (uint32_t(x) >= size_) {

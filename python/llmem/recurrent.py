@@ -23,7 +23,6 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from .errors import LlmemError
 from .memory import BatchOrAllocator, Memory, MemoryContext
 from .status import Status
 

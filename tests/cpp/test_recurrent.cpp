@@ -418,6 +418,8 @@ TEST(RsFindSlot, RefusesUbatchWithoutEqualSeqs) {
     ub.equal_seqs = false;
     EXPECT_THROW(mem.find_slot(ub), std::invalid_argument);
     EXPECT_THROW(mem.prepare({ ub }), std::invalid_argument);
+    const ubatch no_ids = make_ubatch({ { {}, { 0 } } });
+    EXPECT_THROW(mem.find_slot(no_ids), std::invalid_argument);
     EXPECT_EQ(mem.used(), 0u);
 }
 

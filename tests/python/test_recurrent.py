@@ -342,10 +342,6 @@ def test_rollback_split_keeps_the_tail_together():
 # -- state gather / store (the computation contract of 5.12) --------------------------------------
 
 
-def states(mem, il=0):
-    return mem.s(il)
-
-
 def step(mem, entries, new_value=None, embd_all=False):
     """Decode and, for every ubatch, read the input s states and store new ones; returns inputs."""
     ctx = mem.init_batch(make_batch(entries), 512, embd_all)

@@ -198,7 +198,6 @@ private:
     uint32_t saved_used_ = 0;
 
     std::shared_ptr<ubatch_data> read_ubatch_;  // reused by single-sequence state_read
-    std::vector<ubatch>          split_scratch_;
 
     rs_buffers bufs_;
 };
