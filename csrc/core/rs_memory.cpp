@@ -462,8 +462,10 @@ int32_t rs_memory::seq_pos_min(int32_t seq) const {
     return t >= 0 ? cells_[uint32_t(t)].pos : -1;
 }
 
+// llama.cpp starts the maximum at -1, so a position moved below 0 by seq_add reports -1 here
+// while seq_pos_min reports it (observed: oracle recording rec_seq_ops, steps 18-20).
 int32_t rs_memory::seq_pos_max(int32_t seq) const {
-    return seq_pos_min(seq);
+    return std::max(seq_pos_min(seq), -1);
 }
 
 // -- micro-batches ------------------------------------------------------------------------------

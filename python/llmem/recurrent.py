@@ -258,7 +258,8 @@ class RecurrentMemory(Memory):
         return self._mem.seq_pos_min(_int("seq_id", seq_id))
 
     def seq_pos_max(self, seq_id: int) -> int:
-        """Same as :meth:`seq_pos_min`: the last position the state has seen; -1 if none."""
+        """The last position the state has seen, as :meth:`seq_pos_min`, but never below -1
+        (llama.cpp's maximum starts at -1: a position moved below 0 by ``seq_add`` reads -1)."""
         return self._mem.seq_pos_max(_int("seq_id", seq_id))
 
     def rs_idx(self) -> np.ndarray:

@@ -243,7 +243,8 @@ def test_tricky_29_negative_position_used_drift():
     run(mem, 0, 0, 1)
     run(mem, 1, 0, 2)
     mem.seq_add(1, -1, -1, -5)
-    assert mem.seq_pos_max(1) == -4 and mem.used == 2
+    # llama.cpp's maximum starts at -1: min -4, max -1 (oracle README C1; the spec says -4)
+    assert mem.seq_pos_min(1) == -4 and mem.seq_pos_max(1) == -1 and mem.used == 2
     mem.seq_keep(2)
     occupied = sum(1 for ids in cell_ids(mem) if ids)
     assert mem.used == occupied + 1

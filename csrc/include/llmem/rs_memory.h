@@ -89,6 +89,7 @@ public:
     void seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d);
     /// Position of the sequence's state, -1 if it has none (any id accepted). O(1).
     int32_t seq_pos_min(int32_t seq) const override;
+    /// As seq_pos_min, but never below -1 (llama.cpp's maximum starts at -1). O(1).
     int32_t seq_pos_max(int32_t seq) const override;
 
     // -- micro-batches -----------------------------------------------------------------------
