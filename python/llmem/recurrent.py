@@ -200,7 +200,8 @@ class RecurrentMemory(Memory):
         The context's status is FAILED_PREPARE when the batch cannot be split entirely (a token
         shared by several sequences without ``embd_all``) or a sequence id is >= ``mem_size``.
         """
-        n_ubatch = _int("n_ubatch", n_ubatch, 1)
+        if type(n_ubatch) is not int or not 1 <= n_ubatch <= _I32_MAX:
+            n_ubatch = _int("n_ubatch", n_ubatch, 1)
         balloc = self._allocator_for(balloc_or_batch)
         return RecurrentContext(self, self._mem.init_batch(balloc, n_ubatch, bool(embd_all)))
 
@@ -369,12 +370,11 @@ class RecurrentContext(MemoryContext):
     cells (llama.cpp's ``s_copy_extra``).
     """
 
-    __slots__ = ("_ctx", "_memory", "_copies", "_gathered")
+    __slots__ = ("_ctx", "_memory", "_gathered")
 
     def __init__(self, memory: RecurrentMemory, ctx) -> None:
         self._memory = memory
         self._ctx = ctx
-        self._copies = None
         self._gathered: dict[int, np.ndarray] = {}
 
     @property
@@ -383,13 +383,11 @@ class RecurrentContext(MemoryContext):
 
     def next(self) -> bool:
         """Move to the next micro-batch; False when there is none."""
-        self._copies = None
         self._gathered.clear()
         return self._ctx.next()
 
     def apply(self) -> bool:
         """Place the current micro-batch in the memory (True, as llama.cpp)."""
-        self._copies = None
         self._gathered.clear()
         return self._ctx.apply()
 
@@ -423,16 +421,12 @@ class RecurrentContext(MemoryContext):
         Evaluated once per applied micro-batch: reading it consumes pending rollbacks (the row
         then addresses a snapshot plane), so later calls return the same values.
         """
-        if self._copies is None:
-            self._copies = self._ctx.s_copy_all()
-        return self._copies.copy()
+        return self._ctx.s_copy_all()  # a new array; the values are cached in the context
 
     def s_copy(self, i: int) -> int:
         """Row the input state of slot cell ``i`` is read from (see :meth:`s_copy_all`)."""
-        if self._copies is None:
-            self._copies = self._ctx.s_copy_all()
-        i = _int("i", i, 0, len(self._copies) - 1)
-        return int(self._copies[i])
+        copies = self._ctx.s_copy_all()
+        return int(copies[_int("i", i, 0, len(copies) - 1)])
 
     def get_r(self, il: int) -> np.ndarray:
         """Input r states of the micro-batch's sequence sets, ``[n_seqs, n_embd_r]``.

@@ -273,6 +273,8 @@ def test_seq_keep_and_clear():
     (lambda m: m.seq_pos_max(-2**31 - 1), ValueError, "seq_id"),
     (lambda m: m.seq_keep([1]), TypeError, "seq_id"),
     (lambda m: m.init_batch(make_batch([(0, 0)]), 0), ValueError, "n_ubatch"),
+    (lambda m: m.init_batch(make_batch([(0, 0)]), 2**40), ValueError, "n_ubatch"),
+    (lambda m: m.init_batch(make_batch([(0, 0)]), 4.0), TypeError, "n_ubatch"),
     (lambda m: m.init_batch([1, 2], 4), TypeError, "balloc_or_batch"),
     (lambda m: m.state_write(-2), ValueError, "seq_id"),
     (lambda m: m.state_write(4), ValueError, "seq_id"),
