@@ -454,7 +454,7 @@ class RecurrentContext(MemoryContext):
         self._store(1, il, new)
 
     def _gather(self, kind: int, il: int) -> np.ndarray:
-        layer, dtype = self._memory._array_slot(kind, il)
+        layer, _ = self._memory._array_slot(kind, il)
         key = 2 * layer + kind
         out = self._gathered.get(key)
         if out is None:
