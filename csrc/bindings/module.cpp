@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
     llmem::bind::register_errors(m);
     llmem::bind::register_status(m);
     llmem::bind::register_batch(m);
+    llmem::bind::register_recurrent(m);
 }

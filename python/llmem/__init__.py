@@ -17,6 +17,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StateError
 from .memory import Memory, MemoryContext
+from .recurrent import RecurrentContext, RecurrentMemory
 from .status import Status, SWAType, status_combine, status_is_fail
 
 __version__: str = _core.__version__
@@ -28,6 +29,8 @@ __all__ = [
     "LlmemError",
     "Memory",
     "MemoryContext",
+    "RecurrentContext",
+    "RecurrentMemory",
     "StateError",
     "Status",
     "SWAType",
