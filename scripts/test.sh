@@ -28,8 +28,11 @@ fi
 echo "libgtest-dev: $(dpkg -s libgtest-dev | sed -n 's/^Version: //p')"
 
 step "python environment ($venv)"
+# an isolated venv: with the system site-packages, an editable llmem installed there (a developer's
+# checkout) would shadow the build under test through its import hook
 if [ ! -x "$venv/bin/python" ]; then
-    "$python" -m venv --system-site-packages "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
 fi
 vpy="$venv/bin/python"
 missing=()
@@ -61,4 +64,9 @@ step "build and install the package"
 
 step "pytest"
 cd "$root"
+installed="$("$vpy" -c 'import llmem, os; print(os.path.dirname(llmem.__file__))')"
+case "$installed" in
+    "$venv"/*) echo "testing the llmem installed in $installed" ;;
+    *) echo "llmem imports from $installed, not from the build under test" >&2; exit 1 ;;
+esac
 "$vpy" -m pytest -q "$@"

@@ -136,6 +136,17 @@ int32_t batch_allocr::batch_pos_max(int32_t seq) const {
     return (seq >= 0 && seq < n_seq_max_) ? cur_->seq_pmax[seq] : -1;
 }
 
+// True when every entry lists exactly one id (the decode-step shape). The total alone is not
+// enough: an entry without ids next to one with two has the same total.
+static bool one_id_each(const batch & b) {
+    for (size_t i = 0; i + 1 < b.seq_id_off.size(); ++i) {
+        if (b.seq_id_off[i + 1] - b.seq_id_off[i] != 1) {
+            return false;
+        }
+    }
+    return true;
+}
+
 // Appends the distinct ids of one entry in llama.cpp's stored order: each newly attached id goes
 // in front, so the result is the distinct ids in order of first appearance, reversed.
 static void append_stored_ids(const int32_t * ids, int32_t n, std::vector<int32_t> & out) {
@@ -184,7 +195,24 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
         reject(batch_reject::NO_CONTENT, "the batch carries neither token ids nor embeddings");
     }
 
-    // array shapes that depend on the content kind
+    // token ids
+    if (st.has_token) {
+        // one unsigned compare covers both ends of [0, n_vocab)
+        const uint32_t limit = n_vocab_ >= 0 ? uint32_t(n_vocab_) : uint32_t(std::numeric_limits<int32_t>::max()) + 1u;
+        for (uint32_t i = 0; i < n; ++i) {
+            const int32_t t = b.token[i];
+            if (uint32_t(t) >= limit) {
+                if (n_vocab_ >= 0) {
+                    reject(batch_reject::BAD_TOKEN,
+                           format("token[%u] = %d is outside the vocabulary [0, %d)", i, t, n_vocab_));
+                }
+                reject(batch_reject::BAD_TOKEN, format("token[%u] = %d is negative", i, t));
+            }
+        }
+        st.token.assign(b.token.begin(), b.token.end());
+    }
+    // array shapes that depend on the content kind (checked after the token ids, whose check
+    // llama.cpp runs first)
     st.n_pos_val = st.has_token ? 1 : n_pos_;
     if (!b.pos.empty() && b.pos.size() != size_t(st.n_pos_val) * n) {
         reject(batch_reject::BAD_SHAPE,
@@ -204,22 +232,6 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
         reject(batch_reject::BAD_SHAPE, format("output has %zu values, the batch has %u tokens", b.output.size(), n));
     }
 
-    // token ids
-    if (st.has_token) {
-        // one unsigned compare covers both ends of [0, n_vocab)
-        const uint32_t limit = n_vocab_ >= 0 ? uint32_t(n_vocab_) : uint32_t(std::numeric_limits<int32_t>::max()) + 1u;
-        for (uint32_t i = 0; i < n; ++i) {
-            const int32_t t = b.token[i];
-            if (uint32_t(t) >= limit) {
-                if (n_vocab_ >= 0) {
-                    reject(batch_reject::BAD_TOKEN,
-                           format("token[%u] = %d is outside the vocabulary [0, %d)", i, t, n_vocab_));
-                }
-                reject(batch_reject::BAD_TOKEN, format("token[%u] = %d is negative", i, t));
-            }
-        }
-        st.token.assign(b.token.begin(), b.token.end());
-    }
     if (st.has_embd) {
         st.n_embd = b.n_embd;
         st.embd.assign(b.embd.begin(), b.embd.end());
@@ -232,7 +244,7 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
         for (uint32_t i = 0; i <= n; ++i) {
             st.seq_id_off[i] = int32_t(i);
         }
-    } else if (b.seq_id.size() == n && b.seq_id_off[n] == int32_t(n)) {
+    } else if (one_id_each(b)) {
         // one id per entry (the decode-step shape): nothing to reorder
         st.seq_id.assign(b.seq_id.begin(), b.seq_id.end());
         st.seq_id_off.assign(b.seq_id_off.begin(), b.seq_id_off.end());
@@ -245,7 +257,10 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
             st.seq_id_off[i + 1] = int32_t(st.seq_id.size());
         }
     }
-    st.single_ids = st.seq_id.size() == n;
+    st.single_ids = true;
+    for (uint32_t i = 0; i < n && st.single_ids; ++i) {
+        st.single_ids = st.seq_id_off[i + 1] - st.seq_id_off[i] == 1;
+    }
 
     // positions: given, or continuing each sequence from the memory (keyed by the caller's first id)
     if (!b.pos.empty()) {

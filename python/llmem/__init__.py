@@ -18,6 +18,7 @@ from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StateError
 from .kv_cache import KVCache, KVCacheISWA, Rope
 from .memory import Memory, MemoryContext
+from .recurrent import RecurrentContext, RecurrentMemory
 from .status import Status, SWAType, status_combine, status_is_fail
 
 __version__: str = _core.__version__
@@ -32,6 +33,8 @@ __all__ = [
     "Memory",
     "MemoryContext",
     "Rope",
+    "RecurrentContext",
+    "RecurrentMemory",
     "StateError",
     "Status",
     "SWAType",

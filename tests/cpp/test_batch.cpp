@@ -149,6 +149,13 @@ TEST(BatchInit, ContentTokenAndIdChecks) {
     EXPECT_EQ(reject_reason(a, none), batch_reject::NO_CONTENT);
 }
 
+TEST(BatchInit, EntryWithoutIdsBesideMultiIdEntryIsRefused) {
+    llmem::batch_allocr a(4, 64);
+    // the same id total as one id per entry: must not be mistaken for it
+    EXPECT_EQ(reject_reason(a, make_batch({ { 0, {} }, { 1, { 0, 1 } } })), batch_reject::NO_SEQ_ID);
+    EXPECT_EQ(reject_reason(a, make_batch({ { 0, { 0, 1 } }, { 1, {} } })), batch_reject::NO_SEQ_ID);
+}
+
 TEST(BatchInit, RefusalLeavesThePreviousBatchInPlace) {
     llmem::batch_allocr a(4, 64);
     a.init(make_batch({ { 0, { 0 } }, { 1, { 0 } }, { 2, { 0 } } }), nullptr, false);

@@ -3,3 +3,10 @@ import sys
 
 # tests/python holds shared helpers (reference models, oracle replay); make them importable.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    # Hypothesis imports libcst to write its failure patch; libcst's use of mypy_extensions warns,
+    # which filterwarnings = error turns into an INTERNALERROR hiding the failing example.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")

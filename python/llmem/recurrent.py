@@ -1,0 +1,474 @@
+"""The recurrent-state memory (llama.cpp's ``llama_memory_recurrent``).
+
+A recurrent model (Mamba, RWKV, delta-net, the conv layers of LFM2, ...) keeps one state per
+sequence instead of one K/V row per token. :class:`RecurrentMemory` holds, for every layer that has
+a state, two numpy arrays: ``r(il)`` (convolution / token-shift rows) and ``s(il)`` (SSM / WKV
+rows), each with ``mem_size * (1 + n_rs_seq)`` rows. The cell bookkeeping (which row holds which
+sequence, which rows a computation reads) runs in the compiled core and takes llama.cpp's
+decisions; the decode loop looks like this::
+
+    ctx = mem.init_batch(batch, n_ubatch=512)
+    for ub in ctx:                      # apply() places the micro-batch
+        for il in layers:
+            s_in = ctx.get_s(il)        # [n_seqs, n_embd_s]: the states the graph starts from
+            s_out = run_layer(ub, s_in)
+            ctx.store_s(il, s_out)      # written back into the ubatch's cells
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .memory import BatchOrAllocator, Memory, MemoryContext
+from .status import Status
+
+__all__ = ["RecurrentMemory", "RecurrentContext"]
+
+_I32_MIN = -(2**31)
+_I32_MAX = 2**31 - 1
+
+# ggml type ids written in the state bytes
+_TYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
+
+LayerFilter = Union[None, Callable[[int], bool], Sequence[bool]]
+
+
+def _int(name: str, value, lo: int = _I32_MIN, hi: int = _I32_MAX) -> int:
+    """``value`` as a Python int in [lo, hi]; TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if v < lo or v > hi:
+        raise ValueError(f"{name}={v} is outside [{lo}, {hi}]")
+    return v
+
+
+def _dtype(name: str, value) -> np.dtype:
+    try:
+        dt = np.dtype(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a numpy dtype, not {value!r}") from None
+    if dt not in _TYPE_IDS:
+        raise TypeError(f"{name} must be float32 or float16, not {dt}")
+    return dt
+
+
+def _widths(name: str, value, n_layer: int) -> list[int]:
+    """A row width for every layer: one int for all, or a sequence of n_layer ints."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != n_layer:
+            raise ValueError(f"{name} has {len(value)} entries, expected n_layer={n_layer}")
+        return [_int(f"{name}[{il}]", w, 0) for il, w in enumerate(value)]
+    w = _int(name, value, 0)
+    return [w] * n_layer
+
+
+def _present_layers(layer_filter: LayerFilter, n_layer: int) -> list[bool]:
+    if layer_filter is None:
+        return [True] * n_layer
+    if callable(layer_filter):
+        return [bool(layer_filter(il)) for il in range(n_layer)]
+    flags = list(layer_filter)
+    if len(flags) != n_layer:
+        raise ValueError(f"layer_filter has {len(flags)} entries, expected n_layer={n_layer}")
+    return [bool(f) for f in flags]
+
+
+class RecurrentMemory(Memory):
+    """llama.cpp's recurrent-state memory with numpy state arrays.
+
+    Parameters
+    ----------
+    n_layer:
+        The model's layer count (layers without a state included; it is written in state bytes).
+    n_embd_r, n_embd_s:
+        Elements per row of the r and s states: one int, or one per layer.
+    mem_size:
+        Number of state cells (llama.cpp uses ``max(1, n_seq_max)``). Sequence ids used in
+        batches must be below it.
+    n_seq_max:
+        Number of sequence ids accepted.
+    n_rs_seq:
+        Rollback snapshots kept per sequence (0: rollback off). Each array gets ``1 + n_rs_seq``
+        planes of ``mem_size`` rows; plane ``d`` holds the state ``d`` tokens before the end.
+    dtype_r, dtype_s:
+        ``numpy.float32`` or ``numpy.float16``.
+    layer_filter:
+        None (every layer has a state), a callable ``il -> bool`` or a sequence of n_layer bools.
+        Layers filtered out have no arrays.
+
+    Sequence operations follow llama.cpp exactly, including its refusals: ``seq_rm`` returns
+    False for ``seq_id = -1`` and for a cut into the end of a sequence that cannot be rolled back.
+    A failed :meth:`state_read` raises :class:`~llmem.StateError` and changes nothing.
+    Instances are not thread-safe (like numpy arrays).
+    """
+
+    __slots__ = ("_mem", "_r", "_s", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index",
+                 "_staging")
+
+    def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
+                 mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r=np.float32, dtype_s=np.float32,
+                 layer_filter: LayerFilter = None) -> None:
+        n_layer = _int("n_layer", n_layer, 1)
+        widths_r = _widths("n_embd_r", n_embd_r, n_layer)
+        widths_s = _widths("n_embd_s", n_embd_s, n_layer)
+        mem_size = _int("mem_size", mem_size, 1)
+        n_seq_max = _int("n_seq_max", n_seq_max, 1)
+        n_rs_seq = _int("n_rs_seq", n_rs_seq, 0)
+        self._dtype_r = _dtype("dtype_r", dtype_r)
+        self._dtype_s = _dtype("dtype_s", dtype_s)
+        present = _present_layers(layer_filter, n_layer)
+
+        self._mem = _core.rs_memory(mem_size, n_seq_max, n_rs_seq)  # checks the sizes
+        rows = mem_size * (1 + n_rs_seq)
+        self._n_layer = n_layer
+        self._r: list[Optional[np.ndarray]] = [
+            np.zeros((rows, widths_r[il]), self._dtype_r) if present[il] else None for il in range(n_layer)]
+        self._s: list[Optional[np.ndarray]] = [
+            np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
+        self._own_balloc = None
+        self._staging: dict[int, np.ndarray] = {}
+        self._present_index = []
+        for il in range(n_layer):
+            self._present_index.append(sum(present[:il]) if present[il] else -1)
+        self._mem.attach_buffers(
+            n_layer,
+            [a for a in self._r if a is not None],
+            [a for a in self._s if a is not None],
+            _TYPE_IDS[self._dtype_r],
+            _TYPE_IDS[self._dtype_s],
+        )
+
+    def __repr__(self) -> str:
+        return (f"RecurrentMemory(n_layer={self._n_layer}, mem_size={self.size}, n_seq_max={self.n_seq_max}, "
+                f"n_rs_seq={self.n_rs_seq}, used={self.used})")
+
+    # -- state arrays -----------------------------------------------------------------------------
+
+    def r(self, il: int) -> np.ndarray:
+        """The r state array of layer ``il``: ``[mem_size * (1 + n_rs_seq), n_embd_r]``."""
+        return self._layer_array(self._r, "r", il)
+
+    def s(self, il: int) -> np.ndarray:
+        """The s state array of layer ``il``: ``[mem_size * (1 + n_rs_seq), n_embd_s]``."""
+        return self._layer_array(self._s, "s", il)
+
+    def has_layer(self, il: int) -> bool:
+        """Whether layer ``il`` has state arrays (it passed ``layer_filter``)."""
+        il = _int("il", il, 0, self._n_layer - 1)
+        return self._r[il] is not None
+
+    def _array_slot(self, kind: int, il: int) -> tuple[int, np.dtype]:
+        """(index among the present layers, dtype) of array ``kind`` (0: r, 1: s) of layer il."""
+        dtype = self._dtype_s if kind else self._dtype_r
+        if type(il) is int and 0 <= il < self._n_layer and self._present_index[il] >= 0:
+            return self._present_index[il], dtype
+        self._layer_array(self._s if kind else self._r, "rs"[kind], il)  # raises for a bad il
+        return self._present_index[operator.index(il)], dtype
+
+    def _staging_for(self, kind: int, layer: int, il: int) -> np.ndarray:
+        """The reused array get_r/get_s gather into: as many rows as cells, allocated once."""
+        key = 2 * layer + kind
+        staging = self._staging.get(key)
+        if staging is None:
+            src = (self._s if kind else self._r)[il]
+            staging = np.empty((self.size, src.shape[1]), src.dtype)
+            self._staging[key] = staging
+        return staging
+
+    def _layer_array(self, arrays: list, kind: str, il: int) -> np.ndarray:
+        il = _int("il", il, 0, self._n_layer - 1)
+        a = arrays[il]
+        if a is None:
+            raise ValueError(f"layer il={il} has no {kind} state (it was left out by layer_filter)")
+        return a
+
+    # -- batches ----------------------------------------------------------------------------------
+
+    def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int,
+                   embd_all: bool = False) -> RecurrentContext:
+        """Split a batch as llama.cpp's recurrent memory does (sequential equal split, or by
+        sequence when ``embd_all``) and check every micro-batch fits; changes nothing.
+
+        The context's status is FAILED_PREPARE when the batch cannot be split entirely (a token
+        shared by several sequences without ``embd_all``) or a sequence id is >= ``mem_size``.
+        """
+        if type(n_ubatch) is not int or not 1 <= n_ubatch <= _I32_MAX:
+            n_ubatch = _int("n_ubatch", n_ubatch, 1)
+        balloc = self._allocator_for(balloc_or_batch)
+        return RecurrentContext(self, self._mem.init_batch(balloc, n_ubatch, bool(embd_all)))
+
+    def init_full(self) -> RecurrentContext:
+        """A SUCCESS context over every cell (for sizing a compute graph)."""
+        return RecurrentContext(self, self._mem.init_full())
+
+    def init_update(self, optimize: bool = False) -> RecurrentContext:
+        """Always NO_UPDATE: a recurrent memory has no pending work."""
+        return RecurrentContext(self, self._mem.init_update())
+
+    @property
+    def _pos_source(self):
+        """The compiled memory, read by the batch allocator without Python calls."""
+        return self._mem
+
+    # -- sequences --------------------------------------------------------------------------------
+
+    def clear(self, data: bool = True) -> None:
+        """Forget every sequence and pending rollback; with ``data`` zero every state array."""
+        self._mem.clear(bool(data))
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove positions [p0, p1) of a sequence, as llama.cpp's recurrent memory.
+
+        True when the range holds the whole sequence (it is erased), does not reach its last
+        position (nothing changes), or cuts at most ``n_rs_seq`` tokens off its end with no
+        rollback pending (the rollback is recorded). False otherwise, and for ``seq_id`` outside
+        ``[0, n_seq_max)`` (also -1) or ``>= mem_size``.
+        """
+        return self._mem.seq_rm(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1))
+
+    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Make ``seq_id_dst`` share the state of ``seq_id_src`` (the range is ignored, as in
+        llama.cpp); ids outside ``[0, mem_size)`` do nothing. An empty source erases dst."""
+        self._mem.seq_cp(_int("seq_id_src", seq_id_src), _int("seq_id_dst", seq_id_dst), _int("p0", p0),
+                         _int("p1", p1))
+
+    def seq_keep(self, seq_id: int) -> None:
+        """Remove every sequence except ``seq_id`` (any id: -1 removes all)."""
+        self._mem.seq_keep(_int("seq_id", seq_id))
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        """Add ``shift`` to the sequence's position if it lies in [p0, p1). Every sequence
+        sharing the state moves with it. ValueError (nothing changed) if it would leave int32."""
+        self._mem.seq_add(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("shift", shift))
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        """Divide the sequence's position by ``d`` (toward zero) if it lies in [p0, p1).
+        ValueError for ``d == 0``."""
+        self._mem.seq_div(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("d", d))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """Position of the sequence's state (a recurrent memory keeps only the last); -1 if none."""
+        return self._mem.seq_pos_min(_int("seq_id", seq_id))
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """The last position the state has seen, as :meth:`seq_pos_min`, but never below -1
+        (llama.cpp's maximum starts at -1: a position moved below 0 by ``seq_add`` reads -1)."""
+        return self._mem.seq_pos_max(_int("seq_id", seq_id))
+
+    def rs_idx(self) -> np.ndarray:
+        """Pending rollback depth of every sequence id (0: none), a copy."""
+        return self._mem.rs_idx()
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def get_can_shift(self) -> bool:
+        """True: positions can be shifted (only the recorded position changes)."""
+        return True
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes of the r and s arrays (all planes, all present layers)."""
+        return {
+            "r": sum(a.nbytes for a in self._r if a is not None),
+            "s": sum(a.nbytes for a in self._s if a is not None),
+        }
+
+    @property
+    def size(self) -> int:
+        """Number of state cells (``mem_size``)."""
+        return self._mem.size
+
+    @property
+    def used(self) -> int:
+        """llama.cpp's count of used cells (it can drift after a negative ``seq_add``)."""
+        return self._mem.used
+
+    @property
+    def head(self) -> int:
+        """First cell of the last placed slot; where the free-cell search starts."""
+        return self._mem.head
+
+    @property
+    def n_seq_max(self) -> int:
+        return self._mem.n_seq_max
+
+    @property
+    def n_rs_seq(self) -> int:
+        """Rollback snapshots per sequence."""
+        return self._mem.n_rs_seq
+
+    @property
+    def n_layer(self) -> int:
+        return self._n_layer
+
+    @property
+    def n(self) -> int:
+        """Cells spanned by the last placed slot (llama.cpp's ``n``)."""
+        return self._mem.n
+
+    @property
+    def rs_z(self) -> int:
+        """Row zeroed for new sequences by the last placed slot, -1 if none."""
+        return self._mem.rs_z
+
+    @property
+    def dtype_r(self) -> np.dtype:
+        return self._dtype_r
+
+    @property
+    def dtype_s(self) -> np.dtype:
+        return self._dtype_s
+
+    def cells(self) -> dict:
+        """Snapshot of the cell metadata: int32 arrays ``pos``, ``src``, ``src0`` and ``tail``
+        (``tail[s]`` is the cell of sequence ``s``, -1 if none) and ``seq_ids``, a list with the
+        ascending tuple of sequence ids of each cell."""
+        return self._mem.cells()
+
+    # -- state bytes ------------------------------------------------------------------------------
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        """llama.cpp's recurrent state block for the whole memory (-1) or one sequence.
+
+        A pending rollback is written as the snapshot it selects. Raises :class:`LlmemError`
+        where llama.cpp aborts: a whole write while sequences sharing a cell have different
+        pending rollbacks, or ``ON_DEVICE`` (flag 2) over non-contiguous cells.
+        """
+        return self._mem.state_write(_int("seq_id", seq_id), _int("flags", flags, 0))
+
+    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+        """Restore a block written by :meth:`state_write` (or llama.cpp) into the whole memory
+        (-1) or into sequence ``seq_id`` (which may differ from the one written).
+
+        Raises :class:`~llmem.StateError` (truncated or trailing bytes, a layer count, dtype or
+        row size that differs, too many cells, sequence ids out of range or repeated, more than
+        one cell for one sequence) and then leaves the memory, metadata and arrays, unchanged.
+        """
+        if isinstance(data, str):
+            raise TypeError("data must be a bytes-like object, not str")
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+        self._mem.state_read(view, _int("seq_id", seq_id), _int("flags", flags, 0))
+
+
+class RecurrentContext(MemoryContext):
+    """The plan returned by :meth:`RecurrentMemory.init_batch` (or ``init_full``/``init_update``).
+
+    After ``apply()``, ``get_r(il)``/``get_s(il)`` return the states the model graph starts the
+    micro-batch from, ``[n_seqs, n_embd]``, and ``store_r``/``store_s`` write the new states back.
+    Call ``get_*`` or ``store_*`` for every present layer once per micro-batch, as the graph does:
+    the first call for an array also zeroes row ``rs_z`` and moves the states of the slot's other
+    cells (llama.cpp's ``s_copy_extra``).
+    """
+
+    __slots__ = ("_ctx", "_memory", "_gathered")
+
+    def __init__(self, memory: RecurrentMemory, ctx) -> None:
+        self._memory = memory
+        self._ctx = ctx
+        self._gathered: dict[int, np.ndarray] = {}
+
+    @property
+    def status(self) -> Status:
+        return self._ctx.status
+
+    def next(self) -> bool:
+        """Move to the next micro-batch; False when there is none."""
+        self._gathered.clear()
+        return self._ctx.next()
+
+    def apply(self) -> bool:
+        """Place the current micro-batch in the memory (True, as llama.cpp)."""
+        self._gathered.clear()
+        return self._ctx.apply()
+
+    @property
+    def ubatch(self):
+        """The current micro-batch (None for full and update contexts)."""
+        return self._ctx.ubatch
+
+    @property
+    def n_ubatches(self) -> int:
+        return self._ctx.n_ubatches
+
+    @property
+    def head(self) -> int:
+        """First cell of the slot (0 for a full context)."""
+        return self._ctx.head
+
+    @property
+    def n_rs(self) -> int:
+        """Cells in the slot (``mem_size`` for a full context)."""
+        return self._ctx.n_rs
+
+    @property
+    def rs_z(self) -> int:
+        """Row holding the zero state new sequences start from, -1 if none (0 when full)."""
+        return self._ctx.rs_z
+
+    def s_copy_all(self) -> np.ndarray:
+        """For each slot cell ``k``, the row its input state is read from (int32[n_rs]).
+
+        Evaluated once per applied micro-batch: reading it consumes pending rollbacks (the row
+        then addresses a snapshot plane), so later calls return the same values.
+        """
+        return self._ctx.s_copy_all()  # a new array; the values are cached in the context
+
+    def s_copy(self, i: int) -> int:
+        """Row the input state of slot cell ``i`` is read from (see :meth:`s_copy_all`)."""
+        copies = self._ctx.s_copy_all()
+        return int(copies[_int("i", i, 0, len(copies) - 1)])
+
+    def get_r(self, il: int) -> np.ndarray:
+        """Input r states of the micro-batch's sequence sets, ``[n_seqs, n_embd_r]``.
+
+        The first call for a layer in a micro-batch zeroes row ``rs_z``, gathers the rows of
+        ``s_copy`` and moves the slot's other cells (as the graph does); later calls return the
+        same array. It is a view of a staging array the memory reuses for every micro-batch
+        (no allocation per step): copy it to keep it past the next micro-batch's ``get_r(il)``.
+        """
+        return self._gather(0, il)
+
+    def get_s(self, il: int) -> np.ndarray:
+        """Input s states of the micro-batch's sequence sets, ``[n_seqs, n_embd_s]`` (see
+        :meth:`get_r`)."""
+        return self._gather(1, il)
+
+    def store_r(self, il: int, new: np.ndarray) -> None:
+        """Write the new r states: C-contiguous ``[n_seqs, n_embd_r]`` (plane 0), or
+        ``[k, n_seqs, n_embd_r]`` with ``k <= 1 + n_rs_seq`` where ``new[d]`` is the state ``d``
+        tokens before the end (the rollback snapshots)."""
+        self._store(0, il, new)
+
+    def store_s(self, il: int, new: np.ndarray) -> None:
+        """Write the new s states; shapes as :meth:`store_r`."""
+        self._store(1, il, new)
+
+    def _gather(self, kind: int, il: int) -> np.ndarray:
+        layer, _ = self._memory._array_slot(kind, il)
+        key = 2 * layer + kind
+        out = self._gathered.get(key)
+        if out is None:
+            staging = self._memory._staging_for(kind, layer, il)
+            n_seqs = self._ctx.n_seqs
+            self._ctx.gather(kind, layer, staging)
+            out = staging[:n_seqs]
+            self._gathered[key] = out
+        return out
+
+    def _store(self, kind: int, il: int, new) -> None:
+        layer, dtype = self._memory._array_slot(kind, il)
+        if not isinstance(new, np.ndarray):
+            raise TypeError(f"new {'rs'[kind]} states must be a numpy array, not {type(new).__name__}")
+        if new.dtype != dtype:
+            raise TypeError(f"new {'rs'[kind]} states of layer {il} must be {dtype}, not {new.dtype}")
+        self._ctx.store(kind, layer, new, self._memory.n_rs_seq + 1)
