@@ -207,9 +207,6 @@ class KVCache(Memory):
         """Whether V is stored transposed (``[n_stream, n_embd_v_max, kv_size]``)."""
         return self._vt
 
-    def _core_v_trans(self) -> bool:
-        return self._vt
-
     def _n_embd_v(self, il: int) -> int:
         return self._ev[self._layer(il)]
 
@@ -403,7 +400,7 @@ class KVCacheContext(MemoryContext):
         token-major (length ``n_tokens * n_embd_v_max``)."""
         k = self.k_idxs()
         c = self._cache
-        if not c._core_v_trans():
+        if not c._vt:
             return k
         size, e = c.size, c._core.n_embd_v_max
         strm, cell = k // size, k % size
@@ -435,7 +432,7 @@ class KVCacheContext(MemoryContext):
         idx = self.k_idxs()
         ne = c._n_embd_v(il)
         vals = _to_storage(_rows(v_cur, len(idx), ne, "v_cur"), c._type_v, "v_cur")
-        if c._core_v_trans():
+        if c._vt:
             vals = np.ascontiguousarray(vals, dtype=V.dtype)
             _core.kv_scatter_v_trans(V, vals, idx, c.size, V.shape[0])
         else:
@@ -454,7 +451,7 @@ class KVCacheContext(MemoryContext):
         """View of V over the first ``n_kv`` cells (``[ns, n_embd_v_max, n_kv]`` when ``v_trans``)."""
         V = self._cache.v(il)
         s = self._streams()
-        if self._cache._core_v_trans():
+        if self._cache._vt:
             return V[s, :, :self.n_kv]
         return V[s, :self.n_kv]
 
