@@ -5,11 +5,16 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <numeric>
 #include <stdexcept>
 #include <string>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace llmem {
 
@@ -171,58 +176,115 @@ const float * f16_table() {
     return table.data();
 }
 
-template <int32_t TYPE>
-inline float load_as(const uint8_t * p) {
-    if constexpr (TYPE == int32_t(kv_type::F32)) {
-        float f;
-        std::memcpy(&f, p, 4);
-        return f;
-    } else {
-        uint16_t h;
-        std::memcpy(&h, p, 2);
-        if constexpr (TYPE == int32_t(kv_type::F16)) {
-            return f16_table()[h];
+#if defined(__x86_64__) && defined(__GNUC__)
+// Hardware half conversion (F16C), used when the CPU has it; same rounding (nearest even).
+__attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const uint16_t * src, float * dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
+    }
+    for (; i < n; ++i) {
+        dst[i] = f16_table()[src[i]];
+    }
+}
+
+__attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float * src, uint16_t * dst, size_t n) {
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < n; ++i) {
+        dst[i] = f32_to_f16(src[i]);
+    }
+}
+
+const bool has_f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+#else
+const bool has_f16c = false;
+#endif
+
+// n elements of a row (any supported type) as floats, and back.
+void row_to_f32(const uint8_t * src, int32_t type, float * dst, size_t n) {
+    if (type == int32_t(kv_type::F32)) {
+        std::memcpy(dst, src, n * 4);
+        return;
+    }
+    uint16_t tmp[256];  // copied in bytewise first (no alignment assumption)
+    for (size_t i0 = 0; i0 < n; i0 += 256) {
+        const size_t m = std::min<size_t>(256, n - i0);
+        std::memcpy(tmp, src + i0 * 2, m * 2);
+        if (type == int32_t(kv_type::F16)) {
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (has_f16c) {
+                f16_to_f32_f16c(tmp, dst + i0, m);
+                continue;
+            }
+#endif
+            const float * table = f16_table();
+            for (size_t i = 0; i < m; ++i) {
+                dst[i0 + i] = table[tmp[i]];
+            }
         } else {
-            return bf16_to_f32(h);
+            for (size_t i = 0; i < m; ++i) {
+                dst[i0 + i] = bf16_to_f32(tmp[i]);
+            }
         }
     }
 }
 
-template <int32_t TYPE>
-inline void store_as(uint8_t * p, float f) {
-    if constexpr (TYPE == int32_t(kv_type::F32)) {
-        std::memcpy(p, &f, 4);
-    } else {
-        const uint16_t h = TYPE == int32_t(kv_type::F16) ? f32_to_f16(f) : f32_to_bf16(f);
-        std::memcpy(p, &h, 2);
+void row_from_f32(const float * src, int32_t type, uint8_t * dst, size_t n) {
+    if (type == int32_t(kv_type::F32)) {
+        std::memcpy(dst, src, n * 4);
+        return;
     }
-}
-
-template <int32_t TYPE>
-void rotate_row_as(uint8_t * row, uint32_t n_embd, const rope_params & r, const float * cs, const float * sn) {
-    constexpr size_t es     = TYPE == int32_t(kv_type::F32) ? 4 : 2;
-    const uint32_t   n_head = n_embd / r.head_dim;
-    const uint32_t   half   = r.n_rot / 2;
-    for (uint32_t h = 0; h < n_head; ++h) {
-        uint8_t * base = row + size_t(h) * r.head_dim * es;
-        for (uint32_t k = 0; k < half; ++k) {
-            const uint32_t ia = r.neox ? k : 2 * k;
-            const uint32_t ib = r.neox ? k + half : 2 * k + 1;
-            const float    a  = load_as<TYPE>(base + ia * es);
-            const float    b  = load_as<TYPE>(base + ib * es);
-            store_as<TYPE>(base + ia * es, a * cs[k] - b * sn[k]);
-            store_as<TYPE>(base + ib * es, a * sn[k] + b * cs[k]);
+    uint16_t tmp[256];  // converted in chunks, copied out bytewise (no alignment assumption)
+    for (size_t i0 = 0; i0 < n; i0 += 256) {
+        const size_t m = std::min<size_t>(256, n - i0);
+        if (type == int32_t(kv_type::F16)) {
+#if defined(__x86_64__) && defined(__GNUC__)
+            if (has_f16c) {
+                f32_to_f16_f16c(src + i0, tmp, m);
+                std::memcpy(dst + i0 * 2, tmp, m * 2);
+                continue;
+            }
+#endif
+            for (size_t i = 0; i < m; ++i) {
+                tmp[i] = f32_to_f16(src[i0 + i]);
+            }
+        } else {
+            for (size_t i = 0; i < m; ++i) {
+                tmp[i] = f32_to_bf16(src[i0 + i]);
+            }
         }
+        std::memcpy(dst + i0 * 2, tmp, m * 2);
     }
 }
 
-// Rotate the RoPE part of every head of one K row in place.
+// Rotate the RoPE part (the first n_rot elements) of every head of one K row in place:
+// convert the slice to float, rotate, convert back.
 void rotate_row(uint8_t * row, int32_t type, uint32_t n_embd, const rope_params & r, const std::vector<float> & cs,
-                const std::vector<float> & sn) {
-    switch (type) {
-        case int32_t(kv_type::F32):  rotate_row_as<int32_t(kv_type::F32)>(row, n_embd, r, cs.data(), sn.data()); break;
-        case int32_t(kv_type::F16):  rotate_row_as<int32_t(kv_type::F16)>(row, n_embd, r, cs.data(), sn.data()); break;
-        default:                     rotate_row_as<int32_t(kv_type::BF16)>(row, n_embd, r, cs.data(), sn.data()); break;
+                const std::vector<float> & sn, std::vector<float> & buf) {
+    const size_t   es       = kv_type_size(type);
+    const uint32_t head_dim = r.head_dim;
+    const uint32_t half     = r.n_rot / 2;
+    const uint32_t n_head   = n_embd / head_dim;
+    const bool     neox     = r.neox;
+    buf.resize(r.n_rot);
+    float *       x = buf.data();
+    const float * c = cs.data();
+    const float * z = sn.data();
+    for (uint32_t h = 0; h < n_head; ++h) {
+        uint8_t * base = row + size_t(h) * head_dim * es;
+        row_to_f32(base, type, x, r.n_rot);
+        for (uint32_t k = 0; k < half; ++k) {
+            const uint32_t ia = neox ? k : 2 * k;
+            const uint32_t ib = neox ? k + half : 2 * k + 1;
+            const float    a = x[ia], b = x[ib];
+            x[ia]            = a * c[k] - b * z[k];
+            x[ib]            = a * z[k] + b * c[k];
+        }
+        row_from_f32(x, type, base, r.n_rot);
     }
 }
 
@@ -954,7 +1016,7 @@ void kv_cache::apply_k_shift() {
     const auto & r = p_.rope;
     int32_t      last_delta = 0;
     bool         have_table = false;
-    std::vector<float> cs, sn;
+    std::vector<float> cs, sn, buf;
     for (uint32_t s = 0; s < n_stream_; ++s) {
         const kv_cells & T = cells_[s];
         for (uint32_t i = T.next_used(0); i < p_.kv_size; i = T.next_used(i + 1)) {
@@ -969,7 +1031,7 @@ void kv_cache::apply_k_shift() {
             }
             for (uint32_t l = 0; l < n_layer(); ++l) {
                 if (uint8_t * row = k_row_mut(l, s, i)) {
-                    rotate_row(row, p_.type_k, p_.n_embd_k[l], r, cs, sn);
+                    rotate_row(row, p_.type_k, p_.n_embd_k[l], r, cs, sn, buf);
                 }
             }
         }
@@ -1029,7 +1091,7 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
     const bool rotate = p_.rope.enabled && get_can_shift();
     std::vector<uint32_t> sel;
     std::vector<uint8_t>  tmp;
-    std::vector<float>    cs, sn;
+    std::vector<float>    cs, sn, buf;
 
     put<uint32_t>(out, n_stream_);
     for (uint32_t s = 0; s < n_stream_; ++s) {
@@ -1088,7 +1150,7 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
                         // A pending shift is saved as if applied: the positions written are
                         // the shifted ones, so the K rows must match them.
                         rope_tables(p_.rope, d, cs, sn);
-                        rotate_row(out.data() + at, p_.type_k, p_.n_embd_k[l], p_.rope, cs, sn);
+                        rotate_row(out.data() + at, p_.type_k, p_.n_embd_k[l], p_.rope, cs, sn, buf);
                     }
                 }
             }
