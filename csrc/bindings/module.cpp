@@ -8,4 +8,5 @@ PYBIND11_MODULE(_core, m) {
     llmem::bind::register_status(m);
     llmem::bind::register_batch(m);
     llmem::bind::register_recurrent(m);
+    llmem::bind::register_kv_cache(m);
 }

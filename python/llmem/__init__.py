@@ -16,6 +16,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StateError
+from .kv_cache import KVCache, KVCacheISWA, Rope
 from .memory import Memory, MemoryContext
 from .recurrent import RecurrentContext, RecurrentMemory
 from .status import Status, SWAType, status_combine, status_is_fail
@@ -26,11 +27,14 @@ __all__ = [
     "Batch",
     "BatchAllocator",
     "BatchError",
+    "KVCache",
+    "KVCacheISWA",
     "LlmemError",
     "Memory",
     "MemoryContext",
     "RecurrentContext",
     "RecurrentMemory",
+    "Rope",
     "StateError",
     "Status",
     "SWAType",

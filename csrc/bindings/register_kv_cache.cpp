@@ -1,0 +1,426 @@
+#include "pybind.h"
+
+#include "llmem/batch.h"
+#include "llmem/errors.h"
+#include "llmem/kv_cache.h"
+
+#include <limits>
+#include <string>
+
+namespace llmem::bind {
+
+namespace {
+
+int32_t to_i32(int64_t v, const char * name) {
+    if (v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
+        throw std::invalid_argument(std::string(name) + " = " + std::to_string(v) + " does not fit in int32");
+    }
+    return int32_t(v);
+}
+
+std::vector<uint32_t> to_u32_list(const std::vector<int64_t> & v, const char * name) {
+    std::vector<uint32_t> out;
+    for (int64_t x : v) {
+        out.push_back(to_count(x, name));
+    }
+    return out;
+}
+
+rope_params rope_from(py::handle obj) {
+    rope_params r;
+    if (obj.is_none()) {
+        return r;
+    }
+    auto get = [&](const char * key, py::object dflt) -> py::object {
+        return py::hasattr(obj, key) ? obj.attr(key) : dflt;
+    };
+    r.enabled     = true;
+    r.n_rot       = to_count(get("n_rot", py::int_(0)).cast<int64_t>(), "rope.n_rot");
+    py::object hd = get("head_dim", py::none());
+    r.head_dim    = hd.is_none() ? r.n_rot : to_count(hd.cast<int64_t>(), "rope.head_dim");
+    r.neox        = get("neox", py::bool_(false)).cast<bool>();
+    r.freq_base   = get("freq_base", py::float_(10000.0)).cast<float>();
+    r.freq_scale  = get("freq_scale", py::float_(1.0)).cast<float>();
+    r.ext_factor  = get("ext_factor", py::float_(0.0)).cast<float>();
+    r.attn_factor = get("attn_factor", py::float_(1.0)).cast<float>();
+    r.beta_fast   = get("beta_fast", py::float_(32.0)).cast<float>();
+    r.beta_slow   = get("beta_slow", py::float_(1.0)).cast<float>();
+    r.n_ctx_orig  = to_count(get("n_ctx_orig", py::int_(0)).cast<int64_t>(), "rope.n_ctx_orig");
+    return r;
+}
+
+// A C-contiguous, writeable numpy array of exactly `nbytes` bytes: its data pointer.
+uint8_t * buffer_ptr(py::handle obj, size_t nbytes, const char * name) {
+    if (!py::isinstance<py::array>(obj)) {
+        throw py::type_error(std::string(name) + " must be a numpy array");
+    }
+    py::array a = py::reinterpret_borrow<py::array>(obj);
+    if (!(a.flags() & py::array::c_style)) {
+        throw std::invalid_argument(std::string(name) + " must be C-contiguous");
+    }
+    if (!a.writeable()) {
+        throw std::invalid_argument(std::string(name) + " must be writeable");
+    }
+    if (size_t(a.nbytes()) != nbytes) {
+        throw std::invalid_argument(std::string(name) + " has " + std::to_string(a.nbytes()) + " bytes, expected " +
+                                    std::to_string(nbytes));
+    }
+    return static_cast<uint8_t *>(a.mutable_data());
+}
+
+// Read-only bytes of any contiguous buffer (bytes, bytearray, memoryview, numpy uint8).
+struct byte_view {
+    Py_buffer view{};
+    explicit byte_view(py::handle obj) {
+        if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_SIMPLE) != 0) {
+            PyErr_Clear();
+            throw py::type_error("state data must be a contiguous bytes-like object");
+        }
+    }
+    ~byte_view() { PyBuffer_Release(&view); }
+    const uint8_t * data() const { return static_cast<const uint8_t *>(view.buf); }
+    size_t          size() const { return size_t(view.len); }
+};
+
+std::vector<int64_t> k_idxs_of(const kv_cache & c, const slot_info & s) {
+    std::vector<int64_t> out(s.idxs.size());
+    const uint32_t       n = s.n_per_group;
+    for (size_t t = 0; t < s.idxs.size(); ++t) {
+        const uint32_t g = n ? uint32_t(t / n) : 0;
+        out[t]           = int64_t(s.strm[g]) * c.size() + s.idxs[t];
+    }
+    return out;
+}
+
+const kv_context & ready(const kv_context & ctx) {
+    if (ctx.status() != memory_status::SUCCESS || !ctx.cache()) {
+        throw llmem::error("this KV context failed to prepare: it has no micro-batches");
+    }
+    return ctx;
+}
+
+py::tuple pair_to_tuple(std::pair<kv_context, kv_context> && p) {
+    return py::make_tuple(py::cast(std::move(p.first)), py::cast(std::move(p.second)));
+}
+
+} // namespace
+
+void register_kv_cache(py::module_ & m) {
+    py::class_<kv_cache, llmem::seq_pos_source>(m, "KVCache", R"doc(
+The compiled KV cache (cells, slot search, sequence operations, masks, state bytes). The K/V bytes
+live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which owns them.
+)doc")
+        .def(py::init([](int64_t kv_size, int64_t n_seq_max, bool unified, int64_t n_pad, int64_t n_swa,
+                         int32_t swa, int64_t n_pos_per_embd, int32_t type_k, int32_t type_v, bool v_trans,
+                         std::vector<int32_t> layer_il, std::vector<int64_t> n_embd_k,
+                         std::vector<int64_t> n_embd_v, int64_t n_embd_v_max, py::object rope) {
+                 kv_cache_params p;
+                 p.kv_size        = to_count(kv_size, "kv_size");
+                 p.n_seq_max      = to_i32(n_seq_max, "n_seq_max");
+                 p.unified        = unified;
+                 p.n_pad          = to_count(n_pad, "n_pad");
+                 p.n_swa          = to_count(n_swa, "n_swa");
+                 if (swa < 0 || swa > 3) {
+                     throw std::invalid_argument("swa_type must be 0..3, got " + std::to_string(swa));
+                 }
+                 p.swa            = swa_type(swa);
+                 p.n_pos_per_embd = to_count(n_pos_per_embd, "n_pos_per_embd");
+                 p.type_k         = type_k;
+                 p.type_v         = type_v;
+                 p.v_trans        = v_trans;
+                 p.layer_il       = std::move(layer_il);
+                 p.n_embd_k       = to_u32_list(n_embd_k, "n_embd_k");
+                 p.n_embd_v       = to_u32_list(n_embd_v, "n_embd_v");
+                 p.n_embd_v_max   = to_count(n_embd_v_max, "n_embd_v_max");
+                 p.rope           = rope_from(rope);
+                 return new kv_cache(p);
+             }),
+             py::arg("kv_size"), py::arg("n_seq_max") = 1, py::arg("unified") = true, py::arg("n_pad") = 1,
+             py::arg("n_swa") = 0, py::arg("swa_type") = 0, py::arg("n_pos_per_embd") = 1,
+             py::arg("type_k") = 1, py::arg("type_v") = 1, py::arg("v_trans") = true,
+             py::arg("layer_il") = std::vector<int32_t>{}, py::arg("n_embd_k") = std::vector<int64_t>{},
+             py::arg("n_embd_v") = std::vector<int64_t>{}, py::arg("n_embd_v_max") = 0,
+             py::arg("rope") = py::none())
+        .def_property_readonly("size", &kv_cache::size)
+        .def_property_readonly("n_stream", &kv_cache::n_stream)
+        .def_property_readonly("n_seq_max", &kv_cache::n_seq_max)
+        .def_property_readonly("n_seq_ids", &kv_cache::n_seq_ids)
+        .def_property_readonly("n_layer", &kv_cache::n_layer)
+        .def_property_readonly("used", &kv_cache::used_count)
+        .def_property_readonly("n_embd_v_max", [](const kv_cache & c) { return c.params().n_embd_v_max; })
+        .def_property_readonly("pending_copies", [](const kv_cache & c) { return c.pending_copies().size(); })
+        .def("head", [](const kv_cache & c, int64_t s) { return c.head(to_count(s, "stream")); }, py::arg("stream") = 0)
+        .def("k_buffer_bytes", &kv_cache::k_buffer_bytes, py::arg("layer"))
+        .def("v_buffer_bytes", &kv_cache::v_buffer_bytes, py::arg("layer"))
+        .def("total_bytes", &kv_cache::total_bytes)
+        .def("set_layer_buffers",
+             [](kv_cache & c, int64_t l, py::handle k, py::handle v) {
+                 const uint32_t layer = to_count(l, "layer");
+                 if (layer >= c.n_layer()) {
+                     throw std::invalid_argument("layer " + std::to_string(layer) + " out of range");
+                 }
+                 c.set_layer_buffers(layer, buffer_ptr(k, c.k_buffer_bytes(layer), "k"),
+                                     buffer_ptr(v, c.v_buffer_bytes(layer), "v"));
+             },
+             py::arg("layer"), py::arg("k"), py::arg("v"), py::keep_alive<1, 3>(), py::keep_alive<1, 4>(),
+             "Register the K and V arrays of cache layer `layer` (kept alive by the cache).")
+        // sequence operations
+        .def("clear", &kv_cache::clear, py::arg("data") = true, py::call_guard<py::gil_scoped_release>())
+        .def("seq_rm",
+             [](kv_cache & c, int64_t s, int64_t p0, int64_t p1) {
+                 const int32_t a = to_i32(s, "seq_id"), b = to_i32(p0, "p0"), e = to_i32(p1, "p1");
+                 py::gil_scoped_release r;
+                 return c.seq_rm(a, b, e);
+             },
+             py::arg("seq_id"), py::arg("p0") = -1, py::arg("p1") = -1)
+        .def("seq_cp",
+             [](kv_cache & c, int64_t s, int64_t d, int64_t p0, int64_t p1) {
+                 const int32_t a = to_i32(s, "seq_id_src"), b = to_i32(d, "seq_id_dst");
+                 const int32_t x = to_i32(p0, "p0"), y = to_i32(p1, "p1");
+                 py::gil_scoped_release r;
+                 c.seq_cp(a, b, x, y);
+             },
+             py::arg("seq_id_src"), py::arg("seq_id_dst"), py::arg("p0") = -1, py::arg("p1") = -1)
+        .def("seq_keep",
+             [](kv_cache & c, int64_t s) {
+                 const int32_t a = to_i32(s, "seq_id");
+                 py::gil_scoped_release r;
+                 c.seq_keep(a);
+             },
+             py::arg("seq_id"))
+        .def("seq_add",
+             [](kv_cache & c, int64_t s, int64_t p0, int64_t p1, int64_t d) {
+                 const int32_t a = to_i32(s, "seq_id"), x = to_i32(p0, "p0"), y = to_i32(p1, "p1");
+                 const int32_t z = to_i32(d, "shift");
+                 py::gil_scoped_release r;
+                 c.seq_add(a, x, y, z);
+             },
+             py::arg("seq_id"), py::arg("p0"), py::arg("p1"), py::arg("shift"))
+        .def("seq_div",
+             [](kv_cache & c, int64_t s, int64_t p0, int64_t p1, int64_t d) {
+                 const int32_t a = to_i32(s, "seq_id"), x = to_i32(p0, "p0"), y = to_i32(p1, "p1");
+                 const int32_t z = to_i32(d, "d");
+                 py::gil_scoped_release r;
+                 c.seq_div(a, x, y, z);
+             },
+             py::arg("seq_id"), py::arg("p0"), py::arg("p1"), py::arg("d"))
+        .def("seq_pos_min", [](const kv_cache & c, int64_t s) { return c.seq_pos_min(to_i32(s, "seq_id")); },
+             py::arg("seq_id"))
+        .def("seq_pos_max", [](const kv_cache & c, int64_t s) { return c.seq_pos_max(to_i32(s, "seq_id")); },
+             py::arg("seq_id"))
+        .def("get_can_shift", &kv_cache::get_can_shift)
+        .def("get_has_shift", &kv_cache::get_has_shift)
+        .def("update_pending", &kv_cache::update_pending)
+        .def("update", &kv_cache::update, py::call_guard<py::gil_scoped_release>(),
+             "Run pending stream copies and the K-shift on the registered K buffers.")
+        // placement
+        .def("init_batch",
+             [](kv_cache & c, batch_allocr & b, int64_t n_ubatch) {
+                 const uint32_t n = to_count(n_ubatch, "n_ubatch");
+                 if (n == 0) {
+                     throw std::invalid_argument("n_ubatch must be positive");
+                 }
+                 py::gil_scoped_release r;
+                 return kv_init_batch(c, b, n);
+             },
+             py::arg("balloc"), py::arg("n_ubatch"), py::keep_alive<0, 1>())
+        .def("init_full", [](kv_cache & c) { return kv_context::full(c); }, py::keep_alive<0, 1>())
+        .def("find_slot",
+             [](const kv_cache & c, const ubatch & ub, bool cont) -> py::object {
+                 if (ub.empty()) {
+                     throw std::invalid_argument("cannot place an empty ubatch");
+                 }
+                 slot_info s;
+                 if (!c.find_slot(ub, cont, s)) {
+                     return py::none();
+                 }
+                 return py::cast(s.idxs);
+             },
+             py::arg("ubatch"), py::arg("cont") = false,
+             "Cells the ubatch would take (None: no room); changes nothing.")
+        .def("cells",
+             [](const kv_cache & c, int64_t stream) {
+                 const uint32_t s = to_count(stream, "stream");
+                 if (s >= c.n_stream()) {
+                     throw std::invalid_argument("stream " + std::to_string(s) + " out of range");
+                 }
+                 const kv_cells &     T = c.cells(s);
+                 py::array_t<int32_t> pos(T.size()), shift(T.size()), n_seq(T.size());
+                 std::vector<int32_t> ids;
+                 auto                 P = pos.mutable_unchecked<1>(), S = shift.mutable_unchecked<1>();
+                 auto                 N = n_seq.mutable_unchecked<1>();
+                 for (uint32_t i = 0; i < T.size(); ++i) {
+                     P(i)                  = T.pos_get(i);
+                     S(i)                  = T.shift_get(i);
+                     uint32_t        n     = 0;
+                     const int32_t * l     = T.seq_list(i, n);
+                     N(i)                  = int32_t(n);
+                     ids.insert(ids.end(), l, l + n);
+                 }
+                 py::array_t<int32_t> seq_ids(py::ssize_t(ids.size()));
+                 std::copy(ids.begin(), ids.end(), seq_ids.mutable_data());
+                 py::dict d;
+                 d["pos"]     = pos;
+                 d["shift"]   = shift;
+                 d["n_seq"]   = n_seq;
+                 d["seq_ids"] = seq_ids;
+                 d["head"]    = c.head(s);
+                 d["used"]    = T.used_count();
+                 return d;
+             },
+             py::arg("stream") = 0,
+             "Copy of one stream's cells: pos, shift, n_seq (per cell) and seq_ids (concatenated).")
+        .def("check_invariants",
+             [](const kv_cache & c) {
+                 for (uint32_t s = 0; s < c.n_stream(); ++s) {
+                     if (!c.cells(s).check_invariants()) {
+                         return false;
+                     }
+                 }
+                 return true;
+             })
+        // state
+        .def("state_write",
+             [](const kv_cache & c, int64_t seq) {
+                 const int32_t        s = to_i32(seq, "seq_id");
+                 std::vector<uint8_t> out;
+                 {
+                     py::gil_scoped_release r;
+                     c.state_write(out, s);
+                 }
+                 return py::bytes(reinterpret_cast<const char *>(out.data()), out.size());
+             },
+             py::arg("seq_id") = -1)
+        .def("state_clear", [](kv_cache & c, int64_t seq) { c.state_clear(to_i32(seq, "seq_id")); },
+             py::arg("seq_id"));
+
+    py::class_<kv_context>(m, "KVContext", "A prepared plan of micro-batches for one KV cache.")
+        .def_property_readonly("status", &kv_context::status)
+        .def("next", &kv_context::next)
+        .def("apply", &kv_context::apply, py::call_guard<py::gil_scoped_release>())
+        .def_property_readonly("n_kv", &kv_context::n_kv)
+        .def_property_readonly("n_ubatches", &kv_context::n_ubatches)
+        .def_property_readonly("i_cur", &kv_context::i_cur)
+        .def_property_readonly("has_ubatch", &kv_context::has_ubatch)
+        .def_property_readonly("ubatch", [](const kv_context & ctx) { return ready(ctx).get_ubatch(); })
+        .def_property_readonly("head",
+                               [](const kv_context & ctx) {
+                                   const slot_info & s = ready(ctx).get_slot();
+                                   return s.idxs.empty() ? 0u : s.idxs[0];
+                               })
+        .def_property_readonly("s0", [](const kv_context & ctx) { return ready(ctx).get_slot().s0(); })
+        .def_property_readonly("s1", [](const kv_context & ctx) { return ready(ctx).get_slot().s1(); })
+        .def("slot_streams", [](const kv_context & ctx) { return ready(ctx).get_slot().strm; })
+        .def("slot_cells",
+             [](const kv_context & ctx) {
+                 const auto & s = ready(ctx).get_slot();
+                 py::array_t<uint32_t> a(py::ssize_t(s.idxs.size()));
+                 std::copy(s.idxs.begin(), s.idxs.end(), a.mutable_data());
+                 return a;
+             })
+        .def("k_idxs",
+             [](const kv_context & ctx) {
+                 const auto &        c = *ready(ctx).cache();
+                 auto                v = k_idxs_of(c, ctx.get_slot());
+                 py::array_t<int64_t> a(py::ssize_t(v.size()));
+                 std::copy(v.begin(), v.end(), a.mutable_data());
+                 return a;
+             },
+             "Global row of each token in the stacked [n_stream * kv_size] K rows.")
+        .def("kq_mask",
+             [](const kv_context & ctx, bool causal) {
+                 const auto &       c  = *ready(ctx).cache();
+                 const ubatch &     ub = ctx.get_ubatch();
+                 const uint32_t     nk = ctx.n_kv();
+                 if (nk == 0) {
+                     throw llmem::error("kq_mask needs apply() first (n_kv is 0)");
+                 }
+                 py::array_t<float> a({ py::ssize_t(ub.n_tokens), py::ssize_t(nk) });
+                 float *            out = a.mutable_data();
+                 {
+                     py::gil_scoped_release r;
+                     c.kq_mask(ctx.get_slot(), ub, nk, causal, out);
+                 }
+                 return a;
+             },
+             py::arg("causal") = true)
+        .def("kq_cells",
+             [](const kv_context & ctx, bool causal) {
+                 const auto &         c  = *ready(ctx).cache();
+                 const ubatch &       ub = ctx.get_ubatch();
+                 std::vector<int64_t> offs;
+                 std::vector<int32_t> cells;
+                 {
+                     py::gil_scoped_release r;
+                     c.kq_cells(ctx.get_slot(), ub, ctx.n_kv(), causal, offs, cells);
+                 }
+                 py::array_t<int64_t> o(py::ssize_t(offs.size()));
+                 std::copy(offs.begin(), offs.end(), o.mutable_data());
+                 py::array_t<int32_t> k(py::ssize_t(cells.size()));
+                 std::copy(cells.begin(), cells.end(), k.mutable_data());
+                 return py::make_tuple(o, k);
+             },
+             py::arg("causal") = true);
+
+    m.def("kv_iswa_init_batch",
+          [](kv_cache & base, kv_cache & swa, batch_allocr & b, int64_t n_ubatch) {
+              const uint32_t n = to_count(n_ubatch, "n_ubatch");
+              if (n == 0) {
+                  throw std::invalid_argument("n_ubatch must be positive");
+              }
+              std::pair<kv_context, kv_context> p{ kv_context(memory_status::FAILED_PREPARE),
+                                                   kv_context(memory_status::FAILED_PREPARE) };
+              {
+                  py::gil_scoped_release r;
+                  p = kv_iswa_init_batch(base, swa, b, n);
+              }
+              py::object keep_base = py::cast(&base, py::return_value_policy::reference);
+              py::object keep_swa  = py::cast(&swa, py::return_value_policy::reference);
+              py::object a = py::cast(std::move(p.first));
+              py::object z = py::cast(std::move(p.second));
+              py::detail::keep_alive_impl(a, keep_base);
+              py::detail::keep_alive_impl(z, keep_swa);
+              return py::make_tuple(a, z);
+          },
+          py::arg("base"), py::arg("swa"), py::arg("balloc"), py::arg("n_ubatch"),
+          "init_batch of an iSWA pair: (base context, swa context).");
+
+    m.def("kv_state_read",
+          [](std::vector<kv_cache *> caches, py::handle data, int64_t seq) {
+              const int32_t s = to_i32(seq, "seq_id");
+              byte_view     bv(data);
+              for (kv_cache * c : caches) {
+                  if (c == nullptr) {
+                      throw py::type_error("caches must be KVCache objects");
+                  }
+              }
+              py::gil_scoped_release r;
+              kv_state_read_all(caches, bv.data(), bv.size(), 0, s, true);
+          },
+          py::arg("caches"), py::arg("data"), py::arg("seq_id") = -1,
+          "Read consecutive KV sections into the caches, all or nothing (StateError on failure).");
+
+    m.def("kv_state_read_partial",
+          [](std::vector<kv_cache *> caches, py::handle data, int64_t offset, int64_t seq) {
+              const int32_t s = to_i32(seq, "seq_id");
+              byte_view     bv(data);
+              if (offset < 0 || size_t(offset) > bv.size()) {
+                  throw std::invalid_argument("offset out of range");
+              }
+              py::gil_scoped_release r;
+              return kv_state_read_all(caches, bv.data(), bv.size(), size_t(offset), s, false);
+          },
+          py::arg("caches"), py::arg("data"), py::arg("offset"), py::arg("seq_id") = -1,
+          "As kv_state_read from `offset`, allowing bytes after the sections; returns the end offset.");
+
+    m.def("kv_is_masked_swa",
+          [](int64_t n_swa, int32_t type, int64_t p0, int64_t p1) {
+              if (type < 0 || type > 3) {
+                  throw std::invalid_argument("swa_type must be 0..3");
+              }
+              return is_masked_swa(to_count(n_swa, "n_swa"), swa_type(type), to_i32(p0, "p0"), to_i32(p1, "p1"));
+          },
+          py::arg("n_swa"), py::arg("swa_type"), py::arg("p0"), py::arg("p1"));
+}
+
+} // namespace llmem::bind

@@ -1,0 +1,1497 @@
+#include "llmem/kv_cache.h"
+
+#include "llmem/batch.h"
+#include "llmem/errors.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+namespace llmem {
+
+// -- free helpers -------------------------------------------------------------------------------
+
+size_t kv_type_size(int32_t type) {
+    switch (type) {
+        case int32_t(kv_type::F32):  return 4;
+        case int32_t(kv_type::F16):  return 2;
+        case int32_t(kv_type::BF16): return 2;
+        default: break;
+    }
+    throw std::invalid_argument("unsupported K/V type id " + std::to_string(type) +
+                                " (llmem stores f32 = 0, f16 = 1, bf16 = 30)");
+}
+
+bool is_masked_swa(uint32_t n_swa, swa_type type, int32_t p0, int32_t p1) {
+    switch (type) {
+        case swa_type::NONE:
+            return false;
+        case swa_type::STANDARD:
+            return int64_t(p1) - int64_t(p0) >= int64_t(n_swa);
+        case swa_type::CHUNKED: {
+            const int64_t chunk_start = (int64_t(p1) / n_swa) * n_swa;
+            return int64_t(p0) < chunk_start;
+        }
+        case swa_type::SYMMETRIC: {
+            const int64_t half = int64_t(n_swa / 2);
+            const int64_t d    = int64_t(p1) - int64_t(p0);
+            return (d < 0 ? -d : d) > half;
+        }
+    }
+    return false;
+}
+
+float f16_to_f32(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+    uint32_t       exp  = (h >> 10) & 0x1fu;
+    uint32_t       mant = h & 0x3ffu;
+    uint32_t       bits;
+    if (exp == 0) {
+        if (mant == 0) {
+            bits = sign;
+        } else {
+            int32_t e = 1;
+            while (!(mant & 0x400u)) {
+                mant <<= 1;
+                --e;
+            }
+            mant &= 0x3ffu;
+            bits = sign | (uint32_t(e + 127 - 15) << 23) | (mant << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (mant << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    uint32_t       mant = x & 0x7fffffu;
+    const int32_t  exp  = int32_t((x >> 23) & 0xffu);
+    if (exp == 255) {
+        return uint16_t(sign | 0x7c00u | (mant ? 0x200u : 0u));
+    }
+    const int32_t e = exp - 127 + 15;
+    if (e >= 31) {
+        return uint16_t(sign | 0x7c00u);
+    }
+    if (e <= 0) {
+        if (e < -10) {
+            return uint16_t(sign);
+        }
+        mant |= 0x800000u;
+        const uint32_t shift = uint32_t(14 - e);
+        uint32_t       h     = mant >> shift;
+        const uint32_t rem   = mant & ((1u << shift) - 1);
+        const uint32_t half  = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1u))) {
+            ++h;
+        }
+        return uint16_t(sign | h);
+    }
+    uint32_t       h   = (uint32_t(e) << 10) | (mant >> 13);
+    const uint32_t rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) {
+        ++h;  // a carry into the exponent is the correct rounding
+    }
+    return uint16_t(sign | h);
+}
+
+float bf16_to_f32(uint16_t h) {
+    const uint32_t bits = uint32_t(h) << 16;
+    float          f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        return uint16_t((x >> 16) | 0x40u);
+    }
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return uint16_t(x >> 16);
+}
+
+uint32_t slot_info::s0() const {
+    return strm.empty() ? 0 : *std::min_element(strm.begin(), strm.end());
+}
+
+uint32_t slot_info::s1() const {
+    return strm.empty() ? 0 : *std::max_element(strm.begin(), strm.end());
+}
+
+namespace {
+
+[[noreturn]] void bad_arg(const std::string & msg) {
+    throw std::invalid_argument(msg);
+}
+
+// Cos/sin of each rotated pair for a rotation by `delta` positions (ggml's rope, incl. YaRN).
+void rope_tables(const rope_params & r, int32_t delta, std::vector<float> & cs, std::vector<float> & sn) {
+    const uint32_t half = r.n_rot / 2;
+    cs.resize(half);
+    sn.resize(half);
+    const double theta_scale = std::pow(double(r.freq_base), -2.0 / double(r.n_rot));
+    double       low = 0.0, high = 0.0;
+    if (r.ext_factor != 0.0f) {
+        auto dim = [&](double rot) {
+            return double(r.n_rot) * std::log(double(r.n_ctx_orig) / (rot * 2.0 * M_PI)) /
+                   (2.0 * std::log(double(r.freq_base)));
+        };
+        low  = std::max(0.0, std::floor(dim(r.beta_fast)));
+        high = std::min(double(r.n_rot) - 1.0, std::ceil(dim(r.beta_slow)));
+    }
+    for (uint32_t k = 0; k < half; ++k) {
+        const double extrap = double(delta) * std::pow(theta_scale, double(k));
+        const double interp = double(r.freq_scale) * extrap;
+        double       theta  = interp;
+        double       m      = r.attn_factor;
+        if (r.ext_factor != 0.0f) {
+            const double y    = (double(k) - low) / std::max(0.001, high - low);
+            const double ramp = 1.0 - std::min(1.0, std::max(0.0, y));
+            const double mix  = ramp * r.ext_factor;
+            theta             = interp * (1.0 - mix) + extrap * mix;
+            m *= 1.0 + 0.1 * std::log(1.0 / r.freq_scale);
+        }
+        cs[k] = float(std::cos(theta) * m);
+        sn[k] = float(std::sin(theta) * m);
+    }
+}
+
+inline float load_elem(const uint8_t * p, int32_t type) {
+    if (type == int32_t(kv_type::F32)) {
+        float f;
+        std::memcpy(&f, p, 4);
+        return f;
+    }
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return type == int32_t(kv_type::F16) ? f16_to_f32(h) : bf16_to_f32(h);
+}
+
+inline void store_elem(uint8_t * p, int32_t type, float f) {
+    if (type == int32_t(kv_type::F32)) {
+        std::memcpy(p, &f, 4);
+        return;
+    }
+    const uint16_t h = type == int32_t(kv_type::F16) ? f32_to_f16(f) : f32_to_bf16(f);
+    std::memcpy(p, &h, 2);
+}
+
+// Rotate the RoPE part of every head of one K row in place.
+void rotate_row(uint8_t * row, int32_t type, uint32_t n_embd, const rope_params & r, const std::vector<float> & cs,
+                const std::vector<float> & sn) {
+    const size_t   es     = kv_type_size(type);
+    const uint32_t n_head = n_embd / r.head_dim;
+    const uint32_t half   = r.n_rot / 2;
+    for (uint32_t h = 0; h < n_head; ++h) {
+        uint8_t * base = row + size_t(h) * r.head_dim * es;
+        for (uint32_t k = 0; k < half; ++k) {
+            const uint32_t ia = r.neox ? k : 2 * k;
+            const uint32_t ib = r.neox ? k + half : 2 * k + 1;
+            const float    a  = load_elem(base + ia * es, type);
+            const float    b  = load_elem(base + ib * es, type);
+            store_elem(base + ia * es, type, a * cs[k] - b * sn[k]);
+            store_elem(base + ib * es, type, a * sn[k] + b * cs[k]);
+        }
+    }
+}
+
+// Little-endian byte writer / bounds-checked reader.
+template <typename T>
+void put(std::vector<uint8_t> & out, T v) {
+    const size_t n = out.size();
+    out.resize(n + sizeof(T));
+    std::memcpy(out.data() + n, &v, sizeof(T));
+}
+
+struct reader {
+    const uint8_t * data;
+    size_t          n;
+    size_t &        off;
+
+    const uint8_t * take(size_t k, const char * what) {
+        if (k > n - off) {
+            throw state_error(std::string("state bytes end too early while reading ") + what +
+                              " (need " + std::to_string(k) + " bytes at offset " + std::to_string(off) +
+                              ", have " + std::to_string(n - off) + ")");
+        }
+        const uint8_t * p = data + off;
+        off += k;
+        return p;
+    }
+    template <typename T>
+    T get(const char * what) {
+        T v;
+        std::memcpy(&v, take(sizeof(T), what), sizeof(T));
+        return v;
+    }
+};
+
+} // namespace
+
+// -- construction -------------------------------------------------------------------------------
+
+kv_cache::kv_cache(const kv_cache_params & params) : p_(params) {
+    if (p_.kv_size == 0) {
+        bad_arg("kv_size must be positive");
+    }
+    if (p_.kv_size > uint32_t(std::numeric_limits<int32_t>::max())) {
+        bad_arg("kv_size " + std::to_string(p_.kv_size) + " is too large");
+    }
+    if (p_.n_pad == 0) {
+        bad_arg("n_pad must be positive");
+    }
+    if (p_.kv_size % p_.n_pad != 0) {
+        bad_arg("kv_size " + std::to_string(p_.kv_size) + " is not a multiple of n_pad " + std::to_string(p_.n_pad));
+    }
+    if (p_.n_seq_max < 1 || p_.n_seq_max > SEQ_MAX_LIMIT) {
+        bad_arg("n_seq_max must be in [1, " + std::to_string(SEQ_MAX_LIMIT) + "], got " + std::to_string(p_.n_seq_max));
+    }
+    if (p_.swa != swa_type::NONE && p_.n_swa == 0) {
+        bad_arg("n_swa must be positive when swa_type is not NONE");
+    }
+    if (p_.n_pos_per_embd == 0) {
+        bad_arg("n_pos_per_embd must be positive");
+    }
+    const size_t nl = p_.layer_il.size();
+    if (p_.n_embd_k.size() != nl || p_.n_embd_v.size() != nl) {
+        bad_arg("layer_il, n_embd_k and n_embd_v must have the same length");
+    }
+    kv_type_size(p_.type_k);
+    kv_type_size(p_.type_v);
+    for (size_t l = 0; l < nl; ++l) {
+        if (p_.n_embd_k[l] == 0 || p_.n_embd_v[l] == 0) {
+            bad_arg("n_embd_k and n_embd_v must be positive (layer " + std::to_string(p_.layer_il[l]) + ")");
+        }
+        p_.n_embd_v_max = std::max(p_.n_embd_v_max, p_.n_embd_v[l]);
+    }
+    if (p_.rope.enabled) {
+        const auto & r = p_.rope;
+        if (r.n_rot == 0 || r.n_rot % 2 != 0) {
+            bad_arg("rope n_rot must be a positive even number, got " + std::to_string(r.n_rot));
+        }
+        if (r.head_dim < r.n_rot) {
+            bad_arg("rope head_dim " + std::to_string(r.head_dim) + " is smaller than n_rot " + std::to_string(r.n_rot));
+        }
+        if (!(r.freq_base > 0.0f) || !(r.freq_scale > 0.0f)) {
+            bad_arg("rope freq_base and freq_scale must be positive");
+        }
+        if (r.ext_factor != 0.0f && r.n_ctx_orig == 0) {
+            bad_arg("rope n_ctx_orig must be positive when ext_factor is not 0");
+        }
+        for (size_t l = 0; l < nl; ++l) {
+            if (p_.n_embd_k[l] % r.head_dim != 0) {
+                bad_arg("rope head_dim " + std::to_string(r.head_dim) + " does not divide n_embd_k " +
+                        std::to_string(p_.n_embd_k[l]) + " of layer " + std::to_string(p_.layer_il[l]));
+            }
+        }
+    }
+    n_stream_  = p_.unified ? 1u : uint32_t(p_.n_seq_max);
+    n_seq_ids_ = p_.unified ? std::max<int32_t>(256, p_.n_seq_max) : p_.n_seq_max;
+    with_ext_  = p_.n_pos_per_embd > 1;
+
+    cells_.reserve(n_stream_);
+    for (uint32_t s = 0; s < n_stream_; ++s) {
+        cells_.emplace_back(p_.kv_size, p_.n_seq_max, with_ext_);
+    }
+    heads_.assign(n_stream_, 0);
+    txn_open_flag_.assign(n_stream_, 0);
+    k_.assign(nl, nullptr);
+    v_.assign(nl, nullptr);
+    max_rm_.assign(size_t(p_.n_seq_max), -1);
+}
+
+uint32_t kv_cache::seq_to_stream(int32_t seq) const {
+    return p_.unified ? 0u : uint32_t(seq);
+}
+
+uint32_t kv_cache::used_count() const {
+    uint32_t n = 0;
+    for (const auto & c : cells_) {
+        n += c.used_count();
+    }
+    return n;
+}
+
+size_t kv_cache::k_row_bytes(uint32_t l) const { return kv_type_size(p_.type_k) * p_.n_embd_k.at(l); }
+size_t kv_cache::v_row_bytes(uint32_t l) const { return kv_type_size(p_.type_v) * p_.n_embd_v.at(l); }
+
+size_t kv_cache::k_buffer_bytes(uint32_t l) const { return size_t(n_stream_) * p_.kv_size * k_row_bytes(l); }
+
+size_t kv_cache::v_buffer_bytes(uint32_t l) const {
+    if (p_.v_trans) {
+        return size_t(n_stream_) * p_.n_embd_v_max * p_.kv_size * kv_type_size(p_.type_v);
+    }
+    return size_t(n_stream_) * p_.kv_size * v_row_bytes(l);
+}
+
+size_t kv_cache::total_bytes() const {
+    size_t n = 0;
+    for (uint32_t l = 0; l < n_layer(); ++l) {
+        n += k_buffer_bytes(l) + v_buffer_bytes(l);
+    }
+    return n;
+}
+
+void kv_cache::set_layer_buffers(uint32_t l, uint8_t * k, uint8_t * v) {
+    if (l >= n_layer()) {
+        bad_arg("cache layer " + std::to_string(l) + " out of range [0, " + std::to_string(n_layer()) + ")");
+    }
+    k_[l] = k;
+    v_[l] = v;
+}
+
+const uint8_t * kv_cache::k_row(uint32_t l, uint32_t stream, uint32_t cell) const {
+    return k_[l] ? k_[l] + (size_t(stream) * p_.kv_size + cell) * k_row_bytes(l) : nullptr;
+}
+
+uint8_t * kv_cache::k_row_mut(uint32_t l, uint32_t stream, uint32_t cell) {
+    return k_[l] ? k_[l] + (size_t(stream) * p_.kv_size + cell) * k_row_bytes(l) : nullptr;
+}
+
+// -- sequence operations ------------------------------------------------------------------------
+
+void kv_cache::check_seq(int32_t seq, const char * what) const {
+    if (seq < 0 || seq >= n_seq_ids_) {
+        bad_arg(std::string(what) + ": seq_id " + std::to_string(seq) + " is out of range [0, " +
+                std::to_string(n_seq_ids_) + ")");
+    }
+}
+
+void kv_cache::lower_head(uint32_t stream, uint32_t lowest) {
+    if (lowest < p_.kv_size && lowest < heads_[stream]) {
+        heads_[stream] = lowest;
+    }
+}
+
+void kv_cache::clear(bool data) {
+    for (uint32_t s = 0; s < n_stream_; ++s) {
+        cells_[s].reset();
+        heads_[s] = 0;
+    }
+    if (data) {
+        for (uint32_t l = 0; l < n_layer(); ++l) {
+            if (k_[l]) {
+                std::memset(k_[l], 0, k_buffer_bytes(l));
+            }
+            if (v_[l]) {
+                std::memset(v_[l], 0, v_buffer_bytes(l));
+            }
+        }
+    }
+}
+
+bool kv_cache::seq_rm(int32_t seq, int32_t p0, int32_t p1) {
+    if (seq != -1) {
+        check_seq(seq, "seq_rm");
+    }
+    const pos_range r = pos_range::normalise(p0, p1);
+    if (seq == -1) {
+        for (uint32_t s = 0; s < n_stream_; ++s) {
+            lower_head(s, cells_[s].rm_range(r.p0, r.p1));
+        }
+        return true;
+    }
+    const uint32_t s = seq_to_stream(seq);
+    lower_head(s, cells_[s].seq_rm_range(seq, r.p0, r.p1));
+    return true;
+}
+
+void kv_cache::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+    check_seq(src, "seq_cp");
+    check_seq(dst, "seq_cp");
+    if (dst >= p_.n_seq_max) {
+        // llama.cpp accepts it in a unified cache but never saves the copy (the writer drops ids
+        // >= n_seq_max); refusing keeps every cell saveable.
+        bad_arg("seq_cp: destination seq_id " + std::to_string(dst) + " is not below n_seq_max " +
+                std::to_string(p_.n_seq_max));
+    }
+    const uint32_t s0 = seq_to_stream(src);
+    const uint32_t s1 = seq_to_stream(dst);
+    if (s0 == s1) {
+        if (src == dst || src >= p_.n_seq_max) {
+            return;
+        }
+        const pos_range r  = pos_range::normalise(p0, p1);
+        kv_cells &      T  = cells_[s0];
+        const auto &    ix = T.seq_index(src);
+        auto            lo = std::lower_bound(ix.begin(), ix.end(), kv_cells::key(r.p0, 0));
+        auto            hi = r.p0 < r.p1 ? std::lower_bound(lo, ix.end(), kv_cells::key(r.p1, 0)) : lo;
+        scratch_cells_.clear();
+        for (auto it = lo; it != hi; ++it) {
+            scratch_cells_.push_back(kv_cells::key_cell(*it));
+        }
+        for (const uint32_t i : scratch_cells_) {
+            T.seq_add(i, dst);
+        }
+        return;
+    }
+    const int64_t size = p_.kv_size;
+    if ((0 < p0 && p0 < size - 1) || (0 < p1 && p1 < size - 1)) {
+        bad_arg("seq_cp across streams copies whole streams only: p0 and p1 must be <= 0 or >= kv_size - 1, got [" +
+                std::to_string(p0) + ", " + std::to_string(p1) + ")");
+    }
+    pending_.push_back({ s0, s1 });
+    kv_cells &       D = cells_[s1];
+    const kv_cells & S = cells_[s0];
+    D.reset();
+    for (const uint64_t k : S.seq_index(src)) {
+        const uint32_t i = kv_cells::key_cell(k);
+        const int32_t  p = S.pos_get(i);
+        const int32_t  d = S.shift_get(i);
+        D.pos_set(i, p - d);
+        D.seq_add(i, dst);
+        if (d != 0) {
+            D.pos_add(i, d);
+        }
+        D.ext_set(i, S.ext_get(i));
+    }
+    heads_[s1] = heads_[s0];
+}
+
+void kv_cache::seq_keep(int32_t seq) {
+    check_seq(seq, "seq_keep");
+    const uint32_t s = seq_to_stream(seq);
+    lower_head(s, cells_[s].keep_only(seq));
+}
+
+void kv_cache::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t d) {
+    check_seq(seq, "seq_add");
+    if (!get_can_shift()) {
+        bad_arg("seq_add: positions of an M-RoPE cache (n_pos_per_embd > 1) cannot be shifted");
+    }
+    if (d == 0) {
+        return;
+    }
+    const pos_range r = pos_range::normalise(p0, p1);
+    if (r.p0 == r.p1) {
+        return;
+    }
+    const uint32_t s = seq_to_stream(seq);
+    kv_cells &     T = cells_[s];
+    if (d > 0 && seq < p_.n_seq_max && r.p0 < r.p1) {
+        const auto & ix = T.seq_index(seq);
+        auto         hi = std::lower_bound(ix.begin(), ix.end(), kv_cells::key(r.p1, 0));
+        if (hi != ix.begin()) {
+            const int32_t top = kv_cells::key_pos(*(hi - 1));
+            if (top >= r.p0 && int64_t(top) + d > int64_t(std::numeric_limits<int32_t>::max())) {
+                bad_arg("seq_add: position " + std::to_string(top) + " + " + std::to_string(d) + " overflows int32");
+            }
+        }
+    }
+    const uint32_t lowest = T.seq_pos_add(seq, r.p0, r.p1, d);
+    heads_[s]             = lowest < p_.kv_size ? lowest : 0;
+}
+
+void kv_cache::seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) {
+    check_seq(seq, "seq_div");
+    if (!get_can_shift()) {
+        bad_arg("seq_div: positions of an M-RoPE cache (n_pos_per_embd > 1) cannot be shifted");
+    }
+    if (d < 1) {
+        bad_arg("seq_div: divisor must be >= 1, got " + std::to_string(d));
+    }
+    if (d == 1) {
+        return;
+    }
+    const pos_range r = pos_range::normalise(p0, p1);
+    if (r.p0 == r.p1) {
+        return;
+    }
+    cells_[seq_to_stream(seq)].seq_pos_div(seq, r.p0, r.p1, d);
+}
+
+int32_t kv_cache::seq_pos_min(int32_t seq) const {
+    check_seq(seq, "seq_pos_min");
+    return cells_[seq_to_stream(seq)].seq_pos_min(seq);
+}
+
+int32_t kv_cache::seq_pos_max(int32_t seq) const {
+    check_seq(seq, "seq_pos_max");
+    return cells_[seq_to_stream(seq)].seq_pos_max(seq);
+}
+
+bool kv_cache::get_has_shift() const {
+    for (const auto & c : cells_) {
+        if (c.has_shift()) {
+            return true;
+        }
+    }
+    return false;
+}
+
+// -- transactions -------------------------------------------------------------------------------
+
+void kv_cache::txn_begin() {
+    if (txn_active_) {
+        throw std::logic_error("kv_cache: nested transaction");
+    }
+    txn_active_ = true;
+    txn_open_.clear();
+}
+
+kv_cells & kv_cache::wcells(uint32_t stream) {
+    if (txn_active_ && !txn_open_flag_[stream]) {
+        txn_open_flag_[stream] = 1;
+        txn_open_.emplace_back(stream, heads_[stream]);
+        cells_[stream].journal_begin();
+    }
+    return cells_[stream];
+}
+
+void kv_cache::txn_commit() {
+    txn_active_ = false;
+    for (const auto & [s, head] : txn_open_) {
+        cells_[s].journal_commit();
+        txn_open_flag_[s] = 0;
+    }
+    txn_open_.clear();
+}
+
+void kv_cache::txn_rollback() {
+    txn_active_ = false;
+    for (const auto & [s, head] : txn_open_) {
+        cells_[s].journal_rollback();
+        heads_[s]         = head;
+        txn_open_flag_[s] = 0;
+    }
+    txn_open_.clear();
+}
+
+// -- placement ----------------------------------------------------------------------------------
+
+bool kv_cache::split_batch(batch_allocr & balloc, uint32_t n_ubatch, std::vector<ubatch> & out) const {
+    out.clear();
+    balloc.split_reset();
+    while (true) {
+        ubatch ub = n_stream_ == 1 ? balloc.split_simple(n_ubatch) : balloc.split_equal(n_ubatch, true, 0);
+        if (ub.empty()) {
+            break;
+        }
+        out.push_back(std::move(ub));
+    }
+    return balloc.n_used() >= balloc.n_tokens();
+}
+
+void kv_cache::check_ubatch(const ubatch & ub) const {
+    if (ub.n_tokens == 0 || !ub.data) {
+        bad_arg("cannot place an empty ubatch");
+    }
+    const auto & d = *ub.data;
+    if (d.pos.size() < size_t(ub.n_pos) * ub.n_tokens || d.seq_id_off.size() < size_t(ub.n_tokens) + 1 ||
+        d.seq_id_unq.empty()) {
+        bad_arg("malformed ubatch (arrays shorter than n_tokens)");
+    }
+    for (uint32_t k = 0; k < ub.n_tokens; ++k) {
+        if (ub.pos(k) < 0) {
+            bad_arg("ubatch token " + std::to_string(k) + " has position " + std::to_string(ub.pos(k)) +
+                    "; a KV cache stores positions >= 0 only");
+        }
+        const int32_t n = ub.n_seq_id(k);
+        if (n < 1) {
+            bad_arg("ubatch token " + std::to_string(k) + " belongs to no sequence");
+        }
+        const int32_t * ids = ub.seq_ids(k);
+        for (int32_t j = 0; j < n; ++j) {
+            if (ids[j] < 0 || ids[j] >= p_.n_seq_max) {
+                bad_arg("ubatch token " + std::to_string(k) + " has seq_id " + std::to_string(ids[j]) +
+                        " outside [0, " + std::to_string(p_.n_seq_max) + ")");
+            }
+        }
+    }
+    if (n_stream_ > 1) {
+        const uint32_t n_unq = uint32_t(d.seq_id_unq.size());
+        if (ub.n_tokens % n_unq != 0) {
+            bad_arg("a ubatch for per-sequence streams must have the same number of tokens per sequence");
+        }
+        const uint32_t n = ub.n_tokens / n_unq;
+        for (uint32_t g = 0; g < n_unq; ++g) {
+            for (uint32_t k = g * n; k < (g + 1) * n; ++k) {
+                if (ub.n_seq_id(k) != 1 || ub.primary(k) != d.seq_id_unq[g]) {
+                    bad_arg("a ubatch for per-sequence streams must group its tokens by sequence, one sequence each");
+                }
+            }
+        }
+    }
+}
+
+bool kv_cache::find_slot(const ubatch & ub, bool cont, slot_info & out) const {
+    out.clear();
+    const auto &   unq      = ub.data->seq_id_unq;
+    const uint32_t n_groups = n_stream_ == 1 ? 1u : uint32_t(unq.size());
+    const uint32_t n        = ub.n_tokens / n_groups;
+    const uint32_t size     = p_.kv_size;
+    out.n_per_group         = n;
+    for (uint32_t g = 0; g < n_groups; ++g) {
+        const uint32_t   S = n_stream_ == 1 ? 0u : seq_to_stream(unq[g]);
+        const kv_cells & T = cells_[S];
+        uint32_t         h = heads_[S];
+        if (uint64_t(h) > uint64_t(T.used_count()) + 2ull * n) {
+            h = 0;  // llama.cpp's restart heuristic: many cells were freed behind the head
+        }
+        if (n > size) {
+            out.clear();
+            return false;
+        }
+        const size_t start = out.idxs.size();
+        if (!cont && p_.swa == swa_type::NONE) {
+            // Only empty cells are usable: take the first n in cyclic order from h.
+            uint32_t got = 0;
+            for (uint32_t c = T.next_empty(h); c < size && got < n; c = T.next_empty(c + 1)) {
+                out.idxs.push_back(c);
+                ++got;
+            }
+            for (uint32_t c = T.next_empty(0); c < h && got < n; c = T.next_empty(c + 1)) {
+                out.idxs.push_back(c);
+                ++got;
+            }
+            if (got < n) {
+                out.clear();
+                return false;
+            }
+        } else {
+            uint32_t       tested = 0;
+            const uint32_t step   = cont ? n : 1;
+            bool           found  = false;
+            while (true) {
+                if (uint64_t(h) + step > size) {
+                    tested += size - h;
+                    h = 0;
+                    continue;
+                }
+                for (uint32_t k = 0; k < step; ++k) {
+                    const uint32_t c = h++;
+                    ++tested;
+                    bool usable = T.is_empty(c);
+                    if (!usable && T.seq_count(c) == 1) {
+                        const int32_t t = T.seq_get(c);
+                        usable = is_masked_swa(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(t) + 1);
+                    }
+                    if (usable) {
+                        out.idxs.push_back(c);
+                    } else if (cont) {
+                        break;
+                    }
+                }
+                if (out.idxs.size() - start == n) {
+                    found = true;
+                    break;
+                }
+                if (cont) {
+                    out.idxs.resize(start);
+                }
+                if (tested >= size) {
+                    break;
+                }
+            }
+            if (!found) {
+                out.clear();
+                return false;
+            }
+        }
+        out.strm.push_back(S);
+    }
+    return true;
+}
+
+void kv_cache::apply_ubatch(const slot_info & slot, const ubatch & ub) {
+    const uint32_t n       = slot.n_per_group;
+    const bool     two_d   = ub.n_pos >= 3;
+    const bool     set_ext = with_ext_ && (two_d || ub.has_token());
+    max_rm_seqs_.clear();
+    for (uint32_t g = 0; g < slot.n_groups(); ++g) {
+        kv_cells & T = wcells(slot.strm[g]);
+        for (uint32_t k = 0; k < n; ++k) {
+            const uint32_t i = g * n + k;
+            const uint32_t c = slot.idxs[i];
+            if (!T.is_empty(c)) {
+                // Reusing a cell masked by the sliding window: remember the newest position
+                // each evicted sequence loses, so older ones can be purged below.
+                uint32_t        ns  = 0;
+                const int32_t * ids = T.seq_list(c, ns);
+                for (uint32_t j = 0; j < ns; ++j) {
+                    const int32_t t = ids[j];
+                    if (max_rm_[t] == -1) {
+                        max_rm_seqs_.push_back(t);
+                    }
+                    max_rm_[t] = std::max(max_rm_[t], T.pos_get(c));
+                }
+                T.rm(c);
+            }
+            T.pos_set(c, ub.pos(i));
+            if (set_ext) {
+                cell_ext e;
+                if (two_d) {
+                    e.x = ub.pos(2, i);
+                    e.y = ub.pos(1, i);
+                }
+                if (ub.has_token()) {
+                    e.tok = ub.data->token[i];
+                }
+                T.ext_set(c, e);
+            }
+            const int32_t   nid = ub.n_seq_id(i);
+            const int32_t * ids = ub.seq_ids(i);
+            for (int32_t j = 0; j < nid; ++j) {
+                T.seq_add(c, ids[j]);
+            }
+        }
+    }
+    // Keep each evicted sequence's positions contiguous: drop what is older than the evicted cell.
+    std::sort(max_rm_seqs_.begin(), max_rm_seqs_.end());
+    for (const int32_t t : max_rm_seqs_) {
+        kv_cells &    T  = wcells(seq_to_stream(t));
+        const int32_t mn = T.seq_pos_min(t);
+        if (mn != -1 && mn <= max_rm_[t]) {
+            T.seq_rm_range(t, mn, max_rm_[t] + 1);
+        }
+        max_rm_[t] = -1;
+    }
+    for (uint32_t g = 0; g < slot.n_groups(); ++g) {
+        heads_[slot.strm[g]] = slot.idxs[g * n + n - 1] + 1;
+    }
+}
+
+bool kv_cache::prepare_into(const std::vector<ubatch> & ubatches, std::vector<slot_info> & slots) {
+    for (const auto & ub : ubatches) {
+        check_ubatch(ub);
+    }
+    slots.resize(ubatches.size());
+    bool ok = true;
+    txn_begin();
+    try {
+        for (size_t u = 0; u < ubatches.size(); ++u) {
+            if (!find_slot(ubatches[u], false, slots[u])) {
+                ok = false;
+                break;
+            }
+            apply_ubatch(slots[u], ubatches[u]);
+        }
+    } catch (...) {
+        txn_rollback();
+        throw;
+    }
+    txn_rollback();
+    if (!ok) {
+        slots.clear();
+    }
+    return ok;
+}
+
+std::vector<slot_info> kv_cache::prepare(const std::vector<ubatch> & ubatches) {
+    std::vector<slot_info> slots;
+    prepare_into(ubatches, slots);
+    return slots;
+}
+
+uint32_t kv_cache::get_n_kv(const slot_info & slot) const {
+    const uint32_t P      = std::max<uint32_t>(p_.n_pad, 256);
+    uint32_t       result = 0;
+    for (const uint32_t s : slot.strm) {
+        const uint32_t u  = cells_[s].used_max_p1();
+        const uint64_t up = (uint64_t(u) + P - 1) / P * P;
+        result = std::max(result, uint32_t(std::min<uint64_t>(p_.kv_size, std::max<uint64_t>(P, up))));
+    }
+    return result;
+}
+
+// -- attention inputs ---------------------------------------------------------------------------
+
+namespace {
+
+// Lowest cached position a query at p1 can see through the window (a lower bound for the scan).
+int32_t window_low(uint32_t n_swa, swa_type type, int32_t p1) {
+    switch (type) {
+        case swa_type::NONE:      return std::numeric_limits<int32_t>::min();
+        case swa_type::STANDARD:  return int32_t(std::max<int64_t>(int64_t(p1) - n_swa + 1, 0));
+        case swa_type::CHUNKED:   return int32_t((int64_t(p1) / n_swa) * n_swa);
+        case swa_type::SYMMETRIC: return int32_t(std::max<int64_t>(int64_t(p1) - n_swa / 2, 0));
+    }
+    return 0;
+}
+
+} // namespace
+
+void kv_cache::kq_mask(const slot_info & slot, const ubatch & ub, uint32_t n_kv, bool causal, float * out) const {
+    const float ninf = -std::numeric_limits<float>::infinity();
+    std::fill(out, out + size_t(ub.n_tokens) * n_kv, ninf);
+    std::vector<int32_t> cells;
+    std::vector<int64_t> offs;
+    kq_cells(slot, ub, n_kv, causal, offs, cells);
+    for (uint32_t t = 0; t < ub.n_tokens; ++t) {
+        float * row = out + size_t(t) * n_kv;
+        for (int64_t j = offs[t]; j < offs[t + 1]; ++j) {
+            row[cells[size_t(j)]] = 0.0f;
+        }
+    }
+}
+
+void kv_cache::kq_cells(const slot_info & slot, const ubatch & ub, uint32_t n_kv, bool causal,
+                        std::vector<int64_t> & offsets, std::vector<int32_t> & cells_out) const {
+    offsets.assign(size_t(ub.n_tokens) + 1, 0);
+    cells_out.clear();
+    const bool     two_d = ub.n_pos >= 3 && with_ext_;
+    const uint32_t n     = slot.n_per_group;
+    for (uint32_t t = 0; t < ub.n_tokens; ++t) {
+        const uint32_t   g  = n ? t / n : 0;
+        const kv_cells & T  = cells_[slot.strm[std::min<size_t>(g, slot.strm.size() - 1)]];
+        const int32_t    s  = ub.primary(t);
+        const int32_t    p1 = ub.pos(t);
+        const auto &     ix = T.seq_index(s);
+        const int32_t    lo_pos = window_low(p_.n_swa, p_.swa, p1);
+        auto it = lo_pos == std::numeric_limits<int32_t>::min()
+                      ? ix.begin()
+                      : std::lower_bound(ix.begin(), ix.end(), kv_cells::key(lo_pos, 0));
+        const size_t first = cells_out.size();
+        for (; it != ix.end(); ++it) {
+            const int32_t  p0 = kv_cells::key_pos(*it);
+            const uint32_t c  = kv_cells::key_cell(*it);
+            if (causal && p0 > p1) {
+                break;  // the index is ordered by position
+            }
+            if (c >= n_kv) {
+                continue;
+            }
+            if (causal && two_d && p0 == p1) {
+                const cell_ext e  = T.ext_get(c);
+                const int32_t  x1 = ub.pos(2, t);
+                const int32_t  y1 = ub.pos(1, t);
+                if (e.y > y1 || (e.y == y1 && e.x > x1)) {
+                    continue;
+                }
+            }
+            if (is_masked_swa(p_.n_swa, p_.swa, p0, p1)) {
+                if (p_.swa == swa_type::SYMMETRIC && p0 > p1) {
+                    break;  // past the window on the right: every later position is too
+                }
+                continue;
+            }
+            cells_out.push_back(int32_t(c));
+        }
+        std::sort(cells_out.begin() + std::ptrdiff_t(first), cells_out.end());
+        offsets[t + 1] = int64_t(cells_out.size());
+    }
+}
+
+// -- updates ------------------------------------------------------------------------------------
+
+void kv_cache::copy_stream(uint32_t src, uint32_t dst) {
+    for (uint32_t l = 0; l < n_layer(); ++l) {
+        if (k_[l]) {
+            const size_t b = size_t(p_.kv_size) * k_row_bytes(l);
+            std::memmove(k_[l] + dst * b, k_[l] + src * b, b);
+        }
+        if (v_[l]) {
+            const size_t b = v_buffer_bytes(l) / n_stream_;
+            std::memmove(v_[l] + dst * b, v_[l] + src * b, b);
+        }
+    }
+}
+
+void kv_cache::apply_k_shift() {
+    const auto & r = p_.rope;
+    int32_t      last_delta = 0;
+    bool         have_table = false;
+    std::vector<float> cs, sn;
+    for (uint32_t s = 0; s < n_stream_; ++s) {
+        const kv_cells & T = cells_[s];
+        for (uint32_t i = T.next_used(0); i < p_.kv_size; i = T.next_used(i + 1)) {
+            const int32_t d = T.shift_get(i);
+            if (d == 0) {
+                continue;
+            }
+            if (!have_table || d != last_delta) {
+                rope_tables(r, d, cs, sn);
+                last_delta = d;
+                have_table = true;
+            }
+            for (uint32_t l = 0; l < n_layer(); ++l) {
+                if (uint8_t * row = k_row_mut(l, s, i)) {
+                    rotate_row(row, p_.type_k, p_.n_embd_k[l], r, cs, sn);
+                }
+            }
+        }
+    }
+}
+
+void kv_cache::update() {
+    const bool do_shift = get_has_shift();
+    if (do_shift) {
+        if (!get_can_shift()) {
+            throw error("cannot apply a K-shift: this cache holds M-RoPE positions (n_pos_per_embd > 1)");
+        }
+        if (!p_.rope.enabled) {
+            throw error("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but the cache was "
+                        "built without a rope description");
+        }
+    }
+    for (const auto & c : pending_) {
+        copy_stream(c.src, c.dst);
+    }
+    pending_.clear();
+    if (do_shift) {
+        apply_k_shift();
+        for (auto & c : cells_) {
+            c.reset_shift();
+        }
+    }
+}
+
+// -- state --------------------------------------------------------------------------------------
+
+struct kv_cache::parsed_state {
+    struct stream {
+        uint32_t                     cell_count = 0;
+        std::vector<int32_t>         pos;
+        std::vector<cell_ext>        ext;
+        std::vector<uint32_t>        seq_off;  // [cell_count + 1]
+        std::vector<int32_t>         seqs;
+        std::vector<const uint8_t *> k_data;   // per layer
+        std::vector<const uint8_t *> v_data;   // per layer
+        slot_info                    slot;     // where a sequence state goes (after place)
+    };
+    int32_t             seq = -1;
+    std::vector<stream> streams;
+};
+
+void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
+    if (seq != -1) {
+        check_seq(seq, "state_write");
+    }
+    // The bytes a stream will hold once pending whole-stream copies have run.
+    std::vector<uint32_t> eff(n_stream_);
+    std::iota(eff.begin(), eff.end(), 0u);
+    for (const auto & c : pending_) {
+        eff[c.dst] = eff[c.src];
+    }
+    const bool rotate = p_.rope.enabled && get_can_shift();
+    std::vector<uint32_t> sel;
+    std::vector<uint8_t>  tmp;
+    std::vector<float>    cs, sn;
+
+    put<uint32_t>(out, n_stream_);
+    for (uint32_t s = 0; s < n_stream_; ++s) {
+        const kv_cells & T = cells_[s];
+        sel.clear();
+        if (seq == -1) {
+            for (uint32_t i = T.next_used(0); i < p_.kv_size; i = T.next_used(i + 1)) {
+                sel.push_back(i);
+            }
+        } else if (seq < p_.n_seq_max && seq_to_stream(seq) == s) {
+            const int32_t pmax = T.seq_pos_max(seq);
+            for (const uint64_t k : T.seq_index(seq)) {
+                if (!is_masked_swa(p_.n_swa, p_.swa, kv_cells::key_pos(k), pmax)) {
+                    sel.push_back(kv_cells::key_cell(k));
+                }
+            }
+            std::sort(sel.begin(), sel.end());
+        }
+        put<uint32_t>(out, uint32_t(sel.size()));
+        if (sel.empty()) {
+            continue;
+        }
+        for (const uint32_t i : sel) {
+            put<int32_t>(out, T.pos_get(i));
+            uint32_t        ns  = 0;
+            const int32_t * ids = T.seq_list(i, ns);
+            put<uint32_t>(out, seq == -1 ? ns : 1u);
+            if (with_ext_) {
+                const cell_ext e = T.ext_get(i);
+                put<int32_t>(out, e.x);
+                put<int32_t>(out, e.y);
+                put<int32_t>(out, e.tok);
+            }
+            if (seq == -1) {
+                for (uint32_t j = 0; j < ns; ++j) {
+                    put<int32_t>(out, ids[j]);
+                }
+            } else {
+                put<int32_t>(out, seq);
+            }
+        }
+        const uint32_t src = eff[s];
+        put<uint32_t>(out, p_.v_trans ? 1u : 0u);
+        put<uint32_t>(out, n_layer());
+        for (uint32_t l = 0; l < n_layer(); ++l) {
+            const size_t rb = k_row_bytes(l);
+            put<int32_t>(out, p_.type_k);
+            put<uint64_t>(out, uint64_t(rb));
+            for (const uint32_t i : sel) {
+                const size_t at = out.size();
+                out.resize(at + rb, 0);
+                if (const uint8_t * row = k_row(l, src, i)) {
+                    std::memcpy(out.data() + at, row, rb);
+                    const int32_t d = T.shift_get(i);
+                    if (rotate && d != 0) {
+                        // A pending shift is saved as if applied: the positions written are
+                        // the shifted ones, so the K rows must match them.
+                        rope_tables(p_.rope, d, cs, sn);
+                        rotate_row(out.data() + at, p_.type_k, p_.n_embd_k[l], p_.rope, cs, sn);
+                    }
+                }
+            }
+        }
+        const size_t es = kv_type_size(p_.type_v);
+        for (uint32_t l = 0; l < n_layer(); ++l) {
+            put<int32_t>(out, p_.type_v);
+            if (!p_.v_trans) {
+                const size_t rb = v_row_bytes(l);
+                put<uint64_t>(out, uint64_t(rb));
+                for (const uint32_t i : sel) {
+                    const size_t at = out.size();
+                    out.resize(at + rb, 0);
+                    if (v_[l]) {
+                        std::memcpy(out.data() + at, v_[l] + (size_t(src) * p_.kv_size + i) * rb, rb);
+                    }
+                }
+            } else {
+                const uint32_t ne = p_.n_embd_v[l];
+                put<uint32_t>(out, uint32_t(es));
+                put<uint32_t>(out, ne);
+                const size_t at = out.size();
+                out.resize(at + size_t(ne) * sel.size() * es, 0);
+                if (v_[l]) {
+                    uint8_t * w = out.data() + at;
+                    for (uint32_t j = 0; j < ne; ++j) {
+                        const uint8_t * col = v_[l] + (size_t(src) * p_.n_embd_v_max + j) * p_.kv_size * es;
+                        for (const uint32_t i : sel) {
+                            std::memcpy(w, col + size_t(i) * es, es);
+                            w += es;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * data, size_t n, size_t & off,
+                                                             int32_t seq) const {
+    if (seq != -1) {
+        check_seq(seq, "state_read");
+        if (seq >= p_.n_seq_max) {
+            bad_arg("state_read: seq_id " + std::to_string(seq) + " is not below n_seq_max " +
+                    std::to_string(p_.n_seq_max));
+        }
+    }
+    auto ps = std::make_unique<parsed_state>();
+    ps->seq = seq;
+    reader rd{ data, n, off };
+    const uint32_t n_stream = rd.get<uint32_t>("n_stream");
+    if (n_stream != n_stream_) {
+        throw state_error("n_stream mismatch: the state has " + std::to_string(n_stream) + " streams, the cache " +
+                          std::to_string(n_stream_));
+    }
+    ps->streams.resize(n_stream);
+    for (uint32_t s = 0; s < n_stream; ++s) {
+        auto &         st = ps->streams[s];
+        const uint32_t cc = rd.get<uint32_t>("cell_count");
+        st.cell_count     = cc;
+        if (cc == 0) {
+            continue;
+        }
+        if (cc > p_.kv_size) {
+            throw state_error("the state has " + std::to_string(cc) + " cells in stream " + std::to_string(s) +
+                              ", more than the cache size " + std::to_string(p_.kv_size));
+        }
+        st.pos.resize(cc);
+        st.seq_off.assign(size_t(cc) + 1, 0);
+        if (with_ext_) {
+            st.ext.resize(cc);
+        }
+        for (uint32_t c = 0; c < cc; ++c) {
+            const int32_t  pos   = rd.get<int32_t>("cell pos");
+            const uint32_t n_seq = rd.get<uint32_t>("cell n_seq_id");
+            if (pos < 0) {
+                throw state_error("cell " + std::to_string(c) + " has position " + std::to_string(pos));
+            }
+            st.pos[c] = pos;
+            if (seq != -1 && n_seq != 1) {
+                throw state_error("a sequence state must list exactly one sequence per cell, cell " +
+                                  std::to_string(c) + " lists " + std::to_string(n_seq));
+            }
+            if (n_seq > uint32_t(p_.n_seq_max)) {
+                throw state_error("cell " + std::to_string(c) + " lists " + std::to_string(n_seq) +
+                                  " sequences, more than n_seq_max");
+            }
+            if (with_ext_) {
+                cell_ext e;
+                e.x   = rd.get<int32_t>("cell ext");
+                e.y   = rd.get<int32_t>("cell ext");
+                e.tok = rd.get<int32_t>("cell ext");
+                st.ext[c] = e;
+            }
+            for (uint32_t j = 0; j < n_seq; ++j) {
+                const int32_t id = rd.get<int32_t>("cell seq_id");
+                if (seq == -1) {
+                    if (id < 0 || id >= p_.n_seq_max) {
+                        throw state_error("invalid seq_id " + std::to_string(id) + " in the state (n_seq_max " +
+                                          std::to_string(p_.n_seq_max) + ")");
+                    }
+                    st.seqs.push_back(id);
+                }
+            }
+            st.seq_off[c + 1] = uint32_t(st.seqs.size());
+        }
+        const uint32_t v_trans = rd.get<uint32_t>("v_trans");
+        const uint32_t n_lay   = rd.get<uint32_t>("n_layer");
+        if (n_lay != n_layer()) {
+            throw state_error("layer count mismatch: the state has " + std::to_string(n_lay) + ", the cache " +
+                              std::to_string(n_layer()));
+        }
+        if ((v_trans != 0) != p_.v_trans) {
+            throw state_error("v_trans mismatch: the state has " + std::to_string(v_trans) + ", the cache " +
+                              std::to_string(p_.v_trans ? 1 : 0));
+        }
+        st.k_data.resize(n_lay);
+        st.v_data.resize(n_lay);
+        for (uint32_t l = 0; l < n_lay; ++l) {
+            const int32_t  type = rd.get<int32_t>("K type");
+            const uint64_t rb   = rd.get<uint64_t>("K row size");
+            if (type != p_.type_k) {
+                throw state_error("K type mismatch in layer " + std::to_string(l) + ": state " + std::to_string(type) +
+                                  ", cache " + std::to_string(p_.type_k));
+            }
+            if (rb != k_row_bytes(l)) {
+                throw state_error("K row size mismatch in layer " + std::to_string(l) + ": state " +
+                                  std::to_string(rb) + ", cache " + std::to_string(k_row_bytes(l)));
+            }
+            st.k_data[l] = rd.take(size_t(rb) * cc, "K rows");
+        }
+        for (uint32_t l = 0; l < n_lay; ++l) {
+            const int32_t type = rd.get<int32_t>("V type");
+            if (type != p_.type_v) {
+                throw state_error("V type mismatch in layer " + std::to_string(l) + ": state " + std::to_string(type) +
+                                  ", cache " + std::to_string(p_.type_v));
+            }
+            if (!p_.v_trans) {
+                const uint64_t rb = rd.get<uint64_t>("V row size");
+                if (rb != v_row_bytes(l)) {
+                    throw state_error("V row size mismatch in layer " + std::to_string(l) + ": state " +
+                                      std::to_string(rb) + ", cache " + std::to_string(v_row_bytes(l)));
+                }
+                st.v_data[l] = rd.take(size_t(rb) * cc, "V rows");
+            } else {
+                const uint32_t es = rd.get<uint32_t>("V element size");
+                const uint32_t ne = rd.get<uint32_t>("V n_embd");
+                if (es != kv_type_size(p_.type_v)) {
+                    throw state_error("V element size mismatch in layer " + std::to_string(l));
+                }
+                if (ne != p_.n_embd_v[l]) {
+                    throw state_error("V n_embd mismatch in layer " + std::to_string(l) + ": state " +
+                                      std::to_string(ne) + ", cache " + std::to_string(p_.n_embd_v[l]));
+                }
+                st.v_data[l] = rd.take(size_t(es) * ne * cc, "transposed V");
+            }
+        }
+    }
+    return ps;
+}
+
+bool kv_cache::state_place(parsed_state & ps) {
+    if (ps.seq == -1) {
+        return true;
+    }
+    const int32_t  dest = ps.seq;
+    const uint32_t S    = seq_to_stream(dest);
+    for (auto & st : ps.streams) {
+        if (st.cell_count == 0) {
+            continue;
+        }
+        lower_head(S, wcells(S).seq_rm_range(dest, 0, POS_OPEN));
+        ubatch ub;
+        ub.n_tokens     = st.cell_count;
+        ub.n_seq_tokens = st.cell_count;
+        ub.n_seqs       = 1;
+        ub.n_seqs_unq   = 1;
+        ub.n_pos        = 1;
+        ub.equal_seqs   = true;
+        ub.data         = std::make_shared<ubatch_data>();
+        auto & d        = *ub.data;
+        d.pos           = st.pos;
+        d.seq_id.assign(st.cell_count, dest);
+        d.seq_id_off.resize(size_t(st.cell_count) + 1);
+        std::iota(d.seq_id_off.begin(), d.seq_id_off.end(), 0);
+        d.seq_id_unq = { dest };
+        if (!find_slot(ub, false, st.slot)) {
+            return false;
+        }
+        apply_ubatch(st.slot, ub);
+        if (with_ext_) {
+            for (uint32_t c = 0; c < st.cell_count; ++c) {
+                wcells(S).ext_set(st.slot.idxs[c], st.ext[c]);
+            }
+        }
+    }
+    return true;
+}
+
+void kv_cache::state_commit(parsed_state & ps) {
+    const size_t es_v = kv_type_size(p_.type_v);
+    if (ps.seq == -1) {
+        pending_.clear();  // every stream's bytes are replaced: earlier copies are moot
+        clear(true);
+        for (uint32_t s = 0; s < n_stream_; ++s) {
+            auto & st = ps.streams[s];
+            if (st.cell_count == 0) {
+                continue;
+            }
+            kv_cells & T = cells_[s];
+            for (uint32_t c = 0; c < st.cell_count; ++c) {
+                T.pos_set(c, st.pos[c]);
+                if (with_ext_) {
+                    T.ext_set(c, st.ext[c]);
+                }
+                for (uint32_t j = st.seq_off[c]; j < st.seq_off[c + 1]; ++j) {
+                    T.seq_add(c, st.seqs[j]);
+                }
+            }
+            heads_[s] = 0;
+            st.slot.clear();
+            st.slot.n_per_group = st.cell_count;
+            st.slot.strm.push_back(s);
+            st.slot.idxs.resize(st.cell_count);
+            std::iota(st.slot.idxs.begin(), st.slot.idxs.end(), 0u);
+        }
+    } else {
+        // The restored rows must not be overwritten by an older pending stream copy.
+        const uint32_t S = seq_to_stream(ps.seq);
+        bool involved = false;
+        for (const auto & c : pending_) {
+            involved = involved || c.dst == S || c.src == S;
+        }
+        if (involved) {
+            for (const auto & c : pending_) {
+                copy_stream(c.src, c.dst);
+            }
+            pending_.clear();
+        }
+    }
+    for (auto & st : ps.streams) {
+        if (st.cell_count == 0) {
+            continue;
+        }
+        const uint32_t S  = st.slot.strm[0];
+        const uint32_t cc = st.cell_count;
+        for (uint32_t l = 0; l < n_layer(); ++l) {
+            const size_t rk = k_row_bytes(l);
+            if (k_[l]) {
+                for (uint32_t c = 0; c < cc; ++c) {
+                    std::memcpy(k_row_mut(l, S, st.slot.idxs[c]), st.k_data[l] + size_t(c) * rk, rk);
+                }
+            }
+            if (!v_[l]) {
+                continue;
+            }
+            if (!p_.v_trans) {
+                const size_t rv = v_row_bytes(l);
+                for (uint32_t c = 0; c < cc; ++c) {
+                    std::memcpy(v_[l] + (size_t(S) * p_.kv_size + st.slot.idxs[c]) * rv, st.v_data[l] + size_t(c) * rv,
+                                rv);
+                }
+            } else {
+                const uint32_t  ne  = p_.n_embd_v[l];
+                const uint8_t * src = st.v_data[l];
+                for (uint32_t j = 0; j < ne; ++j) {
+                    uint8_t * col = v_[l] + (size_t(S) * p_.n_embd_v_max + j) * p_.kv_size * es_v;
+                    for (uint32_t c = 0; c < cc; ++c) {
+                        std::memcpy(col + size_t(st.slot.idxs[c]) * es_v, src, es_v);
+                        src += es_v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+void kv_cache::state_read(const uint8_t * data, size_t n, size_t & off, int32_t seq) {
+    off = kv_state_read_all({ this }, data, n, off, seq, false);
+}
+
+size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
+                         int32_t seq, bool exact) {
+    std::vector<std::unique_ptr<kv_cache::parsed_state>> parsed;
+    for (kv_cache * c : caches) {
+        parsed.push_back(c->state_parse(data, n, off, seq));
+    }
+    if (exact && off != n) {
+        throw state_error(std::to_string(n - off) + " unexpected bytes after the KV state");
+    }
+    size_t opened = 0;
+    try {
+        for (; opened < caches.size(); ++opened) {
+            caches[opened]->txn_begin();
+            if (!caches[opened]->state_place(*parsed[opened])) {
+                ++opened;
+                throw state_error("failed to restore the sequence state: not enough free cells");
+            }
+        }
+    } catch (...) {
+        for (size_t k = 0; k < opened; ++k) {
+            caches[k]->txn_rollback();
+        }
+        throw;
+    }
+    for (size_t k = 0; k < caches.size(); ++k) {
+        caches[k]->txn_commit();
+        caches[k]->state_commit(*parsed[k]);
+    }
+    return off;
+}
+
+void kv_cache::zero_cells(uint32_t stream, const std::vector<uint32_t> & idxs) {
+    const size_t es_v = kv_type_size(p_.type_v);
+    for (uint32_t l = 0; l < n_layer(); ++l) {
+        for (const uint32_t c : idxs) {
+            if (uint8_t * row = k_row_mut(l, stream, c)) {
+                std::memset(row, 0, k_row_bytes(l));
+            }
+            if (!v_[l]) {
+                continue;
+            }
+            if (!p_.v_trans) {
+                std::memset(v_[l] + (size_t(stream) * p_.kv_size + c) * v_row_bytes(l), 0, v_row_bytes(l));
+            } else {
+                for (uint32_t j = 0; j < p_.n_embd_v[l]; ++j) {
+                    std::memset(v_[l] + ((size_t(stream) * p_.n_embd_v_max + j) * p_.kv_size + c) * es_v, 0, es_v);
+                }
+            }
+        }
+    }
+}
+
+void kv_cache::state_clear(int32_t seq) {
+    if (seq == -1) {
+        clear(true);
+        return;
+    }
+    check_seq(seq, "state_clear");
+    const uint32_t S = seq_to_stream(seq);
+    std::vector<uint32_t> only;
+    if (seq < p_.n_seq_max) {
+        const kv_cells & T = cells_[S];
+        for (const uint64_t k : T.seq_index(seq)) {
+            const uint32_t c = kv_cells::key_cell(k);
+            if (T.seq_count(c) == 1) {
+                only.push_back(c);
+            }
+        }
+    }
+    seq_rm(seq, -1, -1);
+    zero_cells(S, only);
+}
+
+// -- contexts -----------------------------------------------------------------------------------
+
+kv_context::kv_context(memory_status status) : status_(status) {}
+
+kv_context::kv_context(kv_cache & cache, std::vector<slot_info> slots, std::vector<ubatch> ubatches)
+    : status_(memory_status::SUCCESS), cache_(&cache), slots_(std::move(slots)), ubatches_(std::move(ubatches)) {
+    if (slots_.size() != ubatches_.size()) {
+        throw std::invalid_argument("kv_context: one slot per ubatch is required");
+    }
+}
+
+kv_context kv_context::full(kv_cache & cache) {
+    kv_context ctx(memory_status::SUCCESS);
+    ctx.cache_   = &cache;
+    ctx.is_full_ = true;
+    ctx.n_kv_    = cache.size();
+    slot_info s;
+    s.n_per_group = 1;
+    for (uint32_t k = 0; k < cache.n_stream(); ++k) {
+        s.strm.push_back(k);
+        s.idxs.push_back(0);
+    }
+    ctx.slots_.push_back(std::move(s));
+    return ctx;
+}
+
+bool kv_context::next() {
+    if (i_cur_ < ubatches_.size()) {
+        ++i_cur_;
+    }
+    return i_cur_ < ubatches_.size();
+}
+
+bool kv_context::apply() {
+    if (is_full_) {
+        return true;
+    }
+    if (status_ != memory_status::SUCCESS || i_cur_ >= ubatches_.size()) {
+        throw error("this memory context has no micro-batch to apply");
+    }
+    cache_->apply_ubatch(slots_[i_cur_], ubatches_[i_cur_]);
+    n_kv_ = cache_->get_n_kv(slots_[i_cur_]);
+    return true;
+}
+
+const ubatch & kv_context::get_ubatch() const {
+    if (i_cur_ >= ubatches_.size()) {
+        throw error("this memory context has no current micro-batch");
+    }
+    return ubatches_[i_cur_];
+}
+
+const slot_info & kv_context::get_slot() const {
+    if (is_full_) {
+        return slots_[0];
+    }
+    if (i_cur_ >= slots_.size()) {
+        throw error("this memory context has no current micro-batch");
+    }
+    return slots_[i_cur_];
+}
+
+kv_context kv_init_batch(kv_cache & cache, batch_allocr & balloc, uint32_t n_ubatch) {
+    std::vector<ubatch> ubs;
+    if (!cache.split_batch(balloc, n_ubatch, ubs)) {
+        return kv_context(memory_status::FAILED_PREPARE);
+    }
+    std::vector<slot_info> slots;
+    if (!cache.prepare_into(ubs, slots)) {
+        return kv_context(memory_status::FAILED_PREPARE);
+    }
+    return kv_context(cache, std::move(slots), std::move(ubs));
+}
+
+std::pair<kv_context, kv_context> kv_iswa_init_batch(kv_cache & base, kv_cache & swa, batch_allocr & balloc,
+                                                     uint32_t n_ubatch) {
+    const bool unified = base.n_stream() == 1;
+    for (int attempt = unified ? 0 : 1; attempt < 2; ++attempt) {
+        std::vector<ubatch> ubs;
+        balloc.split_reset();
+        while (true) {
+            ubatch ub = attempt == 0 ? balloc.split_simple(n_ubatch) : balloc.split_equal(n_ubatch, !unified, 0);
+            if (ub.empty()) {
+                break;
+            }
+            ubs.push_back(std::move(ub));
+        }
+        if (balloc.n_used() < balloc.n_tokens()) {
+            continue;
+        }
+        std::vector<slot_info> sb, ss;
+        if (!base.prepare_into(ubs, sb) || !swa.prepare_into(ubs, ss)) {
+            continue;
+        }
+        std::vector<ubatch> ubs2 = ubs;
+        return { kv_context(base, std::move(sb), std::move(ubs)), kv_context(swa, std::move(ss), std::move(ubs2)) };
+    }
+    return { kv_context(memory_status::FAILED_PREPARE), kv_context(memory_status::FAILED_PREPARE) };
+}
+
+} // namespace llmem

@@ -1,0 +1,663 @@
+#include "llmem/kv_cells.h"
+
+#include <algorithm>
+#include <cassert>
+#include <limits>
+#include <stdexcept>
+
+namespace llmem {
+
+namespace {
+
+inline uint32_t ctz64(uint64_t w) { return uint32_t(__builtin_ctzll(w)); }
+inline uint32_t clz64(uint64_t w) { return uint32_t(__builtin_clzll(w)); }
+
+} // namespace
+
+kv_cells::kv_cells(uint32_t size, int32_t n_seq_max, bool with_ext)
+    : size_(size), n_seq_max_(n_seq_max), with_ext_(with_ext) {
+    if (n_seq_max <= 0) {
+        throw std::invalid_argument("n_seq_max must be positive, got " + std::to_string(n_seq_max));
+    }
+    pos_.assign(size, -1);
+    shift_.assign(size, 0);
+    if (with_ext_) {
+        ext_.assign(size, cell_ext{});
+    }
+    n_seq_.assign(size, 0);
+    seq_.assign(size, -1);
+    used_bits_.assign((size_t(size) + 63) / 64, 0);
+    index_.resize(size_t(n_seq_max));
+    stamp_.assign(size, 0);
+}
+
+// -- queries ------------------------------------------------------------------------------------
+
+uint32_t kv_cells::used_max_p1() const {
+    if (used_count_ == 0) {
+        used_max_hint_ = 0;
+        return 0;
+    }
+    // The hint is an upper bound; walk down to the highest set bit below it.
+    uint32_t hint = used_max_hint_;
+    size_t   w    = (size_t(hint) + 63) / 64;
+    while (w > 0) {
+        uint64_t word = used_bits_[w - 1];
+        if (w * 64 > hint) {
+            const uint32_t keep = hint - uint32_t((w - 1) * 64);
+            word &= keep >= 64 ? ~uint64_t(0) : ((uint64_t(1) << keep) - 1);
+        }
+        if (word) {
+            used_max_hint_ = uint32_t((w - 1) * 64) + (63 - clz64(word)) + 1;
+            return used_max_hint_;
+        }
+        --w;
+    }
+    used_max_hint_ = 0;
+    return 0;
+}
+
+bool kv_cells::seq_has(uint32_t i, int32_t s) const {
+    const uint32_t n = n_seq_[i];
+    if (n == 0) {
+        return false;
+    }
+    if (n == 1) {
+        return seq_[i] == s;
+    }
+    const auto & l = multi_[uint32_t(seq_[i])];
+    return std::binary_search(l.begin(), l.end(), s);
+}
+
+const int32_t * kv_cells::seq_list(uint32_t i, uint32_t & n) const {
+    n = n_seq_[i];
+    if (n == 0) {
+        return nullptr;
+    }
+    if (n == 1) {
+        return &seq_[i];
+    }
+    return multi_[uint32_t(seq_[i])].data();
+}
+
+int32_t kv_cells::seq_pos_min(int32_t s) const {
+    if (!in_range(s) || index_[s].empty()) {
+        return -1;
+    }
+    return key_pos(index_[s].front());
+}
+
+int32_t kv_cells::seq_pos_max(int32_t s) const {
+    if (!in_range(s) || index_[s].empty()) {
+        return -1;
+    }
+    return key_pos(index_[s].back());
+}
+
+uint32_t kv_cells::seq_n_cells(int32_t s) const {
+    return in_range(s) ? uint32_t(index_[s].size()) : 0;
+}
+
+uint32_t kv_cells::next_empty(uint32_t from) const {
+    if (from >= size_) {
+        return size_;
+    }
+    size_t   w    = from / 64;
+    uint64_t free = ~used_bits_[w] & (~uint64_t(0) << (from % 64));
+    const size_t n_words = used_bits_.size();
+    while (true) {
+        if (free) {
+            const uint32_t i = uint32_t(w * 64) + ctz64(free);
+            return i < size_ ? i : size_;
+        }
+        if (++w >= n_words) {
+            return size_;
+        }
+        free = ~used_bits_[w];
+    }
+}
+
+uint32_t kv_cells::next_used(uint32_t from) const {
+    if (from >= size_) {
+        return size_;
+    }
+    size_t   w    = from / 64;
+    uint64_t bits = used_bits_[w] & (~uint64_t(0) << (from % 64));
+    const size_t n_words = used_bits_.size();
+    while (true) {
+        if (bits) {
+            return uint32_t(w * 64) + ctz64(bits);
+        }
+        if (++w >= n_words) {
+            return size_;
+        }
+        bits = used_bits_[w];
+    }
+}
+
+// -- internal helpers ---------------------------------------------------------------------------
+
+void kv_cells::mark_used(uint32_t i) {
+    used_bits_[i / 64] |= uint64_t(1) << (i % 64);
+    ++used_count_;
+    if (i + 1 > used_max_hint_) {
+        used_max_hint_ = i + 1;
+    }
+}
+
+void kv_cells::mark_unused(uint32_t i) {
+    used_bits_[i / 64] &= ~(uint64_t(1) << (i % 64));
+    --used_count_;
+}
+
+void kv_cells::index_insert(int32_t s, int32_t p, uint32_t i) {
+    auto &         v = index_[s];
+    const uint64_t k = key(p, i);
+    if (v.empty() || v.back() < k) {
+        v.push_back(k);  // the decode case: the newest position of the sequence
+        return;
+    }
+    v.insert(std::upper_bound(v.begin(), v.end(), k), k);
+}
+
+void kv_cells::index_erase(int32_t s, int32_t p, uint32_t i) {
+    auto &         v = index_[s];
+    const uint64_t k = key(p, i);
+    if (!v.empty() && v.back() == k) {
+        v.pop_back();
+        return;
+    }
+    auto it = std::lower_bound(v.begin(), v.end(), k);
+    assert(it != v.end() && *it == k);
+    v.erase(it);
+}
+
+uint32_t kv_cells::multi_alloc() {
+    if (!multi_free_.empty()) {
+        const uint32_t slot = multi_free_.back();
+        multi_free_.pop_back();
+        multi_[slot].clear();
+        return slot;
+    }
+    multi_.emplace_back();
+    return uint32_t(multi_.size() - 1);
+}
+
+void kv_cells::multi_free(uint32_t slot) {
+    multi_free_.push_back(slot);
+}
+
+void kv_cells::seqs_clear(uint32_t i) {
+    if (n_seq_[i] >= 2) {
+        multi_free(uint32_t(seq_[i]));
+    }
+    n_seq_[i] = 0;
+    seq_[i]   = -1;
+}
+
+void kv_cells::seqs_insert(uint32_t i, int32_t s) {
+    const uint32_t n = n_seq_[i];
+    if (n == 0) {
+        seq_[i]   = s;
+        n_seq_[i] = 1;
+        return;
+    }
+    if (n == 1) {
+        const int32_t  a    = seq_[i];
+        const uint32_t slot = multi_alloc();
+        auto &         l    = multi_[slot];
+        l.push_back(std::min(a, s));
+        l.push_back(std::max(a, s));
+        seq_[i]   = int32_t(slot);
+        n_seq_[i] = 2;
+        return;
+    }
+    auto & l = multi_[uint32_t(seq_[i])];
+    l.insert(std::lower_bound(l.begin(), l.end(), s), s);
+    ++n_seq_[i];
+}
+
+void kv_cells::seqs_erase(uint32_t i, int32_t s) {
+    const uint32_t n = n_seq_[i];
+    if (n == 1) {
+        seq_[i]   = -1;
+        n_seq_[i] = 0;
+        return;
+    }
+    const uint32_t slot = uint32_t(seq_[i]);
+    auto &         l    = multi_[slot];
+    if (n == 2) {
+        const int32_t other = l[0] == s ? l[1] : l[0];
+        multi_free(slot);
+        seq_[i]   = other;
+        n_seq_[i] = 1;
+        return;
+    }
+    l.erase(std::lower_bound(l.begin(), l.end(), s));
+    --n_seq_[i];
+}
+
+void kv_cells::empty_cell(uint32_t i) {
+    seqs_clear(i);
+    pos_[i]   = -1;
+    shift_[i] = 0;
+    if (with_ext_) {
+        ext_[i] = cell_ext{};
+    }
+    mark_unused(i);
+}
+
+void kv_cells::touch(uint32_t i) {
+    if (!journal_active_ || stamp_[i] == epoch_) {
+        return;
+    }
+    stamp_[i] = epoch_;
+    uint32_t        n    = 0;
+    const int32_t * ids  = seq_list(i, n);
+    saved_cell      rec{ i, pos_[i], shift_[i], ext_get(i), uint32_t(saved_seqs_.size()), n };
+    saved_seqs_.insert(saved_seqs_.end(), ids, ids + n);
+    saved_.push_back(rec);
+}
+
+// -- primitives ---------------------------------------------------------------------------------
+
+void kv_cells::reset() {
+    assert(!journal_active_);
+    std::fill(pos_.begin(), pos_.end(), -1);
+    std::fill(shift_.begin(), shift_.end(), 0);
+    if (with_ext_) {
+        std::fill(ext_.begin(), ext_.end(), cell_ext{});
+    }
+    std::fill(n_seq_.begin(), n_seq_.end(), 0u);
+    std::fill(seq_.begin(), seq_.end(), -1);
+    std::fill(used_bits_.begin(), used_bits_.end(), 0);
+    multi_free_.clear();
+    for (uint32_t k = 0; k < multi_.size(); ++k) {
+        multi_free_.push_back(k);
+    }
+    for (auto & v : index_) {
+        v.clear();
+    }
+    used_count_    = 0;
+    used_max_hint_ = 0;
+    has_shift_     = false;
+}
+
+void kv_cells::reset_shift() {
+    std::fill(shift_.begin(), shift_.end(), 0);
+    has_shift_ = false;
+}
+
+void kv_cells::rm(uint32_t i) {
+    assert(!is_empty(i));
+    touch(i);
+    uint32_t        n   = 0;
+    const int32_t * ids = seq_list(i, n);
+    for (uint32_t k = 0; k < n; ++k) {
+        index_erase(ids[k], pos_[i], i);
+    }
+    empty_cell(i);
+}
+
+bool kv_cells::seq_rm(uint32_t i, int32_t s) {
+    assert(seq_has(i, s));
+    touch(i);
+    index_erase(s, pos_[i], i);
+    seqs_erase(i, s);
+    if (n_seq_[i] == 0) {
+        empty_cell(i);
+        return true;
+    }
+    return false;
+}
+
+bool kv_cells::seq_keep(uint32_t i, int32_t s) {
+    if (seq_has(i, s)) {
+        if (n_seq_[i] > 1) {
+            touch(i);
+            uint32_t        n   = 0;
+            const int32_t * ids = seq_list(i, n);
+            for (uint32_t k = 0; k < n; ++k) {
+                if (ids[k] != s) {
+                    index_erase(ids[k], pos_[i], i);
+                }
+            }
+            seqs_clear(i);
+            seqs_insert(i, s);
+        }
+        return false;
+    }
+    if (n_seq_[i] > 0) {
+        rm(i);
+        return true;
+    }
+    return false;
+}
+
+void kv_cells::seq_add(uint32_t i, int32_t s) {
+    assert(!is_empty(i) && in_range(s));
+    if (seq_has(i, s)) {
+        return;
+    }
+    touch(i);
+    seqs_insert(i, s);
+    index_insert(s, pos_[i], i);
+}
+
+void kv_cells::pos_set(uint32_t i, int32_t p) {
+    assert(is_empty(i) && n_seq_[i] == 0 && p >= 0);
+    touch(i);
+    pos_[i] = p;
+    mark_used(i);
+}
+
+void kv_cells::ext_set(uint32_t i, const cell_ext & e) {
+    if (with_ext_) {
+        touch(i);
+        ext_[i] = e;
+    }
+}
+
+bool kv_cells::pos_add(uint32_t i, int32_t d) {
+    assert(!is_empty(i));
+    touch(i);
+    has_shift_ = true;
+    const int32_t   old = pos_[i];
+    const int64_t   np  = int64_t(old) + d;
+    uint32_t        n   = 0;
+    const int32_t * ids = seq_list(i, n);
+    for (uint32_t k = 0; k < n; ++k) {
+        index_erase(ids[k], old, i);
+    }
+    if (np < 0) {
+        empty_cell(i);
+        return true;
+    }
+    pos_[i] = int32_t(np);
+    shift_[i] += d;
+    ids = seq_list(i, n);
+    for (uint32_t k = 0; k < n; ++k) {
+        index_insert(ids[k], pos_[i], i);
+    }
+    return false;
+}
+
+void kv_cells::pos_div(uint32_t i, int32_t d) {
+    assert(!is_empty(i) && d >= 1);
+    touch(i);
+    has_shift_ = true;
+    const int32_t   old = pos_[i];
+    uint32_t        n   = 0;
+    const int32_t * ids = seq_list(i, n);
+    for (uint32_t k = 0; k < n; ++k) {
+        index_erase(ids[k], old, i);
+    }
+    pos_[i] = old / d;
+    // llama.cpp records old - new here (the wrong direction); llmem records the real change.
+    shift_[i] += pos_[i] - old;
+    for (uint32_t k = 0; k < n; ++k) {
+        index_insert(ids[k], pos_[i], i);
+    }
+}
+
+// -- bulk operations ----------------------------------------------------------------------------
+
+uint32_t kv_cells::seq_rm_range(int32_t s, int32_t p0, int32_t p1) {
+    if (!in_range(s) || p0 >= p1) {
+        return size_;
+    }
+    auto &   v      = index_[s];
+    auto     lo     = std::lower_bound(v.begin(), v.end(), key(p0, 0));
+    auto     hi     = std::lower_bound(lo, v.end(), key(p1, 0));
+    uint32_t lowest = size_;
+    for (auto it = lo; it != hi; ++it) {
+        const uint32_t i = key_cell(*it);
+        touch(i);
+        seqs_erase(i, s);
+        if (n_seq_[i] == 0) {
+            empty_cell(i);
+            lowest = std::min(lowest, i);
+        }
+    }
+    v.erase(lo, hi);
+    return lowest;
+}
+
+uint32_t kv_cells::rm_range(int32_t p0, int32_t p1) {
+    if (p0 >= p1) {
+        return size_;
+    }
+    uint32_t lowest = size_;
+    for (uint32_t i = next_used(0); i < size_; i = next_used(i + 1)) {
+        if (pos_[i] >= p0 && pos_[i] < p1) {
+            touch(i);
+            empty_cell(i);
+            lowest = std::min(lowest, i);
+        }
+    }
+    // Every index entry with a position in [p0, p1) belonged to a cell emptied above.
+    for (auto & v : index_) {
+        auto lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
+        auto hi = std::lower_bound(lo, v.end(), key(p1, 0));
+        v.erase(lo, hi);
+    }
+    return lowest;
+}
+
+uint32_t kv_cells::keep_only(int32_t s) {
+    uint32_t lowest = size_;
+    for (uint32_t i = next_used(0); i < size_; i = next_used(i + 1)) {
+        if (seq_has(i, s)) {
+            if (n_seq_[i] > 1) {
+                touch(i);
+                seqs_clear(i);
+                seqs_insert(i, s);
+            }
+        } else if (n_seq_[i] > 0) {
+            touch(i);
+            empty_cell(i);
+            lowest = std::min(lowest, i);
+        }
+    }
+    // No cell holds any other sequence now.
+    for (int32_t t = 0; t < n_seq_max_; ++t) {
+        if (t != s) {
+            index_[t].clear();
+        }
+    }
+    return lowest;
+}
+
+uint32_t kv_cells::seq_pos_add(int32_t s, int32_t p0, int32_t p1, int32_t d) {
+    if (!in_range(s) || p0 >= p1 || d == 0) {
+        return size_;
+    }
+    auto & v  = index_[s];
+    auto   lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
+    auto   hi = std::lower_bound(lo, v.end(), key(p1, 0));
+    if (lo == hi) {
+        return size_;
+    }
+    scratch_cells_.clear();
+    for (auto it = lo; it != hi; ++it) {
+        scratch_cells_.push_back(key_cell(*it));
+    }
+    v.erase(lo, hi);
+
+    has_shift_      = true;
+    uint32_t lowest = size_;
+    scratch_keys_.clear();
+    for (const uint32_t i : scratch_cells_) {
+        touch(i);
+        const int32_t   old = pos_[i];
+        const int64_t   np  = int64_t(old) + d;
+        uint32_t        n   = 0;
+        const int32_t * ids = seq_list(i, n);
+        for (uint32_t k = 0; k < n; ++k) {
+            if (ids[k] != s) {
+                index_erase(ids[k], old, i);
+            }
+        }
+        if (np < 0) {
+            // The position is shared by every sequence of the cell: all of them lose it.
+            empty_cell(i);
+            lowest = std::min(lowest, i);
+            continue;
+        }
+        pos_[i] = int32_t(np);
+        shift_[i] += d;
+        ids = seq_list(i, n);
+        for (uint32_t k = 0; k < n; ++k) {
+            if (ids[k] != s) {
+                index_insert(ids[k], pos_[i], i);
+            }
+        }
+        scratch_keys_.push_back(key(pos_[i], i));
+    }
+    // The moved block keeps its order (same delta for all); merge it back.
+    const size_t mid = v.size();
+    v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
+    std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
+    return lowest;
+}
+
+void kv_cells::seq_pos_div(int32_t s, int32_t p0, int32_t p1, int32_t d) {
+    if (!in_range(s) || p0 >= p1 || d == 1) {
+        return;
+    }
+    auto & v  = index_[s];
+    auto   lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
+    auto   hi = std::lower_bound(lo, v.end(), key(p1, 0));
+    if (lo == hi) {
+        return;
+    }
+    scratch_cells_.clear();
+    for (auto it = lo; it != hi; ++it) {
+        scratch_cells_.push_back(key_cell(*it));
+    }
+    v.erase(lo, hi);
+
+    has_shift_ = true;
+    scratch_keys_.clear();
+    for (const uint32_t i : scratch_cells_) {
+        touch(i);
+        const int32_t   old = pos_[i];
+        uint32_t        n   = 0;
+        const int32_t * ids = seq_list(i, n);
+        for (uint32_t k = 0; k < n; ++k) {
+            if (ids[k] != s) {
+                index_erase(ids[k], old, i);
+            }
+        }
+        pos_[i] = old / d;
+        shift_[i] += pos_[i] - old;
+        for (uint32_t k = 0; k < n; ++k) {
+            if (ids[k] != s) {
+                index_insert(ids[k], pos_[i], i);
+            }
+        }
+        scratch_keys_.push_back(key(pos_[i], i));
+    }
+    std::sort(scratch_keys_.begin(), scratch_keys_.end());
+    const size_t mid = v.size();
+    v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
+    std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
+}
+
+// -- journal ------------------------------------------------------------------------------------
+
+void kv_cells::journal_begin() {
+    assert(!journal_active_);
+    journal_active_    = true;
+    journal_has_shift_ = has_shift_;
+    saved_.clear();
+    saved_seqs_.clear();
+    if (++epoch_ == 0) {
+        std::fill(stamp_.begin(), stamp_.end(), 0u);
+        epoch_ = 1;
+    }
+}
+
+void kv_cells::journal_commit() {
+    journal_active_ = false;
+}
+
+void kv_cells::journal_rollback() {
+    assert(journal_active_);
+    journal_active_ = false;
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) {
+        const uint32_t i = it->cell;
+        if (pos_[i] != -1) {
+            uint32_t        n   = 0;
+            const int32_t * ids = seq_list(i, n);
+            for (uint32_t k = 0; k < n; ++k) {
+                index_erase(ids[k], pos_[i], i);
+            }
+            seqs_clear(i);
+            mark_unused(i);
+        }
+        pos_[i]   = it->pos;
+        shift_[i] = it->shift;
+        if (with_ext_) {
+            ext_[i] = it->ext;
+        }
+        if (it->pos != -1) {
+            mark_used(i);
+            for (uint32_t k = 0; k < it->n_seq; ++k) {
+                const int32_t s = saved_seqs_[it->seq_off + k];
+                seqs_insert(i, s);
+                index_insert(s, it->pos, i);
+            }
+        }
+    }
+    has_shift_ = journal_has_shift_;
+    saved_.clear();
+    saved_seqs_.clear();
+}
+
+// -- self check ---------------------------------------------------------------------------------
+
+bool kv_cells::check_invariants() const {
+    uint32_t used = 0;
+    size_t   memberships = 0;
+    for (uint32_t i = 0; i < size_; ++i) {
+        const bool bit = (used_bits_[i / 64] >> (i % 64)) & 1;
+        if ((pos_[i] != -1) != bit) {
+            return false;
+        }
+        if (pos_[i] == -1) {
+            if (n_seq_[i] != 0 || shift_[i] != 0) {
+                return false;
+            }
+            continue;
+        }
+        ++used;
+        uint32_t        n   = 0;
+        const int32_t * ids = seq_list(i, n);
+        for (uint32_t k = 0; k < n; ++k) {
+            if (!in_range(ids[k]) || (k > 0 && ids[k - 1] >= ids[k])) {
+                return false;
+            }
+            const auto & v = index_[ids[k]];
+            if (!std::binary_search(v.begin(), v.end(), key(pos_[i], i))) {
+                return false;
+            }
+        }
+        memberships += n;
+    }
+    if (used != used_count_ || used_max_hint_ < used_max_p1()) {
+        return false;
+    }
+    size_t indexed = 0;
+    for (const auto & v : index_) {
+        indexed += v.size();
+        for (size_t k = 1; k < v.size(); ++k) {
+            if (v[k - 1] >= v[k]) {
+                return false;
+            }
+        }
+    }
+    return indexed == memberships;
+}
+
+} // namespace llmem

@@ -1,0 +1,717 @@
+"""The attention KV cache (``KVCache``) and its interleaved sliding-window pairing (``KVCacheISWA``).
+
+The cell bookkeeping (which cell holds which position of which sequence, the slot search, the
+sequence operations, masks and the state bytes) runs in the compiled core with llama.cpp's
+decisions. The K and V tensors are numpy arrays owned by the Python objects:
+
+* ``k(il)``: ``[n_stream, kv_size, n_embd_k]``, row ``c`` of stream ``s`` is the K vector of cell ``c``;
+* ``v(il)``: ``[n_stream, kv_size, n_embd_v]``, or with ``v_trans`` (the default, as llama.cpp without
+  flash attention) ``[n_stream, n_embd_v_max, kv_size]``.
+
+Element types are float16, float32 or bfloat16 (stored as uint16 bit patterns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .batch import UBatch
+from .errors import LlmemError
+from .memory import BatchOrAllocator, Memory, MemoryContext
+from .status import Status, SWAType, status_combine
+
+__all__ = ["Rope", "KVCache", "KVCacheISWA", "KVCacheContext", "KVCacheISWAContext",
+           "STATE_PARTIAL_ONLY"]
+
+#: ``state_write``/``state_read`` flag: for an iSWA cache, only the sliding-window part.
+STATE_PARTIAL_ONLY = 1
+
+_TYPE_F32, _TYPE_F16, _TYPE_BF16 = 0, 1, 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """The RoPE the model applies to K, so that a position shift can re-rotate stored K rows.
+
+    ``n_rot`` elements of each head (``head_dim`` elements, default ``n_rot``) are rotated, in
+    ``mode`` ``"normal"`` (pairs ``2k, 2k+1``) or ``"neox"`` (pairs ``k, k + n_rot/2``), with ggml's
+    formulas (YaRN when ``ext_factor != 0``).
+    """
+
+    n_rot: int
+    freq_base: float = 10000.0
+    freq_scale: float = 1.0
+    mode: str = "normal"
+    head_dim: Optional[int] = None
+    ext_factor: float = 0.0
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    n_ctx_orig: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("normal", "neox"):
+            raise ValueError(f"rope mode must be 'normal' or 'neox', got {self.mode!r}")
+        if not isinstance(self.n_rot, (int, np.integer)) or self.n_rot <= 0 or self.n_rot % 2:
+            raise ValueError(f"rope n_rot must be a positive even int, got {self.n_rot!r}")
+
+    @property
+    def neox(self) -> bool:
+        return self.mode == "neox"
+
+
+def _as_rope(rope) -> Optional[Rope]:
+    if rope is None or isinstance(rope, Rope):
+        return rope
+    if isinstance(rope, dict):
+        return Rope(**rope)
+    raise TypeError(f"rope must be a llmem.Rope, a dict or None, not {type(rope).__name__}")
+
+
+def _kv_type(dtype, name: str) -> tuple[int, np.dtype]:
+    """(ggml type id, numpy storage dtype) of a dtype argument."""
+    if isinstance(dtype, str) and dtype.lower() in ("bf16", "bfloat16"):
+        return _TYPE_BF16, np.dtype(np.uint16)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a numpy dtype or 'bf16', got {dtype!r}") from None
+    if dt == np.float32:
+        return _TYPE_F32, dt
+    if dt == np.float16:
+        return _TYPE_F16, dt
+    if dt == np.uint16:  # bfloat16 bit patterns
+        return _TYPE_BF16, dt
+    raise ValueError(f"{name} must be float16, float32 or bf16, got {dt}")
+
+
+def _to_storage(values: np.ndarray, type_id: int, name: str) -> np.ndarray:
+    """Convert model values to the cache's element type (bf16: round to nearest even)."""
+    if type_id == _TYPE_BF16:
+        if values.dtype == np.uint16:
+            return values
+        if values.dtype.kind != "f":
+            raise TypeError(f"{name} must hold floats (or uint16 bf16 bits), got {values.dtype}")
+        bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return np.where(nan, ((bits >> 16) | 0x40).astype(np.uint16), rounded)
+    if values.dtype.kind != "f":
+        raise TypeError(f"{name} must hold floats, got {values.dtype}")
+    return values
+
+
+def _per_layer(value, n_layer: int, name: str) -> list[int]:
+    if isinstance(value, (int, np.integer)):
+        vals = [int(value)] * n_layer
+    else:
+        vals = [int(v) for v in value]
+        if len(vals) != n_layer:
+            raise ValueError(f"{name} has {len(vals)} entries, expected n_layer = {n_layer}")
+    for il, v in enumerate(vals):
+        if v <= 0:
+            raise ValueError(f"{name}[{il}] must be positive, got {v}")
+    return vals
+
+
+def _check_int(value, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+class KVCache(Memory):
+    """llama.cpp's attention KV cache with numpy K/V buffers.
+
+    Parameters follow llama.cpp: ``kv_size`` cells per stream; ``unified=False`` gives one stream
+    per sequence; ``n_swa``/``swa_type`` make a sliding-window cache; ``layer_filter(il)`` selects
+    the model layers this cache stores; ``rope`` (a :class:`Rope`) enables the K-shift applied by
+    ``init_update().apply()`` after ``seq_add``/``seq_div``. ``n_pos_per_embd > 1`` marks an
+    M-RoPE model (cells keep 2-D coordinates; positions cannot be shifted).
+    """
+
+    __slots__ = ("_core", "_k", "_v", "_layers", "_layer_index", "_type_k", "_type_v", "_rope",
+                 "_vt", "_ev", "_own_balloc")
+
+    def __init__(self, n_layer: int, n_embd_k_gqa, n_embd_v_gqa, kv_size: int, n_seq_max: int = 1,
+                 dtype_k=np.float16, dtype_v=np.float16, v_trans: bool = True, unified: bool = True,
+                 n_pad: int = 1, n_swa: int = 0, swa_type=SWAType.NONE,
+                 layer_filter: Optional[Callable[[int], bool]] = None, rope=None,
+                 n_pos_per_embd: int = 1) -> None:
+        n_layer = _check_int(n_layer, "n_layer")
+        kv_size = _check_int(kv_size, "kv_size", 1)
+        n_seq_max = _check_int(n_seq_max, "n_seq_max", 1)
+        n_pad = _check_int(n_pad, "n_pad", 1)
+        n_swa = _check_int(n_swa, "n_swa")
+        n_pos_per_embd = _check_int(n_pos_per_embd, "n_pos_per_embd", 1)
+        swa_type = SWAType(swa_type)
+        ek = _per_layer(n_embd_k_gqa, n_layer, "n_embd_k_gqa")
+        ev = _per_layer(n_embd_v_gqa, n_layer, "n_embd_v_gqa")
+        if layer_filter is not None and not callable(layer_filter):
+            raise TypeError("layer_filter must be callable (il -> bool) or None")
+        self._type_k, dt_k = _kv_type(dtype_k, "dtype_k")
+        self._type_v, dt_v = _kv_type(dtype_v, "dtype_v")
+        self._rope = _as_rope(rope)
+        self._layers = [il for il in range(n_layer) if layer_filter is None or layer_filter(il)]
+        self._layer_index = {il: l for l, il in enumerate(self._layers)}
+        e_vmax = max(ev) if ev else 0
+        self._vt = bool(v_trans)
+        self._ev = [ev[il] for il in self._layers]
+        self._own_balloc = None
+        self._core = _core.KVCache(
+            kv_size, n_seq_max, bool(unified), n_pad, n_swa, int(swa_type), n_pos_per_embd,
+            self._type_k, self._type_v, bool(v_trans), self._layers,
+            [ek[il] for il in self._layers], [ev[il] for il in self._layers], e_vmax, self._rope)
+        n_stream = self._core.n_stream
+        self._k, self._v = [], []
+        for l, il in enumerate(self._layers):
+            k = np.zeros((n_stream, kv_size, ek[il]), dtype=dt_k)
+            if v_trans:
+                v = np.zeros((n_stream, e_vmax, kv_size), dtype=dt_v)
+            else:
+                v = np.zeros((n_stream, kv_size, ev[il]), dtype=dt_v)
+            self._core.set_layer_buffers(l, k, v)
+            self._k.append(k)
+            self._v.append(v)
+
+    # -- buffers -------------------------------------------------------------------------------
+
+    def _layer(self, il) -> int:
+        try:
+            return self._layer_index[il]
+        except (KeyError, TypeError):
+            raise ValueError(f"model layer {il!r} is not stored in this cache "
+                             f"(layers: {self._layers})") from None
+
+    def k(self, il: int) -> np.ndarray:
+        """K of model layer ``il``: ``[n_stream, kv_size, n_embd_k]`` (the cache's own array)."""
+        return self._k[self._layer(il)]
+
+    def v(self, il: int) -> np.ndarray:
+        """V of model layer ``il``; ``[n_stream, n_embd_v_max, kv_size]`` when ``v_trans``."""
+        return self._v[self._layer(il)]
+
+    @property
+    def layers(self) -> list[int]:
+        """Model layer ids stored in this cache, in cache order."""
+        return list(self._layers)
+
+    @property
+    def v_trans(self) -> bool:
+        """Whether V is stored transposed (``[n_stream, n_embd_v_max, kv_size]``)."""
+        return self._vt
+
+    def _core_v_trans(self) -> bool:
+        return self._vt
+
+    def _n_embd_v(self, il: int) -> int:
+        return self._ev[self._layer(il)]
+
+    @property
+    def n_stream(self) -> int:
+        return self._core.n_stream
+
+    @property
+    def rope(self) -> Optional[Rope]:
+        return self._rope
+
+    # -- Memory interface ------------------------------------------------------------------------
+
+    @property
+    def _pos_source(self):
+        return self._core
+
+    def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int,
+                   embd_all: bool = False) -> "KVCacheContext":
+        """Split the batch (simple split for one stream, equal-sequential otherwise) and find cells
+        for every micro-batch; the cache is unchanged until ``apply()``. Status FAILED_PREPARE
+        when it does not fit."""
+        balloc = self._allocator_for(balloc_or_batch)
+        return KVCacheContext(self, self._core.init_batch(balloc, n_ubatch))
+
+    def init_full(self) -> "KVCacheContext":
+        """A context covering every cell (n_kv = size), for sizing compute graphs."""
+        return KVCacheContext(self, self._core.init_full())
+
+    def init_update(self, optimize: bool = False) -> "KVUpdateContext":
+        """Pending stream copies and K-shift; NO_UPDATE if there is nothing to do."""
+        return KVUpdateContext(self)
+
+    def clear(self, data: bool = True) -> None:
+        self._core.clear(bool(data))
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove positions [p0, p1) of ``seq_id`` (-1: of every sequence). Always True."""
+        return self._core.seq_rm(seq_id, p0, p1)
+
+    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Share the cells of ``seq_id_src`` in [p0, p1) with ``seq_id_dst`` (across streams: the
+        whole stream, with the K/V bytes copied by the next update)."""
+        self._core.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        self._core.seq_keep(seq_id)
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        """Shift positions [p0, p1) of ``seq_id``; K is re-rotated by the next update."""
+        self._core.seq_add(seq_id, p0, p1, shift)
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        self._core.seq_div(seq_id, p0, p1, d)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return self._core.seq_pos_min(seq_id)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return self._core.seq_pos_max(seq_id)
+
+    def get_can_shift(self) -> bool:
+        return self._core.get_can_shift()
+
+    def get_has_shift(self) -> bool:
+        """True when a position shift is waiting for ``init_update().apply()``."""
+        return self._core.get_has_shift()
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes of the K/V buffers (one host buffer type, as llama.cpp's CPU entry)."""
+        return {"CPU": int(self._core.total_bytes())}
+
+    @property
+    def size(self) -> int:
+        return self._core.size
+
+    @property
+    def used(self) -> int:
+        return self._core.used
+
+    @property
+    def head(self) -> int:
+        return self._core.head(0)
+
+    def head_of(self, stream: int) -> int:
+        """Search start of one stream."""
+        return self._core.head(stream)
+
+    @property
+    def n_seq_max(self) -> int:
+        return self._core.n_seq_max
+
+    def cells(self) -> dict:
+        """Snapshot of the cell metadata: ``pos`` and ``shift`` ``[n_stream, size]``, ``n_seq``
+        (sequences per cell), ``seq_ids`` (per stream, the ids of its cells concatenated in cell
+        order), ``seqs`` (per stream, a list of per-cell tuples), ``head`` (per stream)."""
+        per = [self._core.cells(s) for s in range(self.n_stream)]
+        out = {
+            "pos": np.stack([p["pos"] for p in per]),
+            "shift": np.stack([p["shift"] for p in per]),
+            "n_seq": np.stack([p["n_seq"] for p in per]),
+            "seq_ids": [p["seq_ids"] for p in per],
+            "head": [p["head"] for p in per],
+        }
+        seqs = []
+        for p in per:
+            offs = np.concatenate(([0], np.cumsum(p["n_seq"])))
+            ids = p["seq_ids"].tolist()
+            seqs.append([tuple(ids[offs[i]:offs[i + 1]]) for i in range(len(p["n_seq"]))])
+        out["seqs"] = seqs
+        return out
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        """llama.cpp's KV state bytes of the whole cache (-1) or one sequence. A pending K-shift is
+        saved as if applied (the K rows match the saved positions)."""
+        return self._core.state_write(seq_id)
+
+    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+        """Restore bytes of ``state_write`` (whole cache, or one sequence into ``seq_id``). On any
+        failure raises :class:`StateError` and leaves cells and K/V buffers unchanged."""
+        _core.kv_state_read([self._core], data, seq_id)
+
+    def state_clear(self, seq_id: int) -> None:
+        """Remove ``seq_id`` (-1: everything) and zero the K/V rows of the cells it alone held."""
+        self._core.state_clear(seq_id)
+
+    def __repr__(self) -> str:
+        return (f"KVCache(size={self.size}, n_stream={self.n_stream}, layers={len(self._layers)}, "
+                f"used={self.used}, n_seq_max={self.n_seq_max})")
+
+
+class KVCacheContext(MemoryContext):
+    """A plan of micro-batches for one :class:`KVCache` (or the full-cache context).
+
+    After ``apply()``: ``n_kv`` cells per stream are visible to attention; ``k_idxs()`` gives the
+    row of each ubatch token; ``cpy_k``/``cpy_v`` write the model's K/V rows there; ``get_k`` and
+    ``get_v`` are views of the first ``n_kv`` cells; ``kq_mask`` is llama.cpp's mask and
+    ``kq_cells`` the same visibility as per-token cell lists.
+    """
+
+    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at")
+
+    def __init__(self, cache: KVCache, ctx) -> None:
+        self._cache = cache
+        self._ctx = ctx
+        self._kidx = None
+        self._kidx_at = -1
+
+    @property
+    def status(self) -> Status:
+        return self._ctx.status
+
+    def next(self) -> bool:
+        return self._ctx.next()
+
+    def apply(self) -> bool:
+        return self._ctx.apply()
+
+    @property
+    def ubatch(self) -> Optional[UBatch]:
+        return self._ctx.ubatch if self._ctx.has_ubatch else None
+
+    @property
+    def n_kv(self) -> int:
+        return self._ctx.n_kv
+
+    @property
+    def head(self) -> int:
+        """First cell of the current micro-batch's slot."""
+        return self._ctx.head
+
+    @property
+    def cache(self) -> KVCache:
+        return self._cache
+
+    def slot_cells(self) -> np.ndarray:
+        """Cell (within its stream) of each token of the current micro-batch."""
+        return self._ctx.slot_cells()
+
+    def k_idxs(self) -> np.ndarray:
+        """int64 row of each token in the stacked ``[n_stream * kv_size]`` K rows."""
+        i = self._ctx.i_cur
+        if self._kidx_at != i:
+            self._kidx = self._ctx.k_idxs()
+            self._kidx_at = i
+        return self._kidx
+
+    def v_idxs(self) -> np.ndarray:
+        """V destinations: as ``k_idxs`` without ``v_trans``; with it, the flat element index of
+        (token, feature j < n_embd_v_max) in the stacked ``[n_stream, n_embd_v_max, kv_size]`` V,
+        token-major (length ``n_tokens * n_embd_v_max``)."""
+        k = self.k_idxs()
+        c = self._cache
+        if not c._core_v_trans():
+            return k
+        size, e = c.size, c._core.n_embd_v_max
+        strm, cell = k // size, k % size
+        j = np.arange(e, dtype=np.int64)
+        return ((strm * size * e)[:, None] + j[None, :] * size + cell[:, None]).reshape(-1)
+
+    def kq_mask(self, causal: bool = True) -> np.ndarray:
+        """float32 ``[n_tokens, n_kv]``: 0 where a token attends a cell, -inf elsewhere."""
+        return self._ctx.kq_mask(bool(causal))
+
+    def kq_cells(self, causal: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """The mask as lists: token ``t`` attends cells ``cells[offsets[t]:offsets[t+1]]``
+        (ascending, within the token's stream). Returns ``(offsets int64[n_tokens+1], cells)``."""
+        return self._ctx.kq_cells(bool(causal))
+
+    def cpy_k(self, il: int, k_cur) -> None:
+        """Store the current micro-batch's K rows (``[n_tokens, n_embd_k]`` or
+        ``[n_tokens, n_head, head_dim]``) of model layer ``il`` into its cells."""
+        c = self._cache
+        K = c.k(il)
+        idx = self.k_idxs()
+        vals = _rows(k_cur, len(idx), K.shape[2], "k_cur")
+        K.reshape(-1, K.shape[2])[idx] = _to_storage(vals, c._type_k, "k_cur")
+
+    def cpy_v(self, il: int, v_cur) -> None:
+        """Store the current micro-batch's V rows (``[n_tokens, n_embd_v]``) of model layer ``il``."""
+        c = self._cache
+        V = c.v(il)
+        idx = self.k_idxs()
+        ne = c._n_embd_v(il)
+        vals = _to_storage(_rows(v_cur, len(idx), ne, "v_cur"), c._type_v, "v_cur")
+        if c._core_v_trans():
+            size = c.size
+            strm, cell = idx // size, idx % size
+            V[strm[:, None], np.arange(ne)[None, :], cell[:, None]] = vals
+        else:
+            V.reshape(-1, V.shape[2])[idx] = vals
+
+    def _streams(self) -> slice:
+        if self.n_kv == 0:
+            raise LlmemError("call apply() before reading the cache through a context")
+        return slice(self._ctx.s0, self._ctx.s1 + 1)
+
+    def get_k(self, il: int) -> np.ndarray:
+        """View ``[n_streams, n_kv, n_embd_k]`` of the streams of this micro-batch."""
+        return self._cache.k(il)[self._streams(), :self.n_kv]
+
+    def get_v(self, il: int) -> np.ndarray:
+        """View of V over the first ``n_kv`` cells (``[ns, n_embd_v_max, n_kv]`` when ``v_trans``)."""
+        V = self._cache.v(il)
+        s = self._streams()
+        if self._cache._core_v_trans():
+            return V[s, :, :self.n_kv]
+        return V[s, :self.n_kv]
+
+
+class KVUpdateContext(MemoryContext):
+    """Pending work of a KV cache: whole-stream copies left by ``seq_cp`` across streams, then the
+    K-shift (RoPE re-rotation of shifted cells), then the shifts are cleared."""
+
+    __slots__ = ("_caches", "_status")
+
+    def __init__(self, *caches: KVCache) -> None:
+        self._caches = caches
+        pending = any(c._core.update_pending() for c in caches)
+        self._status = Status.SUCCESS if pending else Status.NO_UPDATE
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    def next(self) -> bool:
+        return False
+
+    def apply(self) -> bool:
+        # Check every cache first so a refused shift changes none of them.
+        for c in self._caches:
+            if c.get_has_shift() and c._rope is None:
+                raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
+                                 "the cache was built without rope=...")
+        for c in self._caches:
+            c._core.update()
+        return True
+
+    @property
+    def ubatch(self) -> None:
+        return None
+
+
+def _rows(values, n_tokens: int, width: int, name: str) -> np.ndarray:
+    a = np.asarray(values)
+    if a.ndim < 2 or a.shape[0] != n_tokens or a.size != n_tokens * width:
+        raise ValueError(f"{name} must have shape [n_tokens={n_tokens}, {width}] "
+                         f"(or [n_tokens, n_head, head_dim]), got {a.shape}")
+    return a.reshape(n_tokens, width)
+
+
+class KVCacheISWA(Memory):
+    """llama.cpp's iSWA cache: a *base* cache for full-attention layers and a *swa* cache for
+    sliding-window layers (``is_swa_layer(il)``), sized
+    ``roundup(min(kv_size, n_swa * (n_seq_max if unified else 1) + n_ubatch), 256)`` unless
+    ``swa_full``. Sequence operations go to both; positions are reported by the swa cache."""
+
+    __slots__ = ("base", "swa", "_own_balloc")
+
+    def __init__(self, n_layer: int, n_embd_k_gqa, n_embd_v_gqa, kv_size: int, n_seq_max: int = 1,
+                 dtype_k=np.float16, dtype_v=np.float16, v_trans: bool = True, unified: bool = True,
+                 n_pad: int = 1, n_swa: int = 0, swa_type=SWAType.STANDARD, swa_full: bool = False,
+                 is_swa_layer: Union[Callable[[int], bool], Sequence[bool], None] = None,
+                 n_ubatch: int = 512, layer_filter: Optional[Callable[[int], bool]] = None,
+                 rope=None, rope_swa=None, n_pos_per_embd: int = 1) -> None:
+        n_layer = _check_int(n_layer, "n_layer")
+        kv_size = _check_int(kv_size, "kv_size", 1)
+        n_seq_max = _check_int(n_seq_max, "n_seq_max", 1)
+        n_swa = _check_int(n_swa, "n_swa", 1)
+        n_ubatch = _check_int(n_ubatch, "n_ubatch", 1)
+        if SWAType(swa_type) == SWAType.NONE:
+            raise ValueError("an iSWA cache needs swa_type other than NONE")
+        if is_swa_layer is None:
+            raise ValueError("is_swa_layer is required (callable il -> bool, or a list of bools)")
+        if callable(is_swa_layer):
+            flags = [bool(is_swa_layer(il)) for il in range(n_layer)]
+        else:
+            flags = [bool(f) for f in is_swa_layer]
+            if len(flags) != n_layer:
+                raise ValueError(f"is_swa_layer has {len(flags)} entries, expected n_layer = {n_layer}")
+        keep = (lambda il: True) if layer_filter is None else layer_filter
+        if swa_full:
+            size_swa = kv_size
+        else:
+            size_swa = min(kv_size, n_swa * (n_seq_max if unified else 1) + n_ubatch)
+            size_swa = (size_swa + 255) // 256 * 256
+        common = dict(n_seq_max=n_seq_max, dtype_k=dtype_k, dtype_v=dtype_v, v_trans=v_trans,
+                      unified=unified, n_pad=n_pad, n_pos_per_embd=n_pos_per_embd)
+        self._own_balloc = None
+        self.base = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, kv_size,
+                            layer_filter=lambda il: not flags[il] and keep(il), rope=rope, **common)
+        self.swa = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
+                           swa_type=swa_type, layer_filter=lambda il: flags[il] and keep(il),
+                           rope=rope if rope_swa is None else rope_swa, **common)
+
+    def _cache_of(self, il: int) -> KVCache:
+        if il in self.base._layer_index:
+            return self.base
+        if il in self.swa._layer_index:
+            return self.swa
+        raise ValueError(f"model layer {il!r} is not stored in this cache")
+
+    def k(self, il: int) -> np.ndarray:
+        return self._cache_of(il).k(il)
+
+    def v(self, il: int) -> np.ndarray:
+        return self._cache_of(il).v(il)
+
+    @property
+    def _pos_source(self):
+        return self.swa._core
+
+    def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int,
+                   embd_all: bool = False) -> "KVCacheISWAContext":
+        """llama.cpp's order: simple split placed in both caches (unified only), else the equal
+        split; FAILED_PREPARE when neither fits."""
+        balloc = self._allocator_for(balloc_or_batch)
+        cb, cs = _core.kv_iswa_init_batch(self.base._core, self.swa._core, balloc, n_ubatch)
+        return KVCacheISWAContext(self, KVCacheContext(self.base, cb), KVCacheContext(self.swa, cs))
+
+    def init_full(self) -> "KVCacheISWAContext":
+        return KVCacheISWAContext(self, self.base.init_full(), self.swa.init_full())
+
+    def init_update(self, optimize: bool = False) -> KVUpdateContext:
+        return KVUpdateContext(self.base, self.swa)
+
+    def clear(self, data: bool = True) -> None:
+        self.base.clear(data)
+        self.swa.clear(data)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        self.swa._core.seq_pos_max(seq_id) if seq_id != -1 else None  # validate before changing
+        a = self.base.seq_rm(seq_id, p0, p1)
+        b = self.swa.seq_rm(seq_id, p0, p1)
+        return a and b
+
+    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        self._validate_pair(seq_id_src, seq_id_dst, p0, p1)
+        self.base.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+        self.swa.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        self.base.seq_keep(seq_id)
+        self.swa.seq_keep(seq_id)
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self.base.seq_add(seq_id, p0, p1, shift)
+        self.swa.seq_add(seq_id, p0, p1, shift)
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        self.base.seq_div(seq_id, p0, p1, d)
+        self.swa.seq_div(seq_id, p0, p1, d)
+
+    def _validate_pair(self, src: int, dst: int, p0: int, p1: int) -> None:
+        # Both caches accept the same ids; a refusal must come before the base changes. The swa
+        # cache can be smaller, so its cross-stream range rule is the stricter one.
+        for c in (self.swa, self.base):
+            c.seq_pos_max(src)
+            c.seq_pos_max(dst)
+            if dst >= c.n_seq_max:
+                raise ValueError(f"seq_cp: destination seq_id {dst} is not below n_seq_max {c.n_seq_max}")
+            if c.n_stream > 1 and src != dst:
+                size = c.size
+                if 0 < p0 < size - 1 or 0 < p1 < size - 1:
+                    raise ValueError("seq_cp across streams copies whole streams only: p0 and p1 must "
+                                     f"be <= 0 or >= kv_size - 1 ({size - 1}), got [{p0}, {p1})")
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return self.swa.seq_pos_min(seq_id)
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return self.swa.seq_pos_max(seq_id)
+
+    def get_can_shift(self) -> bool:
+        return (self.base.get_can_shift() and self.swa.get_can_shift()
+                and self.base.size == self.swa.size)
+
+    def memory_breakdown(self) -> dict[str, int]:
+        out = dict(self.base.memory_breakdown())
+        for k, v in self.swa.memory_breakdown().items():
+            out[k] = out.get(k, 0) + v
+        return out
+
+    @property
+    def size(self) -> int:
+        return self.base.size
+
+    @property
+    def used(self) -> int:
+        return self.base.used
+
+    @property
+    def head(self) -> int:
+        return self.base.head
+
+    @property
+    def n_seq_max(self) -> int:
+        return self.base.n_seq_max
+
+    def cells(self) -> dict:
+        return {"base": self.base.cells(), "swa": self.swa.cells()}
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        """Base section (unless ``STATE_PARTIAL_ONLY``) then swa section."""
+        swa = self.swa.state_write(seq_id)
+        if flags & STATE_PARTIAL_ONLY:
+            return swa
+        return self.base.state_write(seq_id) + swa
+
+    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+        """All or nothing across both sections (llama.cpp keeps a restored base when the swa
+        section fails)."""
+        cores = [self.swa._core] if flags & STATE_PARTIAL_ONLY else [self.base._core, self.swa._core]
+        _core.kv_state_read(cores, data, seq_id)
+
+    def state_clear(self, seq_id: int) -> None:
+        self.base.state_clear(seq_id)
+        self.swa.state_clear(seq_id)
+
+
+class KVCacheISWAContext(MemoryContext):
+    """Two plans over the same micro-batches: ``base`` (full attention) and ``swa``."""
+
+    __slots__ = ("_mem", "base", "swa")
+
+    def __init__(self, mem: KVCacheISWA, base: KVCacheContext, swa: KVCacheContext) -> None:
+        self._mem = mem
+        self.base = base
+        self.swa = swa
+
+    @property
+    def status(self) -> Status:
+        return status_combine(self.base.status, self.swa.status)
+
+    def next(self) -> bool:
+        self.swa.next()
+        return self.base.next()
+
+    def apply(self) -> bool:
+        a = self.base.apply()
+        b = self.swa.apply()
+        return a and b
+
+    @property
+    def ubatch(self) -> Optional[UBatch]:
+        return self.base.ubatch
+
+    def _ctx_of(self, il: int) -> KVCacheContext:
+        return self.base if self._mem._cache_of(il) is self._mem.base else self.swa
+
+    def cpy_k(self, il: int, k_cur) -> None:
+        self._ctx_of(il).cpy_k(il, k_cur)
+
+    def cpy_v(self, il: int, v_cur) -> None:
+        self._ctx_of(il).cpy_v(il, v_cur)
+
+    def get_k(self, il: int) -> np.ndarray:
+        return self._ctx_of(il).get_k(il)
+
+    def get_v(self, il: int) -> np.ndarray:
+        return self._ctx_of(il).get_v(il)
+
+    def kq_mask(self, il: int, causal: bool = True) -> np.ndarray:
+        """The mask for the layer's cache (base: no window; swa: with it)."""
+        return self._ctx_of(il).kq_mask(causal)

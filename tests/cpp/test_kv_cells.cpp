@@ -1,0 +1,191 @@
+#include "llmem/kv_cells.h"
+#include "kv_test_util.h"
+
+#include <gtest/gtest.h>
+
+namespace {
+
+using llmem::kv_cells;
+using llmem::test::dump;
+
+// Cells 0..3 at positions 0..3 held by seq 0.
+kv_cells four_cells() {
+    kv_cells T(8, 4, false);
+    for (uint32_t i = 0; i < 4; ++i) {
+        T.pos_set(i, int32_t(i));
+        T.seq_add(i, 0);
+    }
+    return T;
+}
+
+TEST(KvCells, FreshTableIsEmpty) {
+    kv_cells T(100, 2, false);
+    EXPECT_EQ(T.used_count(), 0u);
+    EXPECT_EQ(T.used_max_p1(), 0u);
+    EXPECT_EQ(T.seq_pos_min(0), -1);
+    EXPECT_EQ(T.seq_pos_max(1), -1);
+    EXPECT_EQ(T.next_empty(0), 0u);
+    EXPECT_EQ(T.next_used(0), 100u);
+    EXPECT_FALSE(T.has_shift());
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, PosSetAndSeqAddIndexTheCell) {
+    kv_cells T = four_cells();
+    EXPECT_EQ(T.used_count(), 4u);
+    EXPECT_EQ(T.used_max_p1(), 4u);
+    EXPECT_EQ(T.seq_pos_min(0), 0);
+    EXPECT_EQ(T.seq_pos_max(0), 3);
+    T.seq_add(2, 1);
+    T.seq_add(2, 1);  // already there: no change
+    EXPECT_EQ(T.seq_count(2), 2u);
+    EXPECT_EQ(T.seq_pos_min(1), 2);
+    EXPECT_EQ(T.seq_n_cells(1), 1u);
+    EXPECT_EQ(dump(T), "0:p0{0} 1:p1{0} 2:p2{0,1} 3:p3{0} . . . .");
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, SeqRmEmptiesOnlyWhenLastSequenceLeaves) {
+    kv_cells T = four_cells();
+    T.seq_add(1, 1);
+    EXPECT_FALSE(T.seq_rm(1, 0));
+    EXPECT_EQ(T.seq_get(1), 1);
+    EXPECT_TRUE(T.seq_rm(1, 1));
+    EXPECT_TRUE(T.is_empty(1));
+    EXPECT_EQ(T.used_count(), 3u);
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, SeqKeepKeepsOnlyTheSequence) {
+    kv_cells T = four_cells();
+    T.seq_add(1, 1);
+    T.pos_set(5, 9);
+    T.seq_add(5, 2);
+    EXPECT_FALSE(T.seq_keep(1, 0));
+    EXPECT_EQ(T.seq_count(1), 1u);
+    EXPECT_TRUE(T.seq_keep(5, 0));
+    EXPECT_TRUE(T.is_empty(5));
+    EXPECT_EQ(T.seq_pos_max(1), -1);
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, UsedCellWithoutSequenceSurvivesSeqKeep) {
+    kv_cells T(4, 2, false);
+    T.pos_set(0, 3);  // as a whole-cache restore of a record with n_seq = 0 does
+    EXPECT_FALSE(T.seq_keep(0, 0));
+    EXPECT_FALSE(T.is_empty(0));
+    EXPECT_EQ(T.keep_only(1), 4u);
+    EXPECT_FALSE(T.is_empty(0));
+}
+
+TEST(KvCells, PosAddBelowZeroEmptiesTheCellForAllSequences) {
+    kv_cells T = four_cells();
+    T.seq_add(0, 1);
+    EXPECT_TRUE(T.pos_add(0, -1));
+    EXPECT_TRUE(T.is_empty(0));
+    EXPECT_EQ(T.seq_pos_max(1), -1);
+    EXPECT_TRUE(T.has_shift());
+    EXPECT_FALSE(T.pos_add(1, 5));
+    EXPECT_EQ(T.pos_get(1), 6);
+    EXPECT_EQ(T.shift_get(1), 5);
+    EXPECT_EQ(T.seq_pos_max(0), 6);
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, PosDivRecordsTheSignedPositionChange) {
+    kv_cells T = four_cells();
+    T.pos_div(3, 2);
+    EXPECT_EQ(T.pos_get(3), 1);
+    EXPECT_EQ(T.shift_get(3), -2);  // llama.cpp records +2 here (deviation, see docs/deviations.md)
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, BulkSeqPosAddKeepsIndexSortedAndMovesSharedCells) {
+    kv_cells T(8, 2, false);
+    for (uint32_t i = 0; i < 4; ++i) {
+        T.pos_set(i, int32_t(i));
+        T.seq_add(i, 0);
+        T.seq_add(i, 1);
+    }
+    // spec §11 case 5: seq_add(0, 0, 2, -1) on cells shared by {0,1}
+    EXPECT_EQ(T.seq_pos_add(0, 0, 2, -1), 0u);
+    EXPECT_EQ(dump(T), ". 1:p0{0,1} 2:p2{0,1} 3:p3{0,1} . . . .");
+    EXPECT_EQ(T.used_count(), 3u);
+    EXPECT_EQ(T.seq_pos_min(1), 0);
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, BulkSeqPosDivSortsDuplicatePositions) {
+    kv_cells T(16, 1, false);
+    for (uint32_t i = 0; i < 10; ++i) {
+        T.pos_set(9 - i, int32_t(i));  // reverse cell order
+        T.seq_add(9 - i, 0);
+    }
+    T.seq_pos_div(0, 0, llmem::POS_OPEN, 2);
+    EXPECT_EQ(T.seq_pos_min(0), 0);
+    EXPECT_EQ(T.seq_pos_max(0), 4);
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, RangeRemovals) {
+    kv_cells T = four_cells();
+    T.seq_add(2, 1);
+    EXPECT_EQ(T.seq_rm_range(0, 1, 3), 1u);  // cell 1 emptied, cell 2 keeps seq 1
+    EXPECT_EQ(dump(T), "0:p0{0} . 2:p2{1} 3:p3{0} . . . .");
+    EXPECT_EQ(T.rm_range(0, 3), 0u);
+    EXPECT_EQ(dump(T), ". . . 3:p3{0} . . . .");
+    EXPECT_EQ(T.seq_rm_range(0, 5, 2), 8u);  // inverted: nothing
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, NextEmptySkipsWholeWords) {
+    kv_cells T(200, 1, false);
+    for (uint32_t i = 0; i < 150; ++i) {
+        T.pos_set(i, int32_t(i));
+        T.seq_add(i, 0);
+    }
+    EXPECT_EQ(T.next_empty(0), 150u);
+    EXPECT_EQ(T.next_empty(199), 199u);
+    T.seq_rm(70, 0);
+    EXPECT_EQ(T.next_empty(3), 70u);
+    EXPECT_EQ(T.next_used(150), 200u);
+    EXPECT_EQ(T.used_max_p1(), 150u);
+    T.seq_rm_range(0, 100, 150);
+    EXPECT_EQ(T.used_max_p1(), 100u);
+}
+
+TEST(KvCells, JournalRollbackRestoresEverything) {
+    kv_cells T = four_cells();
+    T.seq_add(1, 2);
+    T.pos_add(3, 2);
+    const std::string before = dump(T);
+    const int32_t     shift3 = T.shift_get(3);
+    T.journal_begin();
+    T.pos_add(3, -10);  // empties it
+    T.rm(1);
+    T.pos_set(1, 40);
+    T.seq_add(1, 3);
+    T.seq_rm_range(0, 0, 3);
+    T.pos_set(6, 7);
+    T.seq_add(6, 0);
+    T.journal_rollback();
+    EXPECT_EQ(dump(T), before);
+    EXPECT_EQ(T.shift_get(3), shift3);
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, ManySequencesShareOneCell) {
+    kv_cells T(4, 1024, false);
+    T.pos_set(0, 0);
+    for (int32_t s = 1023; s >= 0; --s) {
+        T.seq_add(0, s);
+    }
+    EXPECT_EQ(T.seq_count(0), 1024u);
+    EXPECT_TRUE(T.seq_has(0, 512));
+    EXPECT_EQ(T.keep_only(700), 4u);
+    EXPECT_EQ(T.seq_count(0), 1u);
+    EXPECT_EQ(T.seq_get(0), 700);
+    EXPECT_TRUE(T.check_invariants());
+}
+
+} // namespace
