@@ -16,6 +16,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StateError
+from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, Rope
 from .memory import Memory, MemoryContext
 from .recurrent import RecurrentContext, RecurrentMemory
@@ -27,6 +28,9 @@ __all__ = [
     "Batch",
     "BatchAllocator",
     "BatchError",
+    "HybridContext",
+    "HybridISWAMemory",
+    "HybridMemory",
     "KVCache",
     "KVCacheISWA",
     "LlmemError",
