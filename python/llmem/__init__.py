@@ -16,7 +16,10 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StateError
+from .factory import from_gguf, from_hparams
+from .hparams import ModelHParams, read_gguf_hparams
 from .memory import Memory, MemoryContext
+from .plan import MemoryPlan, plan_memory
 from .status import Status, SWAType, status_combine, status_is_fail
 
 __version__: str = _core.__version__
@@ -28,11 +31,17 @@ __all__ = [
     "LlmemError",
     "Memory",
     "MemoryContext",
+    "MemoryPlan",
+    "ModelHParams",
     "StateError",
     "Status",
     "SWAType",
     "UBatch",
     "__version__",
+    "from_gguf",
+    "from_hparams",
+    "plan_memory",
+    "read_gguf_hparams",
     "status_combine",
     "status_is_fail",
 ]
