@@ -154,11 +154,11 @@ class ModelHParams:
         recr = self.recurrent_layers
         if recr is None:
             recr = _default_recurrent_layers(arch, self.n_head_kv, self.n_ff, n)
-        set_(self, "recurrent_layers", tuple(bool(x) for x in _arr(recr, n, "recurrent_layers", bool)))
+        set_(self, "recurrent_layers", _arr(recr, n, "recurrent_layers", bool))
         attn = self.attention_layers
         if attn is None:
             attn = _default_attention_layers(arch, self.recurrent_layers, self.n_ff, n)
-        set_(self, "attention_layers", tuple(bool(x) for x in _arr(attn, n, "attention_layers", bool)))
+        set_(self, "attention_layers", _arr(attn, n, "attention_layers", bool))
         swa = self.swa_layers
         if swa is None:
             swa = (False,) * n

@@ -67,7 +67,8 @@ def resolve_dtype(dtype: DTypeLike, what: str = "dtype") -> str:
     try:
         npd = np.dtype(dtype)
     except TypeError:
-        raise ValueError(f"{what}: unsupported type {dtype!r} (supported: f32, f16, bf16)") from None
+        raise ValueError(f"{what}: unsupported type {dtype!r} "
+                         "(supported: f32, f16, bf16)") from None
     if npd == np.float32:
         return "f32"
     if npd == np.float16:
