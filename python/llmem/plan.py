@@ -101,6 +101,14 @@ def _mib_f32(nbytes: int) -> float:
     return float(np.float32(nbytes) / np.float32(_MIB))
 
 
+class LayerSet(list):
+    """The model layers a memory component holds, ascending; also callable as the memories'
+    ``layer_filter`` (``il -> bool``)."""
+
+    def __call__(self, il: int) -> bool:
+        return il in self
+
+
 @dataclass(frozen=True)
 class BufferPlan:
     """One kind of buffer of a component (K, V, R or S), summed over the component's layers."""
@@ -297,7 +305,7 @@ class MemoryPlan:
             n_pad=1,
             n_swa=c.n_swa,
             swa_type=c.swa_type,
-            layer_filter=list(c.layers),
+            layer_filter=LayerSet(c.layers),
             rope=rope,
         )
 
@@ -312,7 +320,7 @@ class MemoryPlan:
             n_rs_seq=r.n_rs_seq,
             dtype_r=numpy_dtype(r.r.dtype),
             dtype_s=numpy_dtype(r.s.dtype),
-            layer_filter=list(r.layers),
+            layer_filter=LayerSet(r.layers),
         )
 
     def _iswa_kwargs(self) -> Dict[str, Any]:
@@ -329,7 +337,7 @@ class MemoryPlan:
             swa_full=self.swa_full,
             n_ubatch=self.n_ubatch,
             is_swa_layer=[hp.is_swa_layer(il) for il in range(hp.n_layer)],
-            layer_filter=attn,
+            layer_filter=LayerSet(attn),
             # the rope of the full-attention layers; SWA layers of some models (gemma3) rotate
             # with their own base, given by hparams.rope(il)
             rope=hp.rope(self.kv.layers[0]) if self.kv.layers else hp.rope(),
