@@ -16,9 +16,13 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StateError
+from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, Rope
 from .memory import Memory, MemoryContext
 from .recurrent import RecurrentContext, RecurrentMemory
+from .factory import from_gguf, from_hparams
+from .hparams import ModelHParams, read_gguf_hparams
+from .plan import MemoryPlan, plan_memory
 from .status import Status, SWAType, status_combine, status_is_fail
 
 __version__: str = _core.__version__
@@ -27,21 +31,30 @@ __all__ = [
     "Batch",
     "BatchAllocator",
     "BatchError",
+    "from_gguf",
+    "from_hparams",
+    "HybridContext",
+    "HybridISWAMemory",
+    "HybridMemory",
     "KVCache",
     "KVCacheISWA",
     "LlmemError",
     "Memory",
     "MemoryContext",
-    "Rope",
+    "MemoryPlan",
+    "ModelHParams",
+    "plan_memory",
+    "read_gguf_hparams",
     "RecurrentContext",
     "RecurrentMemory",
+    "Rope",
     "StateError",
     "Status",
+    "status_combine",
+    "status_is_fail",
     "SWAType",
     "UBatch",
     "__version__",
-    "status_combine",
-    "status_is_fail",
 ]
 
 
