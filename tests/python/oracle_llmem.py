@@ -8,9 +8,11 @@ recorded format, so that ``test_oracle_replay.py`` can compare them field by fie
 How a recorded context becomes an llmem memory (model shapes from
 ``/work/shared/oracle/make_models.py``, context rules from the oracle README and ``kv_cache.md`` §3):
 
-* KV size per stream = ``info["n_ctx_seq"]``; ``unified`` = ``kv_unified``; ``v_trans`` = not
-  flash attention; K/V dtypes = ``type_k``/``type_v`` (f16 by default); ``n_pad`` 1.
-* iSWA (gemma2): the SWA layers are those of the model (gemma2 layer 0), window ``info["n_swa"]``,
+* sizes (:func:`context_sizes`) derived from the scenario's context as llama.cpp derives them and
+  checked against the recorded ``info``: KV size per stream = ``n_ctx_seq``; ``n_batch``, ``n_ubatch``.
+* ``unified`` = ``kv_unified``; ``v_trans`` = not flash attention; K/V dtypes = ``type_k``/``type_v``
+  (f16 by default); ``n_pad`` 1.
+* iSWA (gemma2): the SWA layers are those of the model (gemma2 layer 0), window 16 (the model's),
   ``swa_full`` and ``n_ubatch`` from the context (they size the SWA cache).
 * recurrent: ``mem_size = max(1, n_seq_max)``, f32 r/s states, rows as in the oracle README
   (mamba r = (d_conv-1) d_inner, s = d_state d_inner; mamba2 r = (d_conv-1)(d_inner + 2 n_group
@@ -79,6 +81,7 @@ class ModelShape:
     n_embd_r: int = 0                          # elements per recurrent r row
     n_embd_s: int = 0                          # elements per recurrent s row
     rollback: bool = False                     # llama.cpp keeps n_rs_seq for this arch (else 0)
+    n_swa: int = 0                             # sliding window of the SWA layers
 
     @property
     def n_layer_recurrent(self) -> int:
@@ -101,7 +104,7 @@ MODELS: Dict[str, ModelShape] = {
     "llama": ModelShape("llama", 2, attn_layers=(0, 1), n_embd_k_gqa=32, n_embd_v_gqa=32, head_dim=16),
     # as llama; layer 0 SWA (window 16), layer 1 full; gemma2 ropes in neox mode
     "gemma2": ModelShape("gemma2", 2, attn_layers=(0, 1), swa_layers=(0,), n_embd_k_gqa=32,
-                         n_embd_v_gqa=32, head_dim=16, rope_mode="neox"),
+                         n_embd_v_gqa=32, head_dim=16, rope_mode="neox", n_swa=16),
     "mamba": ModelShape("mamba", 2, recurrent_layers=(0, 1), n_embd_r=_MAMBA_R, n_embd_s=_MAMBA_S),
     "mamba2": ModelShape("mamba2", 2, recurrent_layers=(0, 1), n_embd_r=_MAMBA2_R, n_embd_s=_MAMBA2_S),
     # attn, mamba, attn, mamba; n_embd 32, 4 heads, 2 KV heads of 8
@@ -114,8 +117,30 @@ MODELS: Dict[str, ModelShape] = {
     # lfm2 with sliding_window 16: every attention layer is SWA (the base cache has no layer)
     "lfm2_swa": ModelShape("lfm2", 4, attn_layers=(0, 2), recurrent_layers=(1, 3), swa_layers=(0, 2),
                            n_embd_k_gqa=16, n_embd_v_gqa=16, head_dim=8, rope_mode="neox",
-                           n_embd_r=_LFM2_R, n_embd_s=0, rollback=True),
+                           n_embd_r=_LFM2_R, n_embd_s=0, rollback=True, n_swa=16),
 }
+
+
+def _pad256(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+def context_sizes(case: Case) -> Dict[str, int]:
+    """The sizes llama.cpp derives from the context parameters (oracle README, kv_cache.md §3):
+    n_ctx padded to 256; without kv_unified n_ctx_seq = pad256(n_ctx / n_seq_max) and
+    n_ctx = n_ctx_seq * n_seq_max; n_batch = min(requested n_ctx, n_batch); n_ubatch <= n_batch."""
+    c = case.context
+    n_seq_max = int(c["n_seq_max"])
+    n_ctx = _pad256(int(c["n_ctx"]))
+    if c["kv_unified"]:
+        n_ctx_seq = n_ctx
+    else:
+        n_ctx_seq = _pad256(n_ctx // n_seq_max)
+        n_ctx = n_ctx_seq * n_seq_max
+    n_batch = min(int(c["n_ctx"]), int(c["n_batch"]))
+    return {"n_ctx": n_ctx, "n_ctx_seq": n_ctx_seq, "n_batch": n_batch,
+            "n_ubatch": min(n_batch, int(c["n_ubatch"])), "n_seq_max": n_seq_max,
+            "n_swa": MODELS[case.model].n_swa}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,7 +157,7 @@ def _kv_kwargs(case: Case, shape: ModelShape) -> Dict[str, Any]:
         raise ValueError(f"{case.name}: flash_attn {c['flash_attn']!r} is not reproducible on the llmem side")
     return dict(
         n_layer=shape.n_layer, n_embd_k_gqa=shape.n_embd_k_gqa, n_embd_v_gqa=shape.n_embd_v_gqa,
-        kv_size=int(case.info["n_ctx_seq"]), n_seq_max=int(case.info["n_seq_max"]),
+        kv_size=context_sizes(case)["n_ctx_seq"], n_seq_max=int(c["n_seq_max"]),
         dtype_k=_DTYPES[c["type_k"]], dtype_v=_DTYPES[c["type_v"]],
         v_trans=c["flash_attn"] == "off", unified=bool(c["kv_unified"]), n_pad=1,
         rope=llmem.Rope(n_rot=shape.head_dim, freq_base=10000.0, mode=shape.rope_mode),
@@ -142,13 +167,13 @@ def _kv_kwargs(case: Case, shape: ModelShape) -> Dict[str, Any]:
 def _iswa(case: Case, shape: ModelShape, layer_filter: Optional[Callable[[int], bool]]) -> "llmem.KVCacheISWA":
     swa = set(shape.swa_layers)
     return llmem.KVCacheISWA(
-        **_kv_kwargs(case, shape), n_swa=int(case.info["n_swa"]), swa_type=SWAType.STANDARD,
+        **_kv_kwargs(case, shape), n_swa=shape.n_swa, swa_type=SWAType.STANDARD,
         swa_full=bool(case.context["swa_full"]), is_swa_layer=[il in swa for il in range(shape.n_layer)],
-        n_ubatch=int(case.info["n_ubatch"]), layer_filter=layer_filter)
+        n_ubatch=context_sizes(case)["n_ubatch"], layer_filter=layer_filter)
 
 
 def _recurrent(case: Case, shape: ModelShape) -> "llmem.RecurrentMemory":
-    n_seq_max = int(case.info["n_seq_max"])
+    n_seq_max = int(case.context["n_seq_max"])
     rec = set(shape.recurrent_layers)
     return llmem.RecurrentMemory(
         n_layer=shape.n_layer, n_embd_r=shape.n_embd_r, n_embd_s=shape.n_embd_s,
@@ -341,13 +366,18 @@ class LlmemRunner:
     def __post_init__(self) -> None:
         self.shape = MODELS[self.case.model]
         self.kind = self.case.kind
-        self.info = self.case.info
-        self.n_seq_max = int(self.info["n_seq_max"])
-        self.n_batch = int(self.info["n_batch"])
-        self.n_ubatch = int(self.info["n_ubatch"])
+        self.sizes = context_sizes(self.case)
+        self.n_seq_max = self.sizes["n_seq_max"]
+        self.n_batch = self.sizes["n_batch"]
+        self.n_ubatch = self.sizes["n_ubatch"]
         self.traced = self.case.traced
         if self.mem is None:
             self.mem = build_memory(self.case)
+
+    def info(self) -> Dict[str, Any]:
+        """The recorded ``info`` fields as this runner derived them (sizes, window) and as llmem
+        answers them (``can_shift`` of the fresh memory)."""
+        return dict(self.sizes, can_shift=bool(self.mem.get_can_shift()))
 
     # -- driving -------------------------------------------------------------------------------
     def run_step(self, step: Step) -> Dict[str, Any]:
@@ -463,7 +493,7 @@ class LlmemRunner:
         return self._blob_obs(i, data, lambda d: parse_seq_state(d, self.kind, self.shape, flags))
 
     def _op_state_get(self, i, s):
-        arch = self.info["arch"].encode()
+        arch = self.shape.arch.encode()
         body = bytes(self.mem.state_write(-1, 0))
         data = struct.pack("<I", len(arch)) + arch + body
         return self._blob_obs(i, data, lambda d: parse_full_state(d, self.kind, self.shape))
@@ -495,7 +525,7 @@ class LlmemRunner:
     def _op_state_set(self, i, s):
         data = self._blob_from(i, s)
         # llama_state_set_data: u32 length + arch name (must match), then the memory's bytes
-        arch = self.info["arch"].encode()
+        arch = self.shape.arch.encode()
         if len(data) < 4:
             return {"ret": 0, "why": "arch: truncated"}
         n = struct.unpack_from("<I", data, 0)[0]
@@ -508,5 +538,5 @@ class LlmemRunner:
         return {"ret": len(data)}
 
 
-__all__ = ["MODELS", "ModelShape", "HybridUnavailable", "DecodeRefused", "LlmemRunner", "build_memory",
+__all__ = ["MODELS", "ModelShape", "context_sizes", "HybridUnavailable", "DecodeRefused", "LlmemRunner", "build_memory",
            "parse_seq_state", "parse_full_state", "ubatch_record"]

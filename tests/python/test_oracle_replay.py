@@ -2,7 +2,7 @@
 
 One test per recorded scenario. ``oracle_llmem.LlmemRunner`` builds the memory llama.cpp built and
 executes the steps as llama.cpp's decode / memory / state functions do; every field the recordings
-hold llmem to exactly (``oracle_replay.COMPARE_EXACT``: ``ret`` of decode / seq_rm / state sets,
+hold llmem to exactly (the context ``info``: sizes and ``can_shift``; ``oracle_replay.COMPARE_EXACT``: ``ret`` of decode / seq_rm / state sets,
 ``min``/``max`` of pos, ``can_shift``, the ubatches of traced decodes, ``size``/``n``/``meta`` of state
 blobs without payload hashes) is compared, step by step, in order; the first difference fails the
 test with the scenario, step index, op, field, expected and got values.
@@ -215,6 +215,11 @@ def test_oracle_replay(case: Case) -> None:
         unavailable = str(e)
     if unavailable is not None:
         pytest.fail(unavailable, pytrace=False)
+    # what llama.cpp reported after creating the context: the runner's size rules, llmem's can_shift
+    info = runner.info()
+    for fld, val in info.items():
+        if case.info[fld] != val:
+            pytest.fail(f"{case.name} info.{fld}: expected {case.info[fld]!r}, got {val!r}", pytrace=False)
     for step in case.steps():
         label = f"{case.name}[{step.index}] {step.op} {step.args}"
         dev = DEVIATIONS.get((case.name, step.index))
