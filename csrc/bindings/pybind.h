@@ -18,6 +18,7 @@ namespace llmem::bind {
 void register_errors(py::module_ & m);
 void register_status(py::module_ & m);
 void register_batch(py::module_ & m);
+void register_hybrid(py::module_ & m);
 void register_recurrent(py::module_ & m);
 void register_kv_cache(py::module_ & m);
 

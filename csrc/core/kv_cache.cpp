@@ -1322,12 +1322,12 @@ void kv_cache::state_read(const uint8_t * data, size_t n, size_t & off, int32_t 
 }
 
 size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
-                         int32_t seq, bool exact) {
+                         int32_t seq, bool exact, const std::function<size_t(size_t)> & then) {
     std::vector<std::unique_ptr<kv_cache::parsed_state>> parsed;
     for (kv_cache * c : caches) {
         parsed.push_back(c->state_parse(data, n, off, seq));
     }
-    if (exact && off != n) {
+    if (exact && !then && off != n) {
         throw state_error(std::to_string(n - off) + " unexpected bytes after the KV state");
     }
     size_t opened = 0;
@@ -1338,6 +1338,9 @@ size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t *
                 ++opened;
                 throw state_error("failed to restore the sequence state: not enough free cells");
             }
+        }
+        if (then) {
+            off = then(off);
         }
     } catch (...) {
         for (size_t k = 0; k < opened; ++k) {

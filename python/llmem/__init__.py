@@ -16,9 +16,13 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StateError
+from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, Rope
 from .memory import Memory, MemoryContext
 from .recurrent import RecurrentContext, RecurrentMemory
+from .factory import from_gguf, from_hparams
+from .hparams import ModelHParams, read_gguf_hparams
+from .plan import MemoryPlan, plan_memory
 from .status import Status, SWAType, status_combine, status_is_fail
 
 __version__: str = _core.__version__
@@ -27,6 +31,9 @@ __all__ = [
     "Batch",
     "BatchAllocator",
     "BatchError",
+    "HybridContext",
+    "HybridISWAMemory",
+    "HybridMemory",
     "KVCache",
     "KVCacheISWA",
     "LlmemError",
@@ -35,11 +42,17 @@ __all__ = [
     "RecurrentContext",
     "RecurrentMemory",
     "Rope",
+    "MemoryPlan",
+    "ModelHParams",
     "StateError",
     "Status",
     "SWAType",
     "UBatch",
     "__version__",
+    "from_gguf",
+    "from_hparams",
+    "plan_memory",
+    "read_gguf_hparams",
     "status_combine",
     "status_is_fail",
 ]

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -279,8 +280,11 @@ std::pair<kv_context, kv_context> kv_iswa_init_batch(kv_cache & base, kv_cache &
 /// caches), all or nothing: throws state_error and changes no cache unless every section parses
 /// and fits. With `exact`, bytes left after the last section are an error too. Returns the new
 /// offset.
+/// `then`, when given, runs after the sections are parsed and placed but before anything is
+/// committed; it receives the offset after the KV sections and returns the final offset. If it
+/// throws, every cache is rolled back (the hybrid memory reads its recurrent section there).
 size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
-                         int32_t seq, bool exact);
+                         int32_t seq, bool exact, const std::function<size_t(size_t)> & then = {});
 
 /// Half / bfloat16 conversions used for K-shift and tests.
 float    f16_to_f32(uint16_t h);

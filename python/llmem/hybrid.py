@@ -1,0 +1,326 @@
+"""Hybrid memories: an attention KV cache and a recurrent memory behind one interface
+(llama.cpp's ``llama_memory_hybrid`` and ``llama_memory_hybrid_iswa``).
+
+Models such as Jamba, Granite-4-H, Nemotron-H, Falcon-H1, LFM2 and Qwen3-Next interleave attention
+layers (which need a KV cache) with recurrent layers (which need a per-sequence state). The hybrid
+memory splits a batch once, checks that *both* parts can place every micro-batch before anything
+changes, and then drives both with one context::
+
+    mem = HybridMemory(attn=KVCache(...), recr=RecurrentMemory(...), is_recurrent_layer=pattern)
+    ctx = mem.init_batch(batch, n_ubatch=512)
+    for ub in ctx:                      # applies both sides
+        for il in range(n_layer):
+            if mem.is_recurrent_layer(il):
+                s = ctx.recr.get_s(il); ...; ctx.recr.store_s(il, s_new)
+            else:
+                ctx.attn.cpy_k(il, k); ...; mask = ctx.attn.kq_mask()
+
+Unlike llama.cpp, an operation that fails on either side leaves *both* sides exactly as they were
+(see ``docs/deviations.md``).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, Sequence, Union
+
+from . import _core
+from .errors import LlmemError
+from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
+from .memory import BatchOrAllocator, Memory, MemoryContext
+from .recurrent import RecurrentContext, RecurrentMemory
+from .status import Status, status_combine, status_is_fail
+
+__all__ = ["HybridMemory", "HybridISWAMemory", "HybridContext", "STATE_PARTIAL_ONLY"]
+
+#: llama_state_seq_flags: with it only the recurrent part (and, for hybrid-iSWA, the SWA cache) is
+#: written and read.
+STATE_PARTIAL_ONLY = 1
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+LayerPattern = Union[None, Callable[[int], bool], Sequence[bool]]
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if not _I32_MIN <= v <= _I32_MAX:
+        raise ValueError(f"{name}={v} is outside int32")
+    return v
+
+
+class HybridContext(MemoryContext):
+    """One plan over both parts. ``attn`` and ``recr`` are the sub-contexts the model's attention
+    and recurrent layers read (``ctx.attn.kq_mask()``, ``ctx.recr.get_s(il)``, ...)."""
+
+    __slots__ = ("attn", "recr", "_status", "_i", "_n")
+
+    def __init__(self, attn: MemoryContext, recr: RecurrentContext, status: Status) -> None:
+        self.attn = attn
+        self.recr = recr
+        self._status = Status(status)
+        self._i = 0
+        self._n = recr.n_ubatches if not status_is_fail(status) else 0
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    def next(self) -> bool:
+        """Advance both sub-contexts; False after the last micro-batch."""
+        self.attn.next()
+        self.recr.next()
+        self._i += 1
+        return self._i < self._n
+
+    def apply(self) -> bool:
+        """Apply the attention side, then the recurrent side (both always run, as llama.cpp)."""
+        if status_is_fail(self._status):
+            raise LlmemError(f"cannot apply a context whose status is {self._status.name}")
+        ok_attn = self.attn.apply()
+        ok_recr = self.recr.apply()
+        return bool(ok_attn) and bool(ok_recr)
+
+    @property
+    def ubatch(self):
+        return self.recr.ubatch
+
+    @property
+    def n_ubatches(self) -> int:
+        return self._n
+
+
+class HybridMemory(Memory):
+    """A :class:`~llmem.KVCache` for the attention layers and a :class:`~llmem.RecurrentMemory`
+    for the recurrent layers.
+
+    ``is_recurrent_layer`` (a callable or one bool per layer) says which part holds each layer's
+    state; by default a layer is recurrent when the recurrent memory has arrays for it. Both parts
+    must accept the same ``n_seq_max``.
+    """
+
+    _attn_type: type = KVCache
+
+    def __init__(self, attn: KVCache, recr: RecurrentMemory, is_recurrent_layer: LayerPattern = None) -> None:
+        if not isinstance(attn, self._attn_type):
+            raise TypeError(f"attn must be a {self._attn_type.__name__}, not {type(attn).__name__}")
+        if not isinstance(recr, RecurrentMemory):
+            raise TypeError(f"recr must be a RecurrentMemory, not {type(recr).__name__}")
+        if attn.n_seq_max != recr.n_seq_max:
+            raise ValueError(f"attn and recr must have the same n_seq_max, got {attn.n_seq_max} and {recr.n_seq_max}")
+        n_layer = recr.n_layer
+        if is_recurrent_layer is None:
+            pattern = [recr.has_layer(il) for il in range(n_layer)]
+        elif callable(is_recurrent_layer):
+            pattern = [bool(is_recurrent_layer(il)) for il in range(n_layer)]
+        else:
+            pattern = [bool(x) for x in is_recurrent_layer]
+            if len(pattern) != n_layer:
+                raise ValueError(f"is_recurrent_layer has {len(pattern)} entries, the model has {n_layer} layers")
+        self._attn = attn
+        self._recr = recr
+        self._pattern = pattern
+        self._positions = _core.HybridPositions(attn._pos_source, recr._pos_source)
+
+    def __repr__(self) -> str:
+        n_rec = sum(self._pattern)
+        return (f"{type(self).__name__}({len(self._pattern) - n_rec} attention + {n_rec} recurrent layers, "
+                f"attn={self._attn!r}, recr={self._recr!r})")
+
+    # -- parts -------------------------------------------------------------------------------------
+
+    @property
+    def mem_attn(self) -> KVCache:
+        """The attention side."""
+        return self._attn
+
+    @property
+    def mem_recr(self) -> RecurrentMemory:
+        """The recurrent side."""
+        return self._recr
+
+    def is_recurrent_layer(self, il: int) -> bool:
+        """Whether layer ``il`` keeps its state in the recurrent memory."""
+        il = _int("il", il)
+        if not 0 <= il < len(self._pattern):
+            raise ValueError(f"il={il} is outside [0, {len(self._pattern)})")
+        return self._pattern[il]
+
+    @property
+    def _pos_source(self):
+        return self._positions
+
+    def _attn_caches(self, flags: int) -> list:
+        return [self._attn._core] if not flags & STATE_PARTIAL_ONLY else []
+
+    def _attn_context(self, base_ctx, swa_ctx) -> MemoryContext:
+        return KVCacheContext(self._attn, base_ctx)
+
+    def _attn_cores(self):
+        return self._attn._core, None
+
+    # -- batches -----------------------------------------------------------------------------------
+
+    def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int, embd_all: bool = False) -> HybridContext:
+        """Split once as llama.cpp's hybrid does (by sequence with ``embd_all``, else equal-length
+        sets, sequential when the attention cache has several streams) and check both parts can
+        place every micro-batch; nothing changes. FAILED_PREPARE when either cannot."""
+        n_ubatch = _int("n_ubatch", n_ubatch)
+        if n_ubatch < 1:
+            raise ValueError(f"n_ubatch must be >= 1, got {n_ubatch}")
+        balloc = self._allocator_for(balloc_or_batch)
+        base, swa = self._attn_cores()
+        status, cb, cs, cr = _core.hybrid_init_batch(balloc, n_ubatch, bool(embd_all), base, swa, self._recr._mem)
+        return HybridContext(self._attn_context(cb, cs), RecurrentContext(self._recr, cr), status)
+
+    def init_full(self) -> HybridContext:
+        attn, recr = self._attn.init_full(), self._recr.init_full()
+        return HybridContext(attn, recr, status_combine(attn.status, recr.status))
+
+    def init_update(self, optimize: bool = False) -> HybridContext:
+        """The attention side's pending work (K-shift, stream copies); a recurrent memory has none."""
+        attn, recr = self._attn.init_update(optimize), self._recr.init_update(optimize)
+        return HybridContext(attn, recr, status_combine(attn.status, Status.NO_UPDATE))
+
+    # -- sequences ---------------------------------------------------------------------------------
+
+    def clear(self, data: bool = True) -> None:
+        self._attn.clear(data)
+        self._recr.clear(data)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """The recurrent side decides: when it refuses (a cut into the end of a sequence without a
+        rollback snapshot, any negative id), nothing changes and the result is False; otherwise
+        the attention side removes [p0, p1) too."""
+        seq_id, p0, p1 = _int("seq_id", seq_id), _int("p0", p0), _int("p1", p1)
+        if not self._recr.seq_rm(seq_id, p0, p1):
+            return False
+        return bool(self._attn.seq_rm(seq_id, p0, p1))
+
+    def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        self._attn.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+        self._recr.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        self._attn.seq_keep(seq_id)
+        self._recr.seq_keep(seq_id)
+
+    def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        seq_id, p0, p1, shift = _int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("shift", shift)
+        # the recurrent side refuses a shift leaving int32 after the attention side applied its
+        # own: check it first so that a refusal changes neither side
+        pos = self._recr.seq_pos_min(seq_id)
+        lo, hi = (p0 if p0 >= 0 else 0), (p1 if p1 >= 0 else _I32_MAX)
+        if shift != 0 and pos != -1 and lo <= pos < hi and not _I32_MIN <= pos + shift <= _I32_MAX:
+            raise ValueError(f"seq_add: position {pos} + {shift} of sequence {seq_id} overflows int32")
+        self._attn.seq_add(seq_id, p0, p1, shift)
+        self._recr.seq_add(seq_id, p0, p1, shift)
+
+    def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        d = _int("d", d)
+        if d < 1:
+            raise ValueError(f"seq_div: divisor must be >= 1, got {d}")
+        self._attn.seq_div(seq_id, p0, p1, d)
+        self._recr.seq_div(seq_id, p0, p1, d)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        """max(attention min, recurrent min): the first position both parts hold."""
+        return self._positions.seq_pos_min(_int("seq_id", seq_id))
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        """min(attention max, recurrent max): after decoding 0..4 a hybrid reports min = max = 4."""
+        return self._positions.seq_pos_max(_int("seq_id", seq_id))
+
+    # -- introspection -----------------------------------------------------------------------------
+
+    def get_can_shift(self) -> bool:
+        return self._attn.get_can_shift()
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes by buffer, prefixed with the part that holds it (``attn.*``, ``recr.*``)."""
+        out = {f"attn.{k}": v for k, v in self._attn.memory_breakdown().items()}
+        out.update({f"recr.{k}": v for k, v in self._recr.memory_breakdown().items()})
+        return out
+
+    @property
+    def size(self) -> int:
+        """Cells of the attention cache (the recurrent side has ``mem_recr.size``)."""
+        return self._attn.size
+
+    @property
+    def used(self) -> int:
+        """Cells in use in the attention cache."""
+        return self._attn.used
+
+    @property
+    def head(self) -> int:
+        return self._attn.head
+
+    @property
+    def n_seq_max(self) -> int:
+        return self._attn.n_seq_max
+
+    def cells(self) -> dict:
+        return {"attn": self._attn.cells(), "recr": self._recr.cells()}
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        """The attention section(s) then the recurrent section, in llama.cpp's layout; with
+        ``STATE_PARTIAL_ONLY`` only the recurrent section."""
+        seq_id, flags = _int("seq_id", seq_id), _int("flags", flags)
+        parts = []
+        if not flags & STATE_PARTIAL_ONLY:
+            parts.append(self._attn.state_write(seq_id, flags))
+        parts.append(self._recr.state_write(seq_id, flags))
+        return b"".join(parts)
+
+    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+        """Restore bytes of :meth:`state_write` into the whole memory (-1) or one sequence.
+        All or nothing: on :class:`~llmem.StateError` neither part has changed."""
+        seq_id, flags = _int("seq_id", seq_id), _int("flags", flags)
+        if flags < 0:
+            raise ValueError(f"flags must be non-negative, got {flags}")
+        if not (seq_id == -1 or 0 <= seq_id < self.n_seq_max):
+            raise ValueError(f"seq_id must be -1 or in [0, {self.n_seq_max}), got {seq_id}")
+        if isinstance(data, str):
+            raise TypeError("data must be a bytes-like object, not str")
+        try:
+            view = memoryview(data)
+        except TypeError:
+            raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+        if view.ndim != 1 or view.itemsize != 1:
+            view = view.cast("B")
+        _core.hybrid_state_read(self._attn_caches(flags), self._recr._mem, view, seq_id, flags)
+
+
+class HybridISWAMemory(HybridMemory):
+    """A hybrid memory whose attention side is a :class:`~llmem.KVCacheISWA` (a base cache for
+    full-attention layers and a SWA cache for sliding-window layers).
+
+    Positions of the attention side are those of the SWA cache; states are base, SWA, recurrent
+    (with ``STATE_PARTIAL_ONLY``: SWA then recurrent).
+    """
+
+    _attn_type = KVCacheISWA
+
+    def _attn_caches(self, flags: int) -> list:
+        a = self._attn
+        return [a.swa._core] if flags & STATE_PARTIAL_ONLY else [a.base._core, a.swa._core]
+
+    def _attn_context(self, base_ctx, swa_ctx) -> MemoryContext:
+        a = self._attn
+        return KVCacheISWAContext(a, KVCacheContext(a.base, base_ctx), KVCacheContext(a.swa, swa_ctx))
+
+    def _attn_cores(self):
+        return self._attn.base._core, self._attn.swa._core
+
+    def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
+        """Base (unless ``STATE_PARTIAL_ONLY``), SWA, then recurrent sections."""
+        seq_id, flags = _int("seq_id", seq_id), _int("flags", flags)
+        return self._attn.state_write(seq_id, flags) + self._recr.state_write(seq_id, flags)
