@@ -31,7 +31,9 @@ How a step is executed (``batch_recurrent_hybrid.md`` §8, ``kv_cache.md`` §10)
   them as llama.cpp does); ``BatchAllocator(n_seq_max, n_vocab=64).init(batch, memory)`` (-1 on
   ``BatchError``); ``init_update()`` applied when SUCCESS; ``init_batch(balloc, n_ubatch)``; on
   FAILED_PREPARE one ``init_update(optimize=True)`` and a retry if it had work, else ret 1; then
-  apply every ubatch, recording it in the oracle's trace format when the scenario is traced.
+  apply every ubatch, read the recurrent inputs as the model graph does (``s_copy_all``, which
+  consumes pending rollbacks, then ``get_r``/``get_s``), and record the ubatch in the oracle's trace
+  format when the scenario is traced.
 * seq ops, ``pos``, ``can_shift``: the memory's methods.
 * state: sequence blobs are framed as ``llama_state_seq_get_data`` frames them (u32 magic
   0xaf143cd8, i32 seq id, then ``state_write(seq, flags)``), full states as ``llama_state_get_data``
@@ -427,11 +429,25 @@ class LlmemRunner:
             if not ctx.apply():
                 raise LlmemError(f"apply() of ubatch {len(ubatches)} returned false")
             ub = ctx.ubatch
+            self._compute(ctx)
             if self.traced:
                 ubatches.append(ubatch_record(ub))
             if not ctx.next():
                 break
         return self._decode_result(0, None, ubatches)
+
+    def _compute(self, ctx) -> None:
+        """What the model graph does with the memory when it computes an applied ubatch, as far as
+        it changes the memory: the recurrent layers read ``s_copy`` for every slot cell (which
+        consumes pending rollbacks, spec §5.12 / Q12) and their input states (``get_r``/``get_s``:
+        zeroing of ``rs_z`` and the extra-cell copies). Attention layers only write K/V rows."""
+        recr = ctx if isinstance(ctx, llmem.RecurrentContext) else getattr(ctx, "recr", None)
+        if recr is None:
+            return
+        recr.s_copy_all()
+        for il in self.shape.recurrent_layers:
+            recr.get_r(il)
+            recr.get_s(il)
 
     def _decode_result(self, ret: int, why: Optional[str], ubatches: Optional[list] = None) -> Dict[str, Any]:
         out: Dict[str, Any] = {"ret": ret}
