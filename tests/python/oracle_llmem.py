@@ -364,6 +364,8 @@ class LlmemRunner:
     case: Case
     mem: Any = None
     blobs: Dict[int, bytes] = field(default_factory=dict)
+    #: write deterministic stand-in K/V rows and recurrent states for every ubatch (see ``_compute``)
+    fake_data: bool = False
 
     def __post_init__(self) -> None:
         self.shape = MODELS[self.case.model]
@@ -442,12 +444,48 @@ class LlmemRunner:
         consumes pending rollbacks, spec §5.12 / Q12) and their input states (``get_r``/``get_s``:
         zeroing of ``rs_z`` and the extra-cell copies). Attention layers only write K/V rows."""
         recr = ctx if isinstance(ctx, llmem.RecurrentContext) else getattr(ctx, "recr", None)
+        attn = None if isinstance(ctx, llmem.RecurrentContext) else getattr(ctx, "attn", ctx)
+        if self.fake_data and attn is not None:
+            self._fake_attention(attn, ctx.ubatch)
         if recr is None:
             return
         recr.s_copy_all()
         for il in self.shape.recurrent_layers:
-            recr.get_r(il)
-            recr.get_s(il)
+            r_in, s_in = recr.get_r(il), recr.get_s(il)
+            if self.fake_data:
+                recr.store_r(il, self._fake_states(il, r_in, ctx.ubatch))
+                recr.store_s(il, self._fake_states(il + 1000, s_in, ctx.ubatch))
+
+    # Stand-in model (fake_data): values are exact in f16/f32, so equal inputs give equal bytes.
+    # K depends on (layer, token, position), V on (layer, token) - as layer 0 of the real models;
+    # a recurrent state on (layer, input state, tokens) and not on positions, as Mamba / short conv.
+    def _fake_attention(self, attn, ub) -> None:
+        tok = ub.token.astype(np.int64)[:, None]
+        pos = ub.pos.astype(np.int64)[: len(tok), None]
+        for il in self.shape.attn_layers:
+            jk = np.arange(self.shape.n_embd_k_gqa, dtype=np.int64)[None, :]
+            jv = np.arange(self.shape.n_embd_v_gqa, dtype=np.int64)[None, :]
+            k = ((il * 131 + tok * 17 + pos * 7 + jk) % 251).astype(np.float32) / 16 - 8
+            v = ((il * 97 + tok * 29 + jv * 3) % 241).astype(np.float32) / 16 - 8
+            attn.cpy_k(il, k)
+            attn.cpy_v(il, v)
+
+    def _fake_states(self, il: int, inp: np.ndarray, ub) -> np.ndarray:
+        """New states of each seq set of an equal-split ubatch: ``h(state, token)`` token by token;
+        the snapshot planes the model writes: min(T, 1 + n_rs_seq) (oracle README C3)."""
+        n_seqs, nst = int(ub.n_seqs), int(ub.n_seq_tokens)
+        tok = ub.token.astype(np.int64).reshape(n_seqs, nst)
+        width = inp.shape[1]
+        j = np.arange(width, dtype=np.int64)[None, :]
+        state = inp.astype(np.int64)
+        after = [state]
+        for t in range(nst):
+            state = (state * 3 + tok[:, t:t + 1] + 1 + j + il) % 1009
+            after.append(state)
+        n_rs_seq = self.mem.n_rs_seq if isinstance(self.mem, llmem.RecurrentMemory) else self.mem.mem_recr.n_rs_seq
+        k = min(nst, 1 + n_rs_seq)
+        planes = np.stack([after[nst - d] for d in range(k)]).astype(inp.dtype)
+        return planes[0] if k == 1 else planes
 
     def _decode_result(self, ret: int, why: Optional[str], ubatches: Optional[list] = None) -> Dict[str, Any]:
         out: Dict[str, Any] = {"ret": ret}
