@@ -2,9 +2,9 @@
 
 One test per recorded scenario. ``oracle_llmem.LlmemRunner`` builds the memory llama.cpp built and
 executes the steps as llama.cpp's decode / memory / state functions do; every field the recordings
-hold llmem to exactly (the context ``info``: sizes and ``can_shift``; ``oracle_replay.COMPARE_EXACT``: ``ret`` of decode / seq_rm / state sets,
-``min``/``max`` of pos, ``can_shift``, the ubatches of traced decodes, ``size``/``n``/``meta`` of state
-blobs without payload hashes) is compared, step by step, in order; the first difference fails the
+hold llmem to exactly (the context ``info``: sizes and ``can_shift``; ``oracle_replay.COMPARE_EXACT``:
+``ret`` of decode / seq_rm / state sets, ``min``/``max`` of pos, ``can_shift``, the ubatches of traced
+decodes, ``size``/``n``/``meta`` of state blobs without payload hashes) is compared, step by step, in order; the first difference fails the
 test with the scenario, step index, op, field, expected and got values.
 
 Where llmem deliberately does something else than llama.cpp (fidelity policy of
