@@ -4,8 +4,9 @@ One test per recorded scenario. ``oracle_llmem.LlmemRunner`` builds the memory l
 executes the steps as llama.cpp's decode / memory / state functions do; every field the recordings
 hold llmem to exactly (the context ``info``: sizes and ``can_shift``; ``oracle_replay.COMPARE_EXACT``:
 ``ret`` of decode / seq_rm / state sets, ``min``/``max`` of pos, ``can_shift``, the ubatches of traced
-decodes, ``size``/``n``/``meta`` of state blobs without payload hashes) is compared, step by step, in order; the first difference fails the
-test with the scenario, step index, op, field, expected and got values.
+decodes, ``size``/``n``/``meta`` of state blobs without payload hashes) is compared, step by step, in
+order; the first difference fails the test with the scenario, step index, op, field, expected and got
+values. ``test_oracle_payload_relations`` adds relative checks of the state bytes.
 
 Where llmem deliberately does something else than llama.cpp (fidelity policy of
 ``/work/shared/spec/README.md``: a bad argument raises, a failed call changes nothing, a failed
