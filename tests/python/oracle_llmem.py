@@ -72,6 +72,7 @@ class ModelShape:
     """What llama.cpp's memory needs to know about one oracle model."""
 
     arch: str
+    kind: str                                  # kv, iswa, recurrent, hybrid or hybrid_iswa
     n_layer: int
     attn_layers: Tuple[int, ...] = ()          # layers with a KV cache
     recurrent_layers: Tuple[int, ...] = ()     # layers with a recurrent state
@@ -103,21 +104,22 @@ _LFM2_R = (3 - 1) * 32                                    # (l_cache - 1) * n_em
 
 MODELS: Dict[str, ModelShape] = {
     # 2 layers, n_embd 64, 4 heads, 2 KV heads of 16: n_embd_k_gqa 32 (K row 64 bytes in f16)
-    "llama": ModelShape("llama", 2, attn_layers=(0, 1), n_embd_k_gqa=32, n_embd_v_gqa=32, head_dim=16),
+    "llama": ModelShape("llama", "kv", 2, attn_layers=(0, 1), n_embd_k_gqa=32, n_embd_v_gqa=32, head_dim=16),
     # as llama; layer 0 SWA (window 16), layer 1 full; gemma2 ropes in neox mode
-    "gemma2": ModelShape("gemma2", 2, attn_layers=(0, 1), swa_layers=(0,), n_embd_k_gqa=32,
+    "gemma2": ModelShape("gemma2", "iswa", 2, attn_layers=(0, 1), swa_layers=(0,), n_embd_k_gqa=32,
                          n_embd_v_gqa=32, head_dim=16, rope_mode="neox", n_swa=16),
-    "mamba": ModelShape("mamba", 2, recurrent_layers=(0, 1), n_embd_r=_MAMBA_R, n_embd_s=_MAMBA_S),
-    "mamba2": ModelShape("mamba2", 2, recurrent_layers=(0, 1), n_embd_r=_MAMBA2_R, n_embd_s=_MAMBA2_S),
+    "mamba": ModelShape("mamba", "recurrent", 2, recurrent_layers=(0, 1), n_embd_r=_MAMBA_R, n_embd_s=_MAMBA_S),
+    "mamba2": ModelShape("mamba2", "recurrent", 2, recurrent_layers=(0, 1), n_embd_r=_MAMBA2_R, n_embd_s=_MAMBA2_S),
     # attn, mamba, attn, mamba; n_embd 32, 4 heads, 2 KV heads of 8
-    "jamba": ModelShape("jamba", 4, attn_layers=(0, 2), recurrent_layers=(1, 3), n_embd_k_gqa=16,
+    "jamba": ModelShape("jamba", "hybrid", 4, attn_layers=(0, 2), recurrent_layers=(1, 3), n_embd_k_gqa=16,
                         n_embd_v_gqa=16, head_dim=8, n_embd_r=_MAMBA_R, n_embd_s=_MAMBA_S),
     # attn, conv, attn, conv; short conv l_cache 3, empty s state
-    "lfm2": ModelShape("lfm2", 4, attn_layers=(0, 2), recurrent_layers=(1, 3), n_embd_k_gqa=16,
+    "lfm2": ModelShape("lfm2", "hybrid", 4, attn_layers=(0, 2), recurrent_layers=(1, 3), n_embd_k_gqa=16,
                        n_embd_v_gqa=16, head_dim=8, rope_mode="neox", n_embd_r=_LFM2_R, n_embd_s=0,
                        rollback=True),
     # lfm2 with sliding_window 16: every attention layer is SWA (the base cache has no layer)
-    "lfm2_swa": ModelShape("lfm2", 4, attn_layers=(0, 2), recurrent_layers=(1, 3), swa_layers=(0, 2),
+    "lfm2_swa": ModelShape("lfm2", "hybrid_iswa", 4, attn_layers=(0, 2), recurrent_layers=(1, 3),
+                           swa_layers=(0, 2),
                            n_embd_k_gqa=16, n_embd_v_gqa=16, head_dim=8, rope_mode="neox",
                            n_embd_r=_LFM2_R, n_embd_s=0, rollback=True, n_swa=16),
 }
@@ -189,7 +191,7 @@ def build_memory(case: Case):
     """The llmem memory llama.cpp built for ``case`` (raises HybridUnavailable for hybrids
     while ``llmem.HybridMemory`` / ``llmem.HybridISWAMemory`` do not exist)."""
     shape = MODELS[case.model]
-    kind = case.kind
+    kind = shape.kind
     if kind == "kv":
         return llmem.KVCache(**_kv_kwargs(case, shape))
     if kind == "iswa":
@@ -369,7 +371,7 @@ class LlmemRunner:
 
     def __post_init__(self) -> None:
         self.shape = MODELS[self.case.model]
-        self.kind = self.case.kind
+        self.kind = self.shape.kind
         self.sizes = context_sizes(self.case)
         self.n_seq_max = self.sizes["n_seq_max"]
         self.n_batch = self.sizes["n_batch"]
@@ -381,7 +383,8 @@ class LlmemRunner:
     def info(self) -> Dict[str, Any]:
         """The recorded ``info`` fields as this runner derived them (sizes, window) and as llmem
         answers them (``can_shift`` of the fresh memory)."""
-        return dict(self.sizes, can_shift=bool(self.mem.get_can_shift()))
+        return dict(self.sizes, arch=self.shape.arch, memory=self.kind,
+                    can_shift=bool(self.mem.get_can_shift()))
 
     # -- driving -------------------------------------------------------------------------------
     def run_step(self, step: Step) -> Dict[str, Any]:
