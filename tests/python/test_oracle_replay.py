@@ -68,6 +68,13 @@ def drop_cells(stream: int, *cells: list) -> Callable[[Any], Any]:
     return tr
 
 
+def _empty_iswa_seq_meta(case: Case) -> Dict[str, Any]:
+    """The meta of an iSWA sequence blob whose sequence has no cell (both sections empty)."""
+    return {"magic": "0xaf143cd8", "seq_id": 1, "trailing_bytes": 0, "parts": [
+        {"part": "kv_base", "offset": 8, "n_stream": 1, "streams": [{"stream": 0, "cell_count": 0}]},
+        {"part": "kv_swa", "offset": 16, "n_stream": 1, "streams": [{"stream": 0, "cell_count": 0}]}]}
+
+
 def add_recurrent_cells(*cells: list) -> Callable[[Any], Any]:
     """Transform a recorded state ``meta``: append ``cells`` ([pos, [seq ids]]) to its recurrent part."""
     def tr(meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -86,6 +93,9 @@ def empty_iswa_seq_blob_meta(seq: int) -> Dict[str, Any]:
 
 
 # Reasons, cited by the table below.
+_ISWA_PARTIAL_WHOLE = (
+    "an iSWA state read with PARTIAL_ONLY of a blob written without it (base + SWA sections) is refused "
+    "by llmem because bytes follow the section it reads")
 _RESTORE_UNCHANGED = (
     "a failed state read leaves the memory unchanged (fidelity policy 2, shared/spec/README.md: 'a failed "
     "restore that leaves a sequence erased or half-written' is fixed; KVCache/RecurrentMemory.state_read "
@@ -117,6 +127,17 @@ _ISWA_ALL_OR_NOTHING = (
 
 #: (scenario, step) -> what llmem answers instead of the recording
 DEVIATIONS: Dict[Tuple[str, int], Deviation] = {
+    # -- a whole iSWA blob read with PARTIAL_ONLY ---------------------------------------------------
+    # llama.cpp reads the blob's first section (the *base* cache's) into the SWA cache and ignores
+    # the rest: seq 1 then holds all 30 positions in the SWA cache, with K/V rows of the wrong
+    # layer. llmem refuses a blob with bytes after the sections it was asked to read (StateError,
+    # nothing changed; docs/deviations.md, iSWA), so seq 1 stays erased (step 10).
+    ("iswa_state_partial", 11): Deviation(_ISWA_PARTIAL_WHOLE, expect={"ret": 0}),
+    ("iswa_state_partial", 12): Deviation(_ISWA_PARTIAL_WHOLE + "; seq 1 stays erased",
+                                          expect={"min": [0, -1], "max": [29, -1]}),
+    ("iswa_state_partial", 13): Deviation(_ISWA_PARTIAL_WHOLE + "; the blob of the empty seq 1: the 8-byte "
+                                          "header and two empty sections (n_stream, cell_count)",
+                                          expect={"size": 24, "n": 24, "meta": _empty_iswa_seq_meta}),
     # -- a seq starting at position -1 (KV) -------------------------------------------------------
     ("batch_validation_edge", 4): Deviation(_KV_POS_MINUS_1, raises=ValueError, match="position -1"),
     ("batch_validation_edge", 5): Deviation(_KV_POS_MINUS_1 + "; so seq 1 stays empty",
