@@ -113,8 +113,8 @@ def _per_layer(value, n_layer: int, name: str) -> list[int]:
         if len(vals) != n_layer:
             raise ValueError(f"{name} has {len(vals)} entries, expected n_layer = {n_layer}")
     for il, v in enumerate(vals):
-        if v <= 0:
-            raise ValueError(f"{name}[{il}] must be positive, got {v}")
+        if v < 0:
+            raise ValueError(f"{name}[{il}] must not be negative, got {v}")
     return vals
 
 
@@ -160,6 +160,12 @@ class KVCache(Memory):
         self._rope = _as_rope(rope)
         self._layers = [il for il in range(n_layer) if layer_filter is None or layer_filter(il)]
         self._layer_index = {il: l for l, il in enumerate(self._layers)}
+        # layers the cache does not hold may have no K/V (recurrent or MLP-only layers of a hybrid
+        # model); they still count for the transposed V width
+        for il in self._layers:
+            if ek[il] <= 0 or ev[il] <= 0:
+                raise ValueError(f"layer {il} is stored in this cache but n_embd_k_gqa[{il}] = {ek[il]}, "
+                                 f"n_embd_v_gqa[{il}] = {ev[il]}: both must be positive")
         e_vmax = max(ev) if ev else 0
         self._vt = bool(v_trans)
         self._ev = [ev[il] for il in self._layers]

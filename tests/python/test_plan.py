@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gguf_models import NEMOTRON_H_8B_PATTERN, write_gguf
+from gguf_models import MODELS, NEMOTRON_H_8B_PATTERN, write_gguf
 from llmem import ModelHParams, SWAType, from_gguf, from_hparams, plan_memory, read_gguf_hparams
 from llmem.plan import resolve_dtype
 
@@ -372,12 +372,20 @@ def test_from_gguf_with_fake_classes(tmp_path):
     assert kwargs["recr"][1]["mem_size"] == 1
 
 
-def test_from_hparams_default_classes_need_the_memory_classes(tmp_path):
+EXPECTED_CLASS = {"kv": "KVCache", "iswa": "KVCacheISWA", "recurrent": "RecurrentMemory",
+                  "hybrid": "HybridMemory", "hybrid_iswa": "HybridISWAMemory"}
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("unified", [True, False])
+def test_from_gguf_builds_the_planned_memory(tmp_path, model, unified):
+    """The real classes: the memory built for every test model is of the planned kind and holds
+    exactly the planned bytes (what llama.cpp logs), so the plan and the memory cannot drift."""
     import llmem
 
-    hp = load(tmp_path, "llama32_1b")
-    if all(hasattr(llmem, n) for n in FAKE):  # pragma: no cover - after the branches merge
-        assert from_hparams(hp, 256) is not None
-    else:
-        with pytest.raises(NotImplementedError, match="lacks"):
-            from_hparams(hp, 256)
+    path = write_gguf(tmp_path, model)
+    plan = plan_memory(read_gguf_hparams(path), 512, 2, unified=unified, n_ubatch=64)
+    mem = llmem.from_gguf(path, 512, 2, unified=unified, n_ubatch=64)
+    assert type(mem).__name__ == EXPECTED_CLASS[plan.kind]
+    assert sum(mem.memory_breakdown().values()) == plan.nbytes
+    assert mem.n_seq_max == 2
