@@ -17,4 +17,5 @@ def test_readme_usage_example_runs(tmp_path):
     script.write_text(example)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "BAD_SEQ_ID" in out.stdout
+    # seq 0 ends at position 2, seq 1 at 1, five cells used (after the round trip too)
+    assert out.stdout.strip().splitlines()[-1] == "2 1 5"
