@@ -340,64 +340,47 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
     struct decrease { uint32_t entry; int32_t seq, pos, prev; };
     bool     has_decrease = false;
     decrease first_decrease{};
+    // position range, gap hint and first decrease of sequence s for an entry i at position p;
+    // returns true when s is seen for the first time
+    auto record = [&](uint32_t i, int32_t s, int32_t p) {
+        const bool first = st.seq_n[s]++ == 0;
+        const int32_t prev = first ? -1 : st.seq_plast[s];
+        if (first) {
+            st.seq_id_unq.push_back(s);
+            st.seq_pmin[s] = p;
+            st.seq_pmax[s] = p;
+        } else {
+            st.seq_pmin[s] = std::min(st.seq_pmin[s], p);
+            st.seq_pmax[s] = std::max(st.seq_pmax[s], p);
+            st.seq_irregular[s] |= uint8_t(p != prev + 1);
+        }
+        if (p < prev && !has_decrease) {
+            has_decrease   = true;
+            first_decrease = { i, s, p, prev };
+        }
+        st.seq_plast[s] = p;
+        return first;
+    };
     st.group_of.resize(n);
     int32_t n_groups = 0;
     if (st.single_ids) {
         // the decode-step shape: one id per entry; the groups are the sequences themselves
         for (uint32_t i = 0; i < n; ++i) {
-            const int32_t p = st.pos[i];
             const int32_t s = st.seq_id[i];
-            if (st.seq_n[s]++ == 0) {
-                st.seq_id_unq.push_back(s);
-                st.seq_pmin[s]     = p;
-                st.seq_pmax[s]     = p;
+            if (record(i, s, st.pos[i])) {
                 st.single_group[s] = n_groups++;
-                if (p < -1 && !has_decrease) {
-                    has_decrease   = true;
-                    first_decrease = { i, s, p, -1 };
-                }
-            } else {
-                const int32_t prev = st.seq_plast[s];
-                st.seq_pmin[s] = std::min(st.seq_pmin[s], p);
-                st.seq_pmax[s] = std::max(st.seq_pmax[s], p);
-                st.seq_irregular[s] |= uint8_t(p != prev + 1);
-                if (p < prev && !has_decrease) {
-                    has_decrease   = true;
-                    first_decrease = { i, s, p, prev };
-                }
             }
-            st.seq_plast[s] = p;
-            st.group_of[i]  = st.single_group[s];
+            st.group_of[i] = st.single_group[s];
         }
     } else {
         for (uint32_t i = 0; i < n; ++i) {
-            const int32_t p  = st.pos_temporal(i);
             const int32_t k0 = st.seq_id_off[i];
             const int32_t k1 = st.seq_id_off[i + 1];
             for (int32_t k = k0; k < k1; ++k) {
-                const int32_t s = st.seq_id[k];
-                if (st.seq_n[s]++ == 0) {
-                    st.seq_id_unq.push_back(s);
-                    st.seq_pmin[s] = p;
-                    st.seq_pmax[s] = p;
-                    if (p < -1 && !has_decrease) {
-                        has_decrease   = true;
-                        first_decrease = { i, s, p, -1 };
-                    }
-                } else {
-                    const int32_t prev = st.seq_plast[s];
-                    st.seq_pmin[s] = std::min(st.seq_pmin[s], p);
-                    st.seq_pmax[s] = std::max(st.seq_pmax[s], p);
-                    st.seq_irregular[s] |= uint8_t(p != prev + 1);
-                    if (p < prev && !has_decrease) {
-                        has_decrease   = true;
-                        first_decrease = { i, s, p, prev };
-                    }
-                }
-                st.seq_plast[s] = p;
+                record(i, st.seq_id[k], st.pos_temporal(i));
                 if (k > k0) {
                     st.has_coupled = true;
-                    coupled.emplace_back(s, st.seq_id[k0]);
+                    coupled.emplace_back(st.seq_id[k], st.seq_id[k0]);
                 }
             }
         }

@@ -27,7 +27,7 @@ from typing import Callable, Sequence, Union
 from . import _core
 from .errors import LlmemError
 from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
-from .memory import BatchOrAllocator, Memory, MemoryContext
+from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view
 from .recurrent import RecurrentContext, RecurrentMemory
 from .status import Status, status_combine, status_is_fail
 
@@ -288,15 +288,7 @@ class HybridMemory(Memory):
             raise ValueError(f"flags must be non-negative, got {flags}")
         if not (seq_id == -1 or 0 <= seq_id < self.n_seq_max):
             raise ValueError(f"seq_id must be -1 or in [0, {self.n_seq_max}), got {seq_id}")
-        if isinstance(data, str):
-            raise TypeError("data must be a bytes-like object, not str")
-        try:
-            view = memoryview(data)
-        except TypeError:
-            raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
-        if view.ndim != 1 or view.itemsize != 1:
-            view = view.cast("B")
-        _core.hybrid_state_read(self._attn_caches(flags), self._recr._mem, view, seq_id, flags)
+        _core.hybrid_state_read(self._attn_caches(flags), self._recr._mem, as_byte_view(data), seq_id, flags)
 
 
 class HybridISWAMemory(HybridMemory):

@@ -74,6 +74,23 @@ class MemoryContext(abc.ABC):
 BatchOrAllocator = Union[Batch, BatchAllocator]
 
 
+def as_byte_view(data) -> memoryview:
+    """``data`` (bytes, bytearray, memoryview, a numpy uint8 array...) as a flat byte view;
+    TypeError for objects without a buffer (str included), ValueError for a buffer of wider
+    items (a float array is not state bytes)."""
+    if isinstance(data, str):
+        raise TypeError("data must be a bytes-like object, not str")
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
+    if view.itemsize != 1:
+        raise ValueError(f"data must be a bytes-like object (1-byte items), got items of {view.itemsize} bytes")
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
 class Memory(abc.ABC):
     """Common interface of KVCache, KVCacheISWA, RecurrentMemory, HybridMemory and
     HybridISWAMemory; method names and semantics follow llama.cpp's ``llama_memory_i``.

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
-from .memory import BatchOrAllocator, Memory, MemoryContext
+from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view
 from .status import Status
 
 __all__ = ["RecurrentMemory", "RecurrentContext"]
@@ -351,13 +351,7 @@ class RecurrentMemory(Memory):
         row size that differs, too many cells, sequence ids out of range or repeated, more than
         one cell for one sequence) and then leaves the memory, metadata and arrays, unchanged.
         """
-        if isinstance(data, str):
-            raise TypeError("data must be a bytes-like object, not str")
-        try:
-            view = memoryview(data)
-        except TypeError:
-            raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
-        self._mem.state_read(view, _int("seq_id", seq_id), _int("flags", flags, 0))
+        self._mem.state_read(as_byte_view(data), _int("seq_id", seq_id), _int("flags", flags, 0))
 
 
 class RecurrentContext(MemoryContext):
