@@ -614,12 +614,18 @@ ubatch batch_allocr::make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_s
     return ub;
 }
 
-ubatch batch_allocr::split_simple(uint32_t n_ubatch) {
-    state & st = *cur_;
-    uint32_t f = 0;
+uint32_t batch_allocr::first_unused() const {
+    const state & st = *cur_;
+    uint32_t      f  = 0;
     while (f < st.n_tokens && st.used[f]) {
         ++f;
     }
+    return f;
+}
+
+ubatch batch_allocr::split_simple(uint32_t n_ubatch) {
+    state &        st = *cur_;
+    const uint32_t f  = first_unused();
     if (f == st.n_tokens) {
         return {};
     }
@@ -765,11 +771,8 @@ ubatch batch_allocr::split_equal(uint32_t n_ubatch, bool sequential, uint32_t ke
 }
 
 ubatch batch_allocr::split_seq(uint32_t n_ubatch) {
-    state & st = *cur_;
-    uint32_t f = 0;
-    while (f < st.n_tokens && st.used[f]) {
-        ++f;
-    }
+    state &        st = *cur_;
+    const uint32_t f  = first_unused();
     if (f == st.n_tokens) {
         return {};
     }

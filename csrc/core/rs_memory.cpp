@@ -410,16 +410,24 @@ void rs_memory::seq_keep(int32_t seq) {
     }
 }
 
+int32_t rs_memory::shift_target(int32_t seq, int32_t p0, int32_t p1) const {
+    const pos_range r = pos_range::normalise(p0, p1);
+    if (r.p0 == r.p1 || uint32_t(seq) >= size_) {
+        return -1;
+    }
+    const int32_t t = tails_[uint32_t(seq)];
+    if (t < 0 || !cells_[uint32_t(t)].has(seq) || !r.contains(cells_[uint32_t(t)].pos)) {
+        return -1;
+    }
+    return t;
+}
+
 void rs_memory::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t shift) {
     if (shift == 0) {
         return;
     }
-    const pos_range r = pos_range::normalise(p0, p1);
-    if (r.p0 == r.p1 || uint32_t(seq) >= size_) {
-        return;
-    }
-    const int32_t t = tails_[uint32_t(seq)];
-    if (t < 0 || !cells_[uint32_t(t)].has(seq) || !r.contains(cells_[uint32_t(t)].pos)) {
+    const int32_t t = shift_target(seq, p0, p1);
+    if (t < 0) {
         return;
     }
     const int64_t moved = int64_t(cells_[uint32_t(t)].pos) + shift;
@@ -437,12 +445,8 @@ void rs_memory::seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) {
     if (d == 1) {
         return;
     }
-    const pos_range r = pos_range::normalise(p0, p1);
-    if (r.p0 == r.p1 || uint32_t(seq) >= size_) {
-        return;
-    }
-    const int32_t t = tails_[uint32_t(seq)];
-    if (t < 0 || !cells_[uint32_t(t)].has(seq) || !r.contains(cells_[uint32_t(t)].pos)) {
+    const int32_t t = shift_target(seq, p0, p1);
+    if (t < 0) {
         return;
     }
     const int32_t pos = cells_[uint32_t(t)].pos;

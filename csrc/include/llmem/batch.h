@@ -72,6 +72,8 @@ public:
 private:
     struct state;
 
+    /// Index of the first entry no split has taken yet (n_tokens when all are taken).
+    uint32_t first_unused() const;
     ubatch make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_seqs, bool equal_seqs);
     std::shared_ptr<ubatch_data> acquire_data();
 

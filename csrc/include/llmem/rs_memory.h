@@ -144,6 +144,9 @@ public:
     const rs_buffers & buffers() const { return bufs_; }
 
 private:
+    /// The cell whose position seq_add/seq_div move: seq's tail cell when it holds seq at a
+    /// position inside [p0, p1) (normalised); -1 when nothing moves.
+    int32_t shift_target(int32_t seq, int32_t p0, int32_t p1) const;
     struct cell_undo { uint32_t idx; int32_t pos, src, src0; };
     struct ids_undo  { uint32_t idx; std::vector<int32_t> ids; };
     struct tail_undo { uint32_t seq; int32_t saved; };
