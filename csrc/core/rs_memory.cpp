@@ -489,6 +489,29 @@ bool rs_memory::find_slot(const ubatch & ub) {
         head_ = 0;
     }
 
+    // A token carrying several ids gives all of them one state. A secondary id whose state lives
+    // in another cell than the primary's would have that state thrown away (llama.cpp does so
+    // silently): refuse the placement instead. Checked before anything moves, so apply() after a
+    // successful prepare() can never hit it. The sets of one ubatch have disjoint ids.
+    for (uint32_t s = 0; s < n_seqs; ++s) {
+        const uint32_t  e   = s * n_seq_tokens;
+        const int32_t * ids = ub.seq_ids(e);
+        const int32_t   nid = ub.n_seq_id(e);
+        if (nid < 2 || uint32_t(ids[0]) >= size_) {
+            continue;
+        }
+        const int32_t primary_tail = tails_[uint32_t(ids[0])];
+        for (int32_t j = 1; j < nid; ++j) {
+            if (uint32_t(ids[j]) >= size_) {
+                continue;  // refused below with the other bad ids
+            }
+            const int32_t t = tails_[uint32_t(ids[j])];
+            if (t >= 0 && t != primary_tail) {
+                return false;
+            }
+        }
+    }
+
     // every id must address a tail; secondary ids leave the cells they shared
     for (uint32_t s = 0; s < n_seqs; ++s) {
         const uint32_t  e   = s * n_seq_tokens;

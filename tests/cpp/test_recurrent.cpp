@@ -360,15 +360,34 @@ TEST(RsFindSlot, SlotRangeWiderThanTheUbatchCopiesTheCellsBetween) {
 
 TEST(RsFindSlot, SecondaryIdsLeaveTheirCells) {
     rs_memory mem(4, 4, 0);
+    decode_seq(mem, 1, 0, 1);
+    mem.seq_cp(1, 0, -1, -1);  // seq 0 shares seq 1's state: a shared token may extend both
+    decode_seq(mem, 2, 0, 1);  // an unrelated sequence in its own cell
+    decode(mem, { { { 1, 0 }, { 1 } } });
+    EXPECT_EQ(ids_of(mem, 0), (std::vector<int32_t>{ 0, 1 }));
+    EXPECT_EQ(mem.cell(0).pos, 1);
+    EXPECT_EQ(mem.tail(0), 0);
+    EXPECT_EQ(mem.tail(1), 0);
+    EXPECT_EQ(mem.used(), 2u);
+    expect_consistent(mem);
+}
+
+TEST(RsFindSlot, SharedTokenOverDivergedStatesIsRefused) {
+    // deviation R14: seq 0 and seq 1 have states of their own; a token carrying both would keep
+    // only seq 1's and silently drop seq 0's (llama.cpp does). prepare refuses and changes nothing.
+    rs_memory mem(4, 4, 0);
     decode_seq(mem, 0, 0, 1);
     decode_seq(mem, 1, 0, 1);
-    // an entry with ids (1, 0): seq 0 (secondary) leaves cell 0, which becomes empty
-    decode(mem, { { { 1, 0 }, { 1 } } });
-    EXPECT_EQ(ids_of(mem, 1), (std::vector<int32_t>{ 0, 1 }));
-    EXPECT_TRUE(mem.cell(0).empty());
-    EXPECT_EQ(mem.cell(0).pos, -1);
-    EXPECT_EQ(mem.tail(0), 1);
-    EXPECT_EQ(mem.used(), 1u);
+    const snapshot before = take(mem);
+    EXPECT_FALSE(mem.prepare({ make_ubatch({ { { 1, 0 }, { 1 } } }) }));
+    snapshot after = take(mem);
+    after.n = before.n;
+    after.rs_z = before.rs_z;
+    EXPECT_TRUE(after == before);
+    // a secondary id with no state yet joins the primary's cell as before
+    decode(mem, { { { 1, 3 }, { 1 } } });
+    EXPECT_EQ(mem.tail(3), mem.tail(1));
+    EXPECT_EQ(mem.seq_pos_max(3), 1);
     expect_consistent(mem);
 }
 

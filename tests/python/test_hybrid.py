@@ -134,6 +134,27 @@ def test_multi_sequence_tokens_need_one_attention_stream():                    #
     assert m.init_batch(Batch(token=[1, 2], pos=[0, 1], seq_id=[[1, 2], [1, 2]]), 8).status == Status.FAILED_PREPARE
 
 
+def test_shared_token_over_diverged_states_is_refused():                       # deviation R14
+    m = hybrid()
+    for ub in m.init_batch(Batch(token=[1, 2], pos=[0, 1], seq_id=[[1, 2], [1, 2]]), 8):
+        pass
+    decode(m, 1, 1)
+    decode(m, 2, 1)                            # same positions, different histories
+    before = fingerprint(m)
+    ctx = m.init_batch(Batch(token=[5], pos=[3], seq_id=[[1, 2]]), 8)
+    assert ctx.status == Status.FAILED_PREPARE
+    assert fingerprint(m) == before
+    # once seq 2 takes seq 1's state, the shared token is accepted and extends both
+    m.seq_rm(2, -1, -1)
+    m.seq_cp(1, 2, -1, -1)
+    ctx = m.init_batch(Batch(token=[5], pos=[3], seq_id=[[1, 2]]), 8)
+    assert ctx.status == Status.SUCCESS
+    for ub in ctx:
+        write_rows(m, ctx, ub)
+    assert (m.seq_pos_max(1), m.seq_pos_max(2)) == (3, 3)
+    assert m.mem_recr.cells()["seq_ids"].count((1, 2)) == 1
+
+
 @pytest.mark.parametrize("unified,expected", [(True, [[2, 0, 1]]), (False, [[2], [0, 1]])])
 def test_split_order_follows_the_stream_count(unified, expected):               # case 49
     m = hybrid(unified=unified)

@@ -125,8 +125,22 @@ _ISWA_ALL_OR_NOTHING = (
     "policy 2): at step 7 the PARTIAL_ONLY blob read with flags 0 fails (ret 0 on both sides) but "
     "llama.cpp keeps the base section restored (kv_cache.md §9, case 36), llmem restores nothing")
 
+_SHARED_TOKEN_DIVERGED = (
+    "a token shared by seqs 1 and 2, whose recurrent states diverged at step 3 (same positions, "
+    "different tokens), is refused by llmem (FAILED_PREPARE, nothing changed; docs/deviations.md R14): "
+    "llama.cpp accepts it and keeps one recurrent state for both, silently dropping seq 2's")
+
 #: (scenario, step) -> what llmem answers instead of the recording
 DEVIATIONS: Dict[Tuple[str, int], Deviation] = {
+    # -- a shared token over diverged recurrent states (single-stream hybrid) ---------------------
+    ("hyb_multiseq_unified", 8): Deviation(_SHARED_TOKEN_DIVERGED, expect={"ret": 1, "ubatches": []}),
+    ("hyb_multiseq_unified", 9): Deviation(_SHARED_TOKEN_DIVERGED + "; both seqs stay at position 2",
+                                           expect={"min": [-1, 2, 2], "max": [-1, 2, 2]}),
+    ("hyb_multiseq_unified", 10): Deviation(
+        _SHARED_TOKEN_DIVERGED + "; the state is step 7's",
+        expect={f: recorded(7, f) for f in ("size", "n", "meta")}),
+    ("hyb_multiseq_unified", 12): Deviation(_SHARED_TOKEN_DIVERGED + "; both seqs stay at position 2",
+                                            expect={"min": [-1, 2, 2], "max": [-1, 2, 2]}),
     # -- a whole iSWA blob read with PARTIAL_ONLY ---------------------------------------------------
     # llama.cpp reads the blob's first section (the *base* cache's) into the SWA cache and ignores
     # the rest: seq 1 then holds all 30 positions in the SWA cache, with K/V rows of the wrong

@@ -152,6 +152,27 @@ def test_tricky_24_sequence_id_beyond_size_fails_prepare():
     assert mem.used == 0
 
 
+def test_shared_token_over_diverged_states_is_refused():
+    # deviation R14: seqs 0 and 1 sit at the same position with different states; a token carrying
+    # both would keep one state for both (llama.cpp drops seq 1's silently). llmem refuses it.
+    mem = memory()
+    run(mem, 0, 0, 2)
+    run(mem, 1, 0, 2)
+    before = mem.cells(), mem.used, mem.head
+    status, _ = decode(mem, [([0, 1], 2)], embd_all=True)
+    assert status == Status.FAILED_PREPARE
+    after = mem.cells(), mem.used, mem.head
+    for k in ("pos", "src", "src0", "tail"):
+        np.testing.assert_array_equal(before[0][k], after[0][k])
+    assert before[0]["seq_ids"] == after[0]["seq_ids"] and before[1:] == after[1:]
+    # after seq 1 takes seq 0's state the shared token is accepted
+    mem.seq_rm(1, -1, -1)
+    mem.seq_cp(0, 1)
+    status, _ = decode(mem, [([0, 1], 2)], embd_all=True)
+    assert status == Status.SUCCESS
+    assert mem.seq_pos_max(0) == mem.seq_pos_max(1) == 2 and (0, 1) in cell_ids(mem)
+
+
 def test_failed_prepare_changes_nothing():
     mem = memory(size=2, n_seq_max=4)
     run(mem, 0, 0, 1)

@@ -181,6 +181,13 @@ class RefRecurrent:
         n_seqs = len(sets)
         if self.head > self.used + 2 * n_seqs:
             self.head = 0
+        # llmem deviation R14: a shared token may not merge two different states (one would be lost)
+        for ids, _, _ in sets:
+            if 0 <= ids[0] < self.size:
+                primary_tail = cells[ids[0]].tail
+                if any(0 <= x < self.size and cells[x].tail >= 0 and cells[x].tail != primary_tail
+                       for x in ids[1:]):
+                    return False
         for ids, _, _ in sets:
             for j, x in enumerate(ids):
                 if x < 0 or x >= self.size:
