@@ -104,13 +104,13 @@ _KV_POS_MINUS_1 = (
     "llmem refuses to place a token at position -1 in a KV cache (ValueError from init_batch, memory "
     "untouched; csrc/core/kv_cache.cpp check_ubatch): llama.cpp accepts the batch but writes a cell at "
     "pos -1 that counts as empty (not saved in state blobs) while seq_pos_min reports -1, a data-losing "
-    "quirk (fidelity policy 2). NOT yet listed in docs/deviations.md, see REPLAY_FINDINGS.md")
+    "quirk (fidelity policy 2; docs/deviations.md, KV cache, 'Bad arguments raise')")
 _KV_SEQ_CP_BEYOND = (
     "llmem refuses seq_cp to a destination >= n_seq_max (ValueError, memory untouched; "
     "csrc/core/kv_cache.cpp seq_cp: 'refusing keeps every cell saveable'): llama.cpp accepts ids up to "
     "255 in a unified cache but its state writer drops them (kv_cache.md §8.2 [quirk], case 16), a "
-    "data-losing quirk (fidelity policy 2: 'a restore that drops sequence ids'). NOT yet listed in "
-    "docs/deviations.md, see REPLAY_FINDINGS.md")
+    "data-losing quirk (fidelity policy 2: 'a restore that drops sequence ids'; docs/deviations.md, "
+    "KV cache, 'Sequence ids that could never be saved are refused')")
 _HYBRID_ALL_OR_NOTHING = (
     "a failed hybrid state_read changes neither part (docs/deviations.md, 'Hybrid memories': all or "
     "nothing), where llama.cpp {what}")
@@ -428,8 +428,8 @@ PAYLOAD_DEVIATIONS: Dict[Tuple[str, int], Tuple[Tuple[str, ...], str]] = {
         "seq 1's blob between a cross-stream seq_cp(0, 1) and the next decode: llama.cpp writes seq 0's "
         "cells with the destination stream's old bytes (the copy is queued until the update; a blob whose "
         "data does not match its cells), llmem writes the bytes the stream will hold once the pending copy "
-        "has run, i.e. seq 0's (csrc/core/kv_cache.cpp state_write; fidelity policy 2). NOT yet listed in "
-        "docs/deviations.md, see REPLAY_FINDINGS.md")),
+        "has run, i.e. seq 0's (csrc/core/kv_cache.cpp state_write; fidelity policy 2; docs/deviations.md, "
+        "KV cache, 'Pending cross-stream copies and the state bytes')")),
 }
 
 
