@@ -179,7 +179,8 @@ def plot(records: list[dict], path: str, n_seqs: int = 64) -> None:
     for ax in list(axes.flat)[len(ops):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
-    fig.suptitle(f"Sequence operations vs cache size ({n_seqs} sequences)", fontsize=11)
+    fig.suptitle(f"Sequence operations vs cache size: {n_seqs} sequences in a half-full cache, so one "
+                 f"sequence holds cells / {2 * n_seqs} (log-log)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
