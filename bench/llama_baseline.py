@@ -41,6 +41,7 @@ def _load():
     if _lib is not None or _import_error is not None:
         return _lib
     try:
+        import gguf  # noqa: F401  (writes the benchmark model)
         import llama_cpp
     except Exception as exc:  # ImportError, or a broken shared library
         _import_error = f"{type(exc).__name__}: {exc}"
