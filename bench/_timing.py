@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -41,3 +42,68 @@ def print_table(title: str, header: Sequence[str], rows: Iterable[Sequence[objec
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def median_min_us(samples_ns: Sequence[int]) -> tuple[float, float]:
+    """(median, minimum) of per-call samples in nanoseconds, as microseconds."""
+    ordered = sorted(samples_ns)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return median / 1e3, ordered[0] / 1e3
+
+
+def sample_ns(fn: Callable[[], object], reps: int, before: Callable[[], object] | None = None,
+              after: Callable[[], object] | None = None) -> list[int]:
+    """Wall time of ``reps`` single calls of ``fn``; ``before``/``after`` run untimed around each
+    (to set up and undo a call that changes the memory)."""
+    clock = time.perf_counter_ns
+    out = []
+    # a collection of the reference's million Python cells inside a timed call would cost
+    # milliseconds (timeit disables the collector for the same reason)
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(reps):
+            if before is not None:
+                before()
+            t0 = clock()
+            fn()
+            out.append(clock() - t0)
+            if after is not None:
+                after()
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return out
+
+
+class Progress:
+    """A one-line progress bar on stderr (only when stderr is a terminal, so logs stay clean)."""
+
+    def __init__(self, total: int, enabled: bool | None = None) -> None:
+        import sys
+
+        self.total = max(1, total)
+        self.done = 0
+        self.stream = sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str) -> None:
+        """Announce the task about to run (the bar counts the tasks already finished)."""
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * self.done // self.total
+        elapsed = time.perf_counter() - self.t0
+        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {elapsed:5.0f}s {label}"
+        self.stream.write(line[:120].ljust(120))
+        self.stream.flush()
+
+    def advance(self) -> None:
+        self.done += 1
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\r" + " " * 120 + "\r")
+            self.stream.flush()

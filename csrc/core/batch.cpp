@@ -55,6 +55,12 @@ struct batch_allocr::state {
     std::vector<int32_t> seq_plast;   // [n_seq_max] previous position of the id while scanning
     std::vector<uint8_t> seq_irregular;  // [n_seq_max] positions not simply +1 each entry
     std::vector<int32_t> single_group;  // [n_seq_max] group of the entries whose set is {id}
+    // [n_seq_max] the memory's seq_pos_max(id), valid where mem_pmax_gen[id] == gen: filling
+    // positions reads it for every sequence, and the continuation check below reuses it rather
+    // than asking the memory a second time (a virtual call and a cache miss per sequence)
+    std::vector<int32_t>  mem_pmax;
+    std::vector<uint32_t> mem_pmax_gen;
+    uint32_t              gen = 0;
 
     std::vector<int32_t> group_of;       // [n_tokens]
     std::vector<int32_t> group_off;      // [n_groups + 1]
@@ -67,9 +73,13 @@ struct batch_allocr::state {
     explicit state(int32_t n_seq_max)
         : seq_idx(n_seq_max, -1), seq_n(n_seq_max, 0), seq_pmin(n_seq_max, -1),
           seq_pmax(n_seq_max, -1), seq_plast(n_seq_max, -1), seq_irregular(n_seq_max, 0),
-          single_group(n_seq_max, -1) {}
+          single_group(n_seq_max, -1), mem_pmax(n_seq_max, -1), mem_pmax_gen(n_seq_max, 0) {}
 
     void reset() {
+        if (++gen == 0) {  // wrapped: forget every remembered position
+            std::fill(mem_pmax_gen.begin(), mem_pmax_gen.end(), 0u);
+            gen = 1;
+        }
         for (int32_t s : seq_id_unq) {
             seq_idx[s]      = -1;
             seq_n[s]        = 0;
@@ -281,7 +291,10 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
             if (st.seq_n[first] == 0) {
                 st.seq_n[first] = 1;
                 touched.push_back(first);
-                next_pos[first] = memory ? memory->seq_pos_max(first) + 1 : 0;
+                const int32_t x = memory ? memory->seq_pos_max(first) : -1;
+                st.mem_pmax[first]     = x;
+                st.mem_pmax_gen[first] = st.gen;
+                next_pos[first]        = memory ? x + 1 : 0;
             }
             st.pos[i] = next_pos[first]++;
         }
@@ -395,7 +408,8 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
     // positions must continue what the memory holds, without gaps inside the batch
     std::vector<int32_t> seq_positions;
     for (int32_t s : st.seq_id_unq) {
-        const int32_t x    = memory ? memory->seq_pos_max(s) : -1;
+        const bool    read = st.mem_pmax_gen[s] == st.gen;  // while filling positions
+        const int32_t x    = read ? st.mem_pmax[s] : memory ? memory->seq_pos_max(s) : -1;
         const int32_t ymin = st.seq_pmin[s];
         const int32_t ymax = st.seq_pmax[s];
         if (n_pos_ > 1) {

@@ -32,6 +32,7 @@ kv_cells::kv_cells(uint32_t size, int32_t n_seq_max, bool with_ext, int32_t seq_
     seq_.assign(size, -1);
     used_bits_.assign((size_t(size) + 63) / 64, 0);
     index_.resize(size_t(n_local_));
+    last_key_.assign(size_t(n_local_), 0);
     stamp_.assign(size, 0);
 }
 
@@ -95,7 +96,7 @@ int32_t kv_cells::seq_pos_max(int32_t s) const {
     if (!in_range(s) || ix(s).empty()) {
         return -1;
     }
-    return key_pos(ix(s).back());
+    return key_pos(last_key_[size_t(s - seq_base_)]);
 }
 
 uint32_t kv_cells::seq_n_cells(int32_t s) const {
@@ -154,21 +155,30 @@ void kv_cells::mark_unused(uint32_t i) {
     --used_count_;
 }
 
+void kv_cells::sync_last(int32_t s) {
+    const auto & v = ix(s);
+    last_key_[size_t(s - seq_base_)] = v.empty() ? 0 : v.back();
+}
+
 void kv_cells::index_insert(int32_t s, int32_t p, uint32_t i) {
-    auto &         v = ix(s);
-    const uint64_t k = key(p, i);
-    if (v.empty() || v.back() < k) {
+    auto &         v    = ix(s);
+    uint64_t &     last = last_key_[size_t(s - seq_base_)];
+    const uint64_t k    = key(p, i);
+    if (v.empty() || last < k) {
         v.push_back(k);  // the decode case: the newest position of the sequence
+        last = k;
         return;
     }
     v.insert(std::upper_bound(v.begin(), v.end(), k), k);
 }
 
 void kv_cells::index_erase(int32_t s, int32_t p, uint32_t i) {
-    auto &         v = ix(s);
-    const uint64_t k = key(p, i);
-    if (!v.empty() && v.back() == k) {
+    auto &         v    = ix(s);
+    uint64_t &     last = last_key_[size_t(s - seq_base_)];
+    const uint64_t k    = key(p, i);
+    if (!v.empty() && last == k) {
         v.pop_back();
+        last = v.empty() ? 0 : v.back();
         return;
     }
     auto it = std::lower_bound(v.begin(), v.end(), k);
@@ -282,6 +292,7 @@ void kv_cells::reset() {
     for (auto & v : index_) {
         v.clear();
     }
+    std::fill(last_key_.begin(), last_key_.end(), uint64_t(0));
     used_count_    = 0;
     used_max_hint_ = 0;
     has_shift_     = false;
@@ -424,6 +435,7 @@ uint32_t kv_cells::seq_rm_range(int32_t s, int32_t p0, int32_t p1) {
         }
     }
     v.erase(lo, hi);
+    sync_last(s);
     return lowest;
 }
 
@@ -440,10 +452,12 @@ uint32_t kv_cells::rm_range(int32_t p0, int32_t p1) {
         }
     }
     // Every index entry with a position in [p0, p1) belonged to a cell emptied above.
-    for (auto & v : index_) {
-        auto lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
-        auto hi = std::lower_bound(lo, v.end(), key(p1, 0));
+    for (int32_t s = seq_base_; s < seq_base_ + n_local_; ++s) {
+        auto & v  = ix(s);
+        auto   lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
+        auto   hi = std::lower_bound(lo, v.end(), key(p1, 0));
         v.erase(lo, hi);
+        sync_last(s);
     }
     return lowest;
 }
@@ -467,6 +481,7 @@ uint32_t kv_cells::keep_only(int32_t s) {
     for (int32_t t = seq_base_; t < seq_base_ + n_local_; ++t) {
         if (t != s) {
             ix(t).clear();
+            sync_last(t);
         }
     }
     return lowest;
@@ -522,6 +537,7 @@ uint32_t kv_cells::seq_pos_add(int32_t s, int32_t p0, int32_t p1, int32_t d) {
     const size_t mid = v.size();
     v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
     std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
+    sync_last(s);
     return lowest;
 }
 
@@ -566,6 +582,7 @@ void kv_cells::seq_pos_div(int32_t s, int32_t p0, int32_t p1, int32_t d) {
     const size_t mid = v.size();
     v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
     std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
+    sync_last(s);
 }
 
 // -- journal ------------------------------------------------------------------------------------
@@ -651,6 +668,11 @@ bool kv_cells::check_invariants() const {
     }
     if (used != used_count_ || used_max_hint_ < used_max_p1()) {
         return false;
+    }
+    for (int32_t s = seq_base_; s < seq_base_ + n_local_; ++s) {
+        if (!ix(s).empty() && last_key_[size_t(s - seq_base_)] != ix(s).back()) {
+            return false;
+        }
     }
     size_t indexed = 0;
     for (const auto & v : index_) {

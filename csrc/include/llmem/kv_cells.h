@@ -136,6 +136,8 @@ private:
     bool in_range(int32_t s) const { return s >= seq_base_ && s < seq_base_ + n_local_; }
     std::vector<uint64_t> &       ix(int32_t s) { return index_[size_t(s - seq_base_)]; }
     const std::vector<uint64_t> & ix(int32_t s) const { return index_[size_t(s - seq_base_)]; }
+    /// Re-read the newest key of s after its index changed other than through index_insert/erase.
+    void sync_last(int32_t s);
 
     uint32_t size_;
     int32_t  n_seq_max_;
@@ -159,6 +161,11 @@ private:
     bool                  has_shift_ = false;
 
     std::vector<std::vector<uint64_t>> index_;  // per sequence, sorted keys
+    // Per sequence, a copy of index_'s last key (meaningless while that index is empty). The
+    // decode step asks every sequence for its newest position and appends one key to each: kept
+    // here in one dense array, those reads hit a few cache lines instead of one line per sequence
+    // scattered over the heap (at 256 sequences that was the largest cost of the step).
+    std::vector<uint64_t> last_key_;
 
     // journal
     struct saved_cell {
