@@ -296,6 +296,22 @@ void put(std::vector<uint8_t> & out, T v) {
     std::memcpy(out.data() + n, &v, sizeof(T));
 }
 
+// Calls f(first index in the list, first cell, run length) for each run of consecutive cells in
+// a cell list. A sequence's cells are usually one or a few runs, so its rows move in a few large
+// copies instead of one small copy per cell.
+template <typename F>
+void for_each_cell_run(const uint32_t * cells, size_t n, F && f) {
+    size_t a = 0;
+    while (a < n) {
+        size_t b = a + 1;
+        while (b < n && cells[b] == cells[b - 1] + 1) {
+            ++b;
+        }
+        f(a, cells[a], b - a);
+        a = b;
+    }
+}
+
 struct reader {
     const uint8_t * data;
     size_t          n;
@@ -1108,7 +1124,9 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
                     sel.push_back(kv_cells::key_cell(k));
                 }
             }
-            std::sort(sel.begin(), sel.end());
+            if (!std::is_sorted(sel.begin(), sel.end())) {
+                std::sort(sel.begin(), sel.end());
+            }
         }
         put<uint32_t>(out, uint32_t(sel.size()));
         if (sel.empty()) {
@@ -1136,21 +1154,35 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
         const uint32_t src = eff[s];
         put<uint32_t>(out, p_.v_trans ? 1u : 0u);
         put<uint32_t>(out, n_layer());
+        {
+            // one reservation for the stream's rows instead of a reallocation per row
+            size_t rows = 0;
+            for (uint32_t l = 0; l < n_layer(); ++l) {
+                rows += (k_row_bytes(l) + v_row_bytes(l)) * sel.size() + 24;
+            }
+            out.reserve(out.size() + rows);
+        }
         for (uint32_t l = 0; l < n_layer(); ++l) {
             const size_t rb = k_row_bytes(l);
             put<int32_t>(out, p_.type_k);
             put<uint64_t>(out, uint64_t(rb));
-            for (const uint32_t i : sel) {
-                const size_t at = out.size();
-                out.resize(at + rb, 0);
-                if (const uint8_t * row = k_row(l, src, i)) {
-                    std::memcpy(out.data() + at, row, rb);
-                    const int32_t d = T.shift_get(i);
-                    if (rotate && d != 0) {
+            const size_t at = out.size();
+            out.resize(at + rb * sel.size(), 0);
+            if (!k_[l]) {
+                continue;
+            }
+            uint8_t * w = out.data() + at;
+            for_each_cell_run(sel.data(), sel.size(), [&](size_t c, uint32_t i, size_t len) {
+                std::memcpy(w + c * rb, k_row(l, src, i), len * rb);
+            });
+            if (rotate) {
+                for (size_t c = 0; c < sel.size(); ++c) {
+                    const int32_t d = T.shift_get(sel[c]);
+                    if (d != 0) {
                         // A pending shift is saved as if applied: the positions written are
                         // the shifted ones, so the K rows must match them.
                         rope_tables(p_.rope, d, cs, sn);
-                        rotate_row(out.data() + at, p_.type_k, p_.n_embd_k[l], p_.rope, cs, sn, buf);
+                        rotate_row(w + c * rb, p_.type_k, p_.n_embd_k[l], p_.rope, cs, sn, buf);
                     }
                 }
             }
@@ -1161,12 +1193,14 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
             if (!p_.v_trans) {
                 const size_t rb = v_row_bytes(l);
                 put<uint64_t>(out, uint64_t(rb));
-                for (const uint32_t i : sel) {
-                    const size_t at = out.size();
-                    out.resize(at + rb, 0);
-                    if (v_[l]) {
-                        std::memcpy(out.data() + at, v_[l] + (size_t(src) * p_.kv_size + i) * rb, rb);
-                    }
+                const size_t at = out.size();
+                out.resize(at + rb * sel.size(), 0);
+                if (v_[l]) {
+                    uint8_t *       w    = out.data() + at;
+                    const uint8_t * base = v_[l] + size_t(src) * p_.kv_size * rb;
+                    for_each_cell_run(sel.data(), sel.size(), [&](size_t c, uint32_t i, size_t len) {
+                        std::memcpy(w + c * rb, base + size_t(i) * rb, len * rb);
+                    });
                 }
             } else {
                 const uint32_t ne = p_.n_embd_v[l];
@@ -1178,10 +1212,10 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
                     uint8_t * w = out.data() + at;
                     for (uint32_t j = 0; j < ne; ++j) {
                         const uint8_t * col = v_[l] + (size_t(src) * p_.n_embd_v_max + j) * p_.kv_size * es;
-                        for (const uint32_t i : sel) {
-                            std::memcpy(w, col + size_t(i) * es, es);
-                            w += es;
-                        }
+                        for_each_cell_run(sel.data(), sel.size(), [&](size_t, uint32_t i, size_t len) {
+                            std::memcpy(w, col + size_t(i) * es, len * es);
+                            w += len * es;
+                        });
                     }
                 }
             }
@@ -1403,29 +1437,29 @@ void kv_cache::state_commit(parsed_state & ps) {
         const uint32_t cc = st.cell_count;
         for (uint32_t l = 0; l < n_layer(); ++l) {
             const size_t rk = k_row_bytes(l);
+            const uint32_t * idxs = st.slot.idxs.data();
             if (k_[l]) {
-                for (uint32_t c = 0; c < cc; ++c) {
-                    std::memcpy(k_row_mut(l, S, st.slot.idxs[c]), st.k_data[l] + size_t(c) * rk, rk);
-                }
+                for_each_cell_run(idxs, cc, [&](size_t c, uint32_t i, size_t len) {
+                    std::memcpy(k_row_mut(l, S, i), st.k_data[l] + c * rk, len * rk);
+                });
             }
             if (!v_[l]) {
                 continue;
             }
             if (!p_.v_trans) {
                 const size_t rv = v_row_bytes(l);
-                for (uint32_t c = 0; c < cc; ++c) {
-                    std::memcpy(v_[l] + (size_t(S) * p_.kv_size + st.slot.idxs[c]) * rv, st.v_data[l] + size_t(c) * rv,
-                                rv);
-                }
+                for_each_cell_run(idxs, cc, [&](size_t c, uint32_t i, size_t len) {
+                    std::memcpy(v_[l] + (size_t(S) * p_.kv_size + i) * rv, st.v_data[l] + c * rv, len * rv);
+                });
             } else {
                 const uint32_t  ne  = p_.n_embd_v[l];
                 const uint8_t * src = st.v_data[l];
                 for (uint32_t j = 0; j < ne; ++j) {
                     uint8_t * col = v_[l] + (size_t(S) * p_.n_embd_v_max + j) * p_.kv_size * es_v;
-                    for (uint32_t c = 0; c < cc; ++c) {
-                        std::memcpy(col + size_t(st.slot.idxs[c]) * es_v, src, es_v);
-                        src += es_v;
-                    }
+                    for_each_cell_run(idxs, cc, [&](size_t, uint32_t i, size_t len) {
+                        std::memcpy(col + size_t(i) * es_v, src, len * es_v);
+                        src += len * es_v;
+                    });
                 }
             }
         }
