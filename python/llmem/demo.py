@@ -319,9 +319,9 @@ def format_report(r: DemoReport) -> str:
         + f", {r.state_bytes / 1024:.1f} KiB of state buffers",
         f"context shift  {r.shift}",
         f"save/restore   {r.save_restore}",
-        f"llmem work     {1e6 * r.llmem_s / steps:8.1f} us/step  (init_batch, apply, next, context "
+        f"llmem work     {1e6 * r.llmem_s / steps:8.1f} µs/step  (init_batch, apply, next, context "
         f"reads/writes, seq and state ops)",
-        f"model compute  {1e6 * r.model_s / steps:8.1f} us/step  (numpy)",
+        f"model compute  {1e6 * r.model_s / steps:8.1f} µs/step  (numpy)",
         f"verified       {r.verified_requests} requests, {r.verified_rows} outputs against forward_full: "
         f"max |diff| {r.max_error:.2g} (rtol {RTOL:g}, atol {ATOL:g})  {verdict}",
     ]
