@@ -15,7 +15,7 @@ from llmem.toy import ARCHS, ToyModel
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_demo_serves_every_client_and_verifies(arch):
-    r = demo.run_demo(arch, clients=6, parallel=2, n_ctx=160, seed=arch.__len__(), verify=2)
+    r = demo.run_demo(arch, clients=6, parallel=2, n_ctx=160, seed=7, verify=2)
     assert r.ok, r.failures
     # every prompt token and every sampled token but each request's last was decoded once
     assert r.decoded_tokens == r.system_prompt + r.prompt_tokens + r.generated_tokens - r.clients
