@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"llmem {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_plan(sub)
+    _add_demo(sub)
     return parser
 
 
@@ -47,6 +48,19 @@ def _add_plan(sub: Any) -> None:
                    help="flash attention (V not transposed)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_run_plan)
+
+
+def _add_demo(sub: Any) -> None:
+    from . import demo
+
+    p = sub.add_parser(
+        "demo", help="simulate a server on a toy model and prove cached decoding exact",
+        description="Serve simulated clients with continuous batching through a tiny numpy model "
+                    "on an llmem memory (shared system prompt via seq_cp, one context shift, one "
+                    "save/restore), then recompute a sample of the outputs without any cache. "
+                    "Exits 1 if any differs.")
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.main)
 
 
 def _format_plan(plan: Any) -> str:
