@@ -1120,13 +1120,26 @@ void rs_context::gather(int kind, size_t layer, uint8_t * out) {
         }
     }
     if (n_rs > n_seqs) {
-        // sources may be destinations of other moves: read them all before writing any
-        const size_t n_extra = n_rs - n_seqs;
-        scratch_.resize(size_t(n_extra * rb));
+        // The slot's other cells move into place. Their rollback snapshots (planes 1..n_rs_seq)
+        // move with them (deviation R15): llama.cpp moves plane 0 only, so a later rollback of a
+        // moved cell reads whatever the old row holds. Sources may be destinations of other
+        // moves: read them all before writing any.
+        const size_t   n_extra  = n_rs - n_seqs;
+        const uint64_t size     = mem_->size();
+        const uint64_t n_planes = 1 + mem_->n_rs_seq();
+        scratch_.resize(size_t(n_planes * n_extra * rb));
         for (size_t k = 0; k < n_extra; ++k) {
-            std::memcpy(scratch_.data() + k * rb, base + uint64_t(copies[n_seqs + k]) * rb, size_t(rb));
+            const uint64_t row = uint64_t(copies[n_seqs + k]);
+            std::memcpy(scratch_.data() + k * rb, base + row * rb, size_t(rb));
+            for (uint64_t d = 1; d < n_planes; ++d) {
+                std::memcpy(scratch_.data() + (d * n_extra + k) * rb, base + (d * size + row % size) * rb,
+                            size_t(rb));
+            }
         }
-        std::memcpy(base + uint64_t(head + n_seqs) * rb, scratch_.data(), size_t(n_extra * rb));
+        for (uint64_t d = 0; d < n_planes; ++d) {
+            std::memcpy(base + (d * size + head + n_seqs) * rb, scratch_.data() + d * n_extra * rb,
+                        size_t(n_extra * rb));
+        }
     }
 }
 

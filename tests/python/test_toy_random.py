@@ -1,12 +1,11 @@
 """Random walks of decodes and sequence operations: after every step, every output obtained so far
 still equals ``forward_full`` over its sequence's history.
 
-The walk only takes steps whose result a cache-free model can reproduce, which leaves out three
+The walk only takes steps whose result a cache-free model can reproduce, which leaves out four
 things llama.cpp's memories do by design (and llmem with them): ``seq_add`` moves a cell for every
 sequence sharing it; a recurrent rollback on a cell shared after ``seq_cp`` is applied only for the
-smallest sequence id; a recurrent rollback reads the snapshot planes of the sequence's cell, which
-stay behind when a later micro-batch of the same batch moves that cell to compact its slot (only
-plane 0 is moved), so the walk rolls back only after a batch of that sequence alone; and a
+smallest sequence id; a recurrent rollback reaches back at most as many tokens as the last batch
+gave the sequence (older snapshot planes are stale, spec §5.13 (b)); and a
 sliding-window cache forgets positions that have left the window, so a tail removal there is only
 exact while ``seq_pos_min`` shows the window intact (otherwise the walk re-decodes the sequence,
 as llama.cpp's server does).
@@ -71,9 +70,9 @@ def _walk(arch, seed, options, n_ops=30):
         elif r < 0.8:
             q = int(rng.choice(live))
             if recurrent:
-                # only after a batch of this sequence alone: a later micro-batch of a mixed
-                # batch may move the sequence's cell, and the snapshot planes stay behind
-                if n_rs_seq and list(fed_last) == [q]:
+                # right after a batch that fed the sequence, which may also have moved its cell
+                # in a later micro-batch (the snapshot planes move along: deviation R15)
+                if n_rs_seq and q in fed_last:
                     back = int(rng.integers(1, min(n_rs_seq, fed_last[q]) + 1))
                     if back < len(s.tokens[q]):
                         assert s.seq_rm_tail(q, s.pos[q][-1] - back + 1)

@@ -88,3 +88,22 @@ def test_seq_add_moves_positions_only():
     s.feed({0: random_tokens(rng, 3, v)})
     assert s.memory.seq_pos_max(0) == 17
     s.check()
+
+
+@pytest.mark.parametrize("seed", [2, 4, 11])
+def test_rollback_after_a_later_micro_batch_moved_the_cell(seed):
+    # deviation R15: in a batch of four sequences, a later micro-batch compacts its slot and moves
+    # the cells of sequences decoded earlier in the batch; their rollback snapshots move with them
+    # (llama.cpp moves only the current state, and the rollback then reads another cell's rows).
+    # Without the fix these seeds roll back into stale rows and the outputs differ.
+    rng = np.random.default_rng(seed)
+    v = MODEL.config.n_vocab
+    s = Session(MODEL, MODEL.new_memory(n_ctx=64, n_seq_max=4, n_rs_seq=2))
+    for q in rng.permutation(4):
+        s.feed({int(q): random_tokens(rng, int(rng.integers(1, 4)), v)})
+    counts = {q: int(rng.integers(1, 4)) for q in range(4)}
+    s.feed({q: random_tokens(rng, c, v) for q, c in counts.items()}, n_ubatch=int(rng.integers(4, 8)))
+    for q in range(4):
+        assert s.seq_rm_tail(q, s.pos[q][-1] - min(counts[q], 2) + 1)
+    s.feed({q: random_tokens(rng, 1, v) for q in range(4)})
+    s.check()
