@@ -30,6 +30,15 @@ py::array_t<T> readonly_view(const T * ptr, size_t n, py::handle owner) {
     return a;
 }
 
+/// `result` (a context) keeping `owner` (its memory) alive. pybind11 3.1 runs the post-call hook of
+/// py::keep_alive<0, N> even when an argument failed to convert, on its "try the next overload"
+/// marker, and crashes: kv.init_batch(batch, 1.5) was a segfault instead of a TypeError. Tying
+/// the objects here happens only after a successful call.
+inline py::object owned_by(py::object result, py::handle owner) {
+    py::detail::keep_alive_impl(result, owner);
+    return result;
+}
+
 /// An array argument converted for the C++ core: C-contiguous values and the shape it had.
 template <typename T>
 struct converted {

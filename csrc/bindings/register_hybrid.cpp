@@ -54,15 +54,22 @@ void register_hybrid(py::module_ & m) {
             if (status != llmem::memory_status::SUCCESS) {
                 py::object failed_swa = swa ? py::cast(llmem::kv_context(status)) : py::object(py::none());
                 return py::make_tuple(status, py::cast(llmem::kv_context(status)), failed_swa,
-                                      py::cast(llmem::rs_context(&recr, status)));
+                                      owned_by(py::cast(llmem::rs_context(&recr, status)), recr_obj));
             }
-            llmem::rs_context recr_ctx(&recr, plan.ubatches);
-            py::object        swa_ctx = py::none();
+            // Each context keeps its memory alive: a KV context hands its buffers back to its
+            // cache when destroyed, and a garbage-collected cycle may free the cache first
+            // (valgrind found that use-after-free while these contexts had no keep-alive).
+            auto cache_object = [](llmem::kv_cache * c) { return py::cast(c, py::return_value_policy::reference); };
+            llmem::rs_context recr_plan(&recr, plan.ubatches);
+            py::object        recr_ctx = owned_by(py::cast(std::move(recr_plan)), recr_obj);
+            py::object        swa_ctx  = py::none();
             if (swa != nullptr) {
-                swa_ctx = py::cast(llmem::kv_context(*swa, std::move(plan.slots_swa), plan.ubatches));
+                swa_ctx = owned_by(py::cast(llmem::kv_context(*swa, std::move(plan.slots_swa), plan.ubatches)),
+                                   cache_object(swa));
             }
-            llmem::kv_context base_ctx(base, std::move(plan.slots_base), std::move(plan.ubatches));
-            return py::make_tuple(status, py::cast(std::move(base_ctx)), swa_ctx, py::cast(std::move(recr_ctx)));
+            llmem::kv_context base_plan(base, std::move(plan.slots_base), std::move(plan.ubatches));
+            py::object        base_ctx = owned_by(py::cast(std::move(base_plan)), cache_object(&base));
+            return py::make_tuple(status, base_ctx, swa_ctx, recr_ctx);
         },
         py::arg("balloc"), py::arg("n_ubatch"), py::arg("embd_all"), py::arg("base"), py::arg("swa"), py::arg("recr"),
         "Split once and prepare the recurrent memory and the attention cache(s): "

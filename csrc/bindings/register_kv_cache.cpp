@@ -108,6 +108,11 @@ py::tuple pair_to_tuple(std::pair<kv_context, kv_context> && p) {
 } // namespace
 
 void register_kv_cache(py::module_ & m) {
+    // Registered before KVCache so that the signatures of init_batch/init_full name a Python type:
+    // pybind11 crashed formatting the TypeError of a bad argument (kv.init_batch(b, 1.5)) while a
+    // signature still held the unregistered C++ name.
+    py::class_<kv_context> context_class(m, "KVContext", "A prepared plan of micro-batches for one KV cache.");
+
     py::class_<kv_cache, llmem::seq_pos_source>(m, "KVCache", R"doc(
 The compiled KV cache (cells, slot search, sequence operations, masks, state bytes). The K/V bytes
 live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which owns them.
@@ -217,16 +222,22 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
              "Run pending stream copies and the K-shift on the registered K buffers.")
         // placement
         .def("init_batch",
-             [](kv_cache & c, batch_allocr & b, int64_t n_ubatch) {
+             [](py::object self, batch_allocr & b, int64_t n_ubatch) {
+                 kv_cache &     c = self.cast<kv_cache &>();
                  const uint32_t n = to_count(n_ubatch, "n_ubatch");
                  if (n == 0) {
-                     throw std::invalid_argument("n_ubatch must be positive");
+                     throw std::invalid_argument("n_ubatch must be positive, got 0");
                  }
-                 py::gil_scoped_release r;
-                 return kv_init_batch(c, b, n);
+                 kv_context ctx(memory_status::FAILED_PREPARE);
+                 {
+                     py::gil_scoped_release r;
+                     ctx = kv_init_batch(c, b, n);
+                 }
+                 return owned_by(py::cast(std::move(ctx)), self);
              },
-             py::arg("balloc"), py::arg("n_ubatch"), py::keep_alive<0, 1>())
-        .def("init_full", [](kv_cache & c) { return kv_context::full(c); }, py::keep_alive<0, 1>())
+             py::arg("balloc"), py::arg("n_ubatch"))
+        .def("init_full",
+             [](py::object self) { return owned_by(py::cast(kv_context::full(self.cast<kv_cache &>())), self); })
         .def("find_slot",
              [](const kv_cache & c, const ubatch & ub, bool cont) -> py::object {
                  if (ub.empty()) {
@@ -296,10 +307,10 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
         .def("state_clear", [](kv_cache & c, int64_t seq) { c.state_clear(to_i32(seq, "seq_id")); },
              py::arg("seq_id"));
 
-    py::class_<kv_context>(m, "KVContext", "A prepared plan of micro-batches for one KV cache.")
+    context_class
         .def_property_readonly("status", &kv_context::status)
         .def("next", &kv_context::next)
-        .def("apply", &kv_context::apply, py::call_guard<py::gil_scoped_release>())
+        .def("apply", &kv_context::apply)
         .def_property_readonly("n_kv", &kv_context::n_kv)
         .def_property_readonly("n_ubatches", &kv_context::n_ubatches)
         .def_property_readonly("i_cur", &kv_context::i_cur)

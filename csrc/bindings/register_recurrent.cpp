@@ -173,6 +173,12 @@ void store_states(llmem::rs_context & ctx, int kind, size_t layer, const py::arr
 } // namespace
 
 void register_recurrent(py::module_ & m) {
+    // Registered first so that init_batch/init_full/init_update have Python signatures (see
+    // register_kv_cache: pybind11 crashed formatting the TypeError of a bad argument otherwise).
+    py::class_<llmem::rs_context> context_class(m, "rs_context", R"doc(
+One plan of a recurrent memory (private; use the context llmem.RecurrentMemory returns).
+)doc");
+
     py::class_<py_rs_memory, llmem::seq_pos_source>(m, "rs_memory", R"doc(
 The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.RecurrentMemory).
 )doc")
@@ -191,10 +197,14 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
         .def("seq_div", &llmem::rs_memory::seq_div, py::arg("seq"), py::arg("p0"), py::arg("p1"), py::arg("d"))
         .def("seq_pos_min", &llmem::rs_memory::seq_pos_min, py::arg("seq"))
         .def("seq_pos_max", &llmem::rs_memory::seq_pos_max, py::arg("seq"))
-        .def("init_batch", &llmem::rs_memory::init_batch, py::arg("balloc"), py::arg("n_ubatch"),
-             py::arg("embd_all"), py::keep_alive<0, 1>())
-        .def("init_full", &llmem::rs_memory::init_full, py::keep_alive<0, 1>())
-        .def("init_update", &llmem::rs_memory::init_update, py::keep_alive<0, 1>())
+        .def("init_batch",
+             [](py::object self, llmem::batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
+                 return owned_by(py::cast(self.cast<py_rs_memory &>().init_batch(balloc, n_ubatch, embd_all)), self);
+             },
+             py::arg("balloc"), py::arg("n_ubatch"), py::arg("embd_all"))
+        .def("init_full", [](py::object self) { return owned_by(py::cast(self.cast<py_rs_memory &>().init_full()), self); })
+        .def("init_update",
+             [](py::object self) { return owned_by(py::cast(self.cast<py_rs_memory &>().init_update()), self); })
         .def("state_write", &state_write, py::arg("seq"), py::arg("flags"))
         .def("state_read", &state_read, py::arg("data"), py::arg("seq"), py::arg("flags"), py::arg("offset") = 0,
              py::arg("whole_buffer") = true,
@@ -216,9 +226,7 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
         .def_property_readonly("n", &llmem::rs_memory::n)
         .def_property_readonly("rs_z", &llmem::rs_memory::rs_z);
 
-    py::class_<llmem::rs_context>(m, "rs_context", R"doc(
-One plan of a recurrent memory (private; use the context llmem.RecurrentMemory returns).
-)doc")
+    context_class
         .def_property_readonly("status", &llmem::rs_context::status)
         .def_property_readonly("is_full", &llmem::rs_context::is_full)
         .def_property_readonly("n_ubatches", &llmem::rs_context::n_ubatches)

@@ -15,7 +15,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 from .batch import Batch, BatchAllocator, UBatch
-from .errors import BatchError, LlmemError, StateError
+from .errors import BatchError, LlmemError, StaleContextError, StateError
 from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, Rope
 from .memory import Memory, MemoryContext
@@ -49,6 +49,7 @@ __all__ = [
     "RecurrentMemory",
     "Rope",
     "StateError",
+    "StaleContextError",
     "Status",
     "status_combine",
     "status_is_fail",

@@ -6,7 +6,7 @@ classes for its own failures (C++ ``llmem::batch_error`` becomes :class:`BatchEr
 
 from __future__ import annotations
 
-__all__ = ["LlmemError", "BatchError", "StateError"]
+__all__ = ["LlmemError", "BatchError", "StateError", "StaleContextError"]
 
 
 class LlmemError(Exception):
@@ -28,3 +28,9 @@ class BatchError(LlmemError, ValueError):
 
 class StateError(LlmemError, ValueError):
     """State bytes that cannot be read into this memory; the memory is left unchanged."""
+
+
+class StaleContextError(LlmemError):
+    """A context (from ``init_batch``) was used after another call changed its memory, so its
+    plan no longer matches the cells; the memory is left unchanged. Hold ``memory.lock`` around
+    the whole decode when threads share a memory."""

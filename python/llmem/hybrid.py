@@ -27,7 +27,7 @@ from typing import Callable, Sequence, Union
 from . import _core
 from .errors import LlmemError
 from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
-from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view
+from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
 from .recurrent import RecurrentContext, RecurrentMemory
 from .status import Status, status_combine, status_is_fail
 
@@ -79,12 +79,19 @@ class HybridContext(MemoryContext):
         return self._i < self._n
 
     def apply(self) -> bool:
-        """Apply the attention side, then the recurrent side (both always run, as llama.cpp)."""
+        """Apply the attention side, then the recurrent side (both always run, as llama.cpp).
+        Both plans are checked first: a stale one raises StaleContextError before either changes."""
         if status_is_fail(self._status):
             raise LlmemError(f"cannot apply a context whose status is {self._status.name}")
-        ok_attn = self.attn.apply()
-        ok_recr = self.recr.apply()
-        return bool(ok_attn) and bool(ok_recr)
+        self.recr._memory._lock.acquire()
+        try:
+            if not (self.attn._is_fresh() and self.recr._is_fresh()):
+                raise stale_context_error("apply")
+            ok_attn = self.attn.apply()
+            ok_recr = self.recr.apply()
+            return bool(ok_attn) and bool(ok_recr)
+        finally:
+            self.recr._memory._lock.release()
 
     @property
     def ubatch(self):
@@ -125,6 +132,10 @@ class HybridMemory(Memory):
         self._attn = attn
         self._recr = recr
         self._pattern = pattern
+        # one lock for both parts: a hybrid call is atomic, and a direct call on a part
+        # (mem.mem_attn.seq_rm) cannot interleave with it
+        self._lock = attn._lock
+        recr._share_lock(self._lock)
         self._positions = _core.HybridPositions(attn._pos_source, recr._pos_source)
 
     def __repr__(self) -> str:
@@ -159,7 +170,11 @@ class HybridMemory(Memory):
         return [self._attn._core] if not flags & STATE_PARTIAL_ONLY else []
 
     def _attn_context(self, base_ctx, swa_ctx) -> MemoryContext:
-        return KVCacheContext(self._attn, base_ctx)
+        return KVCacheContext(self._attn, base_ctx, self._attn._version)
+
+    def _touch(self) -> None:
+        self._attn._touch()
+        self._recr._touch()
 
     def _attn_cores(self):
         return self._attn._core, None
@@ -173,15 +188,23 @@ class HybridMemory(Memory):
         n_ubatch = _int("n_ubatch", n_ubatch)
         if n_ubatch < 1:
             raise ValueError(f"n_ubatch must be >= 1, got {n_ubatch}")
-        balloc = self._allocator_for(balloc_or_batch)
-        base, swa = self._attn_cores()
-        status, cb, cs, cr = _core.hybrid_init_batch(balloc, n_ubatch, bool(embd_all), base, swa, self._recr._mem)
-        return HybridContext(self._attn_context(cb, cs), RecurrentContext(self._recr, cr), status)
+        self._lock.acquire()
+        try:
+            balloc = self._allocator_for(balloc_or_batch)
+            base, swa = self._attn_cores()
+            status, cb, cs, cr = _core.hybrid_init_batch(balloc, n_ubatch, bool(embd_all), base, swa,
+                                                         self._recr._mem)
+            return HybridContext(self._attn_context(cb, cs), RecurrentContext(self._recr, cr, self._recr._version),
+                                 status)
+        finally:
+            self._lock.release()
 
+    @locked
     def init_full(self) -> HybridContext:
         attn, recr = self._attn.init_full(), self._recr.init_full()
         return HybridContext(attn, recr, status_combine(attn.status, recr.status))
 
+    @locked
     def init_update(self, optimize: bool = False) -> HybridContext:
         """The attention side's pending work (K-shift, stream copies); a recurrent memory has none."""
         attn, recr = self._attn.init_update(optimize), self._recr.init_update(optimize)
@@ -189,10 +212,12 @@ class HybridMemory(Memory):
 
     # -- sequences ---------------------------------------------------------------------------------
 
+    @locked
     def clear(self, data: bool = True) -> None:
         self._attn.clear(data)
         self._recr.clear(data)
 
+    @locked
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """The recurrent side decides: when it refuses (a cut into the end of a sequence without a
         rollback snapshot, any negative id), nothing changes and the result is False; otherwise
@@ -202,14 +227,17 @@ class HybridMemory(Memory):
             return False
         return bool(self._attn.seq_rm(seq_id, p0, p1))
 
+    @locked
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         self._attn.seq_cp(seq_id_src, seq_id_dst, p0, p1)
         self._recr.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
+    @locked
     def seq_keep(self, seq_id: int) -> None:
         self._attn.seq_keep(seq_id)
         self._recr.seq_keep(seq_id)
 
+    @locked
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         seq_id, p0, p1, shift = _int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("shift", shift)
         # the recurrent side refuses a shift leaving int32 after the attention side applied its
@@ -221,6 +249,7 @@ class HybridMemory(Memory):
         self._attn.seq_add(seq_id, p0, p1, shift)
         self._recr.seq_add(seq_id, p0, p1, shift)
 
+    @locked
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         d = _int("d", d)
         if d < 1:
@@ -228,10 +257,12 @@ class HybridMemory(Memory):
         self._attn.seq_div(seq_id, p0, p1, d)
         self._recr.seq_div(seq_id, p0, p1, d)
 
+    @locked
     def seq_pos_min(self, seq_id: int) -> int:
         """max(attention min, recurrent min): the first position both parts hold."""
         return self._positions.seq_pos_min(_int("seq_id", seq_id))
 
+    @locked
     def seq_pos_max(self, seq_id: int) -> int:
         """min(attention max, recurrent max): after decoding 0..4 a hybrid reports min = max = 4."""
         return self._positions.seq_pos_max(_int("seq_id", seq_id))
@@ -241,6 +272,7 @@ class HybridMemory(Memory):
     def get_can_shift(self) -> bool:
         return self._attn.get_can_shift()
 
+    @locked
     def memory_breakdown(self) -> dict[str, int]:
         """Bytes by buffer, prefixed with the part that holds it (``attn.*``, ``recr.*``)."""
         out = {f"attn.{k}": v for k, v in self._attn.memory_breakdown().items()}
@@ -265,11 +297,13 @@ class HybridMemory(Memory):
     def n_seq_max(self) -> int:
         return self._attn.n_seq_max
 
+    @locked
     def cells(self) -> dict:
         return {"attn": self._attn.cells(), "recr": self._recr.cells()}
 
     # -- state -------------------------------------------------------------------------------------
 
+    @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """The attention section(s) then the recurrent section, in llama.cpp's layout; with
         ``STATE_PARTIAL_ONLY`` only the recurrent section."""
@@ -288,7 +322,12 @@ class HybridMemory(Memory):
             raise ValueError(f"flags must be non-negative, got {flags}")
         if not (seq_id == -1 or 0 <= seq_id < self.n_seq_max):
             raise ValueError(f"seq_id must be -1 or in [0, {self.n_seq_max}), got {seq_id}")
-        _core.hybrid_state_read(self._attn_caches(flags), self._recr._mem, as_byte_view(data), seq_id, flags)
+        self._lock.acquire()
+        try:
+            _core.hybrid_state_read(self._attn_caches(flags), self._recr._mem, as_byte_view(data), seq_id, flags)
+            self._touch()
+        finally:
+            self._lock.release()
 
 
 class HybridISWAMemory(HybridMemory):
@@ -307,11 +346,13 @@ class HybridISWAMemory(HybridMemory):
 
     def _attn_context(self, base_ctx, swa_ctx) -> MemoryContext:
         a = self._attn
-        return KVCacheISWAContext(a, KVCacheContext(a.base, base_ctx), KVCacheContext(a.swa, swa_ctx))
+        return KVCacheISWAContext(a, KVCacheContext(a.base, base_ctx, a.base._version),
+                                  KVCacheContext(a.swa, swa_ctx, a.swa._version))
 
     def _attn_cores(self):
         return self._attn.base._core, self._attn.swa._core
 
+    @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """Base (unless ``STATE_PARTIAL_ONLY``), SWA, then recurrent sections."""
         seq_id, flags = _int("seq_id", seq_id), _int("flags", flags)

@@ -14,6 +14,8 @@ Element types are float16, float32 or bfloat16 (stored as uint16 bit patterns).
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -21,7 +23,7 @@ import numpy as np
 from . import _core
 from .batch import UBatch
 from .errors import LlmemError
-from .memory import BatchOrAllocator, Memory, MemoryContext
+from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
 from .status import Status, SWAType, status_combine
 
 __all__ = ["Rope", "KVCache", "KVCacheISWA", "KVCacheContext", "KVCacheISWAContext",
@@ -56,8 +58,22 @@ class Rope:
     def __post_init__(self) -> None:
         if self.mode not in ("normal", "neox"):
             raise ValueError(f"rope mode must be 'normal' or 'neox', got {self.mode!r}")
-        if not isinstance(self.n_rot, (int, np.integer)) or self.n_rot <= 0 or self.n_rot % 2:
+        if (isinstance(self.n_rot, bool) or not isinstance(self.n_rot, (int, np.integer)) or self.n_rot <= 0
+                or self.n_rot % 2):
             raise ValueError(f"rope n_rot must be a positive even int, got {self.n_rot!r}")
+        if self.head_dim is not None:
+            _check_int(self.head_dim, "rope head_dim", int(self.n_rot))
+        _check_int(self.n_ctx_orig, "rope n_ctx_orig")
+        # a NaN or infinite parameter would silently write NaN into every shifted K row
+        for name in ("freq_base", "freq_scale", "ext_factor", "attn_factor", "beta_fast", "beta_slow"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise TypeError(f"rope {name} must be a float, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"rope {name} must be finite, got {value!r}")
+        for name in ("freq_base", "freq_scale"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"rope {name} must be positive, got {getattr(self, name)!r}")
 
     @property
     def neox(self) -> bool:
@@ -106,10 +122,12 @@ def _to_storage(values: np.ndarray, type_id: int, name: str) -> np.ndarray:
 
 
 def _per_layer(value, n_layer: int, name: str) -> list[int]:
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         vals = [int(value)] * n_layer
     else:
-        vals = [int(v) for v in value]
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            raise TypeError(f"{name} must be an int or one int per layer, got {type(value).__name__} {value!r}")
+        vals = [_check_int(v, f"{name}[{il}]", -(2**63)) for il, v in enumerate(value)]
         if len(vals) != n_layer:
             raise ValueError(f"{name} has {len(vals)} entries, expected n_layer = {n_layer}")
     for il, v in enumerate(vals):
@@ -118,12 +136,31 @@ def _per_layer(value, n_layer: int, name: str) -> list[int]:
     return vals
 
 
-def _check_int(value, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+#: More layers than any model has; a bound that keeps a typo (n_layer=10**12) a clear error
+#: instead of a MemoryError while building per-layer lists.
+MAX_LAYERS = 1 << 16
+
+#: Largest n_seq_max (llmem's limit, also the batch allocator's).
+_SEQ_MAX_LIMIT = 1 << 16
+
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+def _check_int(value, name: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
+
+
+def _i32(value, name: str) -> int:
+    """An int32 argument (positions, shifts); TypeError/ValueError naming it otherwise."""
+    if type(value) is int and _I32_MIN <= value <= _I32_MAX:
+        return value
+    return _check_int(value, name, _I32_MIN, _I32_MAX)
 
 
 class KVCache(Memory):
@@ -137,19 +174,19 @@ class KVCache(Memory):
     """
 
     __slots__ = ("_core", "_k", "_v", "_layers", "_layer_index", "_type_k", "_type_v", "_rope",
-                 "_vt", "_ev", "_own_balloc")
+                 "_vt", "_ev", "_own_balloc", "_lock", "_version")
 
     def __init__(self, n_layer: int, n_embd_k_gqa, n_embd_v_gqa, kv_size: int, n_seq_max: int = 1,
                  dtype_k=np.float16, dtype_v=np.float16, v_trans: bool = True, unified: bool = True,
                  n_pad: int = 1, n_swa: int = 0, swa_type=SWAType.NONE,
                  layer_filter: Optional[Callable[[int], bool]] = None, rope=None,
                  n_pos_per_embd: int = 1) -> None:
-        n_layer = _check_int(n_layer, "n_layer")
+        n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
         kv_size = _check_int(kv_size, "kv_size", 1)
-        n_seq_max = _check_int(n_seq_max, "n_seq_max", 1)
+        n_seq_max = _check_int(n_seq_max, "n_seq_max", 1, _SEQ_MAX_LIMIT)
         n_pad = _check_int(n_pad, "n_pad", 1)
         n_swa = _check_int(n_swa, "n_swa")
-        n_pos_per_embd = _check_int(n_pos_per_embd, "n_pos_per_embd", 1)
+        n_pos_per_embd = _check_int(n_pos_per_embd, "n_pos_per_embd", 1, 4)
         swa_type = SWAType(swa_type)
         ek = _per_layer(n_embd_k_gqa, n_layer, "n_embd_k_gqa")
         ev = _per_layer(n_embd_v_gqa, n_layer, "n_embd_v_gqa")
@@ -170,6 +207,9 @@ class KVCache(Memory):
         self._vt = bool(v_trans)
         self._ev = [ev[il] for il in self._layers]
         self._own_balloc = None
+        self._lock = threading.RLock()
+        # bumped by every change of the cells: a context planned at another value is stale
+        self._version = 0
         self._core = _core.KVCache(
             kv_size, n_seq_max, bool(unified), n_pad, n_swa, int(swa_type), n_pos_per_embd,
             self._type_k, self._type_v, bool(v_trans), self._layers,
@@ -185,6 +225,22 @@ class KVCache(Memory):
             self._core.set_layer_buffers(l, k, v)
             self._k.append(k)
             self._v.append(v)
+
+    # -- argument checks -------------------------------------------------------------------------
+
+    def _seq(self, seq_id, name: str = "seq_id", allow_all: bool = False) -> int:
+        """A sequence id argument as an int32 (TypeError/ValueError naming it otherwise). Its range
+        is llama.cpp's, checked by the core: a unified cache accepts any id below 256 (and answers
+        as for an empty sequence), a multi-stream cache ids below n_seq_max; the recorded oracle
+        scenarios depend on that."""
+        if type(seq_id) is int and _I32_MIN <= seq_id <= _I32_MAX:
+            return seq_id
+        return _check_int(seq_id, name, _I32_MIN, _I32_MAX)
+        seq_id = _check_int(seq_id, name, -(2**63))
+        if not (0 <= seq_id < n or (allow_all and seq_id == -1)):
+            allowed = f"-1 or in [0, {n})" if allow_all else f"in [0, {n})"
+            raise ValueError(f"{name} must be {allowed} (n_seq_max = {n}), got {seq_id}")
+        return seq_id
 
     # -- buffers -------------------------------------------------------------------------------
 
@@ -235,48 +291,77 @@ class KVCache(Memory):
         """Split the batch (simple split for one stream, equal-sequential otherwise) and find cells
         for every micro-batch; the cache is unchanged until ``apply()``. Status FAILED_PREPARE
         when it does not fit."""
-        balloc = self._allocator_for(balloc_or_batch)
-        return KVCacheContext(self, self._core.init_batch(balloc, n_ubatch))
+        if type(n_ubatch) is not int or not 1 <= n_ubatch <= _I32_MAX:
+            n_ubatch = _check_int(n_ubatch, "n_ubatch", 1, _I32_MAX)
+        self._lock.acquire()
+        try:
+            balloc = self._allocator_for(balloc_or_batch)
+            return KVCacheContext(self, self._core.init_batch(balloc, n_ubatch), self._version)
+        finally:
+            self._lock.release()
 
+    @locked
     def init_full(self) -> "KVCacheContext":
         """A context covering every cell (n_kv = size), for sizing compute graphs."""
         return KVCacheContext(self, self._core.init_full())
 
+    @locked
     def init_update(self, optimize: bool = False) -> "KVUpdateContext":
         """Pending stream copies and K-shift; NO_UPDATE if there is nothing to do."""
         return KVUpdateContext(self)
 
+    def _touch(self) -> None:
+        """Record a change of the cells (contexts planned before it become stale)."""
+        self._version += 1
+
+    @locked
     def clear(self, data: bool = True) -> None:
         self._core.clear(bool(data))
+        self._version += 1
 
+    @locked
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove positions [p0, p1) of ``seq_id`` (-1: of every sequence). Always True."""
-        return self._core.seq_rm(seq_id, p0, p1)
+        removed = self._core.seq_rm(self._seq(seq_id, allow_all=True), _i32(p0, "p0"), _i32(p1, "p1"))
+        self._version += 1
+        return removed
 
+    @locked
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Share the cells of ``seq_id_src`` in [p0, p1) with ``seq_id_dst`` (across streams: the
         whole stream, with the K/V bytes copied by the next update)."""
-        self._core.seq_cp(seq_id_src, seq_id_dst, p0, p1)
+        self._core.seq_cp(self._seq(seq_id_src, "seq_id_src"), self._seq(seq_id_dst, "seq_id_dst"),
+                          _i32(p0, "p0"), _i32(p1, "p1"))
+        self._version += 1
 
+    @locked
     def seq_keep(self, seq_id: int) -> None:
-        self._core.seq_keep(seq_id)
+        self._core.seq_keep(self._seq(seq_id))
+        self._version += 1
 
+    @locked
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         """Shift positions [p0, p1) of ``seq_id``; K is re-rotated by the next update."""
-        self._core.seq_add(seq_id, p0, p1, shift)
+        self._core.seq_add(self._seq(seq_id), _i32(p0, "p0"), _i32(p1, "p1"), _i32(shift, "shift"))
+        self._version += 1
 
+    @locked
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
-        self._core.seq_div(seq_id, p0, p1, d)
+        self._core.seq_div(self._seq(seq_id), _i32(p0, "p0"), _i32(p1, "p1"), _i32(d, "d"))
+        self._version += 1
 
+    @locked
     def seq_pos_min(self, seq_id: int) -> int:
-        return self._core.seq_pos_min(seq_id)
+        return self._core.seq_pos_min(self._seq(seq_id))
 
+    @locked
     def seq_pos_max(self, seq_id: int) -> int:
-        return self._core.seq_pos_max(seq_id)
+        return self._core.seq_pos_max(self._seq(seq_id))
 
     def get_can_shift(self) -> bool:
         return self._core.get_can_shift()
 
+    @locked
     def get_has_shift(self) -> bool:
         """True when a position shift is waiting for ``init_update().apply()``."""
         return self._core.get_has_shift()
@@ -290,21 +375,25 @@ class KVCache(Memory):
         return self._core.size
 
     @property
+    @locked
     def used(self) -> int:
         return self._core.used
 
     @property
+    @locked
     def head(self) -> int:
         return self._core.head(0)
 
+    @locked
     def head_of(self, stream: int) -> int:
         """Search start of one stream."""
-        return self._core.head(stream)
+        return self._core.head(_check_int(stream, "stream", 0, self.n_stream - 1))
 
     @property
     def n_seq_max(self) -> int:
         return self._core.n_seq_max
 
+    @locked
     def cells(self) -> dict:
         """Snapshot of the cell metadata: ``pos`` and ``shift`` ``[n_stream, size]``, ``n_seq``
         (sequences per cell), ``seq_ids`` (per stream, the ids of its cells concatenated in cell
@@ -325,19 +414,29 @@ class KVCache(Memory):
         out["seqs"] = seqs
         return out
 
+    @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """llama.cpp's KV state bytes of the whole cache (-1) or one sequence. A pending K-shift is
         saved as if applied (the K rows match the saved positions)."""
-        return self._core.state_write(seq_id)
+        _check_int(flags, "flags")
+        return self._core.state_write(self._seq(seq_id, allow_all=True))
 
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
         """Restore bytes of ``state_write`` (whole cache, or one sequence into ``seq_id``). On any
         failure raises :class:`StateError` and leaves cells and K/V buffers unchanged."""
-        _core.kv_state_read([self._core], data, seq_id)
+        _check_int(flags, "flags")
+        self._lock.acquire()
+        try:
+            _core.kv_state_read([self._core], as_byte_view(data), self._seq(seq_id, allow_all=True))
+            self._version += 1
+        finally:
+            self._lock.release()
 
+    @locked
     def state_clear(self, seq_id: int) -> None:
         """Remove ``seq_id`` (-1: everything) and zero the K/V rows of the cells it alone held."""
-        self._core.state_clear(seq_id)
+        self._core.state_clear(self._seq(seq_id, allow_all=True))
+        self._version += 1
 
     def __repr__(self) -> str:
         return (f"KVCache(size={self.size}, n_stream={self.n_stream}, layers={len(self._layers)}, "
@@ -353,13 +452,22 @@ class KVCacheContext(MemoryContext):
     ``kq_cells`` the same visibility as per-token cell lists.
     """
 
-    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at")
+    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version")
 
-    def __init__(self, cache: KVCache, ctx) -> None:
+    def __init__(self, cache: KVCache, ctx, version: Optional[int] = None) -> None:
         self._cache = cache
         self._ctx = ctx
         self._kidx = None
         self._kidx_at = -1
+        # the cache's version the plan is valid for (None: a full context, valid at any time)
+        self._version = version
+
+    def _is_fresh(self) -> bool:
+        return self._version is None or self._version == self._cache._version
+
+    def _check_fresh(self, what: str) -> None:
+        if self._version is not None and self._version != self._cache._version:
+            raise stale_context_error(what)
 
     @property
     def status(self) -> Status:
@@ -369,7 +477,21 @@ class KVCacheContext(MemoryContext):
         return self._ctx.next()
 
     def apply(self) -> bool:
-        return self._ctx.apply()
+        """Place the current micro-batch; StaleContextError (nothing changed) when the cache
+        changed since the plan was made."""
+        cache = self._cache
+        cache._lock.acquire()
+        try:
+            if self._version is None:
+                return self._ctx.apply()
+            if self._version != cache._version:
+                raise stale_context_error("apply")
+            applied = self._ctx.apply()
+            cache._version += 1
+            self._version = cache._version
+            return applied
+        finally:
+            cache._lock.release()
 
     @property
     def ubatch(self) -> Optional[UBatch]:
@@ -390,10 +512,13 @@ class KVCacheContext(MemoryContext):
 
     def slot_cells(self) -> np.ndarray:
         """Cell (within its stream) of each token of the current micro-batch."""
+        self._check_fresh("slot_cells")
         return self._ctx.slot_cells()
 
     def k_idxs(self) -> np.ndarray:
         """int64 row of each token in the stacked ``[n_stream * kv_size]`` K rows."""
+        if self._version is not None and self._version != self._cache._version:
+            raise stale_context_error("k_idxs")
         i = self._ctx.i_cur
         if self._kidx_at != i:
             self._kidx = self._ctx.k_idxs()
@@ -415,36 +540,55 @@ class KVCacheContext(MemoryContext):
 
     def kq_mask(self, causal: bool = True) -> np.ndarray:
         """float32 ``[n_tokens, n_kv]``: 0 where a token attends a cell, -inf elsewhere."""
-        return self._ctx.kq_mask(bool(causal))
+        self._cache._lock.acquire()
+        try:
+            self._check_fresh("kq_mask")
+            return self._ctx.kq_mask(bool(causal))
+        finally:
+            self._cache._lock.release()
 
     def kq_cells(self, causal: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """The mask as lists: token ``t`` attends cells ``cells[offsets[t]:offsets[t+1]]``
         (ascending, within the token's stream). Returns ``(offsets int64[n_tokens+1], cells)``."""
-        return self._ctx.kq_cells(bool(causal))
+        self._cache._lock.acquire()
+        try:
+            self._check_fresh("kq_cells")
+            return self._ctx.kq_cells(bool(causal))
+        finally:
+            self._cache._lock.release()
 
     def cpy_k(self, il: int, k_cur) -> None:
         """Store the current micro-batch's K rows (``[n_tokens, n_embd_k]`` or
         ``[n_tokens, n_head, head_dim]``) of model layer ``il`` into its cells."""
         c = self._cache
-        K = c.k(il)
-        idx = self.k_idxs()
-        vals = _rows(k_cur, len(idx), K.shape[2], "k_cur")
-        K.reshape(-1, K.shape[2])[idx] = _to_storage(vals, c._type_k, "k_cur")
+        c._lock.acquire()
+        try:
+            K = c.k(il)
+            idx = self.k_idxs()
+            vals = _to_storage(_rows(k_cur, len(idx), K.shape[2], "k_cur"), c._type_k, "k_cur")
+            K.reshape(-1, K.shape[2])[idx] = vals
+        finally:
+            c._lock.release()
 
     def cpy_v(self, il: int, v_cur) -> None:
         """Store the current micro-batch's V rows (``[n_tokens, n_embd_v]``) of model layer ``il``."""
         c = self._cache
-        V = c.v(il)
-        idx = self.k_idxs()
-        ne = c._n_embd_v(il)
-        vals = _to_storage(_rows(v_cur, len(idx), ne, "v_cur"), c._type_v, "v_cur")
-        if c._vt:
-            vals = np.ascontiguousarray(vals, dtype=V.dtype)
-            _core.kv_scatter_v_trans(V, vals, idx, c.size, V.shape[0])
-        else:
-            V.reshape(-1, V.shape[2])[idx] = vals
+        c._lock.acquire()
+        try:
+            V = c.v(il)
+            idx = self.k_idxs()
+            ne = c._n_embd_v(il)
+            vals = _to_storage(_rows(v_cur, len(idx), ne, "v_cur"), c._type_v, "v_cur")
+            if c._vt:
+                vals = np.ascontiguousarray(vals, dtype=V.dtype)
+                _core.kv_scatter_v_trans(V, vals, idx, c.size, V.shape[0])
+            else:
+                V.reshape(-1, V.shape[2])[idx] = vals
+        finally:
+            c._lock.release()
 
     def _streams(self) -> slice:
+        self._check_fresh("get_k/get_v")
         if self.n_kv == 0:
             raise LlmemError("call apply() before reading the cache through a context")
         return slice(self._ctx.s0, self._ctx.s1 + 1)
@@ -469,7 +613,7 @@ class KVUpdateContext(MemoryContext):
     __slots__ = ("_caches", "_status")
 
     def __init__(self, *caches: KVCache) -> None:
-        self._caches = caches
+        self._caches = caches  # they share one lock (the caches of one iSWA pair)
         pending = any(c._core.update_pending() for c in caches)
         self._status = Status.SUCCESS if pending else Status.NO_UPDATE
 
@@ -481,14 +625,19 @@ class KVUpdateContext(MemoryContext):
         return False
 
     def apply(self) -> bool:
-        # Check every cache first so a refused shift changes none of them.
-        for c in self._caches:
-            if c.get_has_shift() and c._rope is None:
-                raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
-                                 "the cache was built without rope=...")
-        for c in self._caches:
-            c._core.update()
-        return True
+        self._caches[0]._lock.acquire()
+        try:
+            # Check every cache first so a refused shift changes none of them.
+            for c in self._caches:
+                if c.get_has_shift() and c._rope is None:
+                    raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
+                                     "the cache was built without rope=...")
+            for c in self._caches:
+                c._core.update()
+                c._version += 1
+            return True
+        finally:
+            self._caches[0]._lock.release()
 
     @property
     def ubatch(self) -> None:
@@ -509,7 +658,7 @@ class KVCacheISWA(Memory):
     ``roundup(min(kv_size, n_swa * (n_seq_max if unified else 1) + n_ubatch), 256)`` unless
     ``swa_full``. Sequence operations go to both; positions are reported by the swa cache."""
 
-    __slots__ = ("base", "swa", "_own_balloc")
+    __slots__ = ("base", "swa", "_own_balloc", "_lock")
 
     def __init__(self, n_layer: int, n_embd_k_gqa, n_embd_v_gqa, kv_size: int, n_seq_max: int = 1,
                  dtype_k=np.float16, dtype_v=np.float16, v_trans: bool = True, unified: bool = True,
@@ -517,11 +666,11 @@ class KVCacheISWA(Memory):
                  is_swa_layer: Union[Callable[[int], bool], Sequence[bool], None] = None,
                  n_ubatch: int = 512, layer_filter: Optional[Callable[[int], bool]] = None,
                  rope=None, rope_swa=None, n_pos_per_embd: int = 1) -> None:
-        n_layer = _check_int(n_layer, "n_layer")
+        n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
         kv_size = _check_int(kv_size, "kv_size", 1)
-        n_seq_max = _check_int(n_seq_max, "n_seq_max", 1)
+        n_seq_max = _check_int(n_seq_max, "n_seq_max", 1, _SEQ_MAX_LIMIT)
         n_swa = _check_int(n_swa, "n_swa", 1)
-        n_ubatch = _check_int(n_ubatch, "n_ubatch", 1)
+        n_ubatch = _check_int(n_ubatch, "n_ubatch", 1, _I32_MAX)
         if SWAType(swa_type) == SWAType.NONE:
             raise ValueError("an iSWA cache needs swa_type other than NONE")
         if is_swa_layer is None:
@@ -529,6 +678,9 @@ class KVCacheISWA(Memory):
         if callable(is_swa_layer):
             flags = [bool(is_swa_layer(il)) for il in range(n_layer)]
         else:
+            if not isinstance(is_swa_layer, (list, tuple, np.ndarray)):
+                raise TypeError("is_swa_layer must be a callable il -> bool or a list of bools, got "
+                                f"{type(is_swa_layer).__name__} {is_swa_layer!r}")
             flags = [bool(f) for f in is_swa_layer]
             if len(flags) != n_layer:
                 raise ValueError(f"is_swa_layer has {len(flags)} entries, expected n_layer = {n_layer}")
@@ -546,6 +698,16 @@ class KVCacheISWA(Memory):
         self.swa = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
                            swa_type=swa_type, layer_filter=lambda il: flags[il] and keep(il),
                            rope=rope if rope_swa is None else rope_swa, **common)
+        self._share_lock(threading.RLock())
+
+    def _share_lock(self, lock) -> None:
+        self._lock = lock
+        self.base._share_lock(lock)
+        self.swa._share_lock(lock)
+
+    def _touch(self) -> None:
+        self.base._touch()
+        self.swa._touch()
 
     def _cache_of(self, il: int) -> KVCache:
         if il in self.base._layer_index:
@@ -573,39 +735,54 @@ class KVCacheISWA(Memory):
                    embd_all: bool = False) -> "KVCacheISWAContext":
         """llama.cpp's order: simple split placed in both caches (unified only), else the equal
         split; FAILED_PREPARE when neither fits."""
-        balloc = self._allocator_for(balloc_or_batch)
-        cb, cs = _core.kv_iswa_init_batch(self.base._core, self.swa._core, balloc, n_ubatch)
-        return KVCacheISWAContext(self, KVCacheContext(self.base, cb), KVCacheContext(self.swa, cs))
+        if type(n_ubatch) is not int or not 1 <= n_ubatch <= _I32_MAX:
+            n_ubatch = _check_int(n_ubatch, "n_ubatch", 1, _I32_MAX)
+        self._lock.acquire()
+        try:
+            balloc = self._allocator_for(balloc_or_batch)
+            cb, cs = _core.kv_iswa_init_batch(self.base._core, self.swa._core, balloc, n_ubatch)
+            return KVCacheISWAContext(self, KVCacheContext(self.base, cb, self.base._version),
+                                      KVCacheContext(self.swa, cs, self.swa._version))
+        finally:
+            self._lock.release()
 
+    @locked
     def init_full(self) -> "KVCacheISWAContext":
         return KVCacheISWAContext(self, self.base.init_full(), self.swa.init_full())
 
+    @locked
     def init_update(self, optimize: bool = False) -> KVUpdateContext:
         return KVUpdateContext(self.base, self.swa)
 
+    @locked
     def clear(self, data: bool = True) -> None:
         self.base.clear(data)
         self.swa.clear(data)
 
+    @locked
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         # both caches accept the same ids, so a refusal comes from the base before any change
         a = self.base.seq_rm(seq_id, p0, p1)
         b = self.swa.seq_rm(seq_id, p0, p1)
         return a and b
 
+    @locked
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         self._validate_pair(seq_id_src, seq_id_dst, p0, p1)
         self.base.seq_cp(seq_id_src, seq_id_dst, p0, p1)
         self.swa.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
+    @locked
     def seq_keep(self, seq_id: int) -> None:
         self.base.seq_keep(seq_id)
         self.swa.seq_keep(seq_id)
 
+    @locked
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         self.base.seq_add(seq_id, p0, p1, shift)
         self.swa.seq_add(seq_id, p0, p1, shift)
 
+    @locked
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         self.base.seq_div(seq_id, p0, p1, d)
         self.swa.seq_div(seq_id, p0, p1, d)
@@ -613,6 +790,8 @@ class KVCacheISWA(Memory):
     def _validate_pair(self, src: int, dst: int, p0: int, p1: int) -> None:
         # Both caches accept the same ids; a refusal must come before the base changes. The swa
         # cache can be smaller, so its cross-stream range rule is the stricter one.
+        src, dst = self.base._seq(src, "seq_id_src"), self.base._seq(dst, "seq_id_dst")
+        p0, p1 = _i32(p0, "p0"), _i32(p1, "p1")
         for c in (self.swa, self.base):
             c.seq_pos_max(src)
             c.seq_pos_max(dst)
@@ -624,9 +803,11 @@ class KVCacheISWA(Memory):
                     raise ValueError("seq_cp across streams copies whole streams only: p0 and p1 must "
                                      f"be <= 0 or >= kv_size - 1 ({size - 1}), got [{p0}, {p1})")
 
+    @locked
     def seq_pos_min(self, seq_id: int) -> int:
         return self.swa.seq_pos_min(seq_id)
 
+    @locked
     def seq_pos_max(self, seq_id: int) -> int:
         return self.swa.seq_pos_max(seq_id)
 
@@ -634,6 +815,7 @@ class KVCacheISWA(Memory):
         return (self.base.get_can_shift() and self.swa.get_can_shift()
                 and self.base.size == self.swa.size)
 
+    @locked
     def memory_breakdown(self) -> dict[str, int]:
         out = dict(self.base.memory_breakdown())
         for k, v in self.swa.memory_breakdown().items():
@@ -656,11 +838,14 @@ class KVCacheISWA(Memory):
     def n_seq_max(self) -> int:
         return self.base.n_seq_max
 
+    @locked
     def cells(self) -> dict:
         return {"base": self.base.cells(), "swa": self.swa.cells()}
 
+    @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """Base section (unless ``STATE_PARTIAL_ONLY``) then swa section."""
+        flags = _check_int(flags, "flags")
         swa = self.swa.state_write(seq_id)
         if flags & STATE_PARTIAL_ONLY:
             return swa
@@ -669,9 +854,16 @@ class KVCacheISWA(Memory):
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
         """All or nothing across both sections (llama.cpp keeps a restored base when the swa
         section fails)."""
+        flags = _check_int(flags, "flags")
         cores = [self.swa._core] if flags & STATE_PARTIAL_ONLY else [self.base._core, self.swa._core]
-        _core.kv_state_read(cores, data, seq_id)
+        self._lock.acquire()
+        try:
+            _core.kv_state_read(cores, as_byte_view(data), self.base._seq(seq_id, allow_all=True))
+            self._touch()
+        finally:
+            self._lock.release()
 
+    @locked
     def state_clear(self, seq_id: int) -> None:
         self.base.state_clear(seq_id)
         self.swa.state_clear(seq_id)
@@ -695,10 +887,20 @@ class KVCacheISWAContext(MemoryContext):
         self.swa.next()
         return self.base.next()
 
+    def _is_fresh(self) -> bool:
+        return self.base._is_fresh() and self.swa._is_fresh()
+
     def apply(self) -> bool:
-        a = self.base.apply()
-        b = self.swa.apply()
-        return a and b
+        self._mem._lock.acquire()
+        try:
+            # both plans are checked before either cache changes
+            if not self._is_fresh():
+                raise stale_context_error("apply")
+            a = self.base.apply()
+            b = self.swa.apply()
+            return a and b
+        finally:
+            self._mem._lock.release()
 
     @property
     def ubatch(self) -> Optional[UBatch]:

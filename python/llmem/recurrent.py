@@ -18,12 +18,14 @@ decisions; the decode loop looks like this::
 from __future__ import annotations
 
 import operator
+import threading
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
-from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view
+from .kv_cache import MAX_LAYERS
+from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
 from .status import Status
 
 __all__ = ["RecurrentMemory", "RecurrentContext"]
@@ -75,6 +77,9 @@ def _present_layers(layer_filter: LayerFilter, n_layer: int) -> list[bool]:
         return [True] * n_layer
     if callable(layer_filter):
         return [bool(layer_filter(il)) for il in range(n_layer)]
+    if not isinstance(layer_filter, (list, tuple, np.ndarray)):
+        raise TypeError("layer_filter must be None, a callable il -> bool or a list of bools, got "
+                        f"{type(layer_filter).__name__} {layer_filter!r}")
     flags = list(layer_filter)
     if len(flags) != n_layer:
         raise ValueError(f"layer_filter has {len(flags)} entries, expected n_layer={n_layer}")
@@ -107,16 +112,16 @@ class RecurrentMemory(Memory):
     Sequence operations follow llama.cpp exactly, including its refusals: ``seq_rm`` returns
     False for ``seq_id = -1`` and for a cut into the end of a sequence that cannot be rolled back.
     A failed :meth:`state_read` raises :class:`~llmem.StateError` and changes nothing.
-    Instances are not thread-safe (like numpy arrays).
+    Every call takes :attr:`lock` (see ``docs/threading.md``).
     """
 
     __slots__ = ("_mem", "_r", "_s", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index",
-                 "_staging")
+                 "_staging", "_lock", "_version")
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
                  mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r=np.float32, dtype_s=np.float32,
                  layer_filter: LayerFilter = None) -> None:
-        n_layer = _int("n_layer", n_layer, 1)
+        n_layer = _int("n_layer", n_layer, 1, MAX_LAYERS)
         widths_r = _widths("n_embd_r", n_embd_r, n_layer)
         widths_s = _widths("n_embd_s", n_embd_s, n_layer)
         mem_size = _int("mem_size", mem_size, 1)
@@ -134,6 +139,9 @@ class RecurrentMemory(Memory):
         self._s: list[Optional[np.ndarray]] = [
             np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
         self._own_balloc = None
+        self._lock = threading.RLock()
+        # bumped by every change of the cells: a context planned at another value is stale
+        self._version = 0
         self._staging: dict[int, np.ndarray] = {}
         self._present_index = []
         for il in range(n_layer):
@@ -202,16 +210,26 @@ class RecurrentMemory(Memory):
         """
         if type(n_ubatch) is not int or not 1 <= n_ubatch <= _I32_MAX:
             n_ubatch = _int("n_ubatch", n_ubatch, 1)
-        balloc = self._allocator_for(balloc_or_batch)
-        return RecurrentContext(self, self._mem.init_batch(balloc, n_ubatch, bool(embd_all)))
+        self._lock.acquire()
+        try:
+            balloc = self._allocator_for(balloc_or_batch)
+            return RecurrentContext(self, self._mem.init_batch(balloc, n_ubatch, bool(embd_all)), self._version)
+        finally:
+            self._lock.release()
 
+    @locked
     def init_full(self) -> RecurrentContext:
         """A SUCCESS context over every cell (for sizing a compute graph)."""
         return RecurrentContext(self, self._mem.init_full())
 
+    @locked
     def init_update(self, optimize: bool = False) -> RecurrentContext:
         """Always NO_UPDATE: a recurrent memory has no pending work."""
         return RecurrentContext(self, self._mem.init_update())
+
+    def _touch(self) -> None:
+        """Record a change of the cells (contexts planned before it become stale)."""
+        self._version += 1
 
     @property
     def _pos_source(self):
@@ -220,10 +238,13 @@ class RecurrentMemory(Memory):
 
     # -- sequences --------------------------------------------------------------------------------
 
+    @locked
     def clear(self, data: bool = True) -> None:
         """Forget every sequence and pending rollback; with ``data`` zero every state array."""
         self._mem.clear(bool(data))
+        self._version += 1
 
+    @locked
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove positions [p0, p1) of a sequence, as llama.cpp's recurrent memory.
 
@@ -232,37 +253,50 @@ class RecurrentMemory(Memory):
         rollback pending (the rollback is recorded). False otherwise, and for ``seq_id`` outside
         ``[0, n_seq_max)`` (also -1) or ``>= mem_size``.
         """
-        return self._mem.seq_rm(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1))
+        removed = self._mem.seq_rm(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1))
+        self._version += 1
+        return removed
 
+    @locked
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make ``seq_id_dst`` share the state of ``seq_id_src`` (the range is ignored, as in
         llama.cpp); ids outside ``[0, mem_size)`` do nothing. An empty source erases dst."""
-        self._mem.seq_cp(_int("seq_id_src", seq_id_src), _int("seq_id_dst", seq_id_dst), _int("p0", p0),
-                         _int("p1", p1))
+        self._mem.seq_cp(_int("seq_id_src", seq_id_src), _int("seq_id_dst", seq_id_dst),
+                         _int("p0", p0), _int("p1", p1))
+        self._version += 1
 
+    @locked
     def seq_keep(self, seq_id: int) -> None:
         """Remove every sequence except ``seq_id`` (any id: -1 removes all)."""
         self._mem.seq_keep(_int("seq_id", seq_id))
+        self._version += 1
 
+    @locked
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         """Add ``shift`` to the sequence's position if it lies in [p0, p1). Every sequence
         sharing the state moves with it. ValueError (nothing changed) if it would leave int32."""
         self._mem.seq_add(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("shift", shift))
+        self._version += 1
 
+    @locked
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         """Divide the sequence's position by ``d`` (toward zero) if it lies in [p0, p1).
         ValueError for ``d == 0``."""
         self._mem.seq_div(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("d", d))
+        self._version += 1
 
+    @locked
     def seq_pos_min(self, seq_id: int) -> int:
         """Position of the sequence's state (a recurrent memory keeps only the last); -1 if none."""
         return self._mem.seq_pos_min(_int("seq_id", seq_id))
 
+    @locked
     def seq_pos_max(self, seq_id: int) -> int:
         """The last position the state has seen, as :meth:`seq_pos_min`, but never below -1
         (llama.cpp's maximum starts at -1: a position moved below 0 by ``seq_add`` reads -1)."""
         return self._mem.seq_pos_max(_int("seq_id", seq_id))
 
+    @locked
     def rs_idx(self) -> np.ndarray:
         """Pending rollback depth of every sequence id (0: none), a copy."""
         return self._mem.rs_idx()
@@ -286,11 +320,13 @@ class RecurrentMemory(Memory):
         return self._mem.size
 
     @property
+    @locked
     def used(self) -> int:
         """llama.cpp's count of used cells (it can drift after a negative ``seq_add``)."""
         return self._mem.used
 
     @property
+    @locked
     def head(self) -> int:
         """First cell of the last placed slot; where the free-cell search starts."""
         return self._mem.head
@@ -309,11 +345,13 @@ class RecurrentMemory(Memory):
         return self._n_layer
 
     @property
+    @locked
     def n(self) -> int:
         """Cells spanned by the last placed slot (llama.cpp's ``n``)."""
         return self._mem.n
 
     @property
+    @locked
     def rs_z(self) -> int:
         """Row zeroed for new sequences by the last placed slot, -1 if none."""
         return self._mem.rs_z
@@ -326,6 +364,7 @@ class RecurrentMemory(Memory):
     def dtype_s(self) -> np.dtype:
         return self._dtype_s
 
+    @locked
     def cells(self) -> dict:
         """Snapshot of the cell metadata: int32 arrays ``pos``, ``src``, ``src0`` and ``tail``
         (``tail[s]`` is the cell of sequence ``s``, -1 if none) and ``seq_ids``, a list with the
@@ -334,6 +373,7 @@ class RecurrentMemory(Memory):
 
     # -- state bytes ------------------------------------------------------------------------------
 
+    @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """llama.cpp's recurrent state block for the whole memory (-1) or one sequence.
 
@@ -343,6 +383,7 @@ class RecurrentMemory(Memory):
         """
         return self._mem.state_write(_int("seq_id", seq_id), _int("flags", flags, 0))
 
+    @locked
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
         """Restore a block written by :meth:`state_write` (or llama.cpp) into the whole memory
         (-1) or into sequence ``seq_id`` (which may differ from the one written).
@@ -352,6 +393,7 @@ class RecurrentMemory(Memory):
         one cell for one sequence) and then leaves the memory, metadata and arrays, unchanged.
         """
         self._mem.state_read(as_byte_view(data), _int("seq_id", seq_id), _int("flags", flags, 0))
+        self._version += 1
 
 
 class RecurrentContext(MemoryContext):
@@ -364,12 +406,21 @@ class RecurrentContext(MemoryContext):
     cells (llama.cpp's ``s_copy_extra``).
     """
 
-    __slots__ = ("_ctx", "_memory", "_gathered")
+    __slots__ = ("_ctx", "_memory", "_gathered", "_version")
 
-    def __init__(self, memory: RecurrentMemory, ctx) -> None:
+    def __init__(self, memory: RecurrentMemory, ctx, version: Optional[int] = None) -> None:
         self._memory = memory
         self._ctx = ctx
         self._gathered: dict[int, np.ndarray] = {}
+        # the memory's version the plan is valid for (None: full/update contexts, always valid)
+        self._version = version
+
+    def _is_fresh(self) -> bool:
+        return self._version is None or self._version == self._memory._version
+
+    def _check_fresh(self, what: str) -> None:
+        if self._version is not None and self._version != self._memory._version:
+            raise stale_context_error(what)
 
     @property
     def status(self) -> Status:
@@ -381,9 +432,20 @@ class RecurrentContext(MemoryContext):
         return self._ctx.next()
 
     def apply(self) -> bool:
-        """Place the current micro-batch in the memory (True, as llama.cpp)."""
-        self._gathered.clear()
-        return self._ctx.apply()
+        """Place the current micro-batch in the memory (True, as llama.cpp); StaleContextError
+        (nothing changed) when the memory changed since the plan was made."""
+        memory = self._memory
+        memory._lock.acquire()
+        try:
+            self._check_fresh("apply")
+            self._gathered.clear()
+            applied = self._ctx.apply()
+            if self._version is not None:
+                memory._version += 1
+                self._version = memory._version
+            return applied
+        finally:
+            memory._lock.release()
 
     @property
     def ubatch(self):
@@ -415,11 +477,16 @@ class RecurrentContext(MemoryContext):
         Evaluated once per applied micro-batch: reading it consumes pending rollbacks (the row
         then addresses a snapshot plane), so later calls return the same values.
         """
-        return self._ctx.s_copy_all()  # a new array; the values are cached in the context
+        self._memory._lock.acquire()
+        try:
+            self._check_fresh("s_copy_all")
+            return self._ctx.s_copy_all()  # a new array; the values are cached in the context
+        finally:
+            self._memory._lock.release()
 
     def s_copy(self, i: int) -> int:
         """Row the input state of slot cell ``i`` is read from (see :meth:`s_copy_all`)."""
-        copies = self._ctx.s_copy_all()
+        copies = self.s_copy_all()
         return int(copies[_int("i", i, 0, len(copies) - 1)])
 
     def get_r(self, il: int) -> np.ndarray:
@@ -448,21 +515,34 @@ class RecurrentContext(MemoryContext):
         self._store(1, il, new)
 
     def _gather(self, kind: int, il: int) -> np.ndarray:
-        layer, _ = self._memory._array_slot(kind, il)
+        memory = self._memory
+        layer, _ = memory._array_slot(kind, il)
         key = 2 * layer + kind
-        out = self._gathered.get(key)
-        if out is None:
-            staging = self._memory._staging_for(kind, layer, il)
-            n_seqs = self._ctx.n_seqs
-            self._ctx.gather(kind, layer, staging)
-            out = staging[:n_seqs]
-            self._gathered[key] = out
-        return out
+        memory._lock.acquire()
+        try:
+            self._check_fresh("get_" + "rs"[kind])
+            out = self._gathered.get(key)
+            if out is None:
+                staging = memory._staging_for(kind, layer, il)
+                n_seqs = self._ctx.n_seqs
+                self._ctx.gather(kind, layer, staging)
+                out = staging[:n_seqs]
+                self._gathered[key] = out
+            return out
+        finally:
+            memory._lock.release()
 
     def _store(self, kind: int, il: int, new) -> None:
-        layer, dtype = self._memory._array_slot(kind, il)
+        memory = self._memory
+        layer, dtype = memory._array_slot(kind, il)
+        name = "new " + "rs"[kind]
         if not isinstance(new, np.ndarray):
-            raise TypeError(f"new {'rs'[kind]} states must be a numpy array, not {type(new).__name__}")
+            raise TypeError(f"{name} states must be a numpy array, not {type(new).__name__}")
         if new.dtype != dtype:
-            raise TypeError(f"new {'rs'[kind]} states of layer {il} must be {dtype}, not {new.dtype}")
-        self._ctx.store(kind, layer, new, self._memory.n_rs_seq + 1)
+            raise TypeError(f"{name} states of layer {il} must be {dtype}, not {new.dtype}")
+        memory._lock.acquire()
+        try:
+            self._check_fresh("store_" + "rs"[kind])
+            self._ctx.store(kind, layer, new, memory._mem.n_rs_seq + 1)
+        finally:
+            memory._lock.release()

@@ -10,3 +10,10 @@ def pytest_configure(config):
     # which filterwarnings = error turns into an INTERNALERROR hiding the failing example.
     config.addinivalue_line(
         "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+
+
+# scripts/valgrind.sh: every test runs ~50x slower under valgrind, so the property tests take a
+# few examples (enough to reach their code paths) and no deadline.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("valgrind", max_examples=3, deadline=None)

@@ -69,7 +69,7 @@ def test_buffers_shapes_and_dtypes():
     (dict(dtype_k="q4_0"), TypeError),
     (dict(n_embd_k_gqa=[8, 8, 8]), ValueError),
     (dict(swa_type=SWAType.STANDARD, n_swa=0), ValueError),
-    (dict(rope=Rope(4, head_dim=3)), ValueError),
+    (dict(rope=dict(n_rot=4, head_dim=3)), ValueError),  # Rope() itself refuses it too
     (dict(rope="yes"), TypeError),
     (dict(kv_size=8.0), TypeError),
 ])
