@@ -295,13 +295,25 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
         // state
         .def("state_write",
              [](const kv_cache & c, int64_t seq) {
-                 const int32_t        s = to_i32(seq, "seq_id");
-                 std::vector<uint8_t> out;
+                 const int32_t s = to_i32(seq, "seq_id");
+                 // sized first, then written straight into the bytes object returned: no
+                 // intermediate buffer to fault in and copy again
+                 size_t n = 0;
                  {
                      py::gil_scoped_release r;
-                     c.state_write(out, s);
+                     n = c.state_write_size(s);
                  }
-                 return py::bytes(reinterpret_cast<const char *>(out.data()), out.size());
+                 PyObject * raw = PyBytes_FromStringAndSize(nullptr, py::ssize_t(n));
+                 if (raw == nullptr) {
+                     throw py::error_already_set();
+                 }
+                 py::bytes blob = py::reinterpret_steal<py::bytes>(raw);
+                 uint8_t * dst  = reinterpret_cast<uint8_t *>(PyBytes_AS_STRING(raw));
+                 {
+                     py::gil_scoped_release r;
+                     c.state_write(dst, n, s);
+                 }
+                 return blob;
              },
              py::arg("seq_id") = -1)
         .def("state_clear", [](kv_cache & c, int64_t seq) { c.state_clear(to_i32(seq, "seq_id")); },

@@ -1094,7 +1094,57 @@ struct kv_cache::parsed_state {
     std::vector<stream> streams;
 };
 
+namespace {
+
+// The two sinks of kv_cache::write_state: one counts the bytes, the other writes them into a
+// buffer of exactly that size. block(n) hands out n bytes to fill (null when counting).
+struct byte_count_sink {
+    size_t n = 0;
+    template <typename T> void put(T) { n += sizeof(T); }
+    uint8_t * block(size_t k) {
+        n += k;
+        return nullptr;
+    }
+};
+
+struct byte_write_sink {
+    uint8_t * at;
+    template <typename T> void put(T v) {
+        std::memcpy(at, &v, sizeof(T));
+        at += sizeof(T);
+    }
+    uint8_t * block(size_t k) {
+        uint8_t * b = at;
+        at += k;
+        return b;
+    }
+};
+
+} // namespace
+
+size_t kv_cache::state_write_size(int32_t seq) const {
+    byte_count_sink count;
+    write_state(count, seq);
+    return count.n;
+}
+
+void kv_cache::state_write(uint8_t * out, size_t n, int32_t seq) const {
+    if (n != state_write_size(seq)) {
+        throw std::invalid_argument("state_write: the output must hold exactly state_write_size() bytes");
+    }
+    byte_write_sink sink{ out };
+    write_state(sink, seq);
+}
+
 void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
+    const size_t at = out.size();
+    const size_t n  = state_write_size(seq);
+    out.resize(at + n);
+    byte_write_sink sink{ out.data() + at };
+    write_state(sink, seq);
+}
+
+template <typename Sink> void kv_cache::write_state(Sink & out, int32_t seq) const {
     if (seq != -1) {
         check_seq(seq, "state_write");
     }
@@ -1106,10 +1156,9 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
     }
     const bool rotate = p_.rope.enabled && get_can_shift();
     std::vector<uint32_t> sel;
-    std::vector<uint8_t>  tmp;
     std::vector<float>    cs, sn, buf;
 
-    put<uint32_t>(out, n_stream_);
+    out.put(uint32_t(n_stream_));
     for (uint32_t s = 0; s < n_stream_; ++s) {
         const kv_cells & T = cells_[s];
         sel.clear();
@@ -1128,50 +1177,44 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
                 std::sort(sel.begin(), sel.end());
             }
         }
-        put<uint32_t>(out, uint32_t(sel.size()));
+        out.put(uint32_t(sel.size()));
         if (sel.empty()) {
             continue;
         }
         for (const uint32_t i : sel) {
-            put<int32_t>(out, T.pos_get(i));
+            out.put(int32_t(T.pos_get(i)));
             uint32_t        ns  = 0;
             const int32_t * ids = T.seq_list(i, ns);
-            put<uint32_t>(out, seq == -1 ? ns : 1u);
+            out.put(uint32_t(seq == -1 ? ns : 1u));
             if (with_ext_) {
                 const cell_ext e = T.ext_get(i);
-                put<int32_t>(out, e.x);
-                put<int32_t>(out, e.y);
-                put<int32_t>(out, e.tok);
+                out.put(int32_t(e.x));
+                out.put(int32_t(e.y));
+                out.put(int32_t(e.tok));
             }
             if (seq == -1) {
                 for (uint32_t j = 0; j < ns; ++j) {
-                    put<int32_t>(out, ids[j]);
+                    out.put(int32_t(ids[j]));
                 }
             } else {
-                put<int32_t>(out, seq);
+                out.put(int32_t(seq));
             }
         }
         const uint32_t src = eff[s];
-        put<uint32_t>(out, p_.v_trans ? 1u : 0u);
-        put<uint32_t>(out, n_layer());
-        {
-            // one reservation for the stream's rows instead of a reallocation per row
-            size_t rows = 0;
-            for (uint32_t l = 0; l < n_layer(); ++l) {
-                rows += (k_row_bytes(l) + v_row_bytes(l)) * sel.size() + 24;
-            }
-            out.reserve(out.size() + rows);
-        }
+        out.put(uint32_t(p_.v_trans ? 1u : 0u));
+        out.put(uint32_t(n_layer()));
         for (uint32_t l = 0; l < n_layer(); ++l) {
             const size_t rb = k_row_bytes(l);
-            put<int32_t>(out, p_.type_k);
-            put<uint64_t>(out, uint64_t(rb));
-            const size_t at = out.size();
-            out.resize(at + rb * sel.size(), 0);
-            if (!k_[l]) {
+            out.put(int32_t(p_.type_k));
+            out.put(uint64_t(rb));
+            uint8_t * w = out.block(rb * sel.size());
+            if (w == nullptr) {
                 continue;
             }
-            uint8_t * w = out.data() + at;
+            if (!k_[l]) {
+                std::memset(w, 0, rb * sel.size());
+                continue;
+            }
             for_each_cell_run(sel.data(), sel.size(), [&](size_t c, uint32_t i, size_t len) {
                 std::memcpy(w + c * rb, k_row(l, src, i), len * rb);
             });
@@ -1189,34 +1232,40 @@ void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
         }
         const size_t es = kv_type_size(p_.type_v);
         for (uint32_t l = 0; l < n_layer(); ++l) {
-            put<int32_t>(out, p_.type_v);
+            out.put(int32_t(p_.type_v));
             if (!p_.v_trans) {
                 const size_t rb = v_row_bytes(l);
-                put<uint64_t>(out, uint64_t(rb));
-                const size_t at = out.size();
-                out.resize(at + rb * sel.size(), 0);
-                if (v_[l]) {
-                    uint8_t *       w    = out.data() + at;
-                    const uint8_t * base = v_[l] + size_t(src) * p_.kv_size * rb;
-                    for_each_cell_run(sel.data(), sel.size(), [&](size_t c, uint32_t i, size_t len) {
-                        std::memcpy(w + c * rb, base + size_t(i) * rb, len * rb);
-                    });
+                out.put(uint64_t(rb));
+                uint8_t * w = out.block(rb * sel.size());
+                if (w == nullptr) {
+                    continue;
                 }
+                if (!v_[l]) {
+                    std::memset(w, 0, rb * sel.size());
+                    continue;
+                }
+                const uint8_t * base = v_[l] + size_t(src) * p_.kv_size * rb;
+                for_each_cell_run(sel.data(), sel.size(), [&](size_t c, uint32_t i, size_t len) {
+                    std::memcpy(w + c * rb, base + size_t(i) * rb, len * rb);
+                });
             } else {
                 const uint32_t ne = p_.n_embd_v[l];
-                put<uint32_t>(out, uint32_t(es));
-                put<uint32_t>(out, ne);
-                const size_t at = out.size();
-                out.resize(at + size_t(ne) * sel.size() * es, 0);
-                if (v_[l]) {
-                    uint8_t * w = out.data() + at;
-                    for (uint32_t j = 0; j < ne; ++j) {
-                        const uint8_t * col = v_[l] + (size_t(src) * p_.n_embd_v_max + j) * p_.kv_size * es;
-                        for_each_cell_run(sel.data(), sel.size(), [&](size_t, uint32_t i, size_t len) {
-                            std::memcpy(w, col + size_t(i) * es, len * es);
-                            w += len * es;
-                        });
-                    }
+                out.put(uint32_t(es));
+                out.put(uint32_t(ne));
+                uint8_t * w = out.block(size_t(ne) * sel.size() * es);
+                if (w == nullptr) {
+                    continue;
+                }
+                if (!v_[l]) {
+                    std::memset(w, 0, size_t(ne) * sel.size() * es);
+                    continue;
+                }
+                for (uint32_t j = 0; j < ne; ++j) {
+                    const uint8_t * col = v_[l] + (size_t(src) * p_.n_embd_v_max + j) * p_.kv_size * es;
+                    for_each_cell_run(sel.data(), sel.size(), [&](size_t, uint32_t i, size_t len) {
+                        std::memcpy(w, col + size_t(i) * es, len * es);
+                        w += len * es;
+                    });
                 }
             }
         }

@@ -276,6 +276,20 @@ TEST(KvStreams, WholeStateWithForeignIdInAStreamIsRefused) {
     EXPECT_EQ(c.seq_pos_max(0), 0);
 }
 
+TEST(KvState, SizedWriteEqualsTheAppendingWrite) {
+    kv_cache c(params(8, 2, false));
+    place(c, { make_ub(cat(run(0, 0, 3), run(1, 0, 3)), true) });
+    c.seq_rm(1, 2, -1);
+    for (const int32_t seq : { -1, 0, 1 }) {
+        std::vector<uint8_t> appended{ 7 };  // appends after what the vector holds
+        c.state_write(appended, seq);
+        std::vector<uint8_t> sized(c.state_write_size(seq));
+        c.state_write(sized.data(), sized.size(), seq);
+        EXPECT_EQ(std::vector<uint8_t>(appended.begin() + 1, appended.end()), sized);
+        EXPECT_THROW(c.state_write(sized.data(), sized.size() - 1, seq), std::invalid_argument);
+    }
+}
+
 TEST(KvStreams, MalformedUbatchIsRefused) {
     kv_cache c(params(8, 2, false));
     EXPECT_THROW(place(c, { make_ub(cat(run(0, 0, 2), run(1, 0, 1)), true) }), std::invalid_argument);

@@ -180,6 +180,11 @@ public:
 
     /// Append the KV section (llama.cpp layout) for seq (-1: everything) to out.
     void state_write(std::vector<uint8_t> & out, int32_t seq) const;
+    /// Size in bytes of the KV section state_write produces for seq.
+    size_t state_write_size(int32_t seq) const;
+    /// Write the KV section into out[0..n); n must be state_write_size(seq) (std::invalid_argument
+    /// otherwise). Lets a caller write straight into the buffer it returns.
+    void state_write(uint8_t * out, size_t n, int32_t seq) const;
     /// Read a KV section from data[off..n), advancing off. Throws state_error and leaves the
     /// cache (cells, heads, K/V bytes) unchanged when the bytes cannot be restored.
     void state_read(const uint8_t * data, size_t n, size_t & off, int32_t seq);
@@ -206,6 +211,8 @@ public:
     void txn_rollback();
 
 private:
+    // Both passes of state writing (counting the bytes, then writing them) run this one walk.
+    template <typename Sink> void write_state(Sink & sink, int32_t seq) const;
     void check_seq(int32_t seq, const char * what) const;
     void check_ubatch(const ubatch & ub) const;
     void lower_head(uint32_t stream, uint32_t lowest);
