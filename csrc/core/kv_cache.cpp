@@ -1099,6 +1099,7 @@ namespace {
 // The two sinks of kv_cache::write_state: one counts the bytes, the other writes them into a
 // buffer of exactly that size. block(n) hands out n bytes to fill (null when counting).
 struct byte_count_sink {
+    static constexpr bool counting = true;
     size_t n = 0;
     template <typename T> void put(T) { n += sizeof(T); }
     uint8_t * block(size_t k) {
@@ -1108,6 +1109,7 @@ struct byte_count_sink {
 };
 
 struct byte_write_sink {
+    static constexpr bool counting = false;
     uint8_t * at;
     template <typename T> void put(T v) {
         std::memcpy(at, &v, sizeof(T));
@@ -1181,23 +1183,28 @@ template <typename Sink> void kv_cache::write_state(Sink & out, int32_t seq) con
         if (sel.empty()) {
             continue;
         }
-        for (const uint32_t i : sel) {
-            out.put(int32_t(T.pos_get(i)));
-            uint32_t        ns  = 0;
-            const int32_t * ids = T.seq_list(i, ns);
-            out.put(uint32_t(seq == -1 ? ns : 1u));
-            if (with_ext_) {
-                const cell_ext e = T.ext_get(i);
-                out.put(int32_t(e.x));
-                out.put(int32_t(e.y));
-                out.put(int32_t(e.tok));
-            }
-            if (seq == -1) {
-                for (uint32_t j = 0; j < ns; ++j) {
-                    out.put(int32_t(ids[j]));
+        if (Sink::counting && seq != -1) {
+            // one sequence: every cell record is the same size (pos, count 1, ext, the id)
+            out.block(sel.size() * (3 * sizeof(int32_t) + (with_ext_ ? 3 * sizeof(int32_t) : 0)));
+        } else {
+            for (const uint32_t i : sel) {
+                out.put(int32_t(T.pos_get(i)));
+                uint32_t        ns  = 0;
+                const int32_t * ids = T.seq_list(i, ns);
+                out.put(uint32_t(seq == -1 ? ns : 1u));
+                if (with_ext_) {
+                    const cell_ext e = T.ext_get(i);
+                    out.put(int32_t(e.x));
+                    out.put(int32_t(e.y));
+                    out.put(int32_t(e.tok));
                 }
-            } else {
-                out.put(int32_t(seq));
+                if (seq == -1) {
+                    for (uint32_t j = 0; j < ns; ++j) {
+                        out.put(int32_t(ids[j]));
+                    }
+                } else {
+                    out.put(int32_t(seq));
+                }
             }
         }
         const uint32_t src = eff[s];
