@@ -6,9 +6,10 @@ import hashlib
 
 import numpy as np
 import pytest
-from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from hypothesis_profiles import model_settings
 
 from llmem import (Batch, HybridISWAMemory, HybridMemory, KVCache, KVCacheISWA, LlmemError, RecurrentMemory,
                    Rope, StateError, Status, SWAType)
@@ -362,7 +363,7 @@ class HybridAgainstParts(RuleBasedStateMachine):
         assert self.mem.mem_attn.used == self.attn.used
 
 
-HybridAgainstParts.TestCase.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+HybridAgainstParts.TestCase.settings = model_settings(40, stateful_step_count=25)
 test_hybrid_against_parts = HybridAgainstParts.TestCase
 
 
@@ -385,5 +386,5 @@ class HybridISWAAgainstParts(HybridAgainstParts):
         return self.attn.swa.seq_pos_min(s), self.attn.swa.seq_pos_max(s)
 
 
-HybridISWAAgainstParts.TestCase.settings = settings(max_examples=30, stateful_step_count=25, deadline=None)
+HybridISWAAgainstParts.TestCase.settings = model_settings(30, stateful_step_count=25)
 test_hybrid_iswa_against_parts = HybridISWAAgainstParts.TestCase
