@@ -59,9 +59,9 @@ subset=(tests/python/test_kv_cache.py tests/python/test_recurrent.py tests/pytho
 # valgrind's own exit status counts the interpreter's unsuppressed noise too, so the verdict is
 # llmem_records below; %p keeps the logs of subprocesses a test may start apart
 status=0
-PYTHONMALLOC=malloc LLMEM_THREAD_OPS=20 "${vg[@]}" --error-exitcode=99 --suppressions="$root/scripts/valgrind-python.supp" \
+PYTHONMALLOC=malloc LLMEM_THREAD_OPS=20 LLMEM_HYPOTHESIS_PROFILE=valgrind "${vg[@]}" --error-exitcode=99 --suppressions="$root/scripts/valgrind-python.supp" \
     --log-file="$logs/pytest.%p.log" "$python" -m pytest -q -p no:cacheprovider \
-    --hypothesis-profile=valgrind "${subset[@]}" "$@" || status=$?
+    "${subset[@]}" "$@" || status=$?
 # 99 is valgrind's error exit code (judged below); anything else is a failed test
 if [ "$status" -ne 0 ] && [ "$status" -ne 99 ]; then
     echo "pytest failed under valgrind (exit $status)" >&2

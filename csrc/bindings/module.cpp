@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, m) {
     llmem::bind::register_kv_cache(m);
     llmem::bind::register_recurrent(m);
     llmem::bind::register_hybrid(m);
+    llmem::bind::register_state_file(m);
 }

@@ -1308,6 +1308,14 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
             throw state_error("the state has " + std::to_string(cc) + " cells in stream " + std::to_string(s) +
                               ", more than the cache size " + std::to_string(p_.kv_size));
         }
+        // every cell takes at least its position and id count (and ext) in the bytes: a count the
+        // remaining bytes cannot hold is refused before the per-cell arrays are sized by it
+        const size_t min_cell_bytes = 8 + (with_ext_ ? 12 : 0);
+        if (cc > (n - off) / min_cell_bytes) {
+            throw state_error("state bytes end too early: stream " + std::to_string(s) + " claims " +
+                              std::to_string(cc) + " cells, the " + std::to_string(n - off) +
+                              " bytes left hold at most " + std::to_string((n - off) / min_cell_bytes));
+        }
         st.pos.resize(cc);
         st.seq_off.assign(size_t(cc) + 1, 0);
         if (with_ext_) {

@@ -831,6 +831,13 @@ void rs_memory::parse_state(const uint8_t * data, size_t n_data, int32_t seq, pa
         throw state_error("the state has " + std::to_string(ps.cell_count) + " cells, more than the memory size " +
                           std::to_string(size_));
     }
+    // each cell takes at least 8 bytes (position, id count): refuse a count the bytes cannot
+    // hold before sizing anything by it
+    if (ps.cell_count > rd.remaining() / 8) {
+        throw state_error("truncated state: it claims " + std::to_string(ps.cell_count) + " cells, the " +
+                          std::to_string(rd.remaining()) + " bytes left hold at most " +
+                          std::to_string(rd.remaining() / 8));
+    }
     if (seq >= 0 && ps.cell_count > 1) {
         throw state_error("a single-sequence state must hold at most one cell, this one has " +
                           std::to_string(ps.cell_count));

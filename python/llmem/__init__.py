@@ -18,7 +18,7 @@ from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StaleContextError, StateError
 from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, Rope
-from .memory import Memory, MemoryContext
+from .memory import STATE_HEADER, Memory, MemoryContext
 from .recurrent import RecurrentContext, RecurrentMemory
 from .factory import from_gguf, from_hparams
 from .hparams import ModelHParams, read_gguf_hparams
@@ -53,6 +53,7 @@ __all__ = [
     "Status",
     "status_combine",
     "status_is_fail",
+    "STATE_HEADER",
     "SWAType",
     "UBatch",
     "__version__",

@@ -27,7 +27,8 @@ from typing import Callable, Sequence, Union
 from . import _core
 from .errors import LlmemError
 from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
-from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
+from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
+                     stale_context_error)
 from .recurrent import RecurrentContext, RecurrentMemory
 from .status import Status, status_combine, status_is_fail
 
@@ -303,20 +304,29 @@ class HybridMemory(Memory):
 
     # -- state -------------------------------------------------------------------------------------
 
+    _STATE_KIND = 4
+
+    def _state_parts(self):
+        return self._attn_caches(0), self._recr._mem
+
     @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """The attention section(s) then the recurrent section, in llama.cpp's layout; with
-        ``STATE_PARTIAL_ONLY`` only the recurrent section."""
+        ``STATE_PARTIAL_ONLY`` only the recurrent section; ``STATE_HEADER`` prefixes llmem's
+        versioned header."""
+        header_flags = flags
+        flags = flags & ~STATE_HEADER if _wants_header(flags) else flags
         seq_id, flags = _int("seq_id", seq_id), _int("flags", flags)
         parts = []
         if not flags & STATE_PARTIAL_ONLY:
             parts.append(self._attn.state_write(seq_id, flags))
         parts.append(self._recr.state_write(seq_id, flags))
-        return b"".join(parts)
+        return self._with_state_header(b"".join(parts), seq_id, header_flags)
 
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
         """Restore bytes of :meth:`state_write` into the whole memory (-1) or one sequence.
         All or nothing: on :class:`~llmem.StateError` neither part has changed."""
+        data, flags = self._without_state_header(data, seq_id, flags)
         seq_id, flags = _int("seq_id", seq_id), _int("flags", flags)
         if flags < 0:
             raise ValueError(f"flags must be non-negative, got {flags}")
@@ -352,8 +362,14 @@ class HybridISWAMemory(HybridMemory):
     def _attn_cores(self):
         return self._attn.base._core, self._attn.swa._core
 
+    _STATE_KIND = 5
+
     @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        """Base (unless ``STATE_PARTIAL_ONLY``), SWA, then recurrent sections."""
+        """Base (unless ``STATE_PARTIAL_ONLY``), SWA, then recurrent sections (after llmem's
+        versioned header with ``STATE_HEADER``)."""
+        header_flags = flags
+        flags = flags & ~STATE_HEADER if _wants_header(flags) else flags
         seq_id, flags = _int("seq_id", seq_id), _int("flags", flags)
-        return self._attn.state_write(seq_id, flags) + self._recr.state_write(seq_id, flags)
+        payload = self._attn.state_write(seq_id, flags) + self._recr.state_write(seq_id, flags)
+        return self._with_state_header(payload, seq_id, header_flags)

@@ -414,20 +414,29 @@ class KVCache(Memory):
         out["seqs"] = seqs
         return out
 
+    _STATE_KIND = 1
+
+    def _state_parts(self):
+        return [self._core], None
+
     @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """llama.cpp's KV state bytes of the whole cache (-1) or one sequence. A pending K-shift is
-        saved as if applied (the K rows match the saved positions)."""
+        saved as if applied (the K rows match the saved positions). ``STATE_HEADER`` prefixes
+        llmem's versioned header."""
         _check_int(flags, "flags")
-        return self._core.state_write(self._seq(seq_id, allow_all=True))
+        seq = self._seq(seq_id, allow_all=True)
+        return self._with_state_header(self._core.state_write(seq), seq, flags)
 
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
         """Restore bytes of ``state_write`` (whole cache, or one sequence into ``seq_id``). On any
         failure raises :class:`StateError` and leaves cells and K/V buffers unchanged."""
         _check_int(flags, "flags")
+        seq = self._seq(seq_id, allow_all=True)
         self._lock.acquire()
         try:
-            _core.kv_state_read([self._core], as_byte_view(data), self._seq(seq_id, allow_all=True))
+            data, flags = self._without_state_header(data, seq, flags)
+            _core.kv_state_read([self._core], as_byte_view(data), seq)
             self._version += 1
         finally:
             self._lock.release()
@@ -842,19 +851,26 @@ class KVCacheISWA(Memory):
     def cells(self) -> dict:
         return {"base": self.base.cells(), "swa": self.swa.cells()}
 
+    _STATE_KIND = 2
+
+    def _state_parts(self):
+        return [self.base._core, self.swa._core], None
+
     @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        """Base section (unless ``STATE_PARTIAL_ONLY``) then swa section."""
+        """Base section (unless ``STATE_PARTIAL_ONLY``) then swa section (after llmem's
+        versioned header with ``STATE_HEADER``)."""
         flags = _check_int(flags, "flags")
         swa = self.swa.state_write(seq_id)
         if flags & STATE_PARTIAL_ONLY:
-            return swa
-        return self.base.state_write(seq_id) + swa
+            return self._with_state_header(swa, seq_id, flags)
+        return self._with_state_header(self.base.state_write(seq_id) + swa, seq_id, flags)
 
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
         """All or nothing across both sections (llama.cpp keeps a restored base when the swa
         section fails)."""
         flags = _check_int(flags, "flags")
+        data, flags = self._without_state_header(data, seq_id, flags)
         cores = [self.swa._core] if flags & STATE_PARTIAL_ONLY else [self.base._core, self.swa._core]
         self._lock.acquire()
         try:

@@ -14,17 +14,38 @@ from __future__ import annotations
 
 import abc
 import functools
+import operator
 import os
 import tempfile
 import threading
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Tuple, Union
 
 from . import _core
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import LlmemError, StaleContextError
 from .status import Status, status_is_fail
 
-__all__ = ["Memory", "MemoryContext"]
+__all__ = ["Memory", "MemoryContext", "STATE_HEADER"]
+
+#: ``state_write``/``state_read``/``save``/``load`` flag: prefix (and on read require and check)
+#: llmem's versioned header, which records the memory's kind and configuration, the scope, the
+#: flags, the payload length and CRC-32s (docs/reliability.md). The top bit of the flags, so it
+#: never collides with llama.cpp's ``PARTIAL_ONLY = 1``/``ON_DEVICE = 2``. Without it the bytes
+#: are exactly llama.cpp's.
+STATE_HEADER: int = _core.STATE_HEADER
+
+#: The first bytes of a state with the versioned header.
+STATE_FILE_MAGIC: bytes = _core.STATE_FILE_MAGIC
+
+
+def _wants_header(flags) -> bool:
+    """Whether ``flags`` asks for the header; other flag checks stay with each memory."""
+    if isinstance(flags, bool):
+        return False
+    try:
+        return operator.index(flags) >= 0 and bool(operator.index(flags) & STATE_HEADER)
+    except TypeError:
+        return False
 
 
 def locked(method):
@@ -237,15 +258,47 @@ class Memory(abc.ABC):
 
     @abc.abstractmethod
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
-        """Serialise the whole memory (-1) or one sequence in llama.cpp's byte layout."""
+        """Serialise the whole memory (-1) or one sequence in llama.cpp's byte layout (with
+        ``STATE_HEADER`` in ``flags``, after llmem's versioned header)."""
 
     @abc.abstractmethod
     def state_read(self, data: bytes, seq_id: int = -1, flags: int = 0) -> None:
-        """Restore from ``state_write`` bytes; raises StateError and changes nothing on failure."""
+        """Restore from ``state_write`` bytes; raises StateError and changes nothing on failure.
+        With ``STATE_HEADER`` the header is required and checked against this memory first."""
 
-    def save(self, path: Union[str, os.PathLike], seq_id: int = -1) -> None:
-        """Write ``state_write(seq_id)`` to a file, atomically (a crash leaves the old file)."""
-        data = self.state_write(seq_id)
+    # The header is added and checked here, around each memory's own llama.cpp-layout code, so
+    # that the raw bytes stay exactly llama.cpp's. Neither helper calls back into the public
+    # state methods (no re-entry into a memory's entry point).
+
+    _STATE_KIND: int = 0  # llmem::memory_kind of the subclass
+
+    def _state_parts(self) -> Tuple[list, object]:
+        """The compiled attention caches (state order) and recurrent core (or None)."""
+        raise NotImplementedError
+
+    def _with_state_header(self, payload: bytes, seq_id: int, flags: int) -> bytes:
+        """``payload`` (raw bytes written for seq_id), prefixed by the header when asked."""
+        if not _wants_header(flags):
+            return payload
+        caches, recr = self._state_parts()
+        return _core.state_header(self._STATE_KIND, caches, recr, seq_id, flags, payload) + payload
+
+    def _without_state_header(self, data, seq_id: int, flags):
+        """(payload, flags without STATE_HEADER) of a read: the header, when asked for, is
+        checked against this memory (StateError naming the mismatch; nothing changes)."""
+        if not _wants_header(flags):
+            return data, flags
+        view = as_byte_view(data)
+        caches, recr = self._state_parts()
+        offset = _core.state_header_check(self._STATE_KIND, caches, recr, view, seq_id, flags)
+        return view[offset:], operator.index(flags) & ~STATE_HEADER
+
+    def save(self, path: Union[str, os.PathLike], seq_id: int = -1, flags: int = STATE_HEADER) -> None:
+        """Write ``state_write(seq_id, flags)`` to a file, atomically (a crash leaves the old
+        file). By default the file starts with the versioned header (``STATE_HEADER``), so
+        :meth:`load` can check it belongs to this memory; ``flags=0`` writes llama.cpp's raw
+        bytes."""
+        data = self.state_write(seq_id, flags)
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".llmem-", dir=directory)
@@ -260,11 +313,18 @@ class Memory(abc.ABC):
                 os.unlink(tmp)
             raise
 
-    def load(self, path: Union[str, os.PathLike], seq_id: int = -1) -> None:
-        """Read a file written by :meth:`save` into the whole memory (-1) or one sequence."""
+    def load(self, path: Union[str, os.PathLike], seq_id: int = -1, flags: int = 0) -> None:
+        """Read a file written by :meth:`save` into the whole memory (-1) or one sequence.
+
+        A file that starts with the header's magic is read with ``STATE_HEADER`` (its kind,
+        configuration, scope, length and checksums are checked first); any other file is read as
+        llama.cpp's raw bytes, unless ``flags`` holds ``STATE_HEADER``, which requires the header.
+        """
         with open(os.fspath(path), "rb") as f:
             data = f.read()
-        self.state_read(data, seq_id)
+        if data.startswith(STATE_FILE_MAGIC) and not isinstance(flags, bool):
+            flags = operator.index(flags) | STATE_HEADER
+        self.state_read(data, seq_id, flags)
 
     # -- helpers for implementations -----------------------------------------------------------
 

@@ -25,7 +25,8 @@ import numpy as np
 
 from . import _core
 from .kv_cache import MAX_LAYERS
-from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
+from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
+                     stale_context_error)
 from .status import Status
 
 __all__ = ["RecurrentMemory", "RecurrentContext"]
@@ -373,6 +374,11 @@ class RecurrentMemory(Memory):
 
     # -- state bytes ------------------------------------------------------------------------------
 
+    _STATE_KIND = 3
+
+    def _state_parts(self):
+        return [], self._mem
+
     @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """llama.cpp's recurrent state block for the whole memory (-1) or one sequence.
@@ -381,7 +387,9 @@ class RecurrentMemory(Memory):
         where llama.cpp aborts: a whole write while sequences sharing a cell have different
         pending rollbacks, or ``ON_DEVICE`` (flag 2) over non-contiguous cells.
         """
-        return self._mem.state_write(_int("seq_id", seq_id), _int("flags", flags, 0))
+        payload_flags = flags & ~STATE_HEADER if _wants_header(flags) else flags
+        seq_id = _int("seq_id", seq_id)
+        return self._with_state_header(self._mem.state_write(seq_id, _int("flags", payload_flags, 0)), seq_id, flags)
 
     @locked
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
@@ -392,6 +400,7 @@ class RecurrentMemory(Memory):
         row size that differs, too many cells, sequence ids out of range or repeated, more than
         one cell for one sequence) and then leaves the memory, metadata and arrays, unchanged.
         """
+        data, flags = self._without_state_header(data, seq_id, flags)
         self._mem.state_read(as_byte_view(data), _int("seq_id", seq_id), _int("flags", flags, 0))
         self._version += 1
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, given
 from hypothesis import strategies as st
 
+from hypothesis_profiles import model_settings
 from reference.ref_batch import FakeMemory, RefBatchAllocator, RefBatchError, RefUBatch
 
 pytest.importorskip("llmem._core")
@@ -290,7 +291,7 @@ PREVIOUS = dict(n_seq_max=None, token=[5, 6], embd=None, pos=None, seq_id=None, 
                 memory=None, output_all=False)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@model_settings(300)
 @given(case=batch_cases(), plan=split_plans())
 def test_llmem_matches_reference(case, plan):
     ref, lm = make_ref(case), make_llmem(case)
@@ -362,8 +363,7 @@ def drain_checked(alloc, op, n_tokens, emitted_outputs):
     raise AssertionError(f"{op}: more than n_tokens non-empty ubatches")
 
 
-@settings(max_examples=200, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@model_settings(200, suppress_health_check=[HealthCheck.filter_too_much])
 @given(case=batch_cases(), op=split_ops())
 def test_split_until_empty_covers_each_token_once(case, op):
     lm = make_llmem(case)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import llmem
 from llmem import Batch, KVCache, Rope, StateError
 
+from hypothesis_profiles import model_settings
 from reference.ref_kv import RefKV, is_masked_swa
 
 POS = st.integers(min_value=-1, max_value=24)
@@ -149,19 +149,20 @@ class KVModel(RuleBasedStateMachine):
 
     # -- state ----------------------------------------------------------------------------------
 
-    @rule(src=st.integers(0, 3), dst=st.integers(0, 3))
-    def seq_state_round_trip(self, src, dst):
+    @rule(src=st.integers(0, 3), dst=st.integers(0, 3), header=st.booleans())
+    def seq_state_round_trip(self, src, dst, header):
         if src >= self.ref.n_seq_max or dst >= self.ref.n_seq_max:
             return
-        blob = self.kv.state_write(src)
+        flags = llmem.STATE_HEADER if header else 0
+        blob = self.kv.state_write(src, flags)
         positions = self.ref.seq_state_cells(src)
         ok = self.ref.seq_state_restore(positions, dst)
         if ok:
-            self.kv.state_read(blob, dst)
+            self.kv.state_read(blob, dst, flags)
         else:
             before = self.kv.cells()
             with pytest.raises(StateError):
-                self.kv.state_read(blob, dst)
+                self.kv.state_read(blob, dst, flags)
             after = self.kv.cells()
             assert np.array_equal(before["pos"], after["pos"]) and before["seqs"] == after["seqs"]
             assert before["head"] == after["head"]
@@ -203,5 +204,4 @@ class KVModel(RuleBasedStateMachine):
 
 
 TestKVModel = KVModel.TestCase
-TestKVModel.settings = settings(max_examples=300, stateful_step_count=40, deadline=None,
-                                suppress_health_check=[HealthCheck.too_slow])
+TestKVModel.settings = model_settings(300, stateful_step_count=40)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import llmem
 from llmem import BatchError, LlmemError, RecurrentMemory, StateError, Status
+from hypothesis_profiles import model_settings
 from reference.ref_recurrent import RefRecurrent
 
 POS = st.integers(-1, 12)
@@ -236,7 +237,6 @@ class RecurrentMachine(RuleBasedStateMachine):
             assert self.mem.seq_pos_max(s) == self.ref.seq_pos_max(s)
 
 
-RecurrentMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+RecurrentMachine.TestCase.settings = model_settings(
+    200, stateful_step_count=40, suppress_health_check=[HealthCheck.filter_too_much])
 TestRecurrentModel = RecurrentMachine.TestCase
