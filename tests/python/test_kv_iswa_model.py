@@ -17,10 +17,10 @@ import llmem
 from llmem import Batch, KVCacheISWA, Rope, StateError, SWAType
 
 from hypothesis_profiles import model_settings
+from kv_sequence_rules import sequence_operation_rules
 from reference.ref_batch import RefBatchAllocator
 from reference.ref_kv import RefKV
 
-POS = st.integers(min_value=-1, max_value=24)
 PARTIAL_ONLY = 1
 
 
@@ -77,7 +77,7 @@ def equal_split(toks, n_seq_max, n_ubatch, sequential, memory):
     return out
 
 
-class KVISWAModel(RuleBasedStateMachine):
+class KVISWAModel(sequence_operation_rules(3), RuleBasedStateMachine):
     @initialize(kv_size=st.sampled_from([4, 8, 16]), n_seq_max=st.integers(1, 3), unified=st.booleans(),
                 swa=st.sampled_from([(1, 2), (1, 3), (2, 4), (3, 4), (1, 5)]), swa_full=st.booleans(),
                 n_ubatch_hint=st.integers(1, 8))
@@ -178,27 +178,6 @@ class KVISWAModel(RuleBasedStateMachine):
         result = getattr(self.kv, name)(*args)
         if name == "seq_rm":
             assert result == (got[0] and got[1])
-
-    @rule(seq=st.integers(-2, 4), p0=POS, p1=POS)
-    def seq_rm(self, seq, p0, p1):
-        self._both("seq_rm", seq, p0, p1)
-
-    @rule(src=st.integers(0, 3), dst=st.integers(0, 3), p0=st.sampled_from([-1, 0, 2, 100]),
-          p1=st.sampled_from([-1, 3, 100]))
-    def seq_cp(self, src, dst, p0, p1):
-        self._both("seq_cp", src, dst, p0, p1)
-
-    @rule(seq=st.integers(0, 3))
-    def seq_keep(self, seq):
-        self._both("seq_keep", seq)
-
-    @rule(seq=st.integers(0, 3), p0=POS, p1=POS, d=st.integers(-6, 6))
-    def seq_add(self, seq, p0, p1, d):
-        self._both("seq_add", seq, p0, p1, d)
-
-    @rule(seq=st.integers(0, 3), p0=POS, p1=POS, d=st.integers(0, 4))
-    def seq_div(self, seq, p0, p1, d):
-        self._both("seq_div", seq, p0, p1, d)
 
     @rule()
     def update(self):

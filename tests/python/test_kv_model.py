@@ -13,12 +13,12 @@ import llmem
 from llmem import Batch, KVCache, Rope, StateError
 
 from hypothesis_profiles import model_settings
+from kv_sequence_rules import sequence_operation_rules
 from reference.ref_kv import RefKV, is_masked_swa
 
-POS = st.integers(min_value=-1, max_value=24)
 
 
-class KVModel(RuleBasedStateMachine):
+class KVModel(sequence_operation_rules(4), RuleBasedStateMachine):
     @initialize(size=st.sampled_from([4, 8, 16]), n_seq_max=st.integers(1, 4), unified=st.booleans(),
                 swa=st.sampled_from([(0, 0), (1, 2), (1, 3), (2, 4), (3, 4), (1, 5)]))
     def setup(self, size, n_seq_max, unified, swa):
@@ -115,27 +115,6 @@ class KVModel(RuleBasedStateMachine):
             return
         got = getattr(self.kv, name)(*args)
         assert got == expected
-
-    @rule(seq=st.integers(-2, 5), p0=POS, p1=POS)
-    def seq_rm(self, seq, p0, p1):
-        self._both("seq_rm", seq, p0, p1)
-
-    @rule(src=st.integers(0, 4), dst=st.integers(0, 4), p0=st.sampled_from([-1, 0, 2, 100]),
-          p1=st.sampled_from([-1, 3, 100]))
-    def seq_cp(self, src, dst, p0, p1):
-        self._both("seq_cp", src, dst, p0, p1)
-
-    @rule(seq=st.integers(0, 4))
-    def seq_keep(self, seq):
-        self._both("seq_keep", seq)
-
-    @rule(seq=st.integers(0, 4), p0=POS, p1=POS, d=st.integers(-6, 6))
-    def seq_add(self, seq, p0, p1, d):
-        self._both("seq_add", seq, p0, p1, d)
-
-    @rule(seq=st.integers(0, 4), p0=POS, p1=POS, d=st.integers(0, 4))
-    def seq_div(self, seq, p0, p1, d):
-        self._both("seq_div", seq, p0, p1, d)
 
     @rule()
     def update(self):
