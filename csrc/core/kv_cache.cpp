@@ -521,18 +521,8 @@ void kv_cache::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
         if (src == dst || src >= p_.n_seq_max) {
             return;
         }
-        const pos_range r  = pos_range::normalise(p0, p1);
-        kv_cells &      T  = cells_[s0];
-        const auto &    ix = T.seq_index(src);
-        auto            lo = std::lower_bound(ix.begin(), ix.end(), kv_cells::key(r.p0, 0));
-        auto            hi = r.p0 < r.p1 ? std::lower_bound(lo, ix.end(), kv_cells::key(r.p1, 0)) : lo;
-        scratch_cells_.clear();
-        for (auto it = lo; it != hi; ++it) {
-            scratch_cells_.push_back(kv_cells::key_cell(*it));
-        }
-        for (const uint32_t i : scratch_cells_) {
-            T.seq_add(i, dst);
-        }
+        const pos_range r = pos_range::normalise(p0, p1);
+        cells_[s0].seq_copy(src, dst, r.p0, r.p1);
         return;
     }
     const int64_t size = p_.kv_size;

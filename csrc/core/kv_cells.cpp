@@ -29,7 +29,7 @@ kv_cells::kv_cells(uint32_t size, int32_t n_seq_max, bool with_ext, int32_t seq_
         ext_.assign(size, cell_ext{});
     }
     n_seq_.assign(size, 0);
-    seq_.assign(size, -1);
+    ids_.assign(size_t(size) * 2, -1);
     used_bits_.assign((size_t(size) + 63) / 64, 0);
     index_.resize(size_t(n_local_));
     last_key_.assign(size_t(n_local_), 0);
@@ -67,10 +67,11 @@ bool kv_cells::seq_has(uint32_t i, int32_t s) const {
     if (n == 0) {
         return false;
     }
-    if (n == 1) {
-        return seq_[i] == s;
+    const int32_t * pair = &ids_[size_t(i) * 2];
+    if (n <= 2) {
+        return pair[0] == s || (n == 2 && pair[1] == s);
     }
-    const auto & l = multi_[uint32_t(seq_[i])];
+    const auto & l = multi_[uint32_t(pair[0])];
     return std::binary_search(l.begin(), l.end(), s);
 }
 
@@ -79,10 +80,10 @@ const int32_t * kv_cells::seq_list(uint32_t i, uint32_t & n) const {
     if (n == 0) {
         return nullptr;
     }
-    if (n == 1) {
-        return &seq_[i];
+    if (n <= 2) {
+        return &ids_[size_t(i) * 2];
     }
-    return multi_[uint32_t(seq_[i])].data();
+    return multi_[uint32_t(ids_[size_t(i) * 2])].data();
 }
 
 int32_t kv_cells::seq_pos_min(int32_t s) const {
@@ -202,52 +203,67 @@ void kv_cells::multi_free(uint32_t slot) {
 }
 
 void kv_cells::seqs_clear(uint32_t i) {
-    if (n_seq_[i] >= 2) {
-        multi_free(uint32_t(seq_[i]));
+    int32_t * pair = &ids_[size_t(i) * 2];
+    if (n_seq_[i] > 2) {
+        multi_free(uint32_t(pair[0]));
     }
     n_seq_[i] = 0;
-    seq_[i]   = -1;
+    pair[0]   = -1;
+    pair[1]   = -1;
 }
 
 void kv_cells::seqs_insert(uint32_t i, int32_t s) {
-    const uint32_t n = n_seq_[i];
+    int32_t *      pair = &ids_[size_t(i) * 2];
+    const uint32_t n    = n_seq_[i];
     if (n == 0) {
-        seq_[i]   = s;
+        pair[0]   = s;
         n_seq_[i] = 1;
         return;
     }
     if (n == 1) {
-        const int32_t  a    = seq_[i];
-        const uint32_t slot = multi_alloc();
-        auto &         l    = multi_[slot];
-        l.push_back(std::min(a, s));
-        l.push_back(std::max(a, s));
-        seq_[i]   = int32_t(slot);
-        n_seq_[i] = 2;
+        const int32_t a = pair[0];
+        pair[0]         = std::min(a, s);
+        pair[1]         = std::max(a, s);
+        n_seq_[i]       = 2;
         return;
     }
-    auto & l = multi_[uint32_t(seq_[i])];
+    if (n == 2) {
+        const uint32_t slot = multi_alloc();
+        auto &         l    = multi_[slot];
+        l.assign(pair, pair + 2);
+        l.insert(std::lower_bound(l.begin(), l.end(), s), s);
+        pair[0]   = int32_t(slot);
+        pair[1]   = -1;
+        n_seq_[i] = 3;
+        return;
+    }
+    auto & l = multi_[uint32_t(pair[0])];
     l.insert(std::lower_bound(l.begin(), l.end(), s), s);
     ++n_seq_[i];
 }
 
 void kv_cells::seqs_erase(uint32_t i, int32_t s) {
-    const uint32_t n = n_seq_[i];
+    int32_t *      pair = &ids_[size_t(i) * 2];
+    const uint32_t n    = n_seq_[i];
     if (n == 1) {
-        seq_[i]   = -1;
+        pair[0]   = -1;
         n_seq_[i] = 0;
         return;
     }
-    const uint32_t slot = uint32_t(seq_[i]);
-    auto &         l    = multi_[slot];
     if (n == 2) {
-        const int32_t other = l[0] == s ? l[1] : l[0];
-        multi_free(slot);
-        seq_[i]   = other;
+        pair[0]   = pair[0] == s ? pair[1] : pair[0];
+        pair[1]   = -1;
         n_seq_[i] = 1;
         return;
     }
+    const uint32_t slot = uint32_t(pair[0]);
+    auto &         l    = multi_[slot];
     l.erase(std::lower_bound(l.begin(), l.end(), s));
+    if (n == 3) {
+        pair[0] = l[0];
+        pair[1] = l[1];
+        multi_free(slot);
+    }
     --n_seq_[i];
 }
 
@@ -283,7 +299,7 @@ void kv_cells::reset() {
         std::fill(ext_.begin(), ext_.end(), cell_ext{});
     }
     std::fill(n_seq_.begin(), n_seq_.end(), 0u);
-    std::fill(seq_.begin(), seq_.end(), -1);
+    std::fill(ids_.begin(), ids_.end(), -1);
     std::fill(used_bits_.begin(), used_bits_.end(), 0);
     multi_free_.clear();
     for (uint32_t k = 0; k < multi_.size(); ++k) {
@@ -485,6 +501,35 @@ uint32_t kv_cells::keep_only(int32_t s) {
         }
     }
     return lowest;
+}
+
+void kv_cells::seq_copy(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+    if (!in_range(src) || !in_range(dst) || src == dst || p0 >= p1) {
+        return;
+    }
+    const auto & v  = ix(src);
+    auto         lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
+    auto         hi = std::lower_bound(lo, v.end(), key(p1, 0));
+    scratch_keys_.clear();
+    for (auto it = lo; it != hi; ++it) {
+        const uint32_t i = key_cell(*it);
+        if (seq_has(i, dst)) {
+            continue;
+        }
+        touch(i);
+        seqs_insert(i, dst);
+        scratch_keys_.push_back(*it);  // same cell, same position: the same key in dst's index
+    }
+    if (scratch_keys_.empty()) {
+        return;
+    }
+    auto &       d   = ix(dst);
+    const size_t mid = d.size();
+    d.insert(d.end(), scratch_keys_.begin(), scratch_keys_.end());
+    if (mid > 0 && d[mid - 1] > d[mid]) {
+        std::inplace_merge(d.begin(), d.begin() + std::ptrdiff_t(mid), d.end());
+    }
+    sync_last(dst);
 }
 
 uint32_t kv_cells::seq_pos_add(int32_t s, int32_t p0, int32_t p1, int32_t d) {

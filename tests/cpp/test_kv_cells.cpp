@@ -3,6 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
+#include <vector>
+
 namespace {
 
 using llmem::kv_cells;
@@ -185,6 +188,73 @@ TEST(KvCells, ManySequencesShareOneCell) {
     EXPECT_EQ(T.keep_only(700), 4u);
     EXPECT_EQ(T.seq_count(0), 1u);
     EXPECT_EQ(T.seq_get(0), 700);
+    EXPECT_TRUE(T.check_invariants());
+}
+
+// A cell's ids live inline up to two and in a side list from three; every step between the
+// representations must keep the ids sorted and the index in step.
+TEST(KvCells, IdsMoveBetweenInlineAndSideListBothWays) {
+    kv_cells T(4, 8, false);
+    T.pos_set(0, 0);
+    auto ids = [&] {
+        uint32_t        n = 0;
+        const int32_t * p = T.seq_list(0, n);
+        return std::vector<int32_t>(p, p + n);
+    };
+    T.seq_add(0, 5);
+    T.seq_add(0, 2);
+    EXPECT_EQ(ids(), (std::vector<int32_t>{ 2, 5 }));
+    T.seq_add(0, 7);
+    T.seq_add(0, 3);
+    EXPECT_EQ(ids(), (std::vector<int32_t>{ 2, 3, 5, 7 }));
+    EXPECT_FALSE(T.seq_rm(0, 5));
+    EXPECT_EQ(ids(), (std::vector<int32_t>{ 2, 3, 7 }));
+    EXPECT_FALSE(T.seq_rm(0, 2));  // three to two: back inline
+    EXPECT_EQ(ids(), (std::vector<int32_t>{ 3, 7 }));
+    EXPECT_TRUE(T.seq_has(0, 7));
+    EXPECT_FALSE(T.seq_has(0, 2));
+    T.seq_add(0, 1);  // two to three again, reusing the freed side list
+    EXPECT_EQ(ids(), (std::vector<int32_t>{ 1, 3, 7 }));
+    EXPECT_TRUE(T.check_invariants());
+    EXPECT_FALSE(T.seq_rm(0, 7));
+    EXPECT_FALSE(T.seq_rm(0, 1));
+    EXPECT_EQ(T.seq_get(0), 3);
+    EXPECT_TRUE(T.seq_rm(0, 3));
+    EXPECT_TRUE(T.is_empty(0));
+    EXPECT_TRUE(T.check_invariants());
+}
+
+TEST(KvCells, SeqCopyAppendsOrMergesAndSkipsCellsAlreadyShared) {
+    kv_cells T(16, 4, false);
+    for (uint32_t i = 0; i < 6; ++i) {  // seq 0 at positions 0..5 in cells 0..5
+        T.pos_set(i, int32_t(i));
+        T.seq_add(i, 0);
+    }
+    T.pos_set(8, 2);  // seq 1 already holds position 2 elsewhere and cell 4
+    T.seq_add(8, 1);
+    T.seq_add(4, 1);
+    T.seq_copy(0, 1, 1, 5);  // positions 1..4; cell 4 already holds 1
+    EXPECT_EQ(T.seq_n_cells(1), 5u);
+    EXPECT_EQ(T.seq_pos_min(1), 1);
+    EXPECT_EQ(T.seq_pos_max(1), 4);
+    EXPECT_FALSE(T.seq_has(0, 1));  // positions 0 and 5 are outside [1, 5)
+    EXPECT_FALSE(T.seq_has(5, 1));
+    EXPECT_TRUE(T.check_invariants());
+    T.seq_copy(0, 2, 0, 100);  // into an empty sequence: one append
+    EXPECT_EQ(T.seq_n_cells(2), 6u);
+    EXPECT_EQ(T.seq_count(3), 3u);  // seqs 0, 1, 2
+    T.seq_copy(0, 0, 0, 100);       // onto itself: nothing
+    T.seq_copy(0, 3, 4, 4);         // empty range: nothing
+    EXPECT_EQ(T.seq_n_cells(3), 0u);
+    EXPECT_TRUE(T.check_invariants());
+
+    const std::string before = dump(T);
+    T.journal_begin();
+    T.seq_copy(1, 3, 0, 100);
+    EXPECT_EQ(T.seq_n_cells(3), 5u);
+    T.journal_rollback();
+    EXPECT_EQ(dump(T), before);
+    EXPECT_EQ(T.seq_n_cells(3), 0u);
     EXPECT_TRUE(T.check_invariants());
 }
 

@@ -246,7 +246,6 @@ private:
     // scratch reused on the hot path
     std::vector<int32_t>  max_rm_;
     std::vector<int32_t>  max_rm_seqs_;
-    mutable std::vector<uint32_t> scratch_cells_;
     mutable std::vector<float>    scratch_f_;
 };
 

@@ -21,8 +21,8 @@ struct cell_ext {
 ///
 /// Costs: every per-cell primitive is O(1) plus the cost of keeping the per-sequence index
 /// sorted (O(1) when the cell is the newest of its sequence, which is the decode case).
-/// seq_pos_min/max are O(1). A cell held by one sequence stores that id inline; only cells
-/// shared by several sequences use a (recycled) side list, so memory per cell does not grow
+/// seq_pos_min/max are O(1). A cell held by one or two sequences stores the ids inline; only
+/// cells shared by three or more use a (recycled) side list, so memory per cell does not grow
 /// with n_seq_max.
 ///
 /// A journal makes a group of changes undoable: between journal_begin() and
@@ -50,7 +50,7 @@ public:
     cell_ext ext_get(uint32_t i)   const { return with_ext_ ? ext_[i] : cell_ext{}; }
     uint32_t seq_count(uint32_t i) const { return n_seq_[i]; }
     /// The sequence of a cell that holds exactly one.
-    int32_t  seq_get(uint32_t i)   const { return seq_[i]; }
+    int32_t  seq_get(uint32_t i)   const { return ids_[size_t(i) * 2]; }
     bool     seq_has(uint32_t i, int32_t s) const;
     /// The sequences of cell i in increasing order (pointer + count, valid until the next change).
     const int32_t * seq_list(uint32_t i, uint32_t & n) const;
@@ -105,6 +105,9 @@ public:
     uint32_t keep_only(int32_t s);
     /// pos_add(d) on every cell of s with p0 <= pos < p1; returns the lowest emptied index or size().
     uint32_t seq_pos_add(int32_t s, int32_t p0, int32_t p1, int32_t d);
+    /// seq_add(i, dst) on every cell of src with p0 <= pos < p1, in one pass over src's index and
+    /// one merge into dst's.
+    void seq_copy(int32_t src, int32_t dst, int32_t p0, int32_t p1);
     /// pos_div(d) on every cell of s with p0 <= pos < p1.
     void seq_pos_div(int32_t s, int32_t p0, int32_t p1, int32_t d);
 
@@ -150,9 +153,12 @@ private:
     std::vector<int32_t>  shift_;
     std::vector<cell_ext> ext_;       // empty unless with_ext_
     std::vector<uint32_t> n_seq_;
-    std::vector<int32_t>  seq_;       // the id when n_seq == 1, a multi_ slot when n_seq >= 2
+    // Two slots per cell: its ids in increasing order when it holds one or two sequences, else a
+    // multi_ slot in the first. Copying a sequence (the shared-prefix case) gives cells two
+    // sequences; kept inline they need no heap list and no extra cache miss per cell.
+    std::vector<int32_t>  ids_;
 
-    std::vector<std::vector<int32_t>> multi_;   // sorted id lists of shared cells
+    std::vector<std::vector<int32_t>> multi_;   // sorted id lists of cells of three or more
     std::vector<uint32_t>             multi_free_;
 
     std::vector<uint64_t> used_bits_;
