@@ -170,6 +170,99 @@ static void append_stored_ids(const int32_t * ids, int32_t n, std::vector<int32_
     std::reverse(out.begin() + start, out.end());
 }
 
+bool batch_allocr::init_decode_shape(const batch & b, const seq_pos_source * memory, bool output_all) {
+    state &        st = *spare_;
+    const uint32_t n  = b.n_tokens;
+    if (n_pos_ != 1 || b.token.size() != n || !b.embd.empty() || !b.pos.empty() ||
+        b.seq_id_off.size() != size_t(n) + 1 || b.seq_id.size() != n || b.seq_id_off[n] != int32_t(n) ||
+        (!b.output.empty() && b.output.size() != n)) {
+        return false;
+    }
+    const uint32_t limit = n_vocab_ >= 0 ? uint32_t(n_vocab_) : uint32_t(std::numeric_limits<int32_t>::max()) + 1u;
+    const uint32_t n_seq = uint32_t(n_seq_max_);
+    st.token.resize(n);
+    st.pos.resize(n);
+    st.seq_id.resize(n);
+    st.seq_set.resize(n);
+    st.seq_id_off.resize(size_t(n) + 1);
+    st.group_of.resize(n);
+    st.group_off.resize(size_t(n) + 1);
+    st.group_entries.resize(n);
+    st.output.resize(n);
+    // Raw pointers in locals: the memory's seq_pos_max is an opaque call, after which every
+    // vector's data pointer would otherwise be reloaded.
+    const int32_t * tok     = b.token.data();
+    const int32_t * ids     = b.seq_id.data();
+    const int32_t * offs    = b.seq_id_off.data();
+    int32_t *       seq_n   = st.seq_n.data();
+    int32_t *       mem_max = st.mem_pmax.data();
+    for (uint32_t i = 0; i < n; ++i) {
+        const int32_t s = ids[i];
+        // a negative token or id fails the unsigned compares too; a second entry of a sequence
+        // needs the general checks (order, gaps) and groups
+        if (offs[i] != int32_t(i) || uint32_t(tok[i]) >= limit || uint32_t(s) >= n_seq || seq_n[s] != 0) {
+            return false;
+        }
+        seq_n[s] = 1;
+        st.seq_id_unq.push_back(s);
+        mem_max[s] = memory ? memory->seq_pos_max(s) : -1;
+    }
+    const bool     given_output  = !b.output.empty();
+    const int8_t * out_in        = b.output.data();
+    uint32_t       n_outputs     = 0;
+    const uint32_t gen           = st.gen;
+    uint32_t *     mem_gen       = st.mem_pmax_gen.data();
+    int32_t *      pmin          = st.seq_pmin.data();
+    int32_t *      pmax          = st.seq_pmax.data();
+    int32_t *      plast         = st.seq_plast.data();
+    int32_t *      single_group  = st.single_group.data();
+    int32_t *      token         = st.token.data();
+    int32_t *      pos           = st.pos.data();
+    int32_t *      seq_id        = st.seq_id.data();
+    int32_t *      seq_set       = st.seq_set.data();
+    int32_t *      seq_id_off    = st.seq_id_off.data();
+    int32_t *      group_of      = st.group_of.data();
+    int32_t *      group_off     = st.group_off.data();
+    int32_t *      group_entries = st.group_entries.data();
+    int8_t *       output        = st.output.data();
+    for (uint32_t i = 0; i < n; ++i) {
+        const int32_t s = ids[i];
+        const int32_t p = memory ? mem_max[s] + 1 : 0;
+        mem_gen[s]       = gen;
+        pmin[s]          = p;
+        pmax[s]          = p;
+        plast[s]         = p;
+        single_group[s]  = int32_t(i);
+        token[i]         = tok[i];
+        pos[i]           = p;
+        seq_id[i]        = s;
+        seq_set[i]       = s;
+        seq_id_off[i]    = int32_t(i);
+        group_of[i]      = int32_t(i);
+        group_off[i]     = int32_t(i);
+        group_entries[i] = int32_t(i);
+        const int8_t out = output_all || (given_output ? out_in[i] != 0 : i + 1 == n);
+        output[i]        = out;
+        n_outputs += uint32_t(out);
+    }
+    st.seq_id_off[n] = int32_t(n);
+    st.group_off[n]  = int32_t(n);
+    st.n_outputs     = n_outputs;
+    st.has_token     = true;
+    st.single_ids    = true;
+    if (!std::is_sorted(st.seq_id_unq.begin(), st.seq_id_unq.end())) {
+        std::sort(st.seq_id_unq.begin(), st.seq_id_unq.end());
+    }
+    for (size_t r = 0; r < st.seq_id_unq.size(); ++r) {
+        st.seq_idx[st.seq_id_unq[r]] = int32_t(r);
+    }
+    st.n_tokens = n;
+    st.used.assign(n, 0);
+    st.n_used = 0;
+    std::swap(cur_, spare_);
+    return true;
+}
+
 void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool output_all) {
     state & st = *spare_;
     st.reset();
@@ -178,6 +271,13 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
     if (n == 0) {
         reject(batch_reject::EMPTY, "the batch is empty (it has no tokens)");
     }
+    // The decode step (one new token for each of many sequences) is the hot call: validated in
+    // one pass when the batch has exactly that shape. Anything else, including every batch
+    // that fails a check, takes the general path, which reports failures in llama.cpp's order.
+    if (decode_fast_path_ && init_decode_shape(b, memory, output_all)) {
+        return;
+    }
+    st.reset();
     if (b.seq_id_off.size() != 0 && b.seq_id_off.size() != size_t(n) + 1) {
         reject(batch_reject::BAD_SHAPE, format("seq_id describes %zu tokens, the batch has %u",
                                                b.seq_id_off.size() - 1, n));

@@ -460,10 +460,20 @@ uint8_t * kv_cache::k_row_mut(uint32_t l, uint32_t stream, uint32_t cell) {
 
 // -- sequence operations ------------------------------------------------------------------------
 
+namespace {
+
+// Out of line so that check_seq inlines into the hot callers (seq_pos_max runs once per
+// sequence of every decode step).
+[[noreturn]] void bad_seq_id(int32_t seq, int32_t n_seq_ids, const char * what) {
+    bad_arg(std::string(what) + ": seq_id " + std::to_string(seq) + " is out of range [0, " +
+            std::to_string(n_seq_ids) + ")");
+}
+
+} // namespace
+
 void kv_cache::check_seq(int32_t seq, const char * what) const {
     if (seq < 0 || seq >= n_seq_ids_) {
-        bad_arg(std::string(what) + ": seq_id " + std::to_string(seq) + " is out of range [0, " +
-                std::to_string(n_seq_ids_) + ")");
+        bad_seq_id(seq, n_seq_ids_, what);
     }
 }
 

@@ -93,13 +93,6 @@ int32_t kv_cells::seq_pos_min(int32_t s) const {
     return key_pos(ix(s).front());
 }
 
-int32_t kv_cells::seq_pos_max(int32_t s) const {
-    if (!in_range(s) || ix(s).empty()) {
-        return -1;
-    }
-    return key_pos(last_key_[size_t(s - seq_base_)]);
-}
-
 uint32_t kv_cells::seq_n_cells(int32_t s) const {
     return in_range(s) ? uint32_t(ix(s).size()) : 0;
 }

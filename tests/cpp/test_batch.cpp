@@ -3,6 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <random>
+#include <string>
 #include <map>
 #include <utility>
 #include <vector>
@@ -353,6 +356,127 @@ TEST(BatchSplit, LargeSequenceIdsAboveLlamaCppLimit) {
     llmem::ubatch u = a.split_equal(8, false, 0);
     EXPECT_EQ(u.data->seq_id_unq, (std::vector<int32_t>{ 3, 1000, 1001 }));
     EXPECT_EQ(u.seq_idx(1001), 2);
+}
+
+// The one-pass decode-shape path of init() must leave the allocator exactly as the general path
+// does: same acceptance and failure reason, same positions and output flags, same micro-batches
+// from every splitter. Batches are drawn around that shape (one id per entry, each sequence
+// once) with the ways out of it: a repeated sequence, a bad token or id, given positions or
+// outputs, an entry with two ids or none.
+std::string describe(const llmem::ubatch & ub) {
+    if (ub.empty()) {
+        return "-";
+    }
+    const auto & d = *ub.data;
+    std::string  out = std::to_string(ub.n_tokens) + "/" + std::to_string(ub.n_seq_tokens) + "/" +
+                       std::to_string(ub.n_seqs) + "/" + std::to_string(ub.n_seqs_unq) + (ub.equal_seqs ? "e" : "s");
+    auto list = [&](const char * name, const auto & v) {
+        out += std::string(" ") + name + ":";
+        for (const auto x : v) {
+            out += std::to_string(int(x)) + ",";
+        }
+    };
+    list("tok", d.token);
+    list("pos", d.pos);
+    list("off", d.seq_id_off);
+    list("ids", d.seq_id);
+    list("unq", d.seq_id_unq);
+    list("idx", d.seq_idx);
+    list("out", d.output);
+    list("bi", d.batch_idx);
+    return out;
+}
+
+std::string run_allocator(llmem::batch_allocr & a, const llmem::batch & b, const llmem::seq_pos_source * m,
+                          bool output_all, int split) {
+    try {
+        a.init(b, m, output_all);
+    } catch (const llmem::batch_error & e) {
+        return "refused " + std::to_string(int(e.reason())) + ": " + e.what();
+    }
+    std::string out = "n " + std::to_string(a.n_tokens()) + " outputs " + std::to_string(a.n_outputs()) +
+                      (a.has_coupled() ? " coupled" : "") + "\n";
+    for (int32_t s = 0; s < a.n_seq_max(); ++s) {
+        out += std::to_string(a.batch_pos_min(s)) + ".." + std::to_string(a.batch_pos_max(s)) + " ";
+    }
+    for (int round = 0; round < 2; ++round) {  // twice: split_reset must restart the same way
+        a.split_reset();
+        while (true) {
+            llmem::ubatch ub = split == 0 ? a.split_simple(3) : split == 1 ? a.split_equal(3, false) : a.split_seq(3);
+            if (ub.empty()) {
+                break;
+            }
+            out += "\n" + describe(ub);
+        }
+        out += "\nout_ids:";
+        for (int32_t k : a.out_ids()) {
+            out += std::to_string(k) + ",";
+        }
+    }
+    return out;
+}
+
+TEST(BatchInit, DecodeShapePathMatchesTheGeneralPath) {
+    std::mt19937 rng(7);
+    auto         pick = [&](int n) { return int(rng() % uint32_t(n)); };
+    const int32_t n_seq_max = 8;
+    fake_memory   mem;
+    mem.ranges[1] = { 0, 4 };
+    mem.ranges[2] = { 3, 9 };
+    mem.ranges[5] = { 0, 0 };
+    int accepted = 0, refused = 0;
+    for (int trial = 0; trial < 3000; ++trial) {
+        const uint32_t n = 1 + uint32_t(pick(7));
+        llmem::batch   b;
+        b.n_tokens = n;
+        std::vector<int32_t> order(n_seq_max);
+        for (int32_t s = 0; s < n_seq_max; ++s) {
+            order[s] = s;
+        }
+        std::shuffle(order.begin(), order.end(), rng);
+        b.seq_id_off.push_back(0);
+        for (uint32_t i = 0; i < n; ++i) {
+            b.token.push_back(pick(40) == 0 ? -1 - pick(2) : pick(40) == 0 ? 64 : pick(64));
+            const int kind = pick(30);
+            if (kind == 0) {  // an entry with two ids
+                b.seq_id.push_back(order[i % n_seq_max]);
+                b.seq_id.push_back(order[(i + 1) % n_seq_max]);
+            } else if (kind == 1) {  // with none
+            } else {
+                const int32_t s = pick(25) == 0 ? order[0] : pick(60) == 0 ? n_seq_max + pick(3) - 1 : order[i % n_seq_max];
+                b.seq_id.push_back(pick(80) == 0 ? -1 : s);
+            }
+            b.seq_id_off.push_back(int32_t(b.seq_id.size()));
+        }
+        if (pick(6) == 0) {
+            for (uint32_t i = 0; i < n; ++i) {
+                b.output.push_back(int8_t(pick(2)));
+            }
+        }
+        if (pick(10) == 0) {
+            for (uint32_t i = 0; i < n; ++i) {
+                b.pos.push_back(pick(12));
+            }
+        }
+        const bool                      output_all = pick(5) == 0;
+        const llmem::seq_pos_source *   m          = pick(4) == 0 ? nullptr : &mem;
+        const int                       split      = pick(3);
+        llmem::batch_allocr fast(n_seq_max, 64), general(n_seq_max, 64);
+        general.set_decode_fast_path(false);
+        // a previous batch in both, so that stale per-sequence state would show
+        llmem::batch warm;
+        warm.n_tokens = 2;
+        warm.token    = { 1, 2 };
+        warm.seq_id   = { order[1], order[2] };
+        warm.seq_id_off = { 0, 1, 2 };
+        fast.init(warm, &mem, false);
+        general.init(warm, &mem, false);
+        const std::string want = run_allocator(general, b, m, output_all, split);
+        ASSERT_EQ(run_allocator(fast, b, m, output_all, split), want) << "trial " << trial;
+        (want.rfind("refused", 0) == 0 ? refused : accepted) += 1;
+    }
+    EXPECT_GT(accepted, 500);
+    EXPECT_GT(refused, 300);
 }
 
 } // namespace

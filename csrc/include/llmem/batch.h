@@ -45,6 +45,10 @@ public:
     /// Forget the split progress (every entry unused, out_ids emptied).
     void split_reset();
 
+    /// Tests only: false makes init() take the general path for every batch, so the one-pass
+    /// decode-shape path can be compared with it.
+    void set_decode_fast_path(bool on) { decode_fast_path_ = on; }
+
     /// Consecutive unused entries in batch order, at most n_ubatch (at least one).
     ubatch split_simple(uint32_t n_ubatch);
 
@@ -76,11 +80,14 @@ private:
     uint32_t first_unused() const;
     ubatch make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_seqs, bool equal_seqs);
     std::shared_ptr<ubatch_data> acquire_data();
+    /// init() for the decode-step shape; false (nothing swapped in) when b is not of it.
+    bool init_decode_shape(const batch & b, const seq_pos_source * memory, bool output_all);
 
     int32_t  n_seq_max_;
     int32_t  n_vocab_;
     uint32_t n_embd_;
     uint32_t n_pos_;
+    bool     decode_fast_path_ = true;
 
     std::unique_ptr<state> cur_;    // the validated batch and its split cursor
     std::unique_ptr<state> spare_;  // scratch for the next init(), swapped in on success

@@ -57,7 +57,9 @@ public:
 
     /// -1 when the sequence holds no cell (or is outside [0, n_seq_max)).
     int32_t seq_pos_min(int32_t s) const;
-    int32_t seq_pos_max(int32_t s) const;
+    int32_t seq_pos_max(int32_t s) const {
+        return in_range(s) && !ix(s).empty() ? key_pos(last_key_[size_t(s - seq_base_)]) : -1;
+    }
     /// Number of cells holding s.
     uint32_t seq_n_cells(int32_t s) const;
 
