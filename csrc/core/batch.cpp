@@ -660,9 +660,12 @@ ubatch batch_allocr::make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_s
         d->embd.resize(size_t(nt) * st.n_embd);
     }
 
+    const int32_t * ix = idxs.data();
     if (st.has_token) {
+        const int32_t * src = st.token.data();
+        int32_t *       dst = d->token.data();
         for (uint32_t k = 0; k < nt; ++k) {
-            d->token[k] = st.token[idxs[k]];
+            dst[k] = src[ix[k]];
         }
     }
     if (st.has_embd) {
@@ -675,16 +678,19 @@ ubatch batch_allocr::make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_s
         const int32_t * src = st.pos.data() + (st.n_pos_val == 1 ? 0 : size_t(j) * st.n_tokens);
         int32_t *       dst = d->pos.data() + size_t(j) * nt;
         for (uint32_t k = 0; k < nt; ++k) {
-            dst[k] = src[idxs[k]];
+            dst[k] = src[ix[k]];
         }
     }
     if (st.single_ids) {
         d->seq_id.resize(nt);
+        const int32_t * src = st.seq_id.data();
+        int32_t *       ids = d->seq_id.data();
+        int32_t *       off = d->seq_id_off.data();
         for (uint32_t k = 0; k < nt; ++k) {
-            d->seq_id[k]     = st.seq_id[idxs[k]];
-            d->seq_id_off[k] = int32_t(k);
+            ids[k] = src[ix[k]];
+            off[k] = int32_t(k);
         }
-        d->seq_id_off[nt] = int32_t(nt);
+        off[nt] = int32_t(nt);
     } else {
         d->seq_id_off[0] = 0;
         for (uint32_t k = 0; k < nt; ++k) {
@@ -693,19 +699,25 @@ ubatch batch_allocr::make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_s
             d->seq_id_off[k + 1] = int32_t(d->seq_id.size());
         }
     }
-    bool unq_sorted = true;
+    bool      unq_sorted = true;
+    int32_t   last_new   = -1;
+    int32_t * seq_idx    = d->seq_idx.data();
     for (int32_t s : d->seq_id) {
-        if (d->seq_idx[s] < 0) {
-            d->seq_idx[s] = 0;
-            unq_sorted = unq_sorted && (d->seq_id_unq.empty() || d->seq_id_unq.back() < s);
+        if (seq_idx[s] < 0) {
+            seq_idx[s] = 0;
+            unq_sorted = unq_sorted && last_new < s;
+            last_new   = s;
             d->seq_id_unq.push_back(s);
         }
     }
+    const int8_t * out_src   = st.output.data();
+    int8_t *       out       = d->output.data();
+    int32_t *      batch_idx = d->batch_idx.data();
     for (uint32_t k = 0; k < nt; ++k) {
-        const int32_t i = idxs[k];
-        d->output[k]    = st.output[i];
-        d->batch_idx[k] = i;
-        if (st.output[i]) {
+        const int32_t i = ix[k];
+        out[k]          = out_src[i];
+        batch_idx[k]    = i;
+        if (out_src[i]) {
             st.out_ids.push_back(i);
         }
     }

@@ -827,7 +827,16 @@ void kv_cache::apply_ubatch(const slot_info & slot, const ubatch & ub) {
                 }
                 T.rm(c);
             }
-            T.pos_set(c, ub.pos(i));
+            const int32_t   nid = ub.n_seq_id(i);
+            const int32_t * ids = ub.seq_ids(i);
+            if (nid == 1) {
+                T.occupy(c, ub.pos(i), ids[0]);  // the usual token: one sequence
+            } else {
+                T.pos_set(c, ub.pos(i));
+                for (int32_t j = 0; j < nid; ++j) {
+                    T.seq_add(c, ids[j]);
+                }
+            }
             if (set_ext) {
                 cell_ext e;
                 if (two_d) {
@@ -838,11 +847,6 @@ void kv_cache::apply_ubatch(const slot_info & slot, const ubatch & ub) {
                     e.tok = ub.data->token[i];
                 }
                 T.ext_set(c, e);
-            }
-            const int32_t   nid = ub.n_seq_id(i);
-            const int32_t * ids = ub.seq_ids(i);
-            for (int32_t j = 0; j < nid; ++j) {
-                T.seq_add(c, ids[j]);
             }
         }
     }

@@ -375,6 +375,16 @@ void kv_cells::pos_set(uint32_t i, int32_t p) {
     mark_used(i);
 }
 
+void kv_cells::occupy(uint32_t i, int32_t p, int32_t s) {
+    assert(is_empty(i) && n_seq_[i] == 0 && p >= 0 && in_range(s));
+    touch(i);
+    pos_[i] = p;
+    mark_used(i);
+    ids_[size_t(i) * 2] = s;
+    n_seq_[i]           = 1;
+    index_insert(s, p, i);
+}
+
 void kv_cells::ext_set(uint32_t i, const cell_ext & e) {
     if (with_ext_) {
         touch(i);

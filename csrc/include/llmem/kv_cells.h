@@ -91,6 +91,8 @@ public:
     void seq_add(uint32_t i, int32_t s);
     /// Give an empty cell a position (it becomes used, with no sequence yet).
     void pos_set(uint32_t i, int32_t p);
+    /// pos_set(i, p) then seq_add(i, s) in one step: placing a token of one sequence.
+    void occupy(uint32_t i, int32_t p, int32_t s);
     void ext_set(uint32_t i, const cell_ext & e);
     /// Move a used cell by d and record the shift; returns true if it fell below 0 and was emptied.
     bool pos_add(uint32_t i, int32_t d);
