@@ -236,11 +236,6 @@ class KVCache(Memory):
         if type(seq_id) is int and _I32_MIN <= seq_id <= _I32_MAX:
             return seq_id
         return _check_int(seq_id, name, _I32_MIN, _I32_MAX)
-        seq_id = _check_int(seq_id, name, -(2**63))
-        if not (0 <= seq_id < n or (allow_all and seq_id == -1)):
-            allowed = f"-1 or in [0, {n})" if allow_all else f"in [0, {n})"
-            raise ValueError(f"{name} must be {allowed} (n_seq_max = {n}), got {seq_id}")
-        return seq_id
 
     # -- buffers -------------------------------------------------------------------------------
 
