@@ -28,8 +28,9 @@ import numpy as np
 
 LLAMA_CPP_VERSION = "0.3.36"
 N_VOCAB = 32
-N_EMBD = 16
-SEQ_STATE_MAGIC = 0xAF143CD8  # llama_state_seq_get_data's header: this, then the seq id (i32)  # one head of 16 dims; K and V rows are 32 bytes in f16
+N_EMBD = 16  # one head of 16 dims; K and V rows are 32 bytes in f16
+SEQ_STATE_MAGIC = 0xAF143CD8  # llama_state_seq_get_data's header: this, then the seq id (i32)
+LLAMA_MAX_SEQ = 256  # llama.cpp's compile-time limit on sequences per context
 
 _lib = None
 _import_error: Optional[str] = None

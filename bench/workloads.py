@@ -142,7 +142,9 @@ def seq_ops(n_cells: int, n_seqs: int, cfg: Config) -> Iterator[Result]:
 
     lm = None
     llama_note = ""
-    if cfg.use_llama:
+    if cfg.use_llama and n_seqs + 1 > llama_baseline.LLAMA_MAX_SEQ:
+        llama_note = f"llama.cpp holds at most {llama_baseline.LLAMA_MAX_SEQ} sequences"
+    elif cfg.use_llama:
         if llama_baseline.available():
             lm = llama_baseline.LlamaMemory(n_cells, n_seqs + 1)
             for s in range(n_seqs):
@@ -518,11 +520,12 @@ def recurrent_step(n_seqs: int, cfg: Config, n_layer: int = 2, n_embd_s: int = 1
     new_s = np.ones((n_seqs, n_embd_s), np.float32)
     clock = time.perf_counter_ns
     steps = 200 if cfg.quick else 1000
+    n_ubatch = max(512, n_seqs)  # every sequence in one micro-batch, as a server's decode step
     work, states = [], []
     for k in range(steps + 10):
         t0 = clock()
         balloc.init(Batch(token=token, seq_id=seq_id), mem)
-        ctx = mem.init_batch(balloc, 512)
+        ctx = mem.init_batch(balloc, n_ubatch)
         ctx.apply()
         ctx.s_copy_all()
         t1 = clock()
@@ -583,10 +586,11 @@ def plan(cfg: Config) -> list[tuple[str, str, Callable[[], Iterator[Result]]]]:
         rec_seqs = [64, 256]
     else:
         sizes = [4096, 16384, 65536, 262144, 1 << 20]
-        seq_grid = [(c, s) for c in sizes for s in (1, 16, 64, 255) if c // 2 // s >= 2 * TAIL]
-        decode_grid = [(c, s) for c in sizes for s in (1, 16, 64, 256)]
+        # 255 + the spare copy target is llama.cpp's limit; 1024 runs without that baseline
+        seq_grid = [(c, s) for c in sizes for s in (1, 16, 64, 255, 1024) if c // 2 // s >= 2 * TAIL]
+        decode_grid = [(c, s) for c in sizes for s in (1, 16, 64, 256, 1024)]
         prefill_sizes = [8192, 65536, 1 << 20]
-        rec_seqs = [1, 16, 64, 256]
+        rec_seqs = [1, 16, 64, 256, 1024]
     for c, s in seq_grid:
         tasks.append(("seq_ops", f"sequence ops, {c} cells, {s} seqs", lambda c=c, s=s: seq_ops(c, s, cfg)))
     for c, s in decode_grid:
