@@ -521,7 +521,12 @@ def recurrent_step(n_seqs: int, cfg: Config, n_layer: int = 2, n_embd_s: int = 1
     clock = time.perf_counter_ns
     steps = 200 if cfg.quick else 1000
     n_ubatch = max(512, n_seqs)  # every sequence in one micro-batch, as a server's decode step
-    work, states = [], []
+    work, states, copy = [], [], []
+    # the copy ceiling: numpy moving the same bytes between buffers of the same sizes, timed in
+    # the same loop so that both see the same cache state (a separate warm loop keeps its few
+    # megabytes in the L3 and measured twice the bandwidth a decode step can see)
+    copy_bufs = [np.zeros((n_seqs, n_embd_s), np.float32) for _ in range(n_layer)]
+    copy_out = [np.empty((n_seqs, n_embd_s), np.float32) for _ in range(n_layer)]
     for k in range(steps + 10):
         t0 = clock()
         balloc.init(Batch(token=token, seq_id=seq_id), mem)
@@ -533,9 +538,14 @@ def recurrent_step(n_seqs: int, cfg: Config, n_layer: int = 2, n_embd_s: int = 1
             ctx.get_s(il)
             ctx.store_s(il, new_s)
         t2 = clock()
+        for b, out in zip(copy_bufs, copy_out):
+            np.copyto(out, b)
+            np.copyto(b, new_s)
+        t3 = clock()
         if k >= 10:  # the first steps give every sequence its cell
             work.append(t1 - t0)
             states.append(t2 - t1)
+            copy.append(t3 - t2)
     total = [a + b for a, b in zip(work, states)]
     # the reference: slot search + s_copy in Python, states moved with numpy fancy indexing
     ref = RefRecurrent(n_seqs, n_seqs)
@@ -553,13 +563,6 @@ def recurrent_step(n_seqs: int, cfg: Config, n_layer: int = 2, n_embd_s: int = 1
     ref_step()
     refs = sample_ns(ref_step, 20 if cfg.quick else 100)
     nbytes = 2 * n_layer * n_seqs * n_embd_s * 4
-    a = np.empty((n_seqs, n_embd_s), np.float32)
-
-    def copies():
-        for b in bufs:
-            np.copyto(a, b)
-            np.copyto(b, new_s)
-    copy = sample_ns(copies, 50)
     params = {"n_seqs": n_seqs, "n_layer": n_layer, "s_row_bytes": n_embd_s * 4}
     yield Result("recurrent step (memory + gather/store)", params, *_stats(total),
                  llama_note="inside llama_decode", reference_us=_stats(refs)[0],
