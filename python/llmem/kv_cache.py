@@ -314,12 +314,21 @@ class KVCache(Memory):
         self._core.clear(bool(data))
         self._version += 1
 
-    @locked
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove positions [p0, p1) of ``seq_id`` (-1: of every sequence). Always True."""
-        removed = self._core.seq_rm(self._seq(seq_id, allow_all=True), _i32(p0, "p0"), _i32(p1, "p1"))
-        self._version += 1
-        return removed
+        # called after every finished or cancelled request: the lock is taken inline (as in
+        # seq_pos_max), not through @locked
+        if not (type(seq_id) is int and type(p0) is int and type(p1) is int
+                and _I32_MIN <= seq_id <= _I32_MAX and _I32_MIN <= p0 <= _I32_MAX and _I32_MIN <= p1 <= _I32_MAX):
+            seq_id, p0, p1 = self._seq(seq_id, allow_all=True), _i32(p0, "p0"), _i32(p1, "p1")
+        lock = self._lock
+        lock.acquire()
+        try:
+            removed = self._core.seq_rm(seq_id, p0, p1)
+            self._version += 1
+            return removed
+        finally:
+            lock.release()
 
     @locked
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
