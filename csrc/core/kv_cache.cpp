@@ -1105,6 +1105,18 @@ struct kv_cache::parsed_state {
         std::vector<const uint8_t *> v_data;   // per layer
         slot_info                    slot;     // where a sequence state goes (after place)
 
+        void reset() {
+            cell_count = 0;
+            recs       = nullptr;
+            rec_size   = 0;
+            pos.clear();
+            ext.clear();
+            seq_off.clear();
+            seqs.clear();
+            k_data.clear();
+            v_data.clear();
+            slot.clear();
+        }
         int32_t pos_at(uint32_t c) const {
             if (recs == nullptr) {
                 return pos[c];
@@ -1128,6 +1140,39 @@ struct kv_cache::parsed_state {
     int32_t             seq = -1;
     std::vector<stream> streams;
 };
+
+namespace {
+
+// Parsed states of finished reads, per thread, so a warm read allocates nothing. One that grew
+// for a large whole-cache state is dropped instead of being kept.
+std::vector<std::unique_ptr<kv_cache::parsed_state>> & parsed_pool() {
+    thread_local std::vector<std::unique_ptr<kv_cache::parsed_state>> pool;
+    return pool;
+}
+
+std::unique_ptr<kv_cache::parsed_state> take_parsed() {
+    auto & pool = parsed_pool();
+    if (pool.empty()) {
+        return std::make_unique<kv_cache::parsed_state>();
+    }
+    auto ps = std::move(pool.back());
+    pool.pop_back();
+    return ps;
+}
+
+void give_back(std::unique_ptr<kv_cache::parsed_state> ps) {
+    constexpr size_t keep_cells = 1u << 16;
+    for (const auto & st : ps->streams) {
+        if (st.pos.capacity() > keep_cells || st.seqs.capacity() > keep_cells || st.slot.idxs.capacity() > keep_cells) {
+            return;
+        }
+    }
+    if (parsed_pool().size() < 4) {
+        parsed_pool().push_back(std::move(ps));
+    }
+}
+
+} // namespace
 
 namespace {
 
@@ -1330,7 +1375,9 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
                     out.put(int32_t(e.y));
                     out.put(int32_t(e.tok));
                 }
-                std::memcpy(out.block(ns * sizeof(int32_t)), ids, ns * sizeof(int32_t));
+                if (ns > 0) {  // a restored cell may list no sequence (ids is null then)
+                    std::memcpy(out.block(ns * sizeof(int32_t)), ids, ns * sizeof(int32_t));
+                }
             }
         }
         // The bytes a stream will hold once pending whole-stream copies have run.
@@ -1412,7 +1459,7 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
                     std::to_string(p_.n_seq_max));
         }
     }
-    auto ps = std::make_unique<parsed_state>();
+    auto ps = take_parsed();
     ps->seq = seq;
     reader rd{ data, n, off };
     const uint32_t n_stream = rd.get<uint32_t>("n_stream");
@@ -1421,6 +1468,9 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
                           std::to_string(n_stream_));
     }
     ps->streams.resize(n_stream);
+    for (auto & st : ps->streams) {
+        st.reset();
+    }
     for (uint32_t s = 0; s < n_stream; ++s) {
         auto &         st = ps->streams[s];
         const uint32_t cc = rd.get<uint32_t>("cell_count");
@@ -1763,33 +1813,62 @@ void kv_cache::state_commit(parsed_state & ps) {
 }
 
 void kv_cache::state_read(const uint8_t * data, size_t n, size_t & off, int32_t seq) {
-    off = kv_state_read_all({ this }, data, n, off, seq, false);
+    kv_cache * self = this;
+    off             = kv_state_read_all(&self, 1, data, n, off, seq, false);
 }
 
 size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
                          int32_t seq, bool exact, const std::function<size_t(size_t)> & then) {
-    std::vector<std::unique_ptr<kv_cache::parsed_state>> parsed;
-    parsed.reserve(caches.size());
-    for (kv_cache * c : caches) {
-        parsed.push_back(c->state_parse(data, n, off, seq));
+    return kv_state_read_all(caches.data(), caches.size(), data, n, off, seq, exact, then);
+}
+
+size_t kv_state_read_all(kv_cache * const * caches_p, size_t n_caches, const uint8_t * data, size_t n, size_t off,
+                         int32_t seq, bool exact, const std::function<size_t(size_t)> & then) {
+    // the parsed states go back to the pool however the read ends
+    struct parsed_list {
+        std::unique_ptr<kv_cache::parsed_state> one;   // the usual single cache, without a vector
+        std::vector<std::unique_ptr<kv_cache::parsed_state>> more;
+        ~parsed_list() {
+            if (one) {
+                give_back(std::move(one));
+            }
+            for (auto & p : more) {
+                give_back(std::move(p));
+            }
+        }
+        kv_cache::parsed_state & operator[](size_t k) { return k == 0 ? *one : *more[k - 1]; }
+    } parsed;
+    for (size_t k = 0; k < n_caches; ++k) {
+        auto ps = caches_p[k]->state_parse(data, n, off, seq);
+        if (k == 0) {
+            parsed.one = std::move(ps);
+        } else {
+            parsed.more.push_back(std::move(ps));
+        }
     }
     if (exact && !then && off != n) {
         throw state_error(std::to_string(n - off) + " unexpected bytes after the KV state");
     }
-    if (!then && caches.size() == 1 && caches[0]->state_direct(*parsed[0])) {
+    if (!then && n_caches == 1 && caches_p[0]->state_direct(parsed[0])) {
         // Whether the cells fit is known before anything changes: no journal to keep or undo.
-        if (!caches[0]->state_fits(*parsed[0])) {
+        if (!caches_p[0]->state_fits(parsed[0])) {
             throw state_error("failed to restore the sequence state: not enough free cells");
         }
-        caches[0]->state_place_direct(*parsed[0]);
-        caches[0]->state_commit(*parsed[0]);
+        caches_p[0]->state_place_direct(parsed[0]);
+        caches_p[0]->state_commit(parsed[0]);
         return off;
     }
+    struct {
+        kv_cache * const * p;
+        size_t             n;
+        size_t             size() const { return n; }
+        kv_cache *         operator[](size_t k) const { return p[k]; }
+    } caches{ caches_p, n_caches };
     size_t opened = 0;
     try {
         for (; opened < caches.size(); ++opened) {
             caches[opened]->txn_begin();
-            if (!caches[opened]->state_place(*parsed[opened])) {
+            if (!caches[opened]->state_place(parsed[opened])) {
                 ++opened;
                 throw state_error("failed to restore the sequence state: not enough free cells");
             }
@@ -1805,7 +1884,7 @@ size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t *
     }
     for (size_t k = 0; k < caches.size(); ++k) {
         caches[k]->txn_commit();
-        caches[k]->state_commit(*parsed[k]);
+        caches[k]->state_commit(parsed[k]);
     }
     return off;
 }

@@ -327,6 +327,9 @@ std::pair<kv_context, kv_context> kv_iswa_init_batch(kv_cache & base, kv_cache &
 /// throws, every cache is rolled back (the hybrid memory reads its recurrent section there).
 size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
                          int32_t seq, bool exact, const std::function<size_t(size_t)> & then = {});
+/// The same over caches[0..n_caches) (a single cache needs no vector).
+size_t kv_state_read_all(kv_cache * const * caches, size_t n_caches, const uint8_t * data, size_t n, size_t off,
+                         int32_t seq, bool exact, const std::function<size_t(size_t)> & then = {});
 
 /// Half / bfloat16 conversions used for K-shift and tests.
 float    f16_to_f32(uint16_t h);
