@@ -271,6 +271,15 @@ def seq_ops(n_cells: int, n_seqs: int, cfg: Config) -> Iterator[Result]:
     r.copy_us = _stats(copy)[0]
     yield r
 
+    # the same bytes into a reused buffer, as numpy.copyto writes into one (no fresh allocation)
+    out = np.zeros(nbytes, np.uint8)
+    mine = sample_ns(lambda: kv.state_write_into(out, next_seq()), reps)
+    r = result("state_write_into (one seq)", mine, nbytes=nbytes,
+               llama_note="state_get into a caller's buffer is the state_write row",
+               reference_note="not modelled (bytes)")
+    r.copy_us = _stats(copy)[0]
+    yield r
+
     mine = sample_ns(lambda: kv.state_read(blobs[0], 0), reps)
     theirs = refs = None
     if lm:
@@ -444,7 +453,9 @@ def state_bandwidth(cfg: Config, n_layer: int = 2, n_embd: int = 512, n_tokens: 
     reps = 5 if cfg.quick else 20
     copy = _stats(sample_ns(lambda: np.copyto(dst, src), reps))[0]
     params = {"n_tokens": n_tokens, "n_layer": n_layer, "n_embd": n_embd}
+    out = np.zeros(len(blob), np.uint8)
     for name, fn in (("state_write (one seq, big rows)", lambda: kv.state_write(0)),
+                     ("state_write_into (one seq, big rows)", lambda: kv.state_write_into(out, 0)),
                      ("state_read (one seq, big rows)", lambda: kv.state_read(blob, 0))):
         yield Result(name, params, *_stats(sample_ns(fn, reps)), llama_note="see the seq-op rows",
                      copy_us=copy, nbytes=len(blob), reference_note="not modelled (bytes)")
@@ -576,7 +587,8 @@ def recurrent_step(n_seqs: int, cfg: Config, n_layer: int = 2, n_embd_s: int = 1
 # ---------------------------------------------------------------------------------------------
 
 SEQ_OP_NAMES = ("seq_pos_max", "seq_add (whole seq)", f"seq_rm (tail of {TAIL})", "seq_cp (whole seq)",
-                "seq_rm (whole seq)", "state_write (one seq)", "state_read (one seq)", "seq_keep")
+                "seq_rm (whole seq)", "state_write (one seq)", "state_write_into (one seq)", "state_read (one seq)",
+                "seq_keep")
 
 
 def plan(cfg: Config) -> list[tuple[str, str, Callable[[], Iterator[Result]]]]:

@@ -84,6 +84,64 @@ struct byte_view {
     size_t          size() const { return size_t(view.len); }
 };
 
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
+
+// The state bytes to read: any C-contiguous buffer of 1-byte items, not copied (the checks and
+// messages of llmem.memory.as_byte_view).
+struct data_view {
+    Py_buffer view{};
+    explicit data_view(py::handle obj) {
+        if (PyUnicode_Check(obj.ptr())) {
+            throw py::type_error("data must be a bytes-like object, not str");
+        }
+        if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+            PyErr_Clear();
+            throw py::type_error("data must be a C-contiguous bytes-like object, not " + type_name(obj));
+        }
+        if (view.itemsize != 1) {
+            const auto k = view.itemsize;
+            PyBuffer_Release(&view);
+            throw py::value_error("data must be a bytes-like object (1-byte items), got items of " +
+                                  std::to_string(k) + " bytes");
+        }
+    }
+    ~data_view() { PyBuffer_Release(&view); }
+    data_view(const data_view &)             = delete;
+    data_view & operator=(const data_view &) = delete;
+    const uint8_t * data() const { return static_cast<const uint8_t *>(view.buf); }
+    size_t          size() const { return size_t(view.len); }
+};
+
+// A caller's buffer to write state bytes into: writable, C-contiguous, 1-byte items.
+struct out_view {
+    Py_buffer view{};
+    explicit out_view(py::handle obj) {
+        if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+            PyErr_Clear();
+            Py_buffer probe{};
+            if (PyObject_GetBuffer(obj.ptr(), &probe, PyBUF_STRIDES | PyBUF_FORMAT) == 0) {
+                const bool ro = probe.readonly != 0;
+                PyBuffer_Release(&probe);
+                throw py::type_error(std::string("buffer must be a writable, C-contiguous bytes-like object; ") +
+                                     "got a " + (ro ? "read-only " : "non-contiguous ") + type_name(obj));
+            }
+            PyErr_Clear();
+            throw py::type_error("buffer must be a writable bytes-like object, not " + type_name(obj));
+        }
+        if (view.itemsize != 1) {
+            const auto k = view.itemsize;
+            PyBuffer_Release(&view);
+            throw py::value_error("buffer must be a bytes-like object (1-byte items), got items of " +
+                                  std::to_string(k) + " bytes");
+        }
+    }
+    ~out_view() { PyBuffer_Release(&view); }
+    out_view(const out_view &)             = delete;
+    out_view & operator=(const out_view &) = delete;
+    uint8_t * data() const { return static_cast<uint8_t *>(view.buf); }
+    size_t    size() const { return size_t(view.len); }
+};
+
 std::vector<int64_t> k_idxs_of(const kv_cache & c, const slot_info & s) {
     std::vector<int64_t> out(s.idxs.size());
     const uint32_t       n = s.n_per_group;
@@ -316,6 +374,44 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
                  return blob;
              },
              py::arg("seq_id") = -1)
+        .def("state_size",
+             [](const kv_cache & c, int64_t seq) {
+                 const int32_t s = to_i32(seq, "seq_id");
+                 py::gil_scoped_release r;
+                 return c.state_write_size(s);
+             },
+             py::arg("seq_id") = -1, "Bytes state_write(seq_id) returns now.")
+        .def("state_write_into",
+             [](const kv_cache & c, py::handle buffer, int64_t seq) {
+                 const int32_t s = to_i32(seq, "seq_id");
+                 out_view      out(buffer);
+                 size_t        n = 0;
+                 {
+                     py::gil_scoped_release r;
+                     n = c.state_write_size(s);
+                     if (n <= out.size()) {
+                         c.state_write(out.data(), n, s);
+                     }
+                 }
+                 if (n > out.size()) {
+                     throw py::value_error("buffer holds " + std::to_string(out.size()) + " bytes, the state needs " +
+                                           std::to_string(n));
+                 }
+                 return n;
+             },
+             py::arg("buffer"), py::arg("seq_id") = -1,
+             "Write state_write(seq_id)'s bytes at the start of a writable buffer; returns their number "
+             "(ValueError, nothing written, when the buffer is smaller).")
+        .def("state_read",
+             [](kv_cache & c, py::handle data, int64_t seq) {
+                 const int32_t s = to_i32(seq, "seq_id");
+                 data_view     d(data);
+                 py::gil_scoped_release r;
+                 kv_cache * one = &c;
+                 kv_state_read_all(&one, 1, d.data(), d.size(), 0, s, true);
+             },
+             py::arg("data"), py::arg("seq_id") = -1,
+             "kv_state_read of this cache alone: the bytes of any buffer, read in place.")
         .def("state_clear", [](kv_cache & c, int64_t seq) { c.state_clear(to_i32(seq, "seq_id")); },
              py::arg("seq_id"));
 

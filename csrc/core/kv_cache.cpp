@@ -1083,9 +1083,24 @@ void kv_cache::update() {
 
 // -- state --------------------------------------------------------------------------------------
 
+namespace detail {
+// A run of consecutive cells of a stream: `len` cells from `cell`, at `first` in the state's
+// cell order. A sequence's cells are usually one or a few runs, so its rows move in a few large
+// copies; the runs are found once per stream, not once per layer or per V column.
+struct cell_run {
+    size_t   first;
+    uint32_t cell;
+    uint32_t len;
+};
+} // namespace detail
+
 struct kv_cache::parsed_state {
     struct stream {
         uint32_t                     cell_count = 0;
+        // A sequence state's cell records all have one size: they stay in the caller's bytes
+        // (recs, rec_size) and are read from there. A whole-cache state is unpacked below.
+        const uint8_t *              recs     = nullptr;
+        size_t                       rec_size = 0;
         std::vector<int32_t>         pos;
         std::vector<cell_ext>        ext;
         std::vector<uint32_t>        seq_off;  // [cell_count + 1]
@@ -1093,6 +1108,38 @@ struct kv_cache::parsed_state {
         std::vector<const uint8_t *> k_data;   // per layer
         std::vector<const uint8_t *> v_data;   // per layer
         slot_info                    slot;     // where a sequence state goes (after place)
+
+        void reset() {
+            cell_count = 0;
+            recs       = nullptr;
+            rec_size   = 0;
+            pos.clear();
+            ext.clear();
+            seq_off.clear();
+            seqs.clear();
+            k_data.clear();
+            v_data.clear();
+            slot.clear();
+        }
+        int32_t pos_at(uint32_t c) const {
+            if (recs == nullptr) {
+                return pos[c];
+            }
+            int32_t p;
+            std::memcpy(&p, recs + c * rec_size, sizeof(p));
+            return p;
+        }
+        cell_ext ext_at(uint32_t c) const {
+            if (recs == nullptr) {
+                return ext[c];
+            }
+            cell_ext        e;
+            const uint8_t * r = recs + c * rec_size + 2 * sizeof(int32_t);
+            std::memcpy(&e.x, r, sizeof(int32_t));
+            std::memcpy(&e.y, r + 4, sizeof(int32_t));
+            std::memcpy(&e.tok, r + 8, sizeof(int32_t));
+            return e;
+        }
     };
     int32_t             seq = -1;
     std::vector<stream> streams;
@@ -1100,20 +1147,65 @@ struct kv_cache::parsed_state {
 
 namespace {
 
-// The two sinks of kv_cache::write_state: one counts the bytes, the other writes them into a
-// buffer of exactly that size. block(n) hands out n bytes to fill (null when counting).
-struct byte_count_sink {
-    static constexpr bool counting = true;
-    size_t n = 0;
-    template <typename T> void put(T) { n += sizeof(T); }
-    uint8_t * block(size_t k) {
-        n += k;
-        return nullptr;
-    }
-};
+// Parsed states of finished reads, per thread, so a warm read allocates nothing. One that grew
+// for a large whole-cache state is dropped instead of being kept.
+std::vector<std::unique_ptr<kv_cache::parsed_state>> & parsed_pool() {
+    thread_local std::vector<std::unique_ptr<kv_cache::parsed_state>> pool;
+    return pool;
+}
 
-struct byte_write_sink {
-    static constexpr bool counting = false;
+std::unique_ptr<kv_cache::parsed_state> take_parsed() {
+    auto & pool = parsed_pool();
+    if (pool.empty()) {
+        return std::make_unique<kv_cache::parsed_state>();
+    }
+    auto ps = std::move(pool.back());
+    pool.pop_back();
+    return ps;
+}
+
+void give_back(std::unique_ptr<kv_cache::parsed_state> ps) {
+    constexpr size_t keep_cells = 1u << 16;
+    for (const auto & st : ps->streams) {
+        if (st.pos.capacity() > keep_cells || st.seqs.capacity() > keep_cells || st.slot.idxs.capacity() > keep_cells) {
+            return;
+        }
+    }
+    if (parsed_pool().size() < 4) {
+        parsed_pool().push_back(std::move(ps));
+    }
+}
+
+} // namespace
+
+namespace {
+
+using detail::cell_run;
+
+inline void add_cell(std::vector<cell_run> & runs, size_t k, uint32_t c) {
+    if (!runs.empty() && runs.back().cell + runs.back().len == c) {
+        ++runs.back().len;
+    } else {
+        runs.push_back({ k, c, 1 });
+    }
+}
+
+// Scratch of the state writer and reader, per thread: the writer is const and may run on several
+// threads at once, and a warm call allocates nothing.
+std::vector<cell_run> & scratch_runs() {
+    thread_local std::vector<cell_run> runs;
+    runs.clear();
+    return runs;
+}
+
+std::vector<uint32_t> & scratch_sel() {
+    thread_local std::vector<uint32_t> sel;
+    sel.clear();
+    return sel;
+}
+
+// Plain stores into the output, with a cursor.
+struct byte_writer {
     uint8_t * at;
     template <typename T> void put(T v) {
         std::memcpy(at, &v, sizeof(T));
@@ -1126,157 +1218,236 @@ struct byte_write_sink {
     }
 };
 
+template <typename T> T load(const uint8_t * p) {
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    return v;
+}
+
 } // namespace
 
+// The cells a state of seq (-1: every used cell) holds in stream s, as runs in increasing cell
+// order; returns their number. A sequence's index is in (pos, cell) order, which is cell order
+// when its tokens went in in order: then the runs come straight from it, without a sorted copy.
+size_t kv_cache::state_cells(uint32_t s, int32_t seq, std::vector<cell_run> & runs) const {
+    const kv_cells & T = cells_[s];
+    size_t           n = 0;
+    if (seq == -1) {
+        for (uint32_t i = T.next_used(0); i < p_.kv_size; i = T.next_used(i + 1)) {
+            add_cell(runs, n++, i);
+        }
+        return n;
+    }
+    if (seq >= p_.n_seq_max || seq_to_stream(seq) != s) {
+        return 0;
+    }
+    const std::vector<uint64_t> & idx = T.seq_index(seq);
+    if (p_.swa == swa_type::NONE) {
+        uint32_t prev   = 0;
+        bool     sorted = true;
+        for (const uint64_t k : idx) {
+            const uint32_t c = kv_cells::key_cell(k);
+            if (n > 0 && c < prev) {
+                sorted = false;
+                break;
+            }
+            add_cell(runs, n++, c);
+            prev = c;
+        }
+        if (sorted) {
+            return n;
+        }
+        runs.clear();
+        n = 0;
+    }
+    std::vector<uint32_t> & sel  = scratch_sel();
+    const int32_t           pmax = T.seq_pos_max(seq);
+    for (const uint64_t k : idx) {
+        if (!is_masked_swa(p_.n_swa, p_.swa, kv_cells::key_pos(k), pmax)) {
+            sel.push_back(kv_cells::key_cell(k));
+        }
+    }
+    if (!std::is_sorted(sel.begin(), sel.end())) {
+        std::sort(sel.begin(), sel.end());
+    }
+    for (const uint32_t c : sel) {
+        add_cell(runs, n++, c);
+    }
+    return n;
+}
+
+// Bytes of one stream's section after its cell count: the cell records (ids: the number of
+// sequence ids they list) and, when there are cells, the K and V sections.
+size_t kv_cache::state_stream_bytes(size_t n_cells, size_t n_ids) const {
+    if (n_cells == 0) {
+        return 0;
+    }
+    size_t b = n_cells * (2 * sizeof(int32_t) + (with_ext_ ? 3 * sizeof(int32_t) : 0)) + n_ids * sizeof(int32_t);
+    b += 2 * sizeof(uint32_t);
+    const size_t es = kv_type_size(p_.type_v);
+    for (uint32_t l = 0; l < n_layer(); ++l) {
+        b += sizeof(int32_t) + sizeof(uint64_t) + k_row_bytes(l) * n_cells;
+        b += sizeof(int32_t) + (p_.v_trans ? 2 * sizeof(uint32_t) + es * p_.n_embd_v[l] * n_cells
+                                           : sizeof(uint64_t) + v_row_bytes(l) * n_cells);
+    }
+    return b;
+}
+
 size_t kv_cache::state_write_size(int32_t seq) const {
-    byte_count_sink count;
-    write_state(count, seq);
-    return count.n;
+    if (seq != -1) {
+        check_seq(seq, "state_write");
+    }
+    size_t b = sizeof(uint32_t);
+    for (uint32_t s = 0; s < n_stream_; ++s) {
+        const kv_cells & T = cells_[s];
+        size_t           n = 0, ids = 0;
+        if (seq == -1) {
+            n = T.used_count();
+            for (uint32_t i = T.next_used(0); i < p_.kv_size; i = T.next_used(i + 1)) {
+                ids += T.seq_count(i);
+            }
+        } else if (seq < p_.n_seq_max && seq_to_stream(seq) == s) {
+            // counted without building the cell list: every record lists the one id
+            const std::vector<uint64_t> & idx = T.seq_index(seq);
+            if (p_.swa == swa_type::NONE) {
+                n = idx.size();
+            } else {
+                const int32_t pmax = T.seq_pos_max(seq);
+                for (const uint64_t k : idx) {
+                    n += is_masked_swa(p_.n_swa, p_.swa, kv_cells::key_pos(k), pmax) ? 0 : 1;
+                }
+            }
+            ids = n;
+        }
+        b += sizeof(uint32_t) + state_stream_bytes(n, ids);
+    }
+    return b;
 }
 
 void kv_cache::state_write(uint8_t * out, size_t n, int32_t seq) const {
     if (n != state_write_size(seq)) {
         throw std::invalid_argument("state_write: the output must hold exactly state_write_size() bytes");
     }
-    byte_write_sink sink{ out };
-    write_state(sink, seq);
+    write_state(out, seq);
 }
 
 void kv_cache::state_write(std::vector<uint8_t> & out, int32_t seq) const {
     const size_t at = out.size();
     const size_t n  = state_write_size(seq);
     out.resize(at + n);
-    byte_write_sink sink{ out.data() + at };
-    write_state(sink, seq);
+    write_state(out.data() + at, seq);
 }
 
-template <typename Sink> void kv_cache::write_state(Sink & out, int32_t seq) const {
+size_t kv_cache::state_write_into(uint8_t * out, size_t cap, int32_t seq) const {
+    const size_t n = state_write_size(seq);
+    if (cap < n) {
+        throw std::invalid_argument("state_write_into: the buffer holds " + std::to_string(cap) +
+                                    " bytes, the state needs " + std::to_string(n));
+    }
+    write_state(out, seq);
+    return n;
+}
+
+void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
     if (seq != -1) {
         check_seq(seq, "state_write");
     }
-    // The bytes a stream will hold once pending whole-stream copies have run.
-    std::vector<uint32_t> eff(n_stream_);
-    std::iota(eff.begin(), eff.end(), 0u);
-    for (const auto & c : pending_) {
-        eff[c.dst] = eff[c.src];
-    }
-    const bool rotate = p_.rope.enabled && get_can_shift();
-    std::vector<uint32_t> sel;
-    std::vector<float>    cs, sn, buf;
+    const bool              rotate = p_.rope.enabled && get_can_shift();
+    std::vector<cell_run> & runs   = scratch_runs();
+    std::vector<float>      cs, sn, buf;
+    const size_t            es     = kv_type_size(p_.type_v);
+    byte_writer             out{ dst };
 
     out.put(uint32_t(n_stream_));
     for (uint32_t s = 0; s < n_stream_; ++s) {
         const kv_cells & T = cells_[s];
-        sel.clear();
-        if (seq == -1) {
-            for (uint32_t i = T.next_used(0); i < p_.kv_size; i = T.next_used(i + 1)) {
-                sel.push_back(i);
-            }
-        } else if (seq < p_.n_seq_max && seq_to_stream(seq) == s) {
-            const int32_t pmax = T.seq_pos_max(seq);
-            for (const uint64_t k : T.seq_index(seq)) {
-                if (!is_masked_swa(p_.n_swa, p_.swa, kv_cells::key_pos(k), pmax)) {
-                    sel.push_back(kv_cells::key_cell(k));
-                }
-            }
-            if (!std::is_sorted(sel.begin(), sel.end())) {
-                std::sort(sel.begin(), sel.end());
-            }
-        }
-        out.put(uint32_t(sel.size()));
-        if (sel.empty()) {
+        runs.clear();
+        const size_t n = state_cells(s, seq, runs);
+        out.put(uint32_t(n));
+        if (n == 0) {
             continue;
         }
-        if (Sink::counting && seq != -1) {
-            // one sequence: every cell record is the same size (pos, count 1, ext, the id)
-            out.block(sel.size() * (3 * sizeof(int32_t) + (with_ext_ ? 3 * sizeof(int32_t) : 0)));
-        } else {
-            for (const uint32_t i : sel) {
+        for (const cell_run & r : runs) {
+            for (uint32_t i = r.cell; i < r.cell + r.len; ++i) {
                 out.put(int32_t(T.pos_get(i)));
-                uint32_t        ns  = 0;
-                const int32_t * ids = T.seq_list(i, ns);
-                out.put(uint32_t(seq == -1 ? ns : 1u));
+                uint32_t        ns  = 1;
+                const int32_t * ids = seq == -1 ? T.seq_list(i, ns) : &seq;
+                out.put(ns);
                 if (with_ext_) {
                     const cell_ext e = T.ext_get(i);
                     out.put(int32_t(e.x));
                     out.put(int32_t(e.y));
                     out.put(int32_t(e.tok));
                 }
-                if (seq == -1) {
-                    for (uint32_t j = 0; j < ns; ++j) {
-                        out.put(int32_t(ids[j]));
-                    }
-                } else {
-                    out.put(int32_t(seq));
+                if (ns > 0) {  // a restored cell may list no sequence (ids is null then)
+                    std::memcpy(out.block(ns * sizeof(int32_t)), ids, ns * sizeof(int32_t));
                 }
             }
         }
-        const uint32_t src = eff[s];
+        // The bytes a stream will hold once pending whole-stream copies have run.
+        uint32_t src = s;
+        for (auto it = pending_.rbegin(); it != pending_.rend(); ++it) {
+            if (it->dst == src) {
+                src = it->src;
+            }
+        }
         out.put(uint32_t(p_.v_trans ? 1u : 0u));
         out.put(uint32_t(n_layer()));
         for (uint32_t l = 0; l < n_layer(); ++l) {
             const size_t rb = k_row_bytes(l);
             out.put(int32_t(p_.type_k));
             out.put(uint64_t(rb));
-            uint8_t * w = out.block(rb * sel.size());
-            if (w == nullptr) {
-                continue;
-            }
+            uint8_t * w = out.block(rb * n);
             if (!k_[l]) {
-                std::memset(w, 0, rb * sel.size());
+                std::memset(w, 0, rb * n);
                 continue;
             }
-            for_each_cell_run(sel.data(), sel.size(), [&](size_t c, uint32_t i, size_t len) {
-                std::memcpy(w + c * rb, k_row(l, src, i), len * rb);
-            });
-            if (rotate) {
-                for (size_t c = 0; c < sel.size(); ++c) {
-                    const int32_t d = T.shift_get(sel[c]);
-                    if (d != 0) {
-                        // A pending shift is saved as if applied: the positions written are
-                        // the shifted ones, so the K rows must match them.
-                        rope_tables(p_.rope, d, cs, sn);
-                        rotate_row(w + c * rb, p_.type_k, p_.n_embd_k[l], p_.rope, cs, sn, buf);
+            for (const cell_run & r : runs) {
+                std::memcpy(w + r.first * rb, k_row(l, src, r.cell), r.len * rb);
+            }
+            if (rotate && T.has_shift()) {
+                for (const cell_run & r : runs) {
+                    for (uint32_t k = 0; k < r.len; ++k) {
+                        const int32_t d = T.shift_get(r.cell + k);
+                        if (d != 0) {
+                            // A pending shift is saved as if applied: the positions written are
+                            // the shifted ones, so the K rows must match them.
+                            rope_tables(p_.rope, d, cs, sn);
+                            rotate_row(w + (r.first + k) * rb, p_.type_k, p_.n_embd_k[l], p_.rope, cs, sn, buf);
+                        }
                     }
                 }
             }
         }
-        const size_t es = kv_type_size(p_.type_v);
         for (uint32_t l = 0; l < n_layer(); ++l) {
             out.put(int32_t(p_.type_v));
             if (!p_.v_trans) {
                 const size_t rb = v_row_bytes(l);
                 out.put(uint64_t(rb));
-                uint8_t * w = out.block(rb * sel.size());
-                if (w == nullptr) {
-                    continue;
-                }
+                uint8_t * w = out.block(rb * n);
                 if (!v_[l]) {
-                    std::memset(w, 0, rb * sel.size());
+                    std::memset(w, 0, rb * n);
                     continue;
                 }
                 const uint8_t * base = v_[l] + size_t(src) * p_.kv_size * rb;
-                for_each_cell_run(sel.data(), sel.size(), [&](size_t c, uint32_t i, size_t len) {
-                    std::memcpy(w + c * rb, base + size_t(i) * rb, len * rb);
-                });
+                for (const cell_run & r : runs) {
+                    std::memcpy(w + r.first * rb, base + size_t(r.cell) * rb, r.len * rb);
+                }
             } else {
                 const uint32_t ne = p_.n_embd_v[l];
                 out.put(uint32_t(es));
                 out.put(uint32_t(ne));
-                uint8_t * w = out.block(size_t(ne) * sel.size() * es);
-                if (w == nullptr) {
-                    continue;
-                }
+                uint8_t * w = out.block(size_t(ne) * n * es);
                 if (!v_[l]) {
-                    std::memset(w, 0, size_t(ne) * sel.size() * es);
+                    std::memset(w, 0, size_t(ne) * n * es);
                     continue;
                 }
                 for (uint32_t j = 0; j < ne; ++j) {
                     const uint8_t * col = v_[l] + (size_t(src) * p_.n_embd_v_max + j) * p_.kv_size * es;
-                    for_each_cell_run(sel.data(), sel.size(), [&](size_t, uint32_t i, size_t len) {
-                        std::memcpy(w, col + size_t(i) * es, len * es);
-                        w += len * es;
-                    });
+                    for (const cell_run & r : runs) {
+                        std::memcpy(w, col + size_t(r.cell) * es, r.len * es);
+                        w += r.len * es;
+                    }
                 }
             }
         }
@@ -1292,7 +1463,7 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
                     std::to_string(p_.n_seq_max));
         }
     }
-    auto ps = std::make_unique<parsed_state>();
+    auto ps = take_parsed();
     ps->seq = seq;
     reader rd{ data, n, off };
     const uint32_t n_stream = rd.get<uint32_t>("n_stream");
@@ -1301,6 +1472,9 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
                           std::to_string(n_stream_));
     }
     ps->streams.resize(n_stream);
+    for (auto & st : ps->streams) {
+        st.reset();
+    }
     for (uint32_t s = 0; s < n_stream; ++s) {
         auto &         st = ps->streams[s];
         const uint32_t cc = rd.get<uint32_t>("cell_count");
@@ -1320,48 +1494,70 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
                               std::to_string(cc) + " cells, the " + std::to_string(n - off) +
                               " bytes left hold at most " + std::to_string((n - off) / min_cell_bytes));
         }
-        st.pos.resize(cc);
-        st.seq_off.assign(size_t(cc) + 1, 0);
-        if (with_ext_) {
-            st.ext.resize(cc);
-        }
-        for (uint32_t c = 0; c < cc; ++c) {
-            const int32_t  pos   = rd.get<int32_t>("cell pos");
-            const uint32_t n_seq = rd.get<uint32_t>("cell n_seq_id");
-            if (pos < 0) {
-                throw state_error("cell " + std::to_string(c) + " has position " + std::to_string(pos));
-            }
-            st.pos[c] = pos;
-            if (seq != -1 && n_seq != 1) {
-                throw state_error("a sequence state must list exactly one sequence per cell, cell " +
-                                  std::to_string(c) + " lists " + std::to_string(n_seq));
-            }
-            if (n_seq > uint32_t(p_.n_seq_max)) {
-                throw state_error("cell " + std::to_string(c) + " lists " + std::to_string(n_seq) +
-                                  " sequences, more than n_seq_max");
-            }
-            if (with_ext_) {
-                cell_ext e;
-                e.x   = rd.get<int32_t>("cell ext");
-                e.y   = rd.get<int32_t>("cell ext");
-                e.tok = rd.get<int32_t>("cell ext");
-                st.ext[c] = e;
-            }
-            for (uint32_t j = 0; j < n_seq; ++j) {
-                const int32_t id = rd.get<int32_t>("cell seq_id");
-                if (seq == -1) {
-                    if (id < 0 || id >= p_.n_seq_max) {
-                        throw state_error("invalid seq_id " + std::to_string(id) + " in the state (n_seq_max " +
-                                          std::to_string(p_.n_seq_max) + ")");
-                    }
-                    if (!cells_[s].holds_id(id)) {
-                        throw state_error("seq_id " + std::to_string(id) + " listed in stream " + std::to_string(s) +
-                                          ", which holds sequence " + std::to_string(s) + " only");
-                    }
-                    st.seqs.push_back(id);
+        const size_t rec = min_cell_bytes + sizeof(int32_t);
+        if (seq != -1 && size_t(cc) * rec <= n - off) {
+            // Every record is there: check them in place (the same checks, in the same order, as
+            // the loop below, which is left for bytes that end early and reports where).
+            const uint8_t * p = data + off;
+            for (uint32_t c = 0; c < cc; ++c, p += rec) {
+                const int32_t  pos   = load<int32_t>(p);
+                const uint32_t n_seq = load<uint32_t>(p + 4);
+                if (pos < 0) {
+                    throw state_error("cell " + std::to_string(c) + " has position " + std::to_string(pos));
+                }
+                if (n_seq != 1) {
+                    throw state_error("a sequence state must list exactly one sequence per cell, cell " +
+                                      std::to_string(c) + " lists " + std::to_string(n_seq));
                 }
             }
-            st.seq_off[c + 1] = uint32_t(st.seqs.size());
+            st.recs     = data + off;
+            st.rec_size = rec;
+            off += size_t(cc) * rec;
+        } else {
+            st.pos.resize(cc);
+            st.seq_off.assign(size_t(cc) + 1, 0);
+            if (with_ext_) {
+                st.ext.resize(cc);
+            }
+            for (uint32_t c = 0; c < cc; ++c) {
+                const int32_t  pos   = rd.get<int32_t>("cell pos");
+                const uint32_t n_seq = rd.get<uint32_t>("cell n_seq_id");
+                if (pos < 0) {
+                    throw state_error("cell " + std::to_string(c) + " has position " + std::to_string(pos));
+                }
+                st.pos[c] = pos;
+                if (seq != -1 && n_seq != 1) {
+                    throw state_error("a sequence state must list exactly one sequence per cell, cell " +
+                                      std::to_string(c) + " lists " + std::to_string(n_seq));
+                }
+                if (n_seq > uint32_t(p_.n_seq_max)) {
+                    throw state_error("cell " + std::to_string(c) + " lists " + std::to_string(n_seq) +
+                                      " sequences, more than n_seq_max");
+                }
+                if (with_ext_) {
+                    cell_ext e;
+                    e.x   = rd.get<int32_t>("cell ext");
+                    e.y   = rd.get<int32_t>("cell ext");
+                    e.tok = rd.get<int32_t>("cell ext");
+                    st.ext[c] = e;
+                }
+                for (uint32_t j = 0; j < n_seq; ++j) {
+                    const int32_t id = rd.get<int32_t>("cell seq_id");
+                    if (seq == -1) {
+                        if (id < 0 || id >= p_.n_seq_max) {
+                            throw state_error("invalid seq_id " + std::to_string(id) + " in the state (n_seq_max " +
+                                              std::to_string(p_.n_seq_max) + ")");
+                        }
+                        if (!cells_[s].holds_id(id)) {
+                            throw state_error("seq_id " + std::to_string(id) + " listed in stream " +
+                                              std::to_string(s) + ", which holds sequence " + std::to_string(s) +
+                                              " only");
+                        }
+                        st.seqs.push_back(id);
+                    }
+                }
+                st.seq_off[c + 1] = uint32_t(st.seqs.size());
+            }
         }
         const uint32_t v_trans = rd.get<uint32_t>("v_trans");
         const uint32_t n_lay   = rd.get<uint32_t>("n_layer");
@@ -1438,7 +1634,10 @@ bool kv_cache::state_place(parsed_state & ps) {
         ub.equal_seqs   = true;
         ub.data         = std::make_shared<ubatch_data>();
         auto & d        = *ub.data;
-        d.pos           = st.pos;
+        d.pos.resize(st.cell_count);
+        for (uint32_t c = 0; c < st.cell_count; ++c) {
+            d.pos[c] = st.pos_at(c);
+        }
         d.seq_id.assign(st.cell_count, dest);
         d.seq_id_off.resize(size_t(st.cell_count) + 1);
         std::iota(d.seq_id_off.begin(), d.seq_id_off.end(), 0);
@@ -1449,11 +1648,90 @@ bool kv_cache::state_place(parsed_state & ps) {
         apply_ubatch(st.slot, ub);
         if (with_ext_) {
             for (uint32_t c = 0; c < st.cell_count; ++c) {
-                wcells(S).ext_set(st.slot.idxs[c], st.ext[c]);
+                wcells(S).ext_set(st.slot.idxs[c], st.ext_at(c));
             }
         }
     }
     return true;
+}
+
+bool kv_cache::state_direct(const parsed_state & ps) const {
+    if (ps.seq == -1) {
+        return true;
+    }
+    // find_slot without a window takes the first free cells from the head, so whether they
+    // suffice is a count; with a window, reusable cells depend on the positions placed.
+    size_t filled = 0;
+    for (const auto & st : ps.streams) {
+        filled += st.cell_count != 0 ? 1 : 0;
+    }
+    return !txn_active_ && p_.swa == swa_type::NONE && filled <= 1;
+}
+
+bool kv_cache::state_fits(const parsed_state & ps) const {
+    if (ps.seq == -1) {
+        return true;
+    }
+    const kv_cells & T    = cells_[seq_to_stream(ps.seq)];
+    size_t           free = size_t(p_.kv_size) - T.used_count();
+    for (const uint64_t k : T.seq_index(ps.seq)) {
+        free += T.seq_count(kv_cells::key_cell(k)) == 1 ? 1 : 0;  // emptied by the removal
+    }
+    for (const auto & st : ps.streams) {
+        if (st.cell_count > free) {
+            return false;
+        }
+    }
+    return true;
+}
+
+void kv_cache::state_place_direct(parsed_state & ps) {
+    if (ps.seq == -1) {
+        return;
+    }
+    const int32_t  dest = ps.seq;
+    const uint32_t S    = seq_to_stream(dest);
+    kv_cells &     T    = cells_[S];
+    for (auto & st : ps.streams) {
+        if (st.cell_count == 0) {
+            continue;
+        }
+        // What state_place does through a ubatch, find_slot and apply_ubatch, on cells known to
+        // be free: the same cells, positions, ids and head.
+        lower_head(S, T.seq_rm_range(dest, 0, POS_OPEN));
+        const uint32_t n    = st.cell_count;
+        const uint32_t size = p_.kv_size;
+        uint32_t       h    = heads_[S];
+        if (uint64_t(h) > uint64_t(T.used_count()) + 2ull * n) {
+            h = 0;
+        }
+        st.slot.clear();
+        st.slot.n_per_group = n;
+        st.slot.strm.push_back(S);
+        st.slot.idxs.resize(n);
+        // free cells usually come in long runs: the next cell is tested inline before asking
+        // next_empty to skip used ones
+        const auto next = [&](uint32_t c) { return c < size && T.is_empty(c) ? c : T.next_empty(c); };
+        uint32_t   got  = 0;
+        for (uint32_t c = T.next_empty(h); c < size && got < n; c = next(c + 1)) {
+            st.slot.idxs[got++] = c;
+        }
+        for (uint32_t c = got < n ? T.next_empty(0) : h; c < h && got < n; c = next(c + 1)) {
+            st.slot.idxs[got++] = c;
+        }
+        if (got < n) {
+            throw std::logic_error("kv_cache: state_place_direct without room (state_fits not checked)");
+        }
+        for (uint32_t k = 0; k < n; ++k) {
+            const uint32_t c = st.slot.idxs[k];
+            T.pos_set(c, st.pos_at(k));
+            T.seq_add(c, dest);
+            if (with_ext_) {
+                T.ext_set(c, st.ext_at(k));
+            }
+        }
+        heads_[S] = st.slot.idxs[n - 1] + 1;
+    }
 }
 
 void kv_cache::state_commit(parsed_state & ps) {
@@ -1497,37 +1775,41 @@ void kv_cache::state_commit(parsed_state & ps) {
             pending_.clear();
         }
     }
+    std::vector<cell_run> & runs = scratch_runs();
     for (auto & st : ps.streams) {
         if (st.cell_count == 0) {
             continue;
         }
-        const uint32_t S  = st.slot.strm[0];
-        const uint32_t cc = st.cell_count;
+        const uint32_t S = st.slot.strm[0];
+        runs.clear();
+        for (uint32_t c = 0; c < st.cell_count; ++c) {
+            add_cell(runs, c, st.slot.idxs[c]);
+        }
         for (uint32_t l = 0; l < n_layer(); ++l) {
             const size_t rk = k_row_bytes(l);
-            const uint32_t * idxs = st.slot.idxs.data();
             if (k_[l]) {
-                for_each_cell_run(idxs, cc, [&](size_t c, uint32_t i, size_t len) {
-                    std::memcpy(k_row_mut(l, S, i), st.k_data[l] + c * rk, len * rk);
-                });
+                for (const cell_run & r : runs) {
+                    std::memcpy(k_row_mut(l, S, r.cell), st.k_data[l] + r.first * rk, r.len * rk);
+                }
             }
             if (!v_[l]) {
                 continue;
             }
             if (!p_.v_trans) {
                 const size_t rv = v_row_bytes(l);
-                for_each_cell_run(idxs, cc, [&](size_t c, uint32_t i, size_t len) {
-                    std::memcpy(v_[l] + (size_t(S) * p_.kv_size + i) * rv, st.v_data[l] + c * rv, len * rv);
-                });
+                for (const cell_run & r : runs) {
+                    std::memcpy(v_[l] + (size_t(S) * p_.kv_size + r.cell) * rv, st.v_data[l] + r.first * rv,
+                                r.len * rv);
+                }
             } else {
                 const uint32_t  ne  = p_.n_embd_v[l];
                 const uint8_t * src = st.v_data[l];
                 for (uint32_t j = 0; j < ne; ++j) {
                     uint8_t * col = v_[l] + (size_t(S) * p_.n_embd_v_max + j) * p_.kv_size * es_v;
-                    for_each_cell_run(idxs, cc, [&](size_t, uint32_t i, size_t len) {
-                        std::memcpy(col + size_t(i) * es_v, src, len * es_v);
-                        src += len * es_v;
-                    });
+                    for (const cell_run & r : runs) {
+                        std::memcpy(col + size_t(r.cell) * es_v, src, r.len * es_v);
+                        src += r.len * es_v;
+                    }
                 }
             }
         }
@@ -1535,23 +1817,62 @@ void kv_cache::state_commit(parsed_state & ps) {
 }
 
 void kv_cache::state_read(const uint8_t * data, size_t n, size_t & off, int32_t seq) {
-    off = kv_state_read_all({ this }, data, n, off, seq, false);
+    kv_cache * self = this;
+    off             = kv_state_read_all(&self, 1, data, n, off, seq, false);
 }
 
 size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
                          int32_t seq, bool exact, const std::function<size_t(size_t)> & then) {
-    std::vector<std::unique_ptr<kv_cache::parsed_state>> parsed;
-    for (kv_cache * c : caches) {
-        parsed.push_back(c->state_parse(data, n, off, seq));
+    return kv_state_read_all(caches.data(), caches.size(), data, n, off, seq, exact, then);
+}
+
+size_t kv_state_read_all(kv_cache * const * caches_p, size_t n_caches, const uint8_t * data, size_t n, size_t off,
+                         int32_t seq, bool exact, const std::function<size_t(size_t)> & then) {
+    // the parsed states go back to the pool however the read ends
+    struct parsed_list {
+        std::unique_ptr<kv_cache::parsed_state> one;   // the usual single cache, without a vector
+        std::vector<std::unique_ptr<kv_cache::parsed_state>> more;
+        ~parsed_list() {
+            if (one) {
+                give_back(std::move(one));
+            }
+            for (auto & p : more) {
+                give_back(std::move(p));
+            }
+        }
+        kv_cache::parsed_state & operator[](size_t k) { return k == 0 ? *one : *more[k - 1]; }
+    } parsed;
+    for (size_t k = 0; k < n_caches; ++k) {
+        auto ps = caches_p[k]->state_parse(data, n, off, seq);
+        if (k == 0) {
+            parsed.one = std::move(ps);
+        } else {
+            parsed.more.push_back(std::move(ps));
+        }
     }
     if (exact && !then && off != n) {
         throw state_error(std::to_string(n - off) + " unexpected bytes after the KV state");
     }
+    if (!then && n_caches == 1 && caches_p[0]->state_direct(parsed[0])) {
+        // Whether the cells fit is known before anything changes: no journal to keep or undo.
+        if (!caches_p[0]->state_fits(parsed[0])) {
+            throw state_error("failed to restore the sequence state: not enough free cells");
+        }
+        caches_p[0]->state_place_direct(parsed[0]);
+        caches_p[0]->state_commit(parsed[0]);
+        return off;
+    }
+    struct {
+        kv_cache * const * p;
+        size_t             n;
+        size_t             size() const { return n; }
+        kv_cache *         operator[](size_t k) const { return p[k]; }
+    } caches{ caches_p, n_caches };
     size_t opened = 0;
     try {
         for (; opened < caches.size(); ++opened) {
             caches[opened]->txn_begin();
-            if (!caches[opened]->state_place(*parsed[opened])) {
+            if (!caches[opened]->state_place(parsed[opened])) {
                 ++opened;
                 throw state_error("failed to restore the sequence state: not enough free cells");
             }
@@ -1567,7 +1888,7 @@ size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t *
     }
     for (size_t k = 0; k < caches.size(); ++k) {
         caches[k]->txn_commit();
-        caches[k]->state_commit(*parsed[k]);
+        caches[k]->state_commit(parsed[k]);
     }
     return off;
 }

@@ -437,27 +437,65 @@ class KVCache(Memory):
     def _state_parts(self):
         return [self._core], None
 
-    @locked
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """llama.cpp's KV state bytes of the whole cache (-1) or one sequence. A pending K-shift is
         saved as if applied (the K rows match the saved positions). ``STATE_HEADER`` prefixes
-        llmem's versioned header."""
+        llmem's versioned header. :meth:`state_write_into` writes the same bytes into a buffer
+        of the caller's."""
+        # the argument checks of the common call inline, and the lock taken here rather than by
+        # @locked: a one-sequence state of a few cells costs about a microsecond in all
+        if type(flags) is not int or flags:
+            _check_int(flags, "flags")
+        seq = seq_id if type(seq_id) is int and _I32_MIN <= seq_id <= _I32_MAX else self._seq(seq_id, allow_all=True)
+        lock = self._lock
+        lock.acquire()
+        try:
+            data = self._core.state_write(seq)
+            return self._with_state_header(data, seq, flags) if flags else data
+        finally:
+            lock.release()
+
+    @locked
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        """Bytes ``state_write(seq_id, flags)`` returns now (counted, not written)."""
         _check_int(flags, "flags")
         seq = self._seq(seq_id, allow_all=True)
-        return self._with_state_header(self._core.state_write(seq), seq, flags)
+        return self._header_size(seq, flags) + self._core.state_size(seq)
+
+    def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
+        """``state_write(seq_id, flags)``'s bytes written straight into the start of ``buffer`` (a
+        bytearray, numpy uint8 array, mmap, shared memory...; reused, nothing allocated); returns
+        their number. TypeError for a read-only or non-contiguous buffer; ValueError naming both
+        sizes, nothing written, when it holds fewer than :meth:`state_size` bytes."""
+        if type(flags) is not int or flags:
+            _check_int(flags, "flags")
+        seq = seq_id if type(seq_id) is int and _I32_MIN <= seq_id <= _I32_MAX else self._seq(seq_id, allow_all=True)
+        lock = self._lock
+        lock.acquire()
+        try:
+            if not flags:
+                return self._core.state_write_into(buffer, seq)
+            return self._write_into(buffer, seq, flags, self._core.state_size(seq),
+                                    lambda view: self._core.state_write_into(view, seq))
+        finally:
+            lock.release()
 
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
-        """Restore bytes of ``state_write`` (whole cache, or one sequence into ``seq_id``). On any
-        failure raises :class:`StateError` and leaves cells and K/V buffers unchanged."""
-        _check_int(flags, "flags")
-        seq = self._seq(seq_id, allow_all=True)
-        self._lock.acquire()
+        """Restore bytes of ``state_write`` (whole cache, or one sequence into ``seq_id``) from any
+        bytes-like object, read in place. On any failure raises :class:`StateError` and leaves
+        cells and K/V buffers unchanged."""
+        if type(flags) is not int or flags:
+            _check_int(flags, "flags")
+        seq = seq_id if type(seq_id) is int and _I32_MIN <= seq_id <= _I32_MAX else self._seq(seq_id, allow_all=True)
+        lock = self._lock
+        lock.acquire()
         try:
-            data, flags = self._without_state_header(data, seq, flags)
-            _core.kv_state_read([self._core], as_byte_view(data), seq)
+            if flags:
+                data, flags = self._without_state_header(data, seq, flags)
+            self._core.state_read(data, seq)
             self._version += 1
         finally:
-            self._lock.release()
+            lock.release()
 
     @locked
     def state_clear(self, seq_id: int) -> None:
@@ -883,6 +921,31 @@ class KVCacheISWA(Memory):
         if flags & STATE_PARTIAL_ONLY:
             return self._with_state_header(swa, seq_id, flags)
         return self._with_state_header(self.base.state_write(seq_id) + swa, seq_id, flags)
+
+    @locked
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        """Bytes ``state_write(seq_id, flags)`` returns now (counted, not written)."""
+        flags = _check_int(flags, "flags")
+        seq = self.base._seq(seq_id, allow_all=True)
+        return self._header_size(seq, flags) + sum(c.state_size(seq) for c in self._state_cores(flags))
+
+    @locked
+    def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
+        """``state_write(seq_id, flags)``'s bytes written straight into the start of ``buffer``;
+        returns their number (errors as :meth:`KVCache.state_write_into`)."""
+        flags = _check_int(flags, "flags")
+        seq = self.base._seq(seq_id, allow_all=True)
+        cores = self._state_cores(flags)
+
+        def sections(view):
+            at = 0
+            for core in cores:
+                at += core.state_write_into(view[at:], seq)
+            return at
+        return self._write_into(buffer, seq, flags, sum(c.state_size(seq) for c in cores), sections)
+
+    def _state_cores(self, flags: int) -> list:
+        return [self.swa._core] if flags & STATE_PARTIAL_ONLY else [self.base._core, self.swa._core]
 
     def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
         """All or nothing across both sections (llama.cpp keeps a restored base when the swa

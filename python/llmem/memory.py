@@ -127,9 +127,9 @@ BatchOrAllocator = Union[Batch, BatchAllocator]
 
 
 def as_byte_view(data) -> memoryview:
-    """``data`` (bytes, bytearray, memoryview, a numpy uint8 array...) as a flat byte view;
-    TypeError for objects without a buffer (str included), ValueError for a buffer of wider
-    items (a float array is not state bytes)."""
+    """``data`` (bytes, bytearray, memoryview, a numpy uint8 array...) as a flat byte view, not
+    copied; TypeError for objects without a buffer (str included) or a non-contiguous one,
+    ValueError for a buffer of wider items (a float array is not state bytes)."""
     if isinstance(data, str):
         raise TypeError("data must be a bytes-like object, not str")
     try:
@@ -138,9 +138,35 @@ def as_byte_view(data) -> memoryview:
         raise TypeError(f"data must be a bytes-like object, not {type(data).__name__}") from None
     if view.itemsize != 1:
         raise ValueError(f"data must be a bytes-like object (1-byte items), got items of {view.itemsize} bytes")
+    if not view.c_contiguous:
+        # a strided view's bytes are not the state's (a reader given its pointer and length
+        # would read the bytes in between)
+        raise TypeError(f"data must be a C-contiguous bytes-like object, got a non-contiguous {type(data).__name__}")
     if view.ndim != 1 or view.format != "B":
         view = view.cast("B")
     return view
+
+
+def as_writable_byte_view(buffer) -> memoryview:
+    """``buffer`` (bytearray, numpy uint8 array, mmap, shared memory...) as a flat writable byte
+    view; TypeError for an object without a buffer, a read-only or a non-contiguous one,
+    ValueError for a buffer of wider items."""
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise TypeError(f"buffer must be a writable bytes-like object, not {type(buffer).__name__}") from None
+    if view.readonly or not view.c_contiguous:
+        raise TypeError("buffer must be a writable, C-contiguous bytes-like object; got a "
+                        f"{'read-only' if view.readonly else 'non-contiguous'} {type(buffer).__name__}")
+    if view.itemsize != 1:
+        raise ValueError(f"buffer must be a bytes-like object (1-byte items), got items of {view.itemsize} bytes")
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view
+
+
+def _too_small(have: int, need: int) -> ValueError:
+    return ValueError(f"buffer holds {have} bytes, the state needs {need}")
 
 
 class Memory(abc.ABC):
@@ -266,6 +292,27 @@ class Memory(abc.ABC):
         """Restore from ``state_write`` bytes; raises StateError and changes nothing on failure.
         With ``STATE_HEADER`` the header is required and checked against this memory first."""
 
+    def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
+        """Bytes ``state_write(seq_id, flags)`` returns now: the room :meth:`state_write_into`
+        needs. The KV caches count them without writing; the recurrent and hybrid memories write
+        the state to measure it."""
+        return len(self.state_write(seq_id, flags))
+
+    def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
+        """Write ``state_write(seq_id, flags)``'s bytes at the start of ``buffer`` (any writable,
+        C-contiguous bytes-like object: a bytearray, a numpy uint8 array, an mmap, a shared
+        memory block) and return their number; bytes after them are left as they were.
+        TypeError for a read-only or non-contiguous buffer, ValueError naming both sizes (and
+        nothing written) when it holds fewer than :meth:`state_size` bytes. The KV caches write
+        straight into the buffer; the recurrent and hybrid memories copy their bytes in."""
+        view = as_writable_byte_view(buffer)
+        with self._lock:
+            data = self.state_write(seq_id, flags)
+        if len(data) > len(view):
+            raise _too_small(len(view), len(data))
+        view[:len(data)] = data
+        return len(data)
+
     # The header is added and checked here, around each memory's own llama.cpp-layout code, so
     # that the raw bytes stay exactly llama.cpp's. Neither helper calls back into the public
     # state methods (no re-entry into a memory's entry point).
@@ -282,6 +329,28 @@ class Memory(abc.ABC):
             return payload
         caches, recr = self._state_parts()
         return _core.state_header(self._STATE_KIND, caches, recr, seq_id, flags, payload) + payload
+
+    def _header_size(self, seq_id: int, flags: int) -> int:
+        """Bytes of the header a write with ``flags`` puts first (its length does not depend on
+        the payload)."""
+        if not _wants_header(flags):
+            return 0
+        caches, recr = self._state_parts()
+        return len(_core.state_header(self._STATE_KIND, caches, recr, seq_id, flags, b""))
+
+    def _write_into(self, buffer, seq_id: int, flags: int, payload_size: int, write_payload) -> int:
+        """state_write_into around ``write_payload(view) -> bytes written``: the room is checked
+        first (nothing written when short), then the payload goes after the header's room and
+        the header, computed over it, goes first."""
+        view = as_writable_byte_view(buffer)
+        head = self._header_size(seq_id, flags)
+        if head + payload_size > len(view):
+            raise _too_small(len(view), head + payload_size)
+        n = write_payload(view[head:] if head else view)
+        if head:
+            caches, recr = self._state_parts()
+            view[:head] = _core.state_header(self._STATE_KIND, caches, recr, seq_id, flags, view[head:head + n])
+        return head + n
 
     def _without_state_header(self, data, seq_id: int, flags):
         """(payload, flags without STATE_HEADER) of a read: the header, when asked for, is

@@ -139,6 +139,12 @@ FAILURES = [
     Failure("state_garbage", always, lambda m, _: m.state_read(b"\xff" * 64), StateError),
     Failure("sequence_state_truncated", always, lambda m, _: m.state_read(m.state_write(1)[:-2], 3), StateError),
     Failure("state_not_bytes", always, lambda m, _: m.state_read("state"), TypeError),
+    Failure("state_truncated_numpy_view", always,
+            lambda m, _: m.state_read(np.frombuffer(m.state_write(1), np.uint8)[:-2], 3), StateError),
+    Failure("state_non_contiguous", always,
+            lambda m, _: m.state_read(np.frombuffer(m.state_write(-1) * 2, np.uint8)[::2]), TypeError),
+    Failure("state_write_into_too_small", always, lambda m, _: m.state_write_into(bytearray(8)), ValueError),
+    Failure("state_write_into_read_only", always, lambda m, _: m.state_write_into(bytes(1 << 16)), TypeError),
     Failure("state_read_seq_id_out_of_range", always, lambda m, _: m.state_read(m.state_write(1), 10**6),
             ValueError),
     # a stale plan: another call changed the memory after init_batch

@@ -84,6 +84,10 @@ struct stream_copy {
     uint32_t dst;
 };
 
+namespace detail {
+struct cell_run;  // consecutive cells moved in one copy by the state writer and reader
+} // namespace detail
+
 /// The attention KV cache: llama.cpp's llama_kv_cache decisions (cells chosen, heads, returns,
 /// failures, masks, state bytes) with llmem's deviations (docs/deviations.md). The K/V bytes
 /// live in caller-owned buffers registered with set_layer_buffers (numpy arrays in Python).
@@ -185,6 +189,9 @@ public:
     /// Write the KV section into out[0..n); n must be state_write_size(seq) (std::invalid_argument
     /// otherwise). Lets a caller write straight into the buffer it returns.
     void state_write(uint8_t * out, size_t n, int32_t seq) const;
+    /// Write the KV section into out[0..cap) and return its size; std::invalid_argument (naming
+    /// both sizes, nothing written) when cap is below state_write_size(seq).
+    size_t state_write_into(uint8_t * out, size_t cap, int32_t seq) const;
     /// Read a KV section from data[off..n), advancing off. Throws state_error and leaves the
     /// cache (cells, heads, K/V bytes) unchanged when the bytes cannot be restored.
     void state_read(const uint8_t * data, size_t n, size_t & off, int32_t seq);
@@ -200,6 +207,15 @@ public:
     bool state_place(parsed_state & ps);
     /// Write the parsed state into the cache (after state_place for a sequence state).
     void state_commit(parsed_state & ps);
+    /// Whether a parsed state can be placed without a transaction: a whole-cache state, or one
+    /// sequence in one stream of a cache without a sliding window (its room is a count of free
+    /// cells, known before anything changes) while no transaction is open.
+    bool state_direct(const parsed_state & ps) const;
+    /// For a state_direct state: whether its cells fit (no change).
+    bool state_fits(const parsed_state & ps) const;
+    /// For a state_direct state that fits: place it as state_place would (same cells, head and
+    /// metadata), without a journal; then state_commit.
+    void state_place_direct(parsed_state & ps);
 
     /// Recycled vectors for batch contexts: a warm decode loop allocates no plan storage.
     void acquire_plan(std::vector<slot_info> & slots, std::vector<ubatch> & ubatches);
@@ -211,8 +227,10 @@ public:
     void txn_rollback();
 
 private:
-    // Both passes of state writing (counting the bytes, then writing them) run this one walk.
-    template <typename Sink> void write_state(Sink & sink, int32_t seq) const;
+    // Writes state_write_size(seq) bytes at out (the caller checked the room).
+    void write_state(uint8_t * out, int32_t seq) const;
+    size_t state_cells(uint32_t s, int32_t seq, std::vector<detail::cell_run> & runs) const;
+    size_t state_stream_bytes(size_t n_cells, size_t n_ids) const;
     void check_seq(int32_t seq, const char * what) const;
     void check_ubatch(const ubatch & ub) const;
     void lower_head(uint32_t stream, uint32_t lowest);
@@ -307,6 +325,9 @@ std::pair<kv_context, kv_context> kv_iswa_init_batch(kv_cache & base, kv_cache &
 /// committed; it receives the offset after the KV sections and returns the final offset. If it
 /// throws, every cache is rolled back (the hybrid memory reads its recurrent section there).
 size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t * data, size_t n, size_t off,
+                         int32_t seq, bool exact, const std::function<size_t(size_t)> & then = {});
+/// The same over caches[0..n_caches) (a single cache needs no vector).
+size_t kv_state_read_all(kv_cache * const * caches, size_t n_caches, const uint8_t * data, size_t n, size_t off,
                          int32_t seq, bool exact, const std::function<size_t(size_t)> & then = {});
 
 /// Half / bfloat16 conversions used for K-shift and tests.
