@@ -217,8 +217,7 @@ struct bf16_vec {
         const __m256i odd     = _mm256_and_si256(hi, _mm256_set1_epi32(1));
         const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), odd), 16);
         const __m256i quiet   = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
-        const __m256i is_nan  = _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff)),
-                                                   _mm256_set1_epi32(0x7f800000));
+        const __m256i is_nan  = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
         const __m256i w       = _mm256_blendv_epi8(rounded, quiet, is_nan);
         // Every lane is below 0x10000, so the saturating pack is a plain narrowing.
         const __m128i n16 = _mm_packus_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
@@ -237,6 +236,18 @@ LLMEM_SIMD_TARGET void rotate_rows_simd(uint8_t * rows, size_t n_rows, size_t ro
     // with the sine negated in the even lanes; a c + b (-s) rounds exactly as a c - b s.
     const __m256 neg_even = _mm256_castsi256_ps(_mm256_setr_epi32(int32_t(0x80000000), 0, int32_t(0x80000000), 0,
                                                                   int32_t(0x80000000), 0, int32_t(0x80000000), 0));
+    // The interleaved tables spelled out per lane once (cos, cos, -sin, sin for each pair), when
+    // they fit on the stack: the loop then loads them instead of shuffling them into place.
+    constexpr uint32_t max_wide    = 256;
+    const bool         wide_tables = !r.neox && r.n_rot <= max_wide;
+    float              c2[max_wide], s2[max_wide];
+    if (wide_tables) {
+        for (uint32_t k = 0; k < half; ++k) {
+            c2[2 * k] = c2[2 * k + 1] = cs[k];
+            s2[2 * k]                 = -sn[k];
+            s2[2 * k + 1]             = sn[k];
+        }
+    }
     for (size_t i = 0; i < n_rows; ++i) {
         for (uint32_t h = 0; h < n_head; ++h) {
             uint8_t * x = rows + i * row_stride + h * hb;
@@ -252,6 +263,17 @@ LLMEM_SIMD_TARGET void rotate_rows_simd(uint8_t * rows, size_t n_rows, size_t ro
                 }
                 for (; k < half; ++k) {
                     rotate_pair(e, x + k * es, x + (k + half) * es, cs[k], sn[k]);
+                }
+            } else if (wide_tables) {
+                for (; k + 4 <= half; k += 4) {
+                    uint8_t *    p  = x + 2 * k * es;
+                    const __m256 v  = V::load(p);
+                    const __m256 sw = _mm256_permute_ps(v, 0xb1);  // (b, a) of each pair
+                    V::store(p, _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(c2 + 2 * k)),
+                                              _mm256_mul_ps(sw, _mm256_loadu_ps(s2 + 2 * k))));
+                }
+                for (; k < half; ++k) {
+                    rotate_pair(e, x + 2 * k * es, x + (2 * k + 1) * es, cs[k], sn[k]);
                 }
             } else {
                 for (; k + 4 <= half; k += 4) {

@@ -211,8 +211,10 @@ TEST(TensorKernels, RopeRotationMatchesScalarReference) {
     struct shape {
         uint32_t head_dim, n_rot, n_head, extra;  // extra: elements after the last whole head
     };
+    // Tails after the vector steps, a partial last head, n_rot == head_dim, a single pair, and
+    // an n_rot too wide for the interleaved tables on the stack.
     const shape shapes[] = { { 128, 64, 8, 0 }, { 20, 14, 3, 5 }, { 6, 6, 5, 0 }, { 34, 2, 2, 1 }, { 64, 64, 1, 3 },
-                             { 48, 46, 2, 0 } };
+                             { 48, 46, 2, 0 }, { 300, 262, 2, 1 } };
     for (int32_t type : { int32_t(kv_type::F32), int32_t(kv_type::F16), int32_t(kv_type::BF16) }) {
         const size_t es = type == int32_t(kv_type::F32) ? 4 : 2;
         for (const shape & sh : shapes) {
