@@ -3,6 +3,7 @@
 #include "llmem/batch.h"
 #include "llmem/errors.h"
 #include "llmem/kv_cache.h"
+#include "llmem/tensor_kernels.h"
 
 #include <algorithm>
 #include <cstring>
@@ -565,50 +566,7 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
               uint8_t *       dst = static_cast<uint8_t *>(v.mutable_data());
               const uint8_t * src = static_cast<const uint8_t *>(vals.data());
               py::gil_scoped_release r;
-              std::vector<size_t> base(n);  // element offset of (feature 0, cell) of each token
-              for (size_t t = 0; t < n; ++t) {
-                  const size_t s = size_t(ix[t]) / size, c = size_t(ix[t]) % size;
-                  base[t]        = s * e_max * size + c;
-              }
-              auto run = [&](auto elem) {
-                  using T = decltype(elem);
-                  T *       d = reinterpret_cast<T *>(dst);
-                  const T * x = reinterpret_cast<const T *>(src);
-                  // 32x32 tiles through a local buffer: each source row piece and each
-                  // destination row piece is a whole cache line, and the power-of-two source
-                  // stride never has to keep a column in cache. Feature tiles are outermost so
-                  // each group of destination rows (one page each) is finished before the next.
-                  constexpr size_t tile = 32;
-                  T                buf[tile][tile];
-                  for (size_t j0 = 0; j0 < ne; j0 += tile) {
-                      const size_t nj = std::min(tile, ne - j0);
-                      for (size_t t0 = 0; t0 < n; t0 += tile) {
-                          const size_t nt = std::min(tile, n - t0);
-                          for (size_t t = 0; t < nt; ++t) {
-                              const T * xr = x + (t0 + t) * ne + j0;
-                              for (size_t j = 0; j < nj; ++j) {
-                                  buf[j][t] = xr[j];
-                              }
-                          }
-                          const bool run_of_cells = base[t0 + nt - 1] - base[t0] == nt - 1;
-                          for (size_t j = 0; j < nj; ++j) {
-                              const size_t row = (j0 + j) * size;
-                              if (run_of_cells) {
-                                  std::memcpy(d + base[t0] + row, buf[j], nt * sizeof(T));
-                                  continue;
-                              }
-                              for (size_t t = 0; t < nt; ++t) {
-                                  d[base[t0 + t] + row] = buf[j][t];
-                              }
-                          }
-                      }
-                  }
-              };
-              if (es == 2) {
-                  run(uint16_t{});
-              } else {
-                  run(uint32_t{});
-              }
+              scatter_v_trans(dst, es, e_max, size, src, n, ne, ix);
           },
           py::arg("v"), py::arg("values"), py::arg("k_idxs"), py::arg("kv_size"), py::arg("n_stream"),
           "Write token rows into transposed V: v[s, j, c] = values[t, j] for row k_idxs[t] = s*kv_size + c.");

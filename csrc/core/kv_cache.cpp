@@ -12,10 +12,6 @@
 #include <stdexcept>
 #include <string>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-
 namespace llmem {
 
 // -- free helpers -------------------------------------------------------------------------------
@@ -50,75 +46,6 @@ bool is_masked_swa(uint32_t n_swa, swa_type type, int32_t p0, int32_t p1) {
     return false;
 }
 
-float f16_to_f32(uint16_t h) {
-    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-    uint32_t       exp  = (h >> 10) & 0x1fu;
-    uint32_t       mant = h & 0x3ffu;
-    uint32_t       bits;
-    if (exp == 0) {
-        if (mant == 0) {
-            bits = sign;
-        } else {
-            int32_t e = 1;
-            while (!(mant & 0x400u)) {
-                mant <<= 1;
-                --e;
-            }
-            mant &= 0x3ffu;
-            bits = sign | (uint32_t(e + 127 - 15) << 23) | (mant << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000u | (mant << 13);
-    } else {
-        bits = sign | ((exp + 112) << 23) | (mant << 13);
-    }
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-uint16_t f32_to_f16(float f) {
-    // Round to nearest even with few branches: normal numbers by integer rounding of the
-    // rebased exponent, subnormals by letting the FPU align the mantissa (adding 0.5f).
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    const uint32_t sign = x & 0x80000000u;
-    x ^= sign;
-    uint32_t o;
-    if (x >= 0x47800000u) {
-        o = x > 0x7f800000u ? 0x7e00u : 0x7c00u;  // NaN stays NaN, overflow becomes inf
-    } else if (x < 0x38800000u) {
-        float v;
-        std::memcpy(&v, &x, 4);
-        v += 0.5f;
-        uint32_t r;
-        std::memcpy(&r, &v, 4);
-        o = r - 0x3f000000u;
-    } else {
-        const uint32_t mant_odd = (x >> 13) & 1u;
-        x += (uint32_t(15 - 127) << 23) + 0xfffu + mant_odd;
-        o = x >> 13;
-    }
-    return uint16_t((sign >> 16) | o);
-}
-
-float bf16_to_f32(uint16_t h) {
-    const uint32_t bits = uint32_t(h) << 16;
-    float          f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-uint16_t f32_to_bf16(float f) {
-    uint32_t x;
-    std::memcpy(&x, &f, 4);
-    if ((x & 0x7fffffffu) > 0x7f800000u) {
-        return uint16_t((x >> 16) | 0x40u);
-    }
-    x += 0x7fffu + ((x >> 16) & 1u);
-    return uint16_t(x >> 16);
-}
-
 uint32_t slot_info::s0() const {
     return strm.empty() ? 0 : *std::min_element(strm.begin(), strm.end());
 }
@@ -131,161 +58,6 @@ namespace {
 
 [[noreturn]] void bad_arg(const std::string & msg) {
     throw std::invalid_argument(msg);
-}
-
-// Cos/sin of each rotated pair for a rotation by `delta` positions (ggml's rope, incl. YaRN).
-void rope_tables(const rope_params & r, int32_t delta, std::vector<float> & cs, std::vector<float> & sn) {
-    const uint32_t half = r.n_rot / 2;
-    cs.resize(half);
-    sn.resize(half);
-    const double theta_scale = std::pow(double(r.freq_base), -2.0 / double(r.n_rot));
-    double       low = 0.0, high = 0.0;
-    if (r.ext_factor != 0.0f) {
-        auto dim = [&](double rot) {
-            return double(r.n_rot) * std::log(double(r.n_ctx_orig) / (rot * 2.0 * M_PI)) /
-                   (2.0 * std::log(double(r.freq_base)));
-        };
-        low  = std::max(0.0, std::floor(dim(r.beta_fast)));
-        high = std::min(double(r.n_rot) - 1.0, std::ceil(dim(r.beta_slow)));
-    }
-    for (uint32_t k = 0; k < half; ++k) {
-        const double extrap = double(delta) * std::pow(theta_scale, double(k));
-        const double interp = double(r.freq_scale) * extrap;
-        double       theta  = interp;
-        double       m      = r.attn_factor;
-        if (r.ext_factor != 0.0f) {
-            const double y    = (double(k) - low) / std::max(0.001, high - low);
-            const double ramp = 1.0 - std::min(1.0, std::max(0.0, y));
-            const double mix  = ramp * r.ext_factor;
-            theta             = interp * (1.0 - mix) + extrap * mix;
-            m *= 1.0 + 0.1 * std::log(1.0 / r.freq_scale);
-        }
-        cs[k] = float(std::cos(theta) * m);
-        sn[k] = float(std::sin(theta) * m);
-    }
-}
-
-const float * f16_table() {
-    static const std::vector<float> table = [] {
-        std::vector<float> t(65536);
-        for (uint32_t h = 0; h < 65536; ++h) {
-            t[h] = f16_to_f32(uint16_t(h));
-        }
-        return t;
-    }();
-    return table.data();
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-// Hardware half conversion (F16C), used when the CPU has it; same rounding (nearest even).
-__attribute__((target("avx,f16c"))) void f16_to_f32_f16c(const uint16_t * src, float * dst, size_t n) {
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
-    }
-    for (; i < n; ++i) {
-        dst[i] = f16_table()[src[i]];
-    }
-}
-
-__attribute__((target("avx,f16c"))) void f32_to_f16_f16c(const float * src, uint16_t * dst, size_t n) {
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i),
-                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    }
-    for (; i < n; ++i) {
-        dst[i] = f32_to_f16(src[i]);
-    }
-}
-
-const bool has_f16c = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
-#else
-const bool has_f16c = false;
-#endif
-
-// n elements of a row (any supported type) as floats, and back.
-void row_to_f32(const uint8_t * src, int32_t type, float * dst, size_t n) {
-    if (type == int32_t(kv_type::F32)) {
-        std::memcpy(dst, src, n * 4);
-        return;
-    }
-    uint16_t tmp[256];  // copied in bytewise first (no alignment assumption)
-    for (size_t i0 = 0; i0 < n; i0 += 256) {
-        const size_t m = std::min<size_t>(256, n - i0);
-        std::memcpy(tmp, src + i0 * 2, m * 2);
-        if (type == int32_t(kv_type::F16)) {
-#if defined(__x86_64__) && defined(__GNUC__)
-            if (has_f16c) {
-                f16_to_f32_f16c(tmp, dst + i0, m);
-                continue;
-            }
-#endif
-            const float * table = f16_table();
-            for (size_t i = 0; i < m; ++i) {
-                dst[i0 + i] = table[tmp[i]];
-            }
-        } else {
-            for (size_t i = 0; i < m; ++i) {
-                dst[i0 + i] = bf16_to_f32(tmp[i]);
-            }
-        }
-    }
-}
-
-void row_from_f32(const float * src, int32_t type, uint8_t * dst, size_t n) {
-    if (type == int32_t(kv_type::F32)) {
-        std::memcpy(dst, src, n * 4);
-        return;
-    }
-    uint16_t tmp[256];  // converted in chunks, copied out bytewise (no alignment assumption)
-    for (size_t i0 = 0; i0 < n; i0 += 256) {
-        const size_t m = std::min<size_t>(256, n - i0);
-        if (type == int32_t(kv_type::F16)) {
-#if defined(__x86_64__) && defined(__GNUC__)
-            if (has_f16c) {
-                f32_to_f16_f16c(src + i0, tmp, m);
-                std::memcpy(dst + i0 * 2, tmp, m * 2);
-                continue;
-            }
-#endif
-            for (size_t i = 0; i < m; ++i) {
-                tmp[i] = f32_to_f16(src[i0 + i]);
-            }
-        } else {
-            for (size_t i = 0; i < m; ++i) {
-                tmp[i] = f32_to_bf16(src[i0 + i]);
-            }
-        }
-        std::memcpy(dst + i0 * 2, tmp, m * 2);
-    }
-}
-
-// Rotate the RoPE part (the first n_rot elements) of every head of one K row in place:
-// convert the slice to float, rotate, convert back.
-void rotate_row(uint8_t * row, int32_t type, uint32_t n_embd, const rope_params & r, const std::vector<float> & cs,
-                const std::vector<float> & sn, std::vector<float> & buf) {
-    const size_t   es       = kv_type_size(type);
-    const uint32_t head_dim = r.head_dim;
-    const uint32_t half     = r.n_rot / 2;
-    const uint32_t n_head   = n_embd / head_dim;
-    const bool     neox     = r.neox;
-    buf.resize(r.n_rot);
-    float *       x = buf.data();
-    const float * c = cs.data();
-    const float * z = sn.data();
-    for (uint32_t h = 0; h < n_head; ++h) {
-        uint8_t * base = row + size_t(h) * head_dim * es;
-        row_to_f32(base, type, x, r.n_rot);
-        for (uint32_t k = 0; k < half; ++k) {
-            const uint32_t ia = neox ? k : 2 * k;
-            const uint32_t ib = neox ? k + half : 2 * k + 1;
-            const float    a = x[ia], b = x[ib];
-            x[ia]            = a * c[k] - b * z[k];
-            x[ib]            = a * z[k] + b * c[k];
-        }
-        row_from_f32(x, type, base, r.n_rot);
-    }
 }
 
 // Little-endian byte writer / bounds-checked reader.
@@ -1033,27 +805,34 @@ void kv_cache::copy_stream(uint32_t src, uint32_t dst) {
 }
 
 void kv_cache::apply_k_shift() {
-    const auto & r = p_.rope;
-    int32_t      last_delta = 0;
-    bool         have_table = false;
-    std::vector<float> cs, sn, buf;
+    // seq_add gives every cell of a sequence the same delta, so the shifted cells come in long
+    // runs of one delta: each run is rotated layer by layer over its contiguous K rows, with the
+    // tables built once per run.
+    const auto &       r           = p_.rope;
+    int32_t            table_delta = 0;
+    std::vector<float> cs, sn;
     for (uint32_t s = 0; s < n_stream_; ++s) {
         const kv_cells & T = cells_[s];
-        for (uint32_t i = T.next_used(0); i < p_.kv_size; i = T.next_used(i + 1)) {
-            const int32_t d = T.shift_get(i);
-            if (d == 0) {
-                continue;
+        uint32_t         i = T.next_used(0);
+        while (i < p_.kv_size) {
+            const int32_t d   = T.shift_get(i);
+            uint32_t      end = i + 1;
+            while (end < p_.kv_size && !T.is_empty(end) && T.shift_get(end) == d) {
+                ++end;
             }
-            if (!have_table || d != last_delta) {
-                rope_tables(r, d, cs, sn);
-                last_delta = d;
-                have_table = true;
-            }
-            for (uint32_t l = 0; l < n_layer(); ++l) {
-                if (uint8_t * row = k_row_mut(l, s, i)) {
-                    rotate_row(row, p_.type_k, p_.n_embd_k[l], r, cs, sn, buf);
+            if (d != 0) {
+                if (cs.empty() || d != table_delta) {
+                    rope_tables(r, d, cs, sn);
+                    table_delta = d;
+                }
+                for (uint32_t l = 0; l < n_layer(); ++l) {
+                    if (uint8_t * row = k_row_mut(l, s, i)) {
+                        rope_rotate_rows(row, end - i, k_row_bytes(l), p_.type_k, p_.n_embd_k[l], r,
+                                         cs.data(), sn.data());
+                    }
                 }
             }
+            i = end < p_.kv_size ? T.next_used(end) : p_.kv_size;
         }
     }
 }

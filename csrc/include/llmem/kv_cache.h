@@ -4,6 +4,7 @@
 #include "llmem/kv_cells.h"
 #include "llmem/seq_pos_source.h"
 #include "llmem/status.h"
+#include "llmem/tensor_kernels.h"
 #include "llmem/ubatch.h"
 
 #include <cstddef>
@@ -17,33 +18,11 @@ namespace llmem {
 
 class batch_allocr;
 
-/// ggml type ids of the element types llmem stores (the ids appear in the state bytes).
-enum class kv_type : int32_t {
-    F32  = 0,
-    F16  = 1,
-    BF16 = 30,
-};
-
 /// Bytes per element of a supported type; throws std::invalid_argument for any other id.
 size_t kv_type_size(int32_t type);
 
 /// True if cell position p0 is outside the window of a query at p1 (llama.cpp is_masked_swa).
 bool is_masked_swa(uint32_t n_swa, swa_type type, int32_t p0, int32_t p1);
-
-/// RoPE as the model applies it, for re-rotating stored K rows (the K-shift).
-struct rope_params {
-    bool     enabled     = false;
-    uint32_t n_rot       = 0;      // rotated elements per head (even)
-    uint32_t head_dim    = 0;      // elements per head in a K row (n_rot <= head_dim)
-    bool     neox        = false;  // pairs (k, k + n_rot/2) instead of (2k, 2k + 1)
-    float    freq_base   = 10000.0f;
-    float    freq_scale  = 1.0f;
-    float    ext_factor  = 0.0f;   // YaRN mix; 0 disables YaRN
-    float    attn_factor = 1.0f;
-    float    beta_fast   = 32.0f;
-    float    beta_slow   = 1.0f;
-    uint32_t n_ctx_orig  = 0;
-};
 
 /// Everything a KV cache is built from. Layer arrays are per cache layer, in cache order.
 struct kv_cache_params {
@@ -329,11 +308,5 @@ size_t kv_state_read_all(const std::vector<kv_cache *> & caches, const uint8_t *
 /// The same over caches[0..n_caches) (a single cache needs no vector).
 size_t kv_state_read_all(kv_cache * const * caches, size_t n_caches, const uint8_t * data, size_t n, size_t off,
                          int32_t seq, bool exact, const std::function<size_t(size_t)> & then = {});
-
-/// Half / bfloat16 conversions used for K-shift and tests.
-float    f16_to_f32(uint16_t h);
-uint16_t f32_to_f16(float f);
-float    bf16_to_f32(uint16_t h);
-uint16_t f32_to_bf16(float f);
 
 } // namespace llmem
