@@ -1501,12 +1501,15 @@ void kv_cache::state_place_direct(parsed_state & ps) {
         if (got < n) {
             throw std::logic_error("kv_cache: state_place_direct without room (state_fits not checked)");
         }
+        std::vector<int32_t> & positions = scratch_positions_;
+        positions.resize(n);
         for (uint32_t k = 0; k < n; ++k) {
-            const uint32_t c = st.slot.idxs[k];
-            T.pos_set(c, st.pos_at(k));
-            T.seq_add(c, dest);
-            if (with_ext_) {
-                T.ext_set(c, st.ext_at(k));
+            positions[k] = st.pos_at(k);
+        }
+        T.occupy_all(st.slot.idxs.data(), positions.data(), n, dest);
+        if (with_ext_) {
+            for (uint32_t k = 0; k < n; ++k) {
+                T.ext_set(st.slot.idxs[k], st.ext_at(k));
             }
         }
         heads_[S] = st.slot.idxs[n - 1] + 1;

@@ -270,10 +270,7 @@ void kv_cells::empty_cell(uint32_t i) {
     mark_unused(i);
 }
 
-void kv_cells::touch(uint32_t i) {
-    if (!journal_active_ || stamp_[i] == epoch_) {
-        return;
-    }
+void kv_cells::save_cell(uint32_t i) {
     stamp_[i] = epoch_;
     uint32_t        n    = 0;
     const int32_t * ids  = seq_list(i, n);
@@ -385,6 +382,38 @@ void kv_cells::occupy(uint32_t i, int32_t p, int32_t s) {
     index_insert(s, p, i);
 }
 
+void kv_cells::occupy_all(const uint32_t * cells, const int32_t * pos, uint32_t n, int32_t s) {
+    assert(in_range(s));
+    scratch_keys_.resize(n);
+    uint64_t * keys   = scratch_keys_.data();
+    bool       sorted = true;
+    for (uint32_t k = 0; k < n; ++k) {
+        const uint32_t i = cells[k];
+        const int32_t  p = pos[k];
+        assert(is_empty(i) && n_seq_[i] == 0 && p >= 0);
+        touch(i);
+        pos_[i] = p;
+        mark_used(i);
+        ids_[size_t(i) * 2] = s;
+        n_seq_[i]           = 1;
+        keys[k]             = key(p, i);
+        sorted              = sorted && (k == 0 || keys[k - 1] < keys[k]);
+    }
+    if (n == 0) {
+        return;
+    }
+    if (!sorted) {
+        std::sort(scratch_keys_.begin(), scratch_keys_.end());
+    }
+    auto &       v   = ix(s);
+    const size_t mid = v.size();
+    v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
+    if (mid > 0 && v[mid - 1] > v[mid]) {
+        std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
+    }
+    sync_last(s);
+}
+
 void kv_cells::ext_set(uint32_t i, const cell_ext & e) {
     if (with_ext_) {
         touch(i);
@@ -447,11 +476,22 @@ uint32_t kv_cells::seq_rm_range(int32_t s, int32_t p0, int32_t p1) {
     for (auto it = lo; it != hi; ++it) {
         const uint32_t i = key_cell(*it);
         touch(i);
-        seqs_erase(i, s);
-        if (n_seq_[i] == 0) {
-            empty_cell(i);
+        if (n_seq_[i] == 1) {
+            // the common case (removing a request's tokens, restoring a sequence): s alone
+            // holds the cell, which empties; written out, this loop is the whole cost
+            n_seq_[i]           = 0;
+            ids_[size_t(i) * 2] = -1;
+            pos_[i]             = -1;
+            shift_[i]           = 0;
+            if (with_ext_) {
+                ext_[i] = cell_ext{};
+            }
+            used_bits_[i / 64] &= ~(uint64_t(1) << (i % 64));
+            --used_count_;
             lowest = std::min(lowest, i);
+            continue;
         }
+        seqs_erase(i, s);
     }
     v.erase(lo, hi);
     sync_last(s);

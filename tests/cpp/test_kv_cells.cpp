@@ -258,4 +258,45 @@ TEST(KvCells, SeqCopyAppendsOrMergesAndSkipsCellsAlreadyShared) {
     EXPECT_TRUE(T.check_invariants());
 }
 
+TEST(KvCells, OccupyAllMergesOutOfOrderCellsAndRollsBack) {
+    kv_cells T(16, 3, false);
+    T.pos_set(5, 4);  // seq 1 already holds position 4 in cell 5
+    T.seq_add(5, 1);
+    const std::string before = dump(T);
+    T.journal_begin();
+    const uint32_t cells[] = { 9, 2, 3, 12 };
+    const int32_t  pos[]   = { 6, 1, 2, 5 };  // keys not in order: merged, not appended
+    T.occupy_all(cells, pos, 4, 1);
+    EXPECT_EQ(T.seq_n_cells(1), 5u);
+    EXPECT_EQ(T.seq_pos_min(1), 1);
+    EXPECT_EQ(T.seq_pos_max(1), 6);
+    EXPECT_EQ(T.used_count(), 5u);
+    EXPECT_TRUE(T.check_invariants());
+    T.journal_rollback();
+    EXPECT_EQ(dump(T), before);
+    EXPECT_TRUE(T.check_invariants());
+    T.occupy_all(cells, pos, 0, 1);  // nothing to place
+    EXPECT_EQ(dump(T), before);
+}
+
+TEST(KvCells, SeqRmRangeEmptiesSoleCellsAndKeepsSharedOnes) {
+    kv_cells T(8, 3, false);
+    for (uint32_t i = 0; i < 6; ++i) {
+        T.pos_set(i, int32_t(i));
+        T.seq_add(i, 0);
+    }
+    T.seq_add(2, 1);
+    T.seq_add(4, 1);
+    T.seq_add(4, 2);
+    T.journal_begin();
+    EXPECT_EQ(T.seq_rm_range(0, 1, 5), 1u);  // cells 1 and 3 empty; 2 and 4 stay with 1 (and 2)
+    EXPECT_EQ(dump(T), "0:p0{0} . 2:p2{1} . 4:p4{1,2} 5:p5{0} . .");
+    EXPECT_EQ(T.used_count(), 4u);
+    EXPECT_TRUE(T.check_invariants());
+    T.journal_rollback();
+    EXPECT_EQ(T.used_count(), 6u);
+    EXPECT_EQ(T.seq_n_cells(0), 6u);
+    EXPECT_TRUE(T.check_invariants());
+}
+
 } // namespace

@@ -244,6 +244,7 @@ private:
     std::vector<int32_t>  max_rm_;
     std::vector<int32_t>  max_rm_seqs_;
     mutable std::vector<float>    scratch_f_;
+    std::vector<int32_t>          scratch_positions_;  // state reads: positions of the cells placed
 };
 
 /// The plan for one batch: its ubatches and their slots; apply() commits them one at a time.

@@ -93,6 +93,9 @@ public:
     void pos_set(uint32_t i, int32_t p);
     /// pos_set(i, p) then seq_add(i, s) in one step: placing a token of one sequence.
     void occupy(uint32_t i, int32_t p, int32_t s);
+    /// occupy(cells[k], pos[k], s) for every k < n, merging the n keys into s's index at once
+    /// (restoring a sequence's state places all its cells).
+    void occupy_all(const uint32_t * cells, const int32_t * pos, uint32_t n, int32_t s);
     void ext_set(uint32_t i, const cell_ext & e);
     /// Move a used cell by d and record the shift; returns true if it fell below 0 and was emptied.
     bool pos_add(uint32_t i, int32_t d);
@@ -129,7 +132,13 @@ public:
     bool check_invariants() const;
 
 private:
-    void touch(uint32_t i);
+    // Called before every change of a cell: inline, as the journal is off outside planning.
+    void touch(uint32_t i) {
+        if (journal_active_ && stamp_[i] != epoch_) {
+            save_cell(i);
+        }
+    }
+    void save_cell(uint32_t i);
     void mark_used(uint32_t i);
     void mark_unused(uint32_t i);
     void index_insert(int32_t s, int32_t p, uint32_t i);
