@@ -160,10 +160,6 @@ const kv_context & ready(const kv_context & ctx) {
     return ctx;
 }
 
-py::tuple pair_to_tuple(std::pair<kv_context, kv_context> && p) {
-    return py::make_tuple(py::cast(std::move(p.first)), py::cast(std::move(p.second)));
-}
-
 } // namespace
 
 void register_kv_cache(py::module_ & m) {

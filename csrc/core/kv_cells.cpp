@@ -154,6 +154,16 @@ void kv_cells::sync_last(int32_t s) {
     last_key_[size_t(s - seq_base_)] = v.empty() ? 0 : v.back();
 }
 
+void kv_cells::merge_scratch_keys(int32_t s) {
+    auto &       v   = ix(s);
+    const size_t mid = v.size();
+    v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
+    if (mid > 0 && mid < v.size() && v[mid - 1] > v[mid]) {  // else the keys simply follow
+        std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
+    }
+    sync_last(s);
+}
+
 void kv_cells::index_insert(int32_t s, int32_t p, uint32_t i) {
     auto &         v    = ix(s);
     uint64_t &     last = last_key_[size_t(s - seq_base_)];
@@ -405,13 +415,7 @@ void kv_cells::occupy_all(const uint32_t * cells, const int32_t * pos, uint32_t 
     if (!sorted) {
         std::sort(scratch_keys_.begin(), scratch_keys_.end());
     }
-    auto &       v   = ix(s);
-    const size_t mid = v.size();
-    v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
-    if (mid > 0 && v[mid - 1] > v[mid]) {
-        std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
-    }
-    sync_last(s);
+    merge_scratch_keys(s);
 }
 
 void kv_cells::ext_set(uint32_t i, const cell_ext & e) {
@@ -566,13 +570,7 @@ void kv_cells::seq_copy(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
     if (scratch_keys_.empty()) {
         return;
     }
-    auto &       d   = ix(dst);
-    const size_t mid = d.size();
-    d.insert(d.end(), scratch_keys_.begin(), scratch_keys_.end());
-    if (mid > 0 && d[mid - 1] > d[mid]) {
-        std::inplace_merge(d.begin(), d.begin() + std::ptrdiff_t(mid), d.end());
-    }
-    sync_last(dst);
+    merge_scratch_keys(dst);
 }
 
 uint32_t kv_cells::seq_pos_add(int32_t s, int32_t p0, int32_t p1, int32_t d) {
@@ -622,10 +620,7 @@ uint32_t kv_cells::seq_pos_add(int32_t s, int32_t p0, int32_t p1, int32_t d) {
         scratch_keys_.push_back(key(pos_[i], i));
     }
     // The moved block keeps its order (same delta for all); merge it back.
-    const size_t mid = v.size();
-    v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
-    std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
-    sync_last(s);
+    merge_scratch_keys(s);
     return lowest;
 }
 
@@ -667,10 +662,7 @@ void kv_cells::seq_pos_div(int32_t s, int32_t p0, int32_t p1, int32_t d) {
         scratch_keys_.push_back(key(pos_[i], i));
     }
     std::sort(scratch_keys_.begin(), scratch_keys_.end());
-    const size_t mid = v.size();
-    v.insert(v.end(), scratch_keys_.begin(), scratch_keys_.end());
-    std::inplace_merge(v.begin(), v.begin() + std::ptrdiff_t(mid), v.end());
-    sync_last(s);
+    merge_scratch_keys(s);
 }
 
 // -- journal ------------------------------------------------------------------------------------

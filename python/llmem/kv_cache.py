@@ -354,27 +354,23 @@ class KVCache(Memory):
         self._core.seq_div(self._seq(seq_id), _i32(p0, "p0"), _i32(p1, "p1"), _i32(d, "d"))
         self._version += 1
 
-    # The two position queries are the most frequent calls of a server's loop (one per
-    # sequence per step): written out rather than through @locked, which costs them a third.
-    def seq_pos_min(self, seq_id: int) -> int:
+    # The position queries are the most frequent calls of a server's loop (one per sequence per
+    # step): the lock is taken inline rather than through @locked, which costs them a third.
+    def _position(self, query, seq_id) -> int:
         if type(seq_id) is not int or not _I32_MIN <= seq_id <= _I32_MAX:
             seq_id = self._seq(seq_id)
         lock = self._lock
         lock.acquire()
         try:
-            return self._core.seq_pos_min(seq_id)
+            return query(seq_id)
         finally:
             lock.release()
 
+    def seq_pos_min(self, seq_id: int) -> int:
+        return self._position(self._core.seq_pos_min, seq_id)
+
     def seq_pos_max(self, seq_id: int) -> int:
-        if type(seq_id) is not int or not _I32_MIN <= seq_id <= _I32_MAX:
-            seq_id = self._seq(seq_id)
-        lock = self._lock
-        lock.acquire()
-        try:
-            return self._core.seq_pos_max(seq_id)
-        finally:
-            lock.release()
+        return self._position(self._core.seq_pos_max, seq_id)
 
     def get_can_shift(self) -> bool:
         return self._core.get_can_shift()

@@ -152,6 +152,8 @@ private:
     bool in_range(int32_t s) const { return s >= seq_base_ && s < seq_base_ + n_local_; }
     std::vector<uint64_t> &       ix(int32_t s) { return index_[size_t(s - seq_base_)]; }
     const std::vector<uint64_t> & ix(int32_t s) const { return index_[size_t(s - seq_base_)]; }
+    /// Merge scratch_keys_ (sorted, none already there) into the index of s.
+    void merge_scratch_keys(int32_t s);
     /// Re-read the newest key of s after its index changed other than through index_insert/erase.
     void sync_last(int32_t s);
 
