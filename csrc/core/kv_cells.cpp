@@ -557,17 +557,33 @@ void kv_cells::seq_copy(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
     const auto & v  = ix(src);
     auto         lo = std::lower_bound(v.begin(), v.end(), key(p0, 0));
     auto         hi = std::lower_bound(lo, v.end(), key(p1, 0));
-    scratch_keys_.clear();
+    scratch_keys_.resize(size_t(hi - lo));
+    uint64_t * keys = scratch_keys_.data();
+    size_t     m    = 0;
     for (auto it = lo; it != hi; ++it) {
-        const uint32_t i = key_cell(*it);
-        if (seq_has(i, dst)) {
-            continue;
+        const uint32_t i    = key_cell(*it);
+        int32_t *      pair = &ids_[size_t(i) * 2];
+        if (n_seq_[i] == 1) {
+            // the common case, a cell of src alone: it becomes {src, dst} inline
+            const int32_t a = pair[0];
+            if (a == dst) {
+                continue;
+            }
+            touch(i);
+            pair[0]   = std::min(a, dst);
+            pair[1]   = std::max(a, dst);
+            n_seq_[i] = 2;
+        } else {
+            if (seq_has(i, dst)) {
+                continue;
+            }
+            touch(i);
+            seqs_insert(i, dst);
         }
-        touch(i);
-        seqs_insert(i, dst);
-        scratch_keys_.push_back(*it);  // same cell, same position: the same key in dst's index
+        keys[m++] = *it;  // same cell, same position: the same key in dst's index
     }
-    if (scratch_keys_.empty()) {
+    scratch_keys_.resize(m);
+    if (m == 0) {
         return;
     }
     merge_scratch_keys(dst);
