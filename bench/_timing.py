@@ -107,3 +107,18 @@ class Progress:
         if self.enabled:
             self.stream.write("\r" + " " * 120 + "\r")
             self.stream.flush()
+
+
+def host_probe_ms() -> float:
+    """Milliseconds of a fixed piece of interpreter work (the best of five). The development
+    host is shared: for tens of seconds at a time every instruction takes up to twice as long,
+    and a probe taken before each task tells which of its rows ran in such a phase."""
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        acc = 0
+        for i in range(20000):
+            acc += i & 7
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
