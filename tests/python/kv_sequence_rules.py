@@ -4,8 +4,11 @@ reference and compares what they answer."""
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import strategies as st
 from hypothesis.stateful import rule
+
+from llmem import Batch
 
 POS = st.integers(min_value=-1, max_value=24)
 
@@ -37,3 +40,40 @@ def sequence_operation_rules(max_seq: int) -> type:
             self._both("seq_div", seq, p0, p1, d)
 
     return SequenceOperationRules
+
+
+def draw_decode_batch(data, ref, same_place):
+    """One decode batch for a KV state machine: in a unified cache 1-3 runs of tokens, each for
+    one sequence or for two that ``same_place(t, s)`` says sit at the same positions; with a
+    stream per sequence, one run. Returns the tokens as [(ids, pos)], n_ubatch and the Batch
+    (a token's ids in attach order: the last one is the primary id)."""
+    n_seq = ref.n_seq_max
+    runs = []
+    if ref.unified:
+        n_runs = data.draw(st.integers(1, 3))
+        taken = set()
+        for _ in range(n_runs):
+            free = [s for s in range(n_seq) if s not in taken]
+            if not free:
+                break
+            s = data.draw(st.sampled_from(free))
+            group = [s]
+            # couple a second sequence only when the memory says they are at the same place
+            mates = [t for t in free if t != s and same_place(t, s)]
+            if mates and data.draw(st.booleans()):
+                group.append(data.draw(st.sampled_from(mates)))
+            taken.update(group)
+            runs.append((tuple(group), data.draw(st.integers(1, 6))))
+    else:
+        runs.append(((data.draw(st.integers(0, n_seq - 1)),), data.draw(st.integers(1, 9))))
+    toks = []
+    for group, count in runs:
+        start = ref.seq_pos_max(group[0]) + 1
+        if start == 0:
+            start = data.draw(st.integers(0, 3))
+        toks += [(group, start + k) for k in range(count)]
+    n_ubatch = data.draw(st.integers(1, 8))
+    batch = Batch(token=np.arange(len(toks), dtype=np.int32),
+                  pos=np.array([p for _, p in toks], dtype=np.int32),
+                  seq_id=[list(reversed(g)) for g, _ in toks])
+    return toks, n_ubatch, batch

@@ -17,7 +17,7 @@ import llmem
 from llmem import Batch, KVCacheISWA, Rope, StateError, SWAType
 
 from hypothesis_profiles import model_settings
-from kv_sequence_rules import sequence_operation_rules
+from kv_sequence_rules import draw_decode_batch, sequence_operation_rules
 from reference.ref_batch import RefBatchAllocator
 from reference.ref_kv import RefKV
 
@@ -97,37 +97,9 @@ class KVISWAModel(sequence_operation_rules(3), RuleBasedStateMachine):
     @rule(data=st.data())
     def decode(self, data):
         ref = self.ref
-        n_seq = ref.n_seq_max
-        runs = []
-        if ref.unified:
-            taken = set()
-            for _ in range(data.draw(st.integers(1, 3))):
-                free = [s for s in range(n_seq) if s not in taken]
-                if not free:
-                    break
-                s = data.draw(st.sampled_from(free))
-                group = [s]
-                mates = [t for t in free if t != s and ref.seq_pos_min(t) == ref.seq_pos_min(s)
-                         and ref.seq_pos_max(t) == ref.seq_pos_max(s)
-                         and ref.base.seq_pos_min(t) == ref.base.seq_pos_min(s)
-                         and ref.base.seq_pos_max(t) == ref.base.seq_pos_max(s)]
-                if mates and data.draw(st.booleans()):
-                    group.append(data.draw(st.sampled_from(mates)))
-                taken.update(group)
-                runs.append((tuple(group), data.draw(st.integers(1, 6))))
-        else:
-            runs.append(((data.draw(st.integers(0, n_seq - 1)),), data.draw(st.integers(1, 9))))
-        toks = []
-        for group, count in runs:
-            start = ref.seq_pos_max(group[0]) + 1
-            if start == 0:
-                start = data.draw(st.integers(0, 3))
-            toks += [(group, start + k) for k in range(count)]
-        n_ubatch = data.draw(st.integers(1, 8))
-
-        batch = Batch(token=np.arange(len(toks), dtype=np.int32),
-                      pos=np.array([p for _, p in toks], dtype=np.int32),
-                      seq_id=[list(reversed(g)) for g, _ in toks])
+        toks, n_ubatch, batch = draw_decode_batch(
+            data, ref, lambda t, s: all(m.seq_pos_min(t) == m.seq_pos_min(s) and m.seq_pos_max(t) == m.seq_pos_max(s)
+                                        for m in (ref, ref.base)))
         ctx = self.kv.init_batch(batch, n_ubatch)
         # spec §9: simple split in both caches (unified only), else the equal split
         plan = None
@@ -137,7 +109,7 @@ class KVISWAModel(sequence_operation_rules(3), RuleBasedStateMachine):
             if slots is not None:
                 plan = (ubatches, slots)
         if plan is None:
-            ubatches = equal_split(toks, n_seq, n_ubatch, not ref.unified, ref)
+            ubatches = equal_split(toks, ref.n_seq_max, n_ubatch, not ref.unified, ref)
             slots = ref.prepare_both(ubatches) if ubatches is not None else None
             if slots is not None:
                 plan = (ubatches, slots)

@@ -13,7 +13,7 @@ import llmem
 from llmem import Batch, KVCache, Rope, StateError
 
 from hypothesis_profiles import model_settings
-from kv_sequence_rules import sequence_operation_rules
+from kv_sequence_rules import draw_decode_batch, sequence_operation_rules
 from reference.ref_kv import RefKV, is_masked_swa
 
 
@@ -33,38 +33,8 @@ class KVModel(sequence_operation_rules(4), RuleBasedStateMachine):
     @rule(data=st.data())
     def decode(self, data):
         ref = self.ref
-        n_seq = ref.n_seq_max
-        runs = []
-        if ref.unified:
-            n_runs = data.draw(st.integers(1, 3))
-            taken = set()
-            for _ in range(n_runs):
-                free = [s for s in range(n_seq) if s not in taken]
-                if not free:
-                    break
-                s = data.draw(st.sampled_from(free))
-                group = [s]
-                # couple a second sequence only when the memory says they are at the same place
-                mates = [t for t in free if t != s and ref.seq_pos_min(t) == ref.seq_pos_min(s)
-                         and ref.seq_pos_max(t) == ref.seq_pos_max(s)]
-                if mates and data.draw(st.booleans()):
-                    group.append(data.draw(st.sampled_from(mates)))
-                taken.update(group)
-                runs.append((tuple(group), data.draw(st.integers(1, 6))))
-        else:
-            runs.append(((data.draw(st.integers(0, n_seq - 1)),), data.draw(st.integers(1, 9))))
-        toks = []
-        for group, count in runs:
-            start = ref.seq_pos_max(group[0]) + 1
-            if start == 0:
-                start = data.draw(st.integers(0, 3))
-            toks += [(group, start + k) for k in range(count)]
-        n_ubatch = data.draw(st.integers(1, 8))
-
-        # llmem: a token's ids are given in attach order; the last one is the primary id
-        batch = Batch(token=np.arange(len(toks), dtype=np.int32),
-                      pos=np.array([p for _, p in toks], dtype=np.int32),
-                      seq_id=[list(reversed(g)) for g, _ in toks])
+        toks, n_ubatch, batch = draw_decode_batch(
+            data, ref, lambda t, s: ref.seq_pos_min(t) == ref.seq_pos_min(s) and ref.seq_pos_max(t) == ref.seq_pos_max(s))
         ctx = self.kv.init_batch(batch, n_ubatch)
         ubatches = [toks[i:i + n_ubatch] for i in range(0, len(toks), n_ubatch)]
         slots = ref.prepare(ubatches)
