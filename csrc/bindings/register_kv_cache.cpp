@@ -71,74 +71,44 @@ uint8_t * buffer_ptr(py::handle obj, size_t nbytes, const char * name) {
     return static_cast<uint8_t *>(a.mutable_data());
 }
 
-// Read-only bytes of any contiguous buffer (bytes, bytearray, memoryview, numpy uint8).
-struct byte_view {
-    Py_buffer view{};
-    explicit byte_view(py::handle obj) {
-        if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_SIMPLE) != 0) {
-            PyErr_Clear();
-            throw py::type_error("state data must be a contiguous bytes-like object");
-        }
-    }
-    ~byte_view() { PyBuffer_Release(&view); }
-    const uint8_t * data() const { return static_cast<const uint8_t *>(view.buf); }
-    size_t          size() const { return size_t(view.len); }
-};
-
 std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__name__")); }
 
-// The state bytes to read: any C-contiguous buffer of 1-byte items, not copied (the checks and
-// messages of llmem.memory.as_byte_view).
-struct data_view {
+// State bytes in a caller's buffer, not copied: C-contiguous 1-byte items, writable when the
+// state is written into it (the checks and messages of llmem.memory.as_byte_view and
+// as_writable_byte_view).
+struct byte_view {
     Py_buffer view{};
-    explicit data_view(py::handle obj) {
-        if (PyUnicode_Check(obj.ptr())) {
+    byte_view(py::handle obj, bool writable) {
+        const char * name = writable ? "buffer" : "data";
+        if (!writable && PyUnicode_Check(obj.ptr())) {
             throw py::type_error("data must be a bytes-like object, not str");
         }
-        if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
-            PyErr_Clear();
-            throw py::type_error("data must be a C-contiguous bytes-like object, not " + type_name(obj));
-        }
-        if (view.itemsize != 1) {
-            const auto k = view.itemsize;
-            PyBuffer_Release(&view);
-            throw py::value_error("data must be a bytes-like object (1-byte items), got items of " +
-                                  std::to_string(k) + " bytes");
-        }
-    }
-    ~data_view() { PyBuffer_Release(&view); }
-    data_view(const data_view &)             = delete;
-    data_view & operator=(const data_view &) = delete;
-    const uint8_t * data() const { return static_cast<const uint8_t *>(view.buf); }
-    size_t          size() const { return size_t(view.len); }
-};
-
-// A caller's buffer to write state bytes into: writable, C-contiguous, 1-byte items.
-struct out_view {
-    Py_buffer view{};
-    explicit out_view(py::handle obj) {
-        if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) != 0) {
+        const int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+        if (PyObject_GetBuffer(obj.ptr(), &view, flags) != 0) {
             PyErr_Clear();
             Py_buffer probe{};
-            if (PyObject_GetBuffer(obj.ptr(), &probe, PyBUF_STRIDES | PyBUF_FORMAT) == 0) {
+            if (writable && PyObject_GetBuffer(obj.ptr(), &probe, PyBUF_STRIDES | PyBUF_FORMAT) == 0) {
                 const bool ro = probe.readonly != 0;
                 PyBuffer_Release(&probe);
                 throw py::type_error(std::string("buffer must be a writable, C-contiguous bytes-like object; ") +
                                      "got a " + (ro ? "read-only " : "non-contiguous ") + type_name(obj));
             }
             PyErr_Clear();
-            throw py::type_error("buffer must be a writable bytes-like object, not " + type_name(obj));
+            throw py::type_error(std::string(name) +
+                                 (writable ? " must be a writable bytes-like object, not "
+                                           : " must be a C-contiguous bytes-like object, not ") +
+                                 type_name(obj));
         }
         if (view.itemsize != 1) {
             const auto k = view.itemsize;
             PyBuffer_Release(&view);
-            throw py::value_error("buffer must be a bytes-like object (1-byte items), got items of " +
+            throw py::value_error(std::string(name) + " must be a bytes-like object (1-byte items), got items of " +
                                   std::to_string(k) + " bytes");
         }
     }
-    ~out_view() { PyBuffer_Release(&view); }
-    out_view(const out_view &)             = delete;
-    out_view & operator=(const out_view &) = delete;
+    ~byte_view() { PyBuffer_Release(&view); }
+    byte_view(const byte_view &)             = delete;
+    byte_view & operator=(const byte_view &) = delete;
     uint8_t * data() const { return static_cast<uint8_t *>(view.buf); }
     size_t    size() const { return size_t(view.len); }
 };
@@ -381,20 +351,9 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
         .def("state_write_into",
              [](const kv_cache & c, py::handle buffer, int64_t seq) {
                  const int32_t s = to_i32(seq, "seq_id");
-                 out_view      out(buffer);
-                 size_t        n = 0;
-                 {
-                     py::gil_scoped_release r;
-                     n = c.state_write_size(s);
-                     if (n <= out.size()) {
-                         c.state_write(out.data(), n, s);
-                     }
-                 }
-                 if (n > out.size()) {
-                     throw py::value_error("buffer holds " + std::to_string(out.size()) + " bytes, the state needs " +
-                                           std::to_string(n));
-                 }
-                 return n;
+                 byte_view     out(buffer, true);
+                 py::gil_scoped_release r;
+                 return c.state_write_into(out.data(), out.size(), s);  // ValueError when too small
              },
              py::arg("buffer"), py::arg("seq_id") = -1,
              "Write state_write(seq_id)'s bytes at the start of a writable buffer; returns their number "
@@ -402,7 +361,7 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
         .def("state_read",
              [](kv_cache & c, py::handle data, int64_t seq) {
                  const int32_t s = to_i32(seq, "seq_id");
-                 data_view     d(data);
+                 byte_view     d(data, false);
                  py::gil_scoped_release r;
                  kv_cache * one = &c;
                  kv_state_read_all(&one, 1, d.data(), d.size(), 0, s, true);
@@ -506,7 +465,7 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
     m.def("kv_state_read",
           [](std::vector<kv_cache *> caches, py::handle data, int64_t seq) {
               const int32_t s = to_i32(seq, "seq_id");
-              byte_view     bv(data);
+              byte_view     bv(data, false);
               for (kv_cache * c : caches) {
                   if (c == nullptr) {
                       throw py::type_error("caches must be KVCache objects");
@@ -521,7 +480,7 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
     m.def("kv_state_read_partial",
           [](std::vector<kv_cache *> caches, py::handle data, int64_t offset, int64_t seq) {
               const int32_t s = to_i32(seq, "seq_id");
-              byte_view     bv(data);
+              byte_view     bv(data, false);
               if (offset < 0 || size_t(offset) > bv.size()) {
                   throw std::invalid_argument("offset out of range");
               }

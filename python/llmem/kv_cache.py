@@ -433,16 +433,21 @@ class KVCache(Memory):
     def _state_parts(self):
         return [self._core], None
 
+    def _state_seq(self, seq_id, flags) -> int:
+        """The checked sequence id of a state call (and its flags checked): for the state calls,
+        which take the lock themselves rather than through @locked."""
+        if type(flags) is not int or flags:
+            _check_int(flags, "flags")
+        return self._seq(seq_id, allow_all=True)
+
     def state_write(self, seq_id: int = -1, flags: int = 0) -> bytes:
         """llama.cpp's KV state bytes of the whole cache (-1) or one sequence. A pending K-shift is
         saved as if applied (the K rows match the saved positions). ``STATE_HEADER`` prefixes
         llmem's versioned header. :meth:`state_write_into` writes the same bytes into a buffer
         of the caller's."""
-        # the argument checks of the common call inline, and the lock taken here rather than by
-        # @locked: a one-sequence state of a few cells costs about a microsecond in all
-        if type(flags) is not int or flags:
-            _check_int(flags, "flags")
-        seq = seq_id if type(seq_id) is int and _I32_MIN <= seq_id <= _I32_MAX else self._seq(seq_id, allow_all=True)
+        # the lock taken here rather than by @locked: a one-sequence state of a few cells costs
+        # about a microsecond in all
+        seq = self._state_seq(seq_id, flags)
         lock = self._lock
         lock.acquire()
         try:
@@ -454,8 +459,7 @@ class KVCache(Memory):
     @locked
     def state_size(self, seq_id: int = -1, flags: int = 0) -> int:
         """Bytes ``state_write(seq_id, flags)`` returns now (counted, not written)."""
-        _check_int(flags, "flags")
-        seq = self._seq(seq_id, allow_all=True)
+        seq = self._state_seq(seq_id, flags)
         return self._header_size(seq, flags) + self._core.state_size(seq)
 
     def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
@@ -463,9 +467,7 @@ class KVCache(Memory):
         bytearray, numpy uint8 array, mmap, shared memory...; reused, nothing allocated); returns
         their number. TypeError for a read-only or non-contiguous buffer; ValueError naming both
         sizes, nothing written, when it holds fewer than :meth:`state_size` bytes."""
-        if type(flags) is not int or flags:
-            _check_int(flags, "flags")
-        seq = seq_id if type(seq_id) is int and _I32_MIN <= seq_id <= _I32_MAX else self._seq(seq_id, allow_all=True)
+        seq = self._state_seq(seq_id, flags)
         lock = self._lock
         lock.acquire()
         try:
@@ -480,9 +482,7 @@ class KVCache(Memory):
         """Restore bytes of ``state_write`` (whole cache, or one sequence into ``seq_id``) from any
         bytes-like object, read in place. On any failure raises :class:`StateError` and leaves
         cells and K/V buffers unchanged."""
-        if type(flags) is not int or flags:
-            _check_int(flags, "flags")
-        seq = seq_id if type(seq_id) is int and _I32_MIN <= seq_id <= _I32_MAX else self._seq(seq_id, allow_all=True)
+        seq = self._state_seq(seq_id, flags)
         lock = self._lock
         lock.acquire()
         try:
