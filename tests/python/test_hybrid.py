@@ -337,6 +337,15 @@ class HybridAgainstParts(RuleBasedStateMachine):
 
     @rule(seqs=st.lists(st.integers(0, N_SEQ - 1), min_size=1, max_size=3, unique=True), n=st.integers(1, 5))
     def decode(self, seqs, n):
+        # A pending rollback of a sequence outside the batch is consumed when its cell falls in a
+        # micro-batch's slot range (spec: s_copy), which depends on the split; the hybrid splits
+        # as llama.cpp's hybrid does (sequential only for a multi-stream attention side), a
+        # recurrent memory alone always sequentially, so there the two may rightly differ. Such
+        # batches are left to the recurrent model tests; here the batch covers every sequence
+        # with a pending rollback.
+        pending = {q for q, r in enumerate(self.recr.rs_idx().tolist()) if r}
+        if not pending <= set(seqs):
+            return
         if all(self.mem.seq_pos_max(s) == self.attn.seq_pos_max(s) == self.recr.seq_pos_max(s) for s in seqs):
             self._decode_both(sorted(seqs), n)
 
