@@ -1,6 +1,7 @@
 #include "pybind.h"
 
 #include "llmem/batch.h"
+#include "llmem/rs_checkpoints.h"
 #include "llmem/rs_memory.h"
 
 #include <cstring>
@@ -170,6 +171,40 @@ void store_states(llmem::rs_context & ctx, int kind, size_t layer, const py::arr
     ctx.store(kind, layer, src, n_planes);
 }
 
+// -- checkpoints -----------------------------------------------------------------------------------
+// The pool keeps a reference to the memory's Python object: its rows' layout is checked against
+// the memory at every call, and the row copies run without the GIL (the memory's Python lock,
+// taken by the callers in llmem.recurrent, keeps its cells still meanwhile).
+
+void register_rs_checkpoints(py::module_ & m) {
+    py::class_<llmem::rs_checkpoints>(m, "rs_checkpoints", R"doc(
+A bounded pool of recurrent-state checkpoints (private; use RecurrentMemory.checkpoint_*).
+)doc")
+        .def(py::init([](const py_rs_memory & mem, uint64_t max_count, uint64_t max_bytes) {
+                 return std::make_unique<llmem::rs_checkpoints>(mem, max_count, max_bytes);
+             }),
+             py::arg("mem"), py::arg("max_count"), py::arg("max_bytes"))
+        .def("save", [](llmem::rs_checkpoints & pool, const py_rs_memory & mem, int32_t seq) {
+                 py::gil_scoped_release release;
+                 return pool.save(mem, seq);
+             }, py::arg("mem"), py::arg("seq"))
+        .def("restore", [](const llmem::rs_checkpoints & pool, py_rs_memory & mem, int64_t id, int32_t seq) {
+                 py::gil_scoped_release release;
+                 pool.restore(mem, id, seq);
+             }, py::arg("mem"), py::arg("id"), py::arg("seq"))
+        .def("drop", &llmem::rs_checkpoints::drop, py::arg("id"))
+        .def("clear", &llmem::rs_checkpoints::clear)
+        .def("contains", &llmem::rs_checkpoints::contains, py::arg("id"))
+        .def("pos", &llmem::rs_checkpoints::pos, py::arg("id"))
+        .def("set_limits", &llmem::rs_checkpoints::set_limits, py::arg("max_count"), py::arg("max_bytes"))
+        .def("has_room", &llmem::rs_checkpoints::has_room)
+        .def_property_readonly("checkpoint_bytes", &llmem::rs_checkpoints::checkpoint_bytes)
+        .def_property_readonly("count", &llmem::rs_checkpoints::count)
+        .def_property_readonly("bytes_used", &llmem::rs_checkpoints::bytes_used)
+        .def_property_readonly("max_count", &llmem::rs_checkpoints::max_count)
+        .def_property_readonly("max_bytes", &llmem::rs_checkpoints::max_bytes);
+}
+
 } // namespace
 
 void register_recurrent(py::module_ & m) {
@@ -251,6 +286,8 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
             const std::vector<int32_t> & c = ctx.s_copy_all();
             return py::array_t<int32_t>(py::ssize_t(c.size()), c.data());
         });
+
+    register_rs_checkpoints(m);
 }
 
 } // namespace llmem::bind

@@ -1168,3 +1168,63 @@ void rs_context::store(int kind, size_t layer, const uint8_t * rows, uint32_t n_
 }
 
 } // namespace llmem
+
+// -- checkpoints ----------------------------------------------------------------------------------
+// The two entry points rs_checkpoints needs: where a sequence's state lies, and a fresh cell for
+// a restored one. Placement goes through find_slot (as a single-sequence state_read does), so
+// the cell chosen, head, used and rs_z are those llama.cpp would reach decoding one token there.
+
+namespace llmem {
+
+int64_t rs_memory::seq_state_row(int32_t seq) const {
+    const int32_t t = tail(seq);
+    if (t < 0 || seq >= n_seq_max_) {
+        return -1;
+    }
+    return int64_t(source_row(uint32_t(t), write_plane(seq, uint32_t(t))));
+}
+
+uint32_t rs_memory::seq_place(int32_t seq, int32_t pos) {
+    if (seq < 0 || seq >= n_seq_max_ || uint32_t(seq) >= size_) {
+        throw std::invalid_argument("seq_id " + std::to_string(seq) + " cannot hold a state: it must be in [0, " +
+                                    std::to_string(std::min<int64_t>(size_, n_seq_max_)) + ")");
+    }
+    if (tails_[uint32_t(seq)] >= 0) {
+        throw std::invalid_argument("sequence " + std::to_string(seq) + " already holds a state (position " +
+                                    std::to_string(cells_[uint32_t(tails_[uint32_t(seq)])].pos) +
+                                    "): remove it first");
+    }
+    ubatch_data & d = *read_ubatch_;
+    d.pos.assign(1, pos);
+    d.seq_id_off.assign({ 0, 1 });
+    d.seq_id.assign(1, seq);
+    ubatch ub;
+    ub.equal_seqs = true;
+    ub.n_tokens = ub.n_seq_tokens = 1;
+    ub.n_seqs = ub.n_seqs_unq = 1;
+    ub.data = read_ubatch_;
+    const uint32_t saved_n = n_;
+    const int32_t  saved_rs_z = rs_z_;
+    begin_undo();
+    bool placed = false;
+    try {
+        placed = find_slot(ub) && cells_[head_].pos == pos && cells_[head_].has(seq);
+    } catch (...) {
+        undo();
+        n_ = saved_n;
+        rs_z_ = saved_rs_z;
+        throw;
+    }
+    if (!placed) {
+        undo();
+        n_ = saved_n;
+        rs_z_ = saved_rs_z;
+        throw std::invalid_argument("no free cell for sequence " + std::to_string(seq));
+    }
+    undo_active_ = false;  // commit
+    set_src(head_, int32_t(head_));
+    rs_idx_[uint32_t(seq)] = 0;
+    return head_;
+}
+
+} // namespace llmem

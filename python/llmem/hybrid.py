@@ -230,6 +230,10 @@ class HybridMemory(Memory):
 
     @locked
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
+        """Copy [p0, p1) of the attention cells and the recurrent state. A range that leaves
+        out the source's last position raises ValueError before either side changes: the
+        recurrent state is that of the last position (see RecurrentMemory.seq_cp)."""
+        self._recr._check_state_range(_int("seq_id_src", seq_id_src), _int("p0", p0), _int("p1", p1))
         self._attn.seq_cp(seq_id_src, seq_id_dst, p0, p1)
         self._recr.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
@@ -338,6 +342,46 @@ class HybridMemory(Memory):
             self._touch()
         finally:
             self._lock.release()
+
+    # -- checkpoints (of the recurrent side) ---------------------------------------------------
+    # The attention side needs no checkpoint: its cells are shared with seq_cp. A restore hands
+    # the recurrent side the state of a position the attention side must already end at.
+
+    def set_checkpoint_limits(self, max_count=None, max_bytes=None) -> None:
+        """See :meth:`RecurrentMemory.set_checkpoint_limits`."""
+        self._recr.set_checkpoint_limits(max_count, max_bytes)
+
+    def checkpoint_save(self, seq_id: int) -> int:
+        """Checkpoint the recurrent state of ``seq_id`` (see :meth:`RecurrentMemory.checkpoint_save`)."""
+        return self._recr.checkpoint_save(seq_id)
+
+    @locked
+    def checkpoint_restore(self, checkpoint_id: int, seq_id: int) -> int:
+        """Restore a checkpoint into the recurrent side of ``seq_id``, whose attention side must
+        end at the checkpoint's position (share the prefix's cells with ``seq_cp`` first) and
+        whose recurrent side must hold no state; ValueError (nothing changed) otherwise."""
+        seq_id = _int("seq_id", seq_id)
+        pos = self._recr.checkpoint_pos(checkpoint_id)
+        attn_last = self._attn.seq_pos_max(seq_id)
+        if attn_last != pos:
+            raise ValueError(f"checkpoint {checkpoint_id} holds the state after position {pos}, but the attention "
+                             f"side of sequence {seq_id} ends at {attn_last}: they would not pair")
+        return self._recr.checkpoint_restore(checkpoint_id, seq_id)
+
+    def checkpoint_drop(self, checkpoint_id: int) -> bool:
+        return self._recr.checkpoint_drop(checkpoint_id)
+
+    def checkpoint_clear(self) -> None:
+        self._recr.checkpoint_clear()
+
+    def checkpoint_pos(self, checkpoint_id: int) -> int:
+        return self._recr.checkpoint_pos(checkpoint_id)
+
+    def checkpoint_has_room(self) -> bool:
+        return self._recr.checkpoint_has_room()
+
+    def checkpoint_stats(self) -> dict:
+        return self._recr.checkpoint_stats()
 
 
 class HybridISWAMemory(HybridMemory):

@@ -117,7 +117,7 @@ class RecurrentMemory(Memory):
     """
 
     __slots__ = ("_mem", "_r", "_s", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index",
-                 "_staging", "_lock", "_version")
+                 "_staging", "_lock", "_version", "_checkpoints")
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
                  mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r=np.float32, dtype_s=np.float32,
@@ -144,6 +144,7 @@ class RecurrentMemory(Memory):
         # bumped by every change of the cells: a context planned at another value is stale
         self._version = 0
         self._staging: dict[int, np.ndarray] = {}
+        self._checkpoints = None  # the checkpoint pool, made at first use
         self._present_index = []
         for il in range(n_layer):
             self._present_index.append(sum(present[:il]) if present[il] else -1)
@@ -260,11 +261,29 @@ class RecurrentMemory(Memory):
 
     @locked
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
-        """Make ``seq_id_dst`` share the state of ``seq_id_src`` (the range is ignored, as in
-        llama.cpp); ids outside ``[0, mem_size)`` do nothing. An empty source erases dst."""
-        self._mem.seq_cp(_int("seq_id_src", seq_id_src), _int("seq_id_dst", seq_id_dst),
-                         _int("p0", p0), _int("p1", p1))
+        """Make ``seq_id_dst`` share the state of ``seq_id_src``; ids outside ``[0, mem_size)``
+        do nothing. An empty source erases dst. The state is the one after the source's last
+        position, so a range that does not reach that position (``0 <= p1 <= last``, or
+        ``p0 > last``) raises ValueError and changes nothing (llama.cpp ignores the range and
+        pairs the copy with the wrong state; docs/deviations.md)."""
+        seq_id_src, p0, p1 = _int("seq_id_src", seq_id_src), _int("p0", p0), _int("p1", p1)
+        self._check_state_range(seq_id_src, p0, p1)
+        self._mem.seq_cp(seq_id_src, _int("seq_id_dst", seq_id_dst), p0, p1)
         self._version += 1
+
+    def _check_state_range(self, seq_id_src: int, p0: int, p1: int) -> None:
+        """ValueError when a seq_cp of [p0, p1) from ``seq_id_src`` would hand the destination
+        a state of a position outside the range (the source's state is that of its last one)."""
+        last = self._mem.seq_pos_max(seq_id_src)
+        if last < 0 or (p0 < 0 and p1 < 0):
+            return
+        lo, hi = max(p0, 0), (p1 if p1 >= 0 else _I32_MAX)
+        if not lo <= last < hi:
+            raise ValueError(
+                f"seq_cp({seq_id_src}, ..., p0={p0}, p1={p1}): the recurrent state of sequence {seq_id_src} is "
+                f"that after its last position {last}, which the range leaves out; copying it would pair "
+                f"positions [{p0}, {p1}) with the wrong state. Copy a range that ends at the last position "
+                f"(p1=-1), or restore a checkpoint taken at the position wanted")
 
     @locked
     def seq_keep(self, seq_id: int) -> None:
@@ -403,6 +422,80 @@ class RecurrentMemory(Memory):
         data, flags = self._without_state_header(data, seq_id, flags)
         self._mem.state_read(as_byte_view(data), _int("seq_id", seq_id), _int("flags", flags, 0))
         self._version += 1
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    # A checkpoint is a copy of one sequence's state (its r and s row of every present layer) at
+    # its current position, kept in host memory by a bounded pool: it outlives the sequence and
+    # restores into any sequence that holds no state. The rows are copied in the compiled core
+    # without the GIL; the prefix cache (llmem.PrefixCache) takes one after every decode.
+
+    #: limits of a pool nobody configured: checkpoints, and bytes in all
+    DEFAULT_CHECKPOINT_COUNT = 256
+    DEFAULT_CHECKPOINT_BYTES = 1 << 30
+
+    def _pool(self):
+        pool = self._checkpoints
+        if pool is None:
+            pool = self._checkpoints = _core.rs_checkpoints(self._mem, self.DEFAULT_CHECKPOINT_COUNT,
+                                                            self.DEFAULT_CHECKPOINT_BYTES)
+        return pool
+
+    @locked
+    def set_checkpoint_limits(self, max_count: Optional[int] = None, max_bytes: Optional[int] = None) -> None:
+        """Bound the checkpoint pool by a count and by bytes (None keeps a limit). Checkpoints
+        above lowered limits stay until dropped; saves fail until the pool is under them."""
+        pool = self._pool()
+        count = pool.max_count if max_count is None else _int("max_count", max_count, 0, 2**62)
+        nbytes = pool.max_bytes if max_bytes is None else _int("max_bytes", max_bytes, 0, 2**62)
+        pool.set_limits(count, nbytes)
+
+    @locked
+    def checkpoint_save(self, seq_id: int) -> int:
+        """Copy the state of ``seq_id`` at its current position (a pending rollback: the state it
+        selects) into a new checkpoint; returns the checkpoint's id. Take it after a decode has
+        stored its states. ValueError when the sequence holds no state, :class:`LlmemError` when
+        the pool is full (nothing changes either way)."""
+        return self._pool().save(self._mem, _int("seq_id", seq_id))
+
+    @locked
+    def checkpoint_restore(self, checkpoint_id: int, seq_id: int) -> int:
+        """Give ``seq_id``, which must hold no state, the checkpoint's state: it then stands at
+        the checkpoint's position, which is returned (the next token goes at that + 1). The
+        checkpoint stays in the pool. ValueError (nothing changed) for an unknown id or a
+        sequence holding a state or outside ``[0, min(mem_size, n_seq_max))``."""
+        pool = self._pool()
+        checkpoint_id = _int("checkpoint_id", checkpoint_id, 0, 2**63 - 1)
+        pool.restore(self._mem, checkpoint_id, _int("seq_id", seq_id))
+        self._version += 1
+        return pool.pos(checkpoint_id)
+
+    @locked
+    def checkpoint_drop(self, checkpoint_id: int) -> bool:
+        """Forget a checkpoint (its slot is reused); False when there is none with that id."""
+        return self._pool().drop(_int("checkpoint_id", checkpoint_id, -(2**63), 2**63 - 1))
+
+    @locked
+    def checkpoint_clear(self) -> None:
+        """Forget every checkpoint."""
+        self._pool().clear()
+
+    @locked
+    def checkpoint_pos(self, checkpoint_id: int) -> int:
+        """Position of the checkpointed state; ValueError for an unknown id."""
+        return self._pool().pos(_int("checkpoint_id", checkpoint_id, -(2**63), 2**63 - 1))
+
+    @locked
+    def checkpoint_has_room(self) -> bool:
+        """Whether one more checkpoint fits the pool's limits."""
+        return self._pool().has_room()
+
+    @locked
+    def checkpoint_stats(self) -> dict:
+        """``count``, ``bytes`` (held), ``max_count``, ``max_bytes`` and ``checkpoint_bytes``
+        (one checkpoint) of the pool."""
+        pool = self._pool()
+        return {"count": pool.count, "bytes": pool.bytes_used, "max_count": pool.max_count,
+                "max_bytes": pool.max_bytes, "checkpoint_bytes": pool.checkpoint_bytes}
 
 
 class RecurrentContext(MemoryContext):

@@ -503,7 +503,14 @@ class LlmemRunner:
         return {"ret": bool(self.mem.seq_rm(s["seq"], s.get("p0", -1), s.get("p1", -1)))}
 
     def _op_seq_cp(self, i, s):
-        self.mem.seq_cp(s["src"], s["dst"], s.get("p0", -1), s.get("p1", -1))
+        try:
+            self.mem.seq_cp(s["src"], s["dst"], s.get("p0", -1), s.get("p1", -1))
+        except ValueError as exc:
+            # deviation R16: llmem refuses a ranged copy that would pair positions with the wrong
+            # recurrent state; llama.cpp ignores the range, which the whole-range copy reproduces
+            if "wrong state" not in str(exc):
+                raise
+            self.mem.seq_cp(s["src"], s["dst"], -1, -1)
         return {}
 
     def _op_seq_keep(self, i, s):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -151,6 +152,12 @@ class RecurrentMachine(RuleBasedStateMachine):
     @rule(data=st.data(), p0=POS, p1=POS)
     def seq_cp(self, data, p0, p1):
         src, dst = data.draw(self.seq_ids(), label="src"), data.draw(self.seq_ids(), label="dst")
+        last = self.mem.seq_pos_max(src)
+        if last >= 0 and not (p0 < 0 and p1 < 0) and not max(p0, 0) <= last < (p1 if p1 >= 0 else 2**31):
+            # deviation R16: a range leaving out the source's last position is refused
+            with pytest.raises(ValueError, match="wrong state"):
+                self.mem.seq_cp(src, dst, p0, p1)
+            return
         self.mem.seq_cp(src, dst, p0, p1)
         self.ref.seq_cp(src, dst, p0, p1)
 

@@ -198,7 +198,12 @@ class Replay:
         if op == "seq_rm":
             return {"ret": mem.seq_rm(a["seq"], a.get("p0", -1), a.get("p1", -1))}
         if op == "seq_cp":
-            mem.seq_cp(a["src"], a["dst"], a.get("p0", -1), a.get("p1", -1))
+            try:
+                mem.seq_cp(a["src"], a["dst"], a.get("p0", -1), a.get("p1", -1))
+            except ValueError as exc:
+                # deviation R16: refused here, the range ignored by llama.cpp (the whole copy)
+                assert "wrong state" in str(exc), exc
+                mem.seq_cp(a["src"], a["dst"], -1, -1)
         elif op == "seq_keep":
             mem.seq_keep(a["seq"])
         elif op == "seq_add":

@@ -143,6 +143,17 @@ public:
     uint32_t rs_idx(int32_t seq) const { return rs_idx_[size_t(seq)]; }
     const rs_buffers & buffers() const { return bufs_; }
 
+    // -- checkpoints (rs_checkpoints) ----------------------------------------------------------
+
+    /// Row (plane * size + cell) of every array holding seq's current state: its tail cell's
+    /// source, in the plane a pending rollback selects (as state_write reads). -1 if none.
+    int64_t seq_state_row(int32_t seq) const;
+    /// Put `seq`, which holds no state, alone in a fresh cell at position `pos` and return the
+    /// row its state must be written to (the caller fills it before the next computation).
+    /// Throws std::invalid_argument (nothing changed) for seq outside [0, min(size, n_seq_max)),
+    /// a sequence that already holds a state, or no free cell.
+    uint32_t seq_place(int32_t seq, int32_t pos);
+
 private:
     /// The cell whose position seq_add/seq_div move: seq's tail cell when it holds seq at a
     /// position inside [p0, p1) (normalised); -1 when nothing moves.
