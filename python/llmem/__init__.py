@@ -23,6 +23,7 @@ from .recurrent import RecurrentContext, RecurrentMemory
 from .factory import from_gguf, from_hparams
 from .hparams import ModelHParams, read_gguf_hparams
 from .plan import MemoryPlan, plan_memory
+from .prefix import PrefixCache
 from .status import Status, SWAType, status_combine, status_is_fail
 
 __version__: str = _core.__version__
@@ -44,6 +45,7 @@ __all__ = [
     "MemoryPlan",
     "ModelHParams",
     "plan_memory",
+    "PrefixCache",
     "read_gguf_hparams",
     "RecurrentContext",
     "RecurrentMemory",

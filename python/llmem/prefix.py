@@ -1,0 +1,734 @@
+"""Prefix caching over any llmem memory: a radix tree of token ids that owns cached content.
+
+:class:`PrefixCache` serves requests on a memory (``KVCache``, ``KVCacheISWA``,
+``RecurrentMemory``, ``HybridMemory``, ``HybridISWAMemory``) and keeps what they decoded for the
+requests that follow, as SGLang's ``RadixCache``/``MambaRadixCache`` and vLLM's prefix caching do,
+within llama.cpp's sequence model:
+
+* **K/V cells are shared, never copied.** The memory's sequence ids are split in two: ids
+  ``[0, n_requests)`` serve requests, the others are *holders*. Each tree node owns one holder
+  sequence that holds exactly the node's positions ``[start, end)`` (a ``seq_cp`` adds the holder
+  to the cells a request decoded). ``admit`` hands a request the cells of its longest cached
+  prefix with one ``seq_cp`` per node on the path.
+* **Recurrent state is checkpointed.** A recurrent state cannot be cut back, so the cache keeps
+  checkpoints (``RecurrentMemory.checkpoint_save``: host copies of a sequence's rows) at the
+  lengths where requests stood after a decode; a recurrent or hybrid hit ends at the longest
+  checkpoint on the matched path and restores it.
+* **Live requests share too.** Every :meth:`commit` (after each decode of a request) inserts what
+  the request has decoded so far, so a request can reuse a prefix another one is still extending.
+
+A server's loop::
+
+    cache = PrefixCache(memory, n_requests=8)
+    seq, n_cached = cache.admit(prompt)               # the first n_cached tokens are in the memory
+    for chunk in cache.prefill_chunks(seq, prompt[n_cached:], n_batch):
+        ctx = cache.init_batch(batch_of(chunk), n_ubatch)   # evicts cached content if no room
+        ...decode...; cache.commit(seq, chunk)         # index it, checkpoint the state
+    while generating:
+        ...decode one token t...; cache.commit(seq, [t])
+    cache.release(seq)                                # the content stays cached; seq is free
+
+Threads: every method takes the memory's lock, so cache calls are atomic with memory calls.
+The cache owns the holder ids: do not ``clear``, ``seq_keep`` or ``seq_rm(-1, ...)`` the memory
+behind its back (use :meth:`clear`), nor shift (``seq_add``/``seq_div``) a sequence served through
+it (cells shared with the cache would move too).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import operator
+from typing import Hashable, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _core
+from .errors import LlmemError
+from .hybrid import HybridMemory
+from .kv_cache import KVCache, KVCacheISWA
+from .memory import STATE_HEADER
+from .recurrent import RecurrentMemory
+from .status import Status
+
+__all__ = ["PrefixCache"]
+
+_ROOT_END = 0
+
+
+class _Node:
+    """A run of tokens at positions ``[start, end)``; its holder sequence holds their cells
+    (K/V memories) and ``ckpts`` maps a length in ``(start, end]`` to a checkpoint id."""
+
+    __slots__ = ("parent", "children", "tokens", "start", "holder", "ckpts", "last_used", "lockers", "key")
+
+    def __init__(self, parent: Optional["_Node"], tokens: np.ndarray, start: int, holder: int, key) -> None:
+        self.parent = parent
+        self.children: dict = {}
+        self.tokens = tokens
+        self.start = start
+        self.holder = holder
+        self.ckpts: dict = {}
+        self.last_used = 0
+        self.lockers: set = set()
+        self.key = key
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+class _Live:
+    """A request being served: its sequence, the tokens the memory holds for it, the nodes on
+    its path (locked: evicting them would free no cell the request holds)."""
+
+    __slots__ = ("seq", "key", "tokens", "n", "path", "branch", "transient", "indexed", "shared")
+
+    def __init__(self, seq: int, key, tokens: np.ndarray, n: int, branch: int) -> None:
+        self.seq = seq
+        self.key = key
+        self.tokens = tokens   # grows by doubling; the first n are held by the memory
+        self.n = n
+        self.path: List[_Node] = []
+        self.branch = branch   # where the prompt leaves the cached tokens: a checkpoint pays there
+        self.transient = -1    # checkpoint of the last one-token commit (replaced by the next)
+        self.indexed = True    # False once the request's history is no longer a plain prefix
+        self.shared = n        # its cells below this position may be shared with the cache
+
+
+def _as_tokens(tokens, name: str = "tokens") -> np.ndarray:
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer token ids, not {arr.dtype}")
+    return arr.astype(np.int32, copy=False)
+
+
+def _int(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}={v} is outside [{lo}, {hi}]")
+    return v
+
+
+def _window_of(cache: KVCache) -> int:
+    """``n_swa`` of a window cache, read from the configuration fields its versioned state
+    header records (the cache object keeps no Python copy of it)."""
+    header = bytes(_core.state_header(1, [cache._core], None, -1, STATE_HEADER, b""))
+    name = b"attn.n_swa"
+    at = header.find(bytes([len(name)]) + name)
+    if at < 0:  # pragma: no cover - the header always describes the window
+        raise LlmemError("cannot read the window size of the sliding-window cache")
+    at += 1 + len(name)
+    return int.from_bytes(header[at:at + 8], "little", signed=True)
+
+
+class PrefixCache:
+    """A token-keyed prefix index owning cached content of ``memory`` (see the module doc).
+
+    Parameters
+    ----------
+    memory:
+        The memory served: KVCache or KVCacheISWA (one stream), RecurrentMemory, HybridMemory or
+        HybridISWAMemory. Its sequence ids ``[0, n_requests)`` serve requests; the others hold
+        cached K/V content (one per tree node), so ``n_seq_max`` bounds the nodes kept.
+    n_requests:
+        Sequence ids given to requests. Default: every id for a RecurrentMemory (it needs no
+        holders), half of ``n_seq_max`` otherwise. Recurrent parts need ``mem_size >= n_requests``.
+    max_cached_tokens:
+        Retention bound: cached tokens above it are evicted (LRU) after each commit. None: kept
+        until room is needed.
+    checkpoint_interval:
+        With a recurrent part, :meth:`prefill_chunks` ends chunks on multiples of it, so a long
+        prompt leaves a checkpoint every ``checkpoint_interval`` tokens (0: prompts end only
+        where the caller's batches end).
+    max_checkpoints, max_checkpoint_bytes:
+        The recurrent checkpoint pool's limits (None: the memory's current ones).
+    """
+
+    def __init__(self, memory, n_requests: Optional[int] = None, *, max_cached_tokens: Optional[int] = None,
+                 checkpoint_interval: int = 0, max_checkpoints: Optional[int] = None,
+                 max_checkpoint_bytes: Optional[int] = None) -> None:
+        if isinstance(memory, HybridMemory):
+            kv, recr = memory.mem_attn, memory.mem_recr
+        elif isinstance(memory, RecurrentMemory):
+            kv, recr = None, memory
+        elif isinstance(memory, (KVCache, KVCacheISWA)):
+            kv, recr = memory, None
+        else:
+            raise TypeError("memory must be a KVCache, KVCacheISWA, RecurrentMemory, HybridMemory or "
+                            f"HybridISWAMemory, not {type(memory).__name__}")
+        if kv is not None:
+            for part in ((kv.base, kv.swa) if isinstance(kv, KVCacheISWA) else (kv,)):
+                if part.n_stream != 1:
+                    raise ValueError("a prefix cache shares cells between sequences: the KV cache must be unified "
+                                     f"(one stream), this one has {part.n_stream}")
+        n_seq_max = memory.n_seq_max
+        if n_requests is None:
+            n_requests = n_seq_max if kv is None else max(1, n_seq_max // 2)
+        hi = n_seq_max if kv is None else n_seq_max - 1
+        n_requests = _int("n_requests", n_requests, 1, hi)
+        if recr is not None and recr.size < n_requests:
+            raise ValueError(f"the recurrent memory has {recr.size} cells, fewer than n_requests={n_requests}")
+        self._memory = memory
+        self._kv = kv
+        self._recr = recr
+        self._swa = kv.swa if isinstance(kv, KVCacheISWA) else None
+        self._n_swa = _window_of(self._swa) if self._swa is not None else 0
+        self._lock = memory.lock
+        self._n_requests = n_requests
+        self._max_cached = None if max_cached_tokens is None else _int("max_cached_tokens", max_cached_tokens, 0,
+                                                                        2**62)
+        self._interval = _int("checkpoint_interval", checkpoint_interval, 0, 2**31 - 1)
+        if recr is not None and (max_checkpoints is not None or max_checkpoint_bytes is not None):
+            recr.set_checkpoint_limits(max_checkpoints, max_checkpoint_bytes)
+        self._roots: dict = {}
+        self._free_seqs = list(range(n_requests - 1, -1, -1))        # popped from the end: 0 first
+        self._free_holders = list(range(n_seq_max - 1, n_requests - 1, -1)) if kv is not None else []
+        self._live: dict = {}
+        self._clock = itertools.count(1)
+        self._cached_tokens = 0
+        self._n_ckpts = 0
+        self._ckpt_node: dict = {}  # checkpoint id -> the node listing it
+        self._stats = {"requests": 0, "prompt_tokens": 0, "hit_tokens": 0, "evictions": 0,
+                       "evicted_tokens": 0, "checkpoints_saved": 0}
+
+    # -- queries -----------------------------------------------------------------------------------
+
+    @property
+    def memory(self):
+        return self._memory
+
+    @property
+    def n_requests(self) -> int:
+        return self._n_requests
+
+    def live_sequences(self) -> list:
+        """Sequence ids of the requests being served, ascending."""
+        with self._lock:
+            return sorted(self._live)
+
+    def tokens(self, seq_id: int) -> np.ndarray:
+        """The tokens the memory holds for a live request (a copy)."""
+        with self._lock:
+            live = self._live_of(seq_id)
+            return live.tokens[:live.n].copy()
+
+    def stats(self) -> dict:
+        """Counters a server exports: ``requests`` admitted, ``prompt_tokens`` they brought,
+        ``hit_tokens`` found cached, ``hit_rate`` (hit / prompt tokens), ``evictions`` (nodes)
+        and ``evicted_tokens``, ``cached_tokens`` and ``nodes`` held now, ``checkpoints`` and
+        ``checkpoint_bytes`` held now, ``live`` requests."""
+        with self._lock:
+            out = dict(self._stats)
+            out["hit_rate"] = out["hit_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
+            out["cached_tokens"] = self._cached_tokens
+            out["nodes"] = sum(1 for _ in self._nodes())
+            out["checkpoints"] = self._n_ckpts
+            out["checkpoint_bytes"] = (self._recr.checkpoint_stats()["checkpoint_bytes"] * self._n_ckpts
+                                       if self._recr is not None else 0)
+            out["live"] = len(self._live)
+            return out
+
+    def match(self, tokens, key: Hashable = None) -> int:
+        """Tokens :meth:`admit` would find cached for ``tokens`` now (changes nothing)."""
+        tokens = _as_tokens(tokens)
+        with self._lock:
+            return self._plan_hit(tokens, key)[0]
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def admit(self, tokens, seq_id: Optional[int] = None, key: Hashable = None) -> Tuple[int, int]:
+        """Start a request for ``tokens`` (its whole prompt); ``key`` separates caches that must
+        not mix (a LoRA adapter, an image hash). Returns ``(seq_id, n_cached)``: the request's
+        sequence (a free one, or ``seq_id``, which must be free and hold nothing) now holds the
+        first ``n_cached`` tokens, at positions ``0 .. n_cached - 1``; decode the rest and
+        :meth:`commit` them. At most ``len(tokens) - 1`` tokens are reused (the last one is
+        decoded to produce logits). K/V: the longest cached prefix, whose cells are shared; a
+        sliding-window cache only where the window's cells are still held. Recurrent and
+        hybrid: the longest checkpointed length on it, restored. LlmemError when no sequence is
+        free; ValueError for a busy ``seq_id``."""
+        tokens = _as_tokens(tokens)
+        with self._lock:
+            if seq_id is None:
+                if not self._free_seqs:
+                    raise LlmemError(f"no free request sequence: all {self._n_requests} are serving requests")
+                seq = self._free_seqs[-1]
+            else:
+                seq = _int("seq_id", seq_id, 0, self._n_requests - 1)
+                if seq in self._live:
+                    raise ValueError(f"sequence {seq} is serving a request: release it first")
+                if seq not in self._free_seqs:  # pragma: no cover - live and free cover every id
+                    raise ValueError(f"sequence {seq} is not free")
+            if any(part is not None and part.seq_pos_max(seq) != -1 for part in (self._kv, self._recr)):
+                raise ValueError(f"sequence {seq} holds cells or a state: remove them (seq_rm) before admitting "
+                                 "a request into it")
+            n_hit, path, ckpt = self._plan_hit(tokens, key)
+            matched = self._walk(tokens, len(tokens), key)[1] if self._recr is not None else n_hit
+            # share the cells, then the state: nothing has changed if the restore refuses
+            if self._kv is not None:
+                for node in path:
+                    p1 = min(node.end, n_hit)
+                    if p1 > node.start:
+                        self._kv.seq_cp(node.holder, seq, node.start, p1)
+            if ckpt is not None:
+                try:
+                    self._recr.checkpoint_restore(ckpt, seq)
+                except BaseException:
+                    if self._kv is not None:
+                        self._kv.seq_rm(seq, -1, -1)
+                    raise
+            if seq_id is None:
+                self._free_seqs.pop()
+            else:
+                self._free_seqs.remove(seq)
+            buf = np.empty(max(16, 2 * len(tokens)), np.int32)
+            buf[:n_hit] = tokens[:n_hit]
+            live = _Live(seq, key, buf, n_hit, matched if n_hit < matched < len(tokens) else -1)
+            self._live[seq] = live
+            self._lock_path(live, [node for node in path if node.start < n_hit])
+            now = next(self._clock)
+            for node in live.path:
+                node.last_used = now
+            self._stats["requests"] += 1
+            self._stats["prompt_tokens"] += len(tokens)
+            self._stats["hit_tokens"] += n_hit
+            return seq, n_hit
+
+    def prefill_chunks(self, seq_id: int, tokens, n_batch: int) -> List[np.ndarray]:
+        """``tokens`` (what the request decodes next) cut into chunks of at most ``n_batch``
+        whose ends, as lengths of the request's history, fall on multiples of
+        ``checkpoint_interval`` where one lies inside: decode and :meth:`commit` them one by one
+        and a long prompt leaves a checkpoint every interval."""
+        tokens = _as_tokens(tokens)
+        n_batch = _int("n_batch", n_batch, 1, 2**31 - 1)
+        with self._lock:
+            live = self._live_of(seq_id)
+            start, branch = live.n, live.branch
+        # with a recurrent part, a chunk also ends where the prompt leaves the cached tokens
+        # (the next request branching there then finds a checkpoint) and on interval multiples
+        recurrent = self._recr is not None
+        chunks = []
+        pos, n = 0, len(tokens)
+        while pos < n:
+            end = min(pos + n_batch, n)
+            if recurrent:
+                here = start + pos
+                if self._interval:
+                    due = (here // self._interval + 1) * self._interval - start
+                    end = min(end, due)
+                if here < branch < start + end:
+                    end = branch - start
+            chunks.append(tokens[pos:end])
+            pos = end
+        return chunks
+
+    def commit(self, seq_id: int, tokens, index: bool = True) -> None:
+        """Record ``tokens`` as decoded into the request's sequence (after its last position):
+        they are indexed at once, so other requests can reuse them, and a recurrent part's
+        state is checkpointed at the new length. Call it after each decode of the request.
+        ValueError (nothing recorded) when the memory's last position for the sequence is not
+        the request's length plus ``len(tokens)`` minus one. ``index=False`` only records the
+        tokens (nothing shared or checkpointed): for a request whose sequence will be shifted
+        (:meth:`shift`), which must not share cells beyond the positions it keeps."""
+        tokens = _as_tokens(tokens)
+        with self._lock:
+            live = self._live_of(seq_id)
+            n_new = live.n + len(tokens)
+            last = self._memory.seq_pos_max(live.seq)
+            if last != n_new - 1:
+                raise ValueError(f"commit: sequence {live.seq} ends at position {last} in the memory, but the "
+                                 f"request would hold {n_new} tokens (positions up to {n_new - 1})")
+            if len(tokens) == 0:
+                return
+            if n_new > len(live.tokens):
+                grown = np.empty(2 * n_new, np.int32)
+                grown[:live.n] = live.tokens[:live.n]
+                live.tokens = grown
+            live.tokens[live.n:n_new] = tokens
+            live.n = n_new
+            if index and live.indexed:
+                live.shared = n_new
+                self._insert(live, transient=len(tokens) == 1)
+            if self._max_cached is not None and self._cached_tokens > self._max_cached:
+                self._evict_tokens(self._cached_tokens - self._max_cached)
+
+    def shift(self, seq_id: int, n_keep: int, n_discard: int) -> None:
+        """llama.cpp server's context shift of a live request: drop positions ``[n_keep,
+        n_keep + n_discard)`` and move the later ones back by ``n_discard``. Cells shared with the
+        cache would move for every sharer, so the request may share only positions below
+        ``n_keep`` (commit the rest with ``index=False``); ValueError (nothing changed)
+        otherwise. Afterwards the request's history is no longer a prefix of anything: its
+        later commits are not indexed."""
+        with self._lock:
+            live = self._live_of(seq_id)
+            n_keep = _int("n_keep", n_keep, 0, live.n)
+            n_discard = _int("n_discard", n_discard, 0, live.n - n_keep)
+            if not self._memory.get_can_shift():
+                raise ValueError(f"{type(self._memory).__name__} cannot shift positions")
+            shared = live.shared
+            if shared > n_keep:
+                raise ValueError(f"sequence {live.seq} shares positions up to {shared - 1} with the cache, beyond "
+                                 f"n_keep={n_keep}: a shift would move them for every sharer")
+            self._memory.seq_rm(live.seq, n_keep, n_keep + n_discard)
+            self._memory.seq_add(live.seq, n_keep + n_discard, -1, -n_discard)
+            live.tokens[n_keep:live.n - n_discard] = live.tokens[n_keep + n_discard:live.n].copy()
+            live.n -= n_discard
+            live.indexed = False
+
+    def release(self, seq_id: int) -> None:
+        """The request is done: its sequence is emptied and free again; what it committed stays
+        cached under its tokens (until evicted)."""
+        with self._lock:
+            live = self._live_of(seq_id)
+            self._memory.seq_rm(live.seq, -1, -1)
+            if self._recr is not None and self._recr.seq_pos_max(live.seq) != -1:
+                self._recr.seq_rm(live.seq, -1, -1)
+            self._lock_path(live, [])
+            del self._live[live.seq]
+            self._free_seqs.append(live.seq)
+
+    # -- room ----------------------------------------------------------------------------------------
+
+    def init_batch(self, balloc_or_batch, n_ubatch: int, embd_all: bool = False):
+        """``memory.init_batch``; when it finds no room, evict cached content (least recently
+        used leaves first, never a live request's) just until the plan succeeds or nothing is
+        left to evict. A server calls this instead of ``memory.init_batch``: one call, and the
+        returned context is applied as usual (its status is FAILED_PREPARE only when even an
+        empty cache could not hold the batch)."""
+        with self._lock:
+            ctx = self._memory.init_batch(balloc_or_batch, n_ubatch, embd_all)
+            step = 0
+            while ctx.status == Status.FAILED_PREPARE and self._kv is not None:
+                n_tokens = getattr(balloc_or_batch, "n_tokens", 1)
+                free = self._kv.size - self._kv.used
+                # first the missing cells, then doubling: a few plans even where the estimate
+                # misses (fragmentation, a small window cache)
+                want = max(1, int(n_tokens) - free) << step
+                if self._evict_tokens(want) == 0:
+                    break
+                step += 1
+                ctx = self._memory.init_batch(balloc_or_batch, n_ubatch, embd_all)
+            return ctx
+
+    def evict(self, n_tokens: int) -> int:
+        """Evict cached content not used by a live request, least recently used leaves first,
+        until ``n_tokens`` cached tokens are freed (or none is left); returns the tokens freed."""
+        n_tokens = _int("n_tokens", n_tokens, 0, 2**62)
+        with self._lock:
+            return self._evict_tokens(n_tokens)
+
+    def clear(self) -> None:
+        """Evict everything not used by a live request."""
+        with self._lock:
+            self._evict_tokens(2**62)
+
+    # -- internals: the tree -------------------------------------------------------------------------
+
+    def _live_of(self, seq_id) -> _Live:
+        seq = _int("seq_id", seq_id, -(2**31), 2**31 - 1)
+        live = self._live.get(seq)
+        if live is None:
+            raise ValueError(f"sequence {seq} is not serving a request of this prefix cache")
+        return live
+
+    def _nodes(self):
+        stack = [r for r in self._roots.values()]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if node.parent is not None:
+                yield node
+
+    def _walk(self, tokens: np.ndarray, n: int, key) -> Tuple[List[_Node], int]:
+        """Nodes matching ``tokens[:n]`` from the root of ``key`` and the length matched; the
+        last node may match only partly (the length then ends inside it)."""
+        node = self._roots.get(key)
+        path: List[_Node] = []
+        i = 0
+        while node is not None and i < n:
+            child = node.children.get(int(tokens[i]))
+            if child is None:
+                break
+            run = child.tokens
+            m = min(len(run), n - i)
+            diff = np.flatnonzero(run[:m] != tokens[i:i + m])
+            path.append(child)
+            if len(diff):
+                i += int(diff[0])
+                break
+            i += m
+            if m < len(run):
+                break
+            node = child
+        return path, i
+
+    def _plan_hit(self, tokens: np.ndarray, key):
+        """(tokens reusable, nodes to share them from, checkpoint to restore or None)."""
+        n_max = len(tokens) - 1
+        if n_max <= 0:
+            return 0, [], None
+        path, matched = self._walk(tokens, n_max, key)
+        if self._recr is None:
+            n_hit = matched
+            if self._swa is not None:
+                n_hit = self._window_held(path, n_hit)
+            return n_hit, path, None
+        # the longest checkpoint at or below the match; with a window cache, one whose window
+        # is held
+        candidates = sorted(((length, ck) for node in path for length, ck in node.ckpts.items()
+                             if length <= matched), reverse=True)
+        for length, ck in candidates:
+            if self._swa is None or self._window_held(path, length) == length:
+                return length, path, ck
+        return 0, [], None
+
+    def _window_held(self, path: List[_Node], n_hit: int) -> int:
+        """The longest hit <= n_hit at which the sliding-window cache still holds the cells the
+        next token sees (positions ``n_hit - n_swa .. n_hit - 1``): tried at n_hit, then at the
+        ends of the nodes before it, which each holder keeps (see :meth:`_window_ok`)."""
+        candidates = [n_hit] + [node.end for node in reversed(path) if node.end < n_hit]
+        for length in candidates:
+            if length <= 0:
+                return 0
+            if self._window_ok(path, length):
+                return length
+        return 0
+
+    def _window_ok(self, path: List[_Node], length: int) -> bool:
+        lo = max(0, length - self._n_swa)
+        swa = self._swa
+        for node in path:
+            if node.start >= length:
+                break
+            if node.end <= lo:
+                continue
+            need = max(node.start, lo)
+            have = swa.seq_pos_min(node.holder)
+            if have < 0 or have > need or swa.seq_pos_max(node.holder) < min(node.end, length) - 1:
+                return False
+        return True
+
+    def _lock_path(self, live: _Live, path: List[_Node]) -> None:
+        for node in live.path:
+            node.lockers.discard(live.seq)
+        live.path = path
+        for node in path:
+            node.lockers.add(live.seq)
+
+    def _new_holder(self, protect: Iterable[_Node]) -> int:
+        """A free holder id, evicting an unlocked leaf (not in ``protect``) if none is free; -1
+        when nothing can be evicted."""
+        if self._kv is None:
+            return -1
+        if not self._free_holders:
+            self._evict_tokens(1, protect=set(map(id, protect)))
+        return self._free_holders.pop() if self._free_holders else -1
+
+    def _split(self, node: _Node, at: int, protect) -> Optional[_Node]:
+        """Cut ``node`` at position ``at`` (start < at < end): a new upper node takes
+        ``[start, at)`` and becomes the parent of ``node``. None when no holder is free."""
+        holder = -1
+        if self._kv is not None:
+            holder = self._new_holder(list(protect) + [node])
+            if holder < 0:
+                return None
+            self._kv.seq_cp(node.holder, holder, node.start, at)
+            self._kv.seq_rm(node.holder, node.start, at)
+        cut = at - node.start
+        upper = _Node(node.parent, node.tokens[:cut], node.start, holder, node.key)
+        upper.last_used = node.last_used
+        upper.ckpts = {length: ck for length, ck in node.ckpts.items() if length <= at}
+        node.ckpts = {length: ck for length, ck in node.ckpts.items() if length > at}
+        for ck in upper.ckpts.values():
+            self._ckpt_node[ck] = upper
+        node.parent.children[int(upper.tokens[0])] = upper
+        node.tokens = node.tokens[cut:]
+        node.start = at
+        node.parent = upper
+        upper.children[int(node.tokens[0])] = node
+        upper.lockers = set(node.lockers)
+        for seq in upper.lockers:
+            live = self._live[seq]
+            live.path.insert(live.path.index(node), upper)
+        return upper
+
+    def _insert(self, live: _Live, transient: bool) -> None:
+        """Index the request's tokens: split where they leave a node, extend a leaf or add a
+        child for the new ones, and checkpoint the state at the request's length."""
+        n = live.n
+        tokens = live.tokens
+        root = self._roots.get(live.key)
+        if root is None:
+            root = self._roots[live.key] = _Node(None, np.zeros(0, np.int32), 0, -1, live.key)
+        path, matched = self._walk(tokens, n, live.key)
+        now = next(self._clock)
+        if path and matched < min(path[-1].end, n):
+            # the tokens leave the last node inside it: cut it there (tokens that merely end
+            # inside a node are cached already)
+            upper = self._split(path[-1], matched, path)
+            if upper is None:
+                self._lock_path(live, path[:-1])
+                return
+            path[-1] = upper
+        parent = path[-1] if path else root
+        if matched < n:
+            if parent is not root and not parent.children and parent.end == matched:
+                # the request's own leaf: it grows in place
+                if self._kv is not None:
+                    self._kv.seq_cp(live.seq, parent.holder, matched, n)
+                parent.tokens = np.concatenate([parent.tokens, tokens[matched:n]])
+            else:
+                holder = self._new_holder(path)
+                if self._kv is not None and holder < 0:
+                    self._lock_path(live, path)
+                    return
+                self._roots.setdefault(live.key, root)  # an eviction may have emptied it
+                child = _Node(parent, tokens[matched:n].copy(), matched, holder, live.key)
+                if self._kv is not None:
+                    self._kv.seq_cp(live.seq, holder, matched, n)
+                parent.children[int(child.tokens[0])] = child
+                path.append(child)
+            self._cached_tokens += n - matched
+        for node in path:
+            node.last_used = now
+        self._lock_path(live, path)
+        if self._recr is not None and path:
+            # a generation step's checkpoint replaces the request's previous one: a request
+            # keeps those of its prompt chunks, its branch point and its latest step
+            previous = live.transient
+            ck = self._checkpoint(path[-1], n, live.seq, path)
+            live.transient = ck if transient and ck is not None else -1
+            if previous >= 0 and previous != ck:
+                self._drop_checkpoint(previous)
+
+    def _checkpoint(self, node: _Node, length: int, seq: int, protect) -> Optional[int]:
+        if length in node.ckpts:
+            return None
+        recr = self._recr
+        if not recr.checkpoint_has_room():
+            self._free_checkpoint(protect)
+            if not recr.checkpoint_has_room():
+                return None
+        ck = node.ckpts[length] = recr.checkpoint_save(seq)
+        self._ckpt_node[ck] = node
+        self._n_ckpts += 1
+        self._stats["checkpoints_saved"] += 1
+        return ck
+
+    def _drop_checkpoint(self, ck: int) -> None:
+        node = self._ckpt_node.pop(ck, None)
+        if node is None:
+            return  # evicted meanwhile
+        for length, c in list(node.ckpts.items()):
+            if c == ck:
+                del node.ckpts[length]
+        self._recr.checkpoint_drop(ck)
+        self._n_ckpts -= 1
+
+    def _free_checkpoint(self, protect) -> None:
+        """Room for one checkpoint: evict an unlocked leaf holding one, else drop the least
+        recently used checkpoint of a node not in ``protect``."""
+        keep = set(map(id, protect))
+        before = self._n_ckpts
+        self._evict(lambda: self._n_ckpts < before, keep)
+        if self._n_ckpts < before:
+            return
+        nodes = sorted((n for n in self._nodes() if n.ckpts and id(n) not in keep), key=lambda n: n.last_used)
+        if nodes:
+            node = nodes[0]
+            self._drop_checkpoint(node.ckpts[min(node.ckpts)])
+
+    # -- internals: eviction -------------------------------------------------------------------------
+
+    def _evict_tokens(self, n_tokens: int, protect=frozenset()) -> int:
+        start = self._stats["evicted_tokens"]
+        holders = len(self._free_holders)
+        if n_tokens <= 0:
+            return 0
+        if protect and self._kv is not None and not self._free_holders:
+            # a holder is wanted: one eviction of any size
+            self._evict(lambda: len(self._free_holders) > holders, protect)
+        else:
+            self._evict(lambda: self._stats["evicted_tokens"] - start >= n_tokens, protect)
+        return self._stats["evicted_tokens"] - start
+
+    def _evict(self, done, protect) -> None:
+        """Evict unlocked leaves, least recently used first, until ``done()``."""
+        heap = [(n.last_used, id(n), n) for n in self._nodes()
+                if not n.children and not n.lockers and id(n) not in protect]
+        heapq.heapify(heap)
+        while heap and not done():
+            _, _, node = heapq.heappop(heap)
+            parent = self._remove_leaf(node)
+            if parent is not None and parent.parent is not None and not parent.children and \
+                    not parent.lockers and id(parent) not in protect:
+                heapq.heappush(heap, (parent.last_used, id(parent), parent))
+
+    def _remove_leaf(self, node: _Node) -> Optional[_Node]:
+        if self._kv is not None:
+            self._kv.seq_rm(node.holder, -1, -1)
+            self._free_holders.append(node.holder)
+        for ck in node.ckpts.values():
+            self._recr.checkpoint_drop(ck)
+            del self._ckpt_node[ck]
+        self._n_ckpts -= len(node.ckpts)
+        parent = node.parent
+        del parent.children[int(node.tokens[0])]
+        if parent.parent is None and not parent.children:
+            del self._roots[parent.key]
+            parent = None
+        self._cached_tokens -= len(node.tokens)
+        self._stats["evictions"] += 1
+        self._stats["evicted_tokens"] += len(node.tokens)
+        return parent
+
+    # -- checks (tests) ------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Assert the index agrees with the memory: every node's holder holds exactly its
+        positions, every checkpoint exists at its length, every holder id and request id is
+        accounted for, the counters match. AssertionError naming the first disagreement."""
+        with self._lock:
+            seen_holders = set()
+            total = ckpts = 0
+            for node in self._nodes():
+                assert len(node.tokens) > 0, "an empty node"
+                assert node.parent.children.get(int(node.tokens[0])) is node, "a node its parent does not list"
+                assert node.start == (node.parent.end if node.parent.parent is not None else 0), "a gap"
+                total += len(node.tokens)
+                if self._kv is not None:
+                    h = node.holder
+                    assert self._n_requests <= h < self._memory.n_seq_max and h not in seen_holders, h
+                    seen_holders.add(h)
+                    base = self._kv.base if self._swa is not None else self._kv
+                    assert base.seq_pos_min(h) == node.start and base.seq_pos_max(h) == node.end - 1, \
+                        f"holder {h} holds [{base.seq_pos_min(h)}, {base.seq_pos_max(h)}], node [{node.start}, {node.end})"
+                for length, ck in node.ckpts.items():
+                    assert node.start < length <= node.end
+                    assert self._recr.checkpoint_pos(ck) == length - 1
+                    assert self._ckpt_node[ck] is node
+                    ckpts += 1
+                for seq in node.lockers:
+                    assert node in self._live[seq].path
+            assert total == self._cached_tokens, (total, self._cached_tokens)
+            assert ckpts == self._n_ckpts
+            if self._recr is not None:
+                assert self._recr.checkpoint_stats()["count"] == ckpts, "a checkpoint leaked"
+            if self._kv is not None:
+                free = set(self._free_holders)
+                assert not free & seen_holders and len(free) == len(self._free_holders)
+                assert free | seen_holders == set(range(self._n_requests, self._memory.n_seq_max)), "a holder leaked"
+                for h in free:
+                    assert self._kv.seq_pos_max(h) == -1, f"free holder {h} holds cells"
+            assert set(self._free_seqs) | set(self._live) == set(range(self._n_requests))
+            for seq in self._free_seqs:
+                assert self._memory.seq_pos_max(seq) == -1, f"free sequence {seq} holds cells"
+            for seq, live in self._live.items():
+                assert self._memory.seq_pos_max(seq) == live.n - 1, (seq, self._memory.seq_pos_max(seq), live.n)
