@@ -1,9 +1,11 @@
 """``llmem demo``: a simulated LLM server whose outputs prove cached decoding exact.
 
-Clients with random prompts and answer lengths share a system prompt. The server decodes them with
-continuous batching through a toy model (:mod:`llmem.toy`) on an llmem memory: the system prompt
-is decoded once and handed to each new client with ``seq_cp``, prompts are cut into micro-batches
-by the memory, one long conversation gets a context shift, one is saved, dropped and restored.
+Clients with random prompts and answer lengths share a system prompt; some come back for more
+turns (multi-turn chats). The server decodes them with continuous batching through a toy model
+(:mod:`llmem.toy`) on an llmem memory behind a :class:`llmem.PrefixCache`: the system prompt is
+decoded once and every request reuses the longest cached prefix of its history (the system prompt,
+the previous turns), prompts are cut into micro-batches by the memory, one long conversation gets a
+context shift, one is saved, dropped and restored.
 At the end a sample of the outputs is recomputed from scratch with ``forward_full``; any
 difference beyond float32 rounding fails the run.
 """
@@ -19,6 +21,8 @@ from typing import List, Optional, TextIO
 import numpy as np
 
 from .batch import Batch
+from .prefix import PrefixCache
+from .status import Status
 from .toy import ARCHS, SSM, ToyModel, make_model
 
 __all__ = ["DemoReport", "run_demo", "format_report", "add_arguments", "main"]
@@ -34,6 +38,9 @@ class _Request:
     index: int
     prompt: List[int]
     answer_len: int
+    follow_ups: List[List[int]] = dataclasses.field(default_factory=list)  # user tokens of later turns
+    turn: int = 0
+    next_turn: bool = False
     seq: int = -1
     history: List[int] = dataclasses.field(default_factory=list)  # every token fed, in order
     pending: List[int] = dataclasses.field(default_factory=list)  # tokens still to decode
@@ -66,6 +73,13 @@ class DemoReport:
     peak_cells: int = 0
     cells: int = 0
     peak_recurrent_cells: int = 0
+    holders: int = 0             # sequence ids the prefix cache holds cached content with
+    requests: int = 0            # turns served (a multi-turn chat is several requests)
+    request_tokens: int = 0      # tokens of the histories the requests were admitted with
+    hit_tokens: int = 0          # of them, found in the prefix cache
+    evictions: int = 0
+    checkpoints: int = 0
+    checkpoint_bytes: int = 0
     recurrent_cells: int = 0
     state_bytes: int = 0
     shift: str = "none"
@@ -129,8 +143,11 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
     rng = np.random.default_rng(seed)
     model = make_model(arch, seed)
     cfg = model.config
-    n_seq_max = parallel + 1          # sequence 0 holds the shared system prompt
-    # each slot gets its share of the cells; the system prompt is counted twice, for the shared
+    # request sequences, then the prefix cache's holders (one per cached node); a recurrent
+    # memory needs none: its cache keeps checkpoints
+    n_holders = 0 if arch == "recurrent" else max(32, 8 * parallel)
+    n_seq_max = parallel + n_holders
+    # each slot gets its share of the cells; the system prompt is counted twice, for the cached
     # copy and for the private copy a single-sequence restore makes
     budget = (n_ctx - 2 * SYSTEM_PROMPT_LEN) // parallel
     if budget < 8:
@@ -138,39 +155,62 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
                          f"{2 * SYSTEM_PROMPT_LEN + 8 * parallel}")
     max_prompt, max_answer = min(24, budget * 2 // 5), min(32, budget - min(24, budget * 2 // 5))
     memory = _new_memory(model, arch, n_ctx, n_seq_max, n_ubatch)
+    cache = PrefixCache(memory, n_requests=parallel, checkpoint_interval=16)
     recurrent_part = getattr(memory, "mem_recr", None)
     clock = model.clock
     report = DemoReport(arch=arch, model=f"{len(cfg.layer_kinds)} layers ({' '.join(cfg.layer_kinds)}), "
                         f"n_embd {cfg.n_embd}, vocab {cfg.n_vocab}", memory=type(memory).__name__,
                         clients=clients, parallel=parallel, n_ctx=n_ctx, seed=seed,
-                        system_prompt=SYSTEM_PROMPT_LEN)
+                        system_prompt=SYSTEM_PROMPT_LEN, holders=n_holders)
 
     system = [int(t) for t in rng.integers(0, cfg.n_vocab, SYSTEM_PROMPT_LEN)]
-    requests = [_Request(i, [int(t) for t in rng.integers(0, cfg.n_vocab, rng.integers(2, max_prompt + 1))],
-                         int(rng.integers(4, max_answer + 1))) for i in range(clients)]
+    requests = []
+    for i in range(clients):
+        prompt = [int(t) for t in rng.integers(0, cfg.n_vocab, rng.integers(2, max_prompt + 1))]
+        answer = int(rng.integers(4, max_answer + 1))
+        # a chat comes back for more turns while its history stays within its share of cells
+        follow_ups, used = [], len(prompt) + answer
+        for _ in range(int(rng.integers(0, 3))):
+            user, more = int(rng.integers(2, 6)), answer + 1
+            if used + user + more > budget:
+                break
+            follow_ups.append([int(t) for t in rng.integers(0, cfg.n_vocab, user)])
+            used += user + more
+        requests.append(_Request(i, prompt, answer, follow_ups))
     shift_req = requests[min(1, clients - 1)]
     shift_req.answer_len = max_answer           # long enough to have something to drop
     save_req = requests[2] if clients > 2 else None
+    for special in (shift_req, save_req):       # their histories are edited: one turn each
+        if special is not None:
+            special.follow_ups = []
 
-    # the system prompt, once
-    model.decode(Batch(token=np.array(system, np.int32), seq_id=np.zeros(len(system), np.int32)),
+    # the system prompt, once: served as a request of its own, it stays cached for the others
+    seq, _ = cache.admit(system)
+    model.decode(Batch(token=np.array(system, np.int32), seq_id=np.full(len(system), seq, np.int32)),
                  memory, n_ubatch)
+    with clock:
+        cache.commit(seq, system)
+        cache.release(seq)
     report.decoded_tokens += len(system)
+    for req in requests:
+        req.history = system + req.prompt
     waiting = list(requests)
     active: List[_Request] = []
-    free_seqs = list(range(1, n_seq_max))
     bar = _Progress(clients, progress or sys.stderr, progress is not None)
     finished = 0
 
     while waiting or active:
-        while waiting and free_seqs:
+        while waiting and len(active) < parallel:
             req = waiting.pop(0)
-            req.seq = free_seqs.pop(0)
             with clock:
-                memory.seq_cp(0, req.seq, -1, -1)
-            req.history = system + req.prompt
-            req.n_fed = len(system)
-            req.pending = list(req.prompt)
+                req.seq, hit = cache.admit(req.history)
+            report.requests += 1
+            report.request_tokens += len(req.history)
+            report.hit_tokens += hit
+            req.n_fed = hit
+            req.pending = req.history[hit:]
+            req.generated = 0
+            req.done = False
             active.append(req)
 
         for req in active:
@@ -198,16 +238,25 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
         batch = Batch(token=np.array([t for _, t, _ in entries], np.int32),
                       seq_id=np.array([r.seq for r, _, _ in entries], np.int32),
                       output=np.array([o for _, _, o in entries], bool))
+        with clock:
+            # no room: the cache evicts what it must (least recently used, never a live request)
+            if cache.init_batch(batch, n_ubatch).status != Status.SUCCESS:
+                raise RuntimeError("no room for a decode even after emptying the prefix cache")
         logits = model.decode(batch, memory, n_ubatch)
         report.steps += 1
         report.decoded_tokens += len(entries)
         report.peak_cells = max(report.peak_cells, memory.used)
         if recurrent_part is not None:
             report.peak_recurrent_cells = max(report.peak_recurrent_cells, recurrent_part.used)
-        row = 0
-        fed = {}
-        for req, _, out in entries:
+        fed: dict = {}
+        for req, _, _ in entries:
             fed[req.index] = fed.get(req.index, 0) + 1
+        with clock:
+            # index what each request decoded (and checkpoint its state) for later requests
+            for index, n in fed.items():
+                req = requests[index]
+                cache.commit(req.seq, req.history[req.n_fed:req.n_fed + n], index=req is not shift_req)
+        row = 0
         for req, _, out in entries:
             if not out:
                 continue
@@ -217,8 +266,14 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
             token = _sample(logits[row], rng)
             row += 1
             req.generated += 1
+            report.generated_tokens += 1
             if req.generated >= req.answer_len:
                 req.done = True
+                req.next_turn = req.turn < len(req.follow_ups)
+                if req.next_turn:
+                    # the chat goes on: the next turn's prompt is the whole history so far
+                    req.history += [token] + req.follow_ups[req.turn]
+                    req.turn += 1
                 continue
             req.history.append(token)
             req.pending = [token]
@@ -230,12 +285,14 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
         for req in list(active):
             if req.done:
                 with clock:
-                    memory.seq_rm(req.seq, -1, -1)
-                free_seqs.append(req.seq)
+                    cache.release(req.seq)
                 active.remove(req)
-                finished += 1
+                if req.next_turn:
+                    waiting.append(req)
+                else:
+                    finished += 1
             elif req is shift_req and report.shift == "none" and req.generated == req.answer_len // 2:
-                _context_shift(model, memory, req, report)
+                _context_shift(model, cache, req, report)
             elif req is save_req and report.save_restore == "none" and req.generated == max(1, req.answer_len // 3):
                 with clock:
                     req.saved = memory.state_write(req.seq)
@@ -248,26 +305,30 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
     bar.close()
 
     report.prompt_tokens = sum(len(r.prompt) for r in requests)
-    report.generated_tokens = sum(r.generated for r in requests)
     report.cells = memory.size
     report.recurrent_cells = recurrent_part.size if recurrent_part is not None else 0
     report.state_bytes = sum(memory.memory_breakdown().values())
+    stats = cache.stats()
+    report.evictions, report.checkpoints = stats["evictions"], stats["checkpoints"]
+    report.checkpoint_bytes = stats["checkpoint_bytes"]
     report.llmem_s, report.model_s = clock.llmem, clock.model
     _verify(model, requests, verify, rng, report)
     report.wall_s = time.perf_counter() - t_wall
     return report
 
 
-def _context_shift(model: ToyModel, memory, req: _Request, report: DemoReport) -> None:
-    """llama.cpp server's context shift: keep the system prompt, drop half of what follows."""
+def _context_shift(model: ToyModel, cache: PrefixCache, req: _Request, report: DemoReport) -> None:
+    """llama.cpp server's context shift: keep the system prompt, drop half of what follows. The
+    request shares only the system prompt with the prefix cache (its own tokens were committed
+    unindexed), so the shift moves no cached cell."""
     n_keep = SYSTEM_PROMPT_LEN
     n_discard = (req.n_fed - n_keep) // 2
+    memory = cache.memory
     if not memory.get_can_shift():
         report.shift = f"skipped: {type(memory).__name__} cannot shift positions"
         return
     with model.clock:
-        memory.seq_rm(req.seq, n_keep, n_keep + n_discard)
-        memory.seq_add(req.seq, n_keep + n_discard, -1, -n_discard)
+        cache.shift(req.seq, n_keep, n_discard)
     req.shifted = True
     # A state-space model's state has no positions: its outputs stay those of the whole history.
     # With attention, the kept rows were computed with the dropped tokens in view, which no
@@ -305,12 +366,20 @@ def _verify(model: ToyModel, requests: List[_Request], verify: int, rng, report:
 def format_report(r: DemoReport) -> str:
     """The report ``llmem demo`` prints."""
     steps = max(1, r.steps)
+    hit_rate = r.hit_tokens / r.request_tokens if r.request_tokens else 0.0
+    # without a cache every request decodes its whole history, the system prompt included
+    without = r.request_tokens + r.generated_tokens - r.requests
     verdict = "OK" if r.ok else "FAILED"
     lines = [
         f"llmem demo: {r.arch} toy model, {r.model}, seed {r.seed}",
-        f"memory         {r.memory}, {r.n_ctx} cells, {r.parallel} client slots + 1 system-prompt sequence",
-        f"requests       {r.clients} served, {r.parallel} at a time (continuous batching)",
-        f"system prompt  {r.system_prompt} tokens, decoded once, shared with seq_cp",
+        f"memory         {r.memory}, {r.n_ctx} cells, {r.parallel} client slots"
+        + (f" + {r.holders} prefix-cache sequences" if r.holders else ""),
+        f"requests       {r.clients} served in {r.requests} requests (multi-turn chats), {r.parallel} at a time "
+        f"(continuous batching)",
+        f"system prompt  {r.system_prompt} tokens, decoded once, then reused from the prefix cache",
+        f"prefix cache   hit rate {hit_rate:.0%}: {r.hit_tokens} of {r.request_tokens} prompt tokens reused; "
+        f"{r.decoded_tokens} tokens decoded, {without} without the cache ({without - r.decoded_tokens} saved); "
+        f"{r.evictions} evictions, {r.checkpoints} checkpoints held ({r.checkpoint_bytes / 1024:.1f} KiB)",
         f"tokens         {r.prompt_tokens} prompt + {r.generated_tokens} generated; "
         f"{r.decoded_tokens} decoded in total",
         f"steps          {r.steps} decode calls",

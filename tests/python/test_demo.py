@@ -17,8 +17,11 @@ from llmem.toy import ARCHS, ToyModel
 def test_demo_serves_every_client_and_verifies(arch):
     r = demo.run_demo(arch, clients=6, parallel=2, n_ctx=160, seed=7, verify=2)
     assert r.ok, r.failures
-    # every prompt token and every sampled token but each request's last was decoded once
-    assert r.decoded_tokens == r.system_prompt + r.prompt_tokens + r.generated_tokens - r.clients
+    # every history token not found in the prefix cache and every sampled token but each
+    # request's last was decoded once; the system prompt once, before any request
+    assert r.decoded_tokens == r.system_prompt + r.request_tokens - r.hit_tokens + r.generated_tokens - r.requests
+    # the system prompt and earlier turns come from the cache
+    assert r.hit_tokens >= (r.requests - 1) * min(r.system_prompt, 16) and r.requests >= r.clients
     assert r.shift.startswith("request 1 ") and r.save_restore.startswith("request 2 ")
     # the shifted and the restored request are always among the verified ones
     assert r.verified_requests >= 3 and r.verified_rows > 2 * r.verified_requests
@@ -33,7 +36,7 @@ def test_demo_command_prints_the_report():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     report = out.stdout
-    for label in ("requests", "tokens", "steps", "memory used", "context shift", "save/restore",
+    for label in ("requests", "prefix cache", "tokens", "steps", "memory used", "context shift", "save/restore",
                   "llmem work", "model compute", "verified"):
         assert f"\n{label}" in report
     assert report.splitlines()[-2].endswith("OK")
