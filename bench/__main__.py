@@ -32,7 +32,7 @@ from . import llama_baseline  # noqa: E402
 from ._timing import Progress, host_probe_ms  # noqa: E402
 from .workloads import SEQ_OP_NAMES, Config, plan  # noqa: E402
 
-GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy")
+GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix")
 
 
 def machine_info() -> dict:
@@ -209,6 +209,10 @@ def main(argv=None) -> int:
                     help=f"run only these groups ({', '.join(GROUPS)})")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp baseline")
     args = ap.parse_args(argv)
+    if args.only == ["prefix"]:
+        from . import bench_prefix  # its own tables: the prefix cache and the checkpoints
+        bench_prefix.run(quick=not args.full)
+        return 0
 
     cfg = Config(quick=not args.full, use_llama=not args.no_llama)
     if cfg.use_llama and not llama_baseline.available():
@@ -250,6 +254,9 @@ def main(argv=None) -> int:
                        "targets": targets}, f, indent=1)
     if args.plot:
         plot(records, args.plot)
+    if not args.only or "prefix" in args.only:
+        from . import bench_prefix  # its own tables: the prefix cache and the checkpoints
+        bench_prefix.run(quick=cfg.quick)
     return 0
 
 

@@ -1,6 +1,7 @@
 """llmem.PrefixCache (issue 14, item 3): a serving workload on every toy model through the cache
-gives forward_full's outputs, and a state machine over admit / decode / release / evict keeps the
-index in agreement with the memory, never corrupting a live request."""
+gives forward_full's outputs, and a state machine over admit / decode / release / evict and a
+sequence operation on the memory beside the cache keeps the index in agreement with the memory,
+never corrupting a live request."""
 
 from __future__ import annotations
 
@@ -223,6 +224,24 @@ class PrefixMachine(RuleBasedStateMachine):
         seq = data.draw(st.sampled_from(sorted(self.history)), label="seq")
         self.cache.release(seq)
         del self.history[seq]
+
+    @precondition(lambda self: 0 < len(self.history) < 3)
+    @rule(data=st.data())
+    def seq_cp_beside_the_cache(self, data):
+        # a sequence operation on the memory itself, between a live request and a free id: a
+        # range that would pair cells with another position's recurrent state is refused
+        src = data.draw(st.sampled_from(sorted(self.history)), label="src")
+        dst = min(set(range(3)) - set(self.history))
+        last = self.memory.seq_pos_max(src)
+        p1 = data.draw(st.integers(0, last + 2), label="p1")
+        if self.kind != "transformer" and self.kind != "iswa" and p1 <= last:
+            with pytest.raises(ValueError, match="wrong state"):
+                self.memory.seq_cp(src, dst, 0, p1)
+        else:
+            self.memory.seq_cp(src, dst, 0, p1)
+            assert self.memory.seq_pos_max(dst) == min(last, p1 - 1)
+            assert self.memory.seq_rm(dst, -1, -1)
+        assert self.memory.seq_pos_max(dst) == -1
 
     @rule(n=st.integers(1, 40))
     def evict(self, n):
