@@ -60,7 +60,8 @@ class _Node:
     """A run of tokens at positions ``[start, end)``; its holder sequence holds their cells
     (K/V memories) and ``ckpts`` maps a length in ``(start, end]`` to a checkpoint id."""
 
-    __slots__ = ("parent", "children", "tokens", "start", "holder", "ckpts", "last_used", "lockers", "key")
+    __slots__ = ("parent", "children", "tokens", "start", "holder", "ckpts", "last_used", "lockers", "key",
+                 "alive")
 
     def __init__(self, parent: Optional["_Node"], tokens: np.ndarray, start: int, holder: int, key) -> None:
         self.parent = parent
@@ -72,6 +73,7 @@ class _Node:
         self.last_used = 0
         self.lockers: set = set()
         self.key = key
+        self.alive = True
 
     @property
     def end(self) -> int:
@@ -193,6 +195,11 @@ class PrefixCache:
         self._free_holders = list(range(n_seq_max - 1, n_requests - 1, -1)) if kv is not None else []
         self._live: dict = {}
         self._clock = itertools.count(1)
+        # eviction candidates: (last_used, tick, node) pushed whenever a node may have become an
+        # unlocked leaf; entries are checked when popped (no scan of the tree per eviction)
+        self._heap: list = []
+        self._tick = itertools.count()
+        self._n_nodes = 0
         self._cached_tokens = 0
         self._n_ckpts = 0
         self._ckpt_node: dict = {}  # checkpoint id -> the node listing it
@@ -229,7 +236,7 @@ class PrefixCache:
             out = dict(self._stats)
             out["hit_rate"] = out["hit_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
             out["cached_tokens"] = self._cached_tokens
-            out["nodes"] = sum(1 for _ in self._nodes())
+            out["nodes"] = self._n_nodes
             out["checkpoints"] = self._n_ckpts
             out["checkpoint_bytes"] = (self._recr.checkpoint_stats()["checkpoint_bytes"] * self._n_ckpts
                                        if self._recr is not None else 0)
@@ -516,11 +523,20 @@ class PrefixCache:
         return True
 
     def _lock_path(self, live: _Live, path: List[_Node]) -> None:
-        for node in live.path:
-            node.lockers.discard(live.seq)
-        live.path = path
+        kept = set(map(id, path))
         for node in path:
             node.lockers.add(live.seq)
+        for node in live.path:
+            if id(node) not in kept:
+                node.lockers.discard(live.seq)
+                if not node.lockers:
+                    self._offer(node)
+        live.path = path
+
+    def _offer(self, node: _Node) -> None:
+        """Make ``node`` an eviction candidate (it is checked again when its turn comes)."""
+        if node.parent is not None and node.alive:
+            heapq.heappush(self._heap, (node.last_used, next(self._tick), node))
 
     def _new_holder(self, protect: Iterable[_Node]) -> int:
         """A free holder id, evicting an unlocked leaf (not in ``protect``) if none is free; -1
@@ -543,6 +559,7 @@ class PrefixCache:
             self._kv.seq_rm(node.holder, node.start, at)
         cut = at - node.start
         upper = _Node(node.parent, node.tokens[:cut], node.start, holder, node.key)
+        self._n_nodes += 1
         upper.last_used = node.last_used
         upper.ckpts = {length: ck for length, ck in node.ckpts.items() if length <= at}
         node.ckpts = {length: ck for length, ck in node.ckpts.items() if length > at}
@@ -591,6 +608,7 @@ class PrefixCache:
                     return
                 self._roots.setdefault(live.key, root)  # an eviction may have emptied it
                 child = _Node(parent, tokens[matched:n].copy(), matched, holder, live.key)
+                self._n_nodes += 1
                 if self._kv is not None:
                     self._kv.seq_cp(live.seq, holder, matched, n)
                 parent.children[int(child.tokens[0])] = child
@@ -661,15 +679,25 @@ class PrefixCache:
 
     def _evict(self, done, protect) -> None:
         """Evict unlocked leaves, least recently used first, until ``done()``."""
-        heap = [(n.last_used, id(n), n) for n in self._nodes()
-                if not n.children and not n.lockers and id(n) not in protect]
-        heapq.heapify(heap)
+        heap = self._heap
+        if len(heap) > 2 * self._n_nodes + 1024:
+            # stale entries dominate: start again from the nodes that are candidates now
+            heap[:] = [(n.last_used, next(self._tick), n) for n in self._nodes() if not n.children and not n.lockers]
+            heapq.heapify(heap)
+        kept = []
         while heap and not done():
-            _, _, node = heapq.heappop(heap)
+            entry = heapq.heappop(heap)
+            last_used, _, node = entry
+            if not node.alive or node.children or node.lockers or last_used != node.last_used:
+                continue  # stale: offered again when it becomes a candidate
+            if id(node) in protect:
+                kept.append(entry)
+                continue
             parent = self._remove_leaf(node)
-            if parent is not None and parent.parent is not None and not parent.children and \
-                    not parent.lockers and id(parent) not in protect:
-                heapq.heappush(heap, (parent.last_used, id(parent), parent))
+            if parent is not None and not parent.children and not parent.lockers:
+                self._offer(parent)
+        for entry in kept:
+            heapq.heappush(heap, entry)
 
     def _remove_leaf(self, node: _Node) -> Optional[_Node]:
         if self._kv is not None:
@@ -681,6 +709,8 @@ class PrefixCache:
         self._n_ckpts -= len(node.ckpts)
         parent = node.parent
         del parent.children[int(node.tokens[0])]
+        node.alive = False
+        self._n_nodes -= 1
         if parent.parent is None and not parent.children:
             del self._roots[parent.key]
             parent = None
@@ -718,6 +748,10 @@ class PrefixCache:
                 for seq in node.lockers:
                     assert node in self._live[seq].path
             assert total == self._cached_tokens, (total, self._cached_tokens)
+            assert sum(1 for _ in self._nodes()) == self._n_nodes
+            for node in self._nodes():
+                if not node.children and not node.lockers:
+                    assert any(e[2] is node and e[0] == node.last_used for e in self._heap), "an unlisted candidate"
             assert ckpts == self._n_ckpts
             if self._recr is not None:
                 assert self._recr.checkpoint_stats()["count"] == ckpts, "a checkpoint leaked"
