@@ -16,6 +16,10 @@ within llama.cpp's sequence model:
   checkpoint on the matched path and restores it.
 * **Live requests share too.** Every :meth:`commit` (after each decode of a request) inserts what
   the request has decoded so far, so a request can reuse a prefix another one is still extending.
+* **Sliding windows.** In a window cache (iSWA) a holder keeps only the window before its node's
+  end (a window cell shared by two sequences is never reused as the window slides, so sharing
+  more would fill the cache); a hit is taken only where that window is held, so it ends at a
+  node's end, and checkpoints of a hybrid-iSWA memory are placed at node ends.
 
 A server's loop::
 
@@ -49,7 +53,7 @@ from .hybrid import HybridMemory
 from .kv_cache import KVCache, KVCacheISWA
 from .memory import STATE_HEADER
 from .recurrent import RecurrentMemory
-from .status import Status
+from .status import Status, SWAType
 
 __all__ = ["PrefixCache"]
 
@@ -84,7 +88,7 @@ class _Live:
     """A request being served: its sequence, the tokens the memory holds for it, the nodes on
     its path (locked: evicting them would free no cell the request holds)."""
 
-    __slots__ = ("seq", "key", "tokens", "n", "path", "branch", "transient", "indexed", "shared")
+    __slots__ = ("seq", "key", "tokens", "n", "path", "branch", "transient", "indexed", "shared", "leaf")
 
     def __init__(self, seq: int, key, tokens: np.ndarray, n: int, branch: int) -> None:
         self.seq = seq
@@ -96,6 +100,7 @@ class _Live:
         self.transient = -1    # checkpoint of the last one-token commit (replaced by the next)
         self.indexed = True    # False once the request's history is no longer a plain prefix
         self.shared = n        # its cells below this position may be shared with the cache
+        self.leaf = None       # the node it created last (it grows in place)
 
 
 def _as_tokens(tokens, name: str = "tokens") -> np.ndarray:
@@ -120,15 +125,21 @@ def _int(name: str, value, lo: int, hi: int) -> int:
 
 
 def _window_of(cache: KVCache) -> int:
-    """``n_swa`` of a window cache, read from the configuration fields its versioned state
-    header records (the cache object keeps no Python copy of it)."""
+    """How many positions before a token a window cache must hold for it: ``n_swa - 1`` with
+    the standard mask (a key ``n_swa`` or more positions back is masked), ``n_swa`` with the
+    others (chunked, symmetric), read from the configuration fields the cache's versioned
+    state header records (the cache object keeps no Python copy of them)."""
     header = bytes(_core.state_header(1, [cache._core], None, -1, STATE_HEADER, b""))
-    name = b"attn.n_swa"
-    at = header.find(bytes([len(name)]) + name)
-    if at < 0:  # pragma: no cover - the header always describes the window
-        raise LlmemError("cannot read the window size of the sliding-window cache")
-    at += 1 + len(name)
-    return int.from_bytes(header[at:at + 8], "little", signed=True)
+
+    def field(name: bytes) -> int:
+        at = header.find(bytes([len(name)]) + name)
+        if at < 0:  # pragma: no cover - the header always describes the window
+            raise LlmemError("cannot read the window of the sliding-window cache")
+        at += 1 + len(name)
+        return int.from_bytes(header[at:at + 8], "little", signed=True)
+
+    n_swa = field(b"attn.n_swa")
+    return n_swa - 1 if field(b"attn.swa_type") == int(SWAType.STANDARD) else n_swa
 
 
 class PrefixCache:
@@ -182,7 +193,7 @@ class PrefixCache:
         self._kv = kv
         self._recr = recr
         self._swa = kv.swa if isinstance(kv, KVCacheISWA) else None
-        self._n_swa = _window_of(self._swa) if self._swa is not None else 0
+        self._window = _window_of(self._swa) if self._swa is not None else 0
         self._lock = memory.lock
         self._n_requests = n_requests
         self._max_cached = None if max_cached_tokens is None else _int("max_cached_tokens", max_cached_tokens, 0,
@@ -283,7 +294,7 @@ class PrefixCache:
                 for node in path:
                     p1 = min(node.end, n_hit)
                     if p1 > node.start:
-                        self._kv.seq_cp(node.holder, seq, node.start, p1)
+                        self._share(node.holder, seq, node.start, p1, n_hit)
             if ckpt is not None:
                 try:
                     self._recr.checkpoint_restore(ckpt, seq)
@@ -509,7 +520,7 @@ class PrefixCache:
         return 0
 
     def _window_ok(self, path: List[_Node], length: int) -> bool:
-        lo = max(0, length - self._n_swa)
+        lo = max(0, length - self._window)
         swa = self._swa
         for node in path:
             if node.start >= length:
@@ -522,6 +533,19 @@ class PrefixCache:
                 return False
         return True
 
+    def _share(self, src: int, dst: int, p0: int, p1: int, end: int) -> None:
+        """Share ``src``'s cells of [p0, p1) with ``dst``; in a window cache only those of the
+        window before ``end`` (the positions the token at ``end`` sees). Cells a window cache
+        shares between two sequences are never reused for the window sliding on, so sharing
+        more than the window would fill it."""
+        if self._swa is None:
+            self._kv.seq_cp(src, dst, p0, p1)
+            return
+        self._kv.base.seq_cp(src, dst, p0, p1)
+        w0 = max(p0, end - self._window)
+        if w0 < p1:
+            self._swa.seq_cp(src, dst, w0, p1)
+
     def _lock_path(self, live: _Live, path: List[_Node]) -> None:
         kept = set(map(id, path))
         for node in path:
@@ -531,7 +555,7 @@ class PrefixCache:
                 node.lockers.discard(live.seq)
                 if not node.lockers:
                     self._offer(node)
-        live.path = path
+        live.path = list(path)  # its own list: splits insert into it
 
     def _offer(self, node: _Node) -> None:
         """Make ``node`` an eviction candidate (it is checked again when its turn comes)."""
@@ -547,9 +571,11 @@ class PrefixCache:
             self._evict_tokens(1, protect=set(map(id, protect)))
         return self._free_holders.pop() if self._free_holders else -1
 
-    def _split(self, node: _Node, at: int, protect) -> Optional[_Node]:
+    def _split(self, node: _Node, at: int, protect, seq: int) -> Optional[_Node]:
         """Cut ``node`` at position ``at`` (start < at < end): a new upper node takes
-        ``[start, at)`` and becomes the parent of ``node``. None when no holder is free."""
+        ``[start, at)`` and becomes the parent of ``node``. None when no holder is free. With a
+        window cache the upper node's window is taken from ``seq``, the request leaving the
+        node there, which decoded it."""
         holder = -1
         if self._kv is not None:
             holder = self._new_holder(list(protect) + [node])
@@ -571,10 +597,33 @@ class PrefixCache:
         node.parent = upper
         upper.children[int(node.tokens[0])] = node
         upper.lockers = set(node.lockers)
-        for seq in upper.lockers:
-            live = self._live[seq]
+        for locker in upper.lockers:
+            live = self._live[locker]
             live.path.insert(live.path.index(node), upper)
+        if self._swa is not None:
+            self._take_window(upper, at, seq)
+            self._keep_window(upper)
         return upper
+
+    def _take_window(self, node: _Node, end: int, seq: int) -> None:
+        """Window cache: give ``node``'s holder the cells of the window before ``end`` that
+        ``seq`` holds (replacing its own there: one cell per position)."""
+        if self._swa is None:
+            return
+        w0 = max(node.start, end - self._window)
+        if self._swa.seq_pos_min(node.holder) <= w0 and self._swa.seq_pos_max(node.holder) >= end - 1 and \
+                self._window_ok([node], end):
+            return  # held already
+        self._swa.seq_rm(node.holder, w0, end)
+        self._swa.seq_cp(seq, node.holder, w0, end)
+
+    def _keep_window(self, node: _Node) -> None:
+        """Window cache: the holder keeps the window before its end and nothing else (cells
+        shared by two sequences are never reused by the window sliding on, so keeping more
+        would fill the window cache). A hit in a window cache therefore ends at a node's end;
+        checkpoints are placed at node ends there (see _insert)."""
+        if node.end - self._window > node.start:
+            self._swa.seq_rm(node.holder, node.start, node.end - self._window)
 
     def _insert(self, live: _Live, transient: bool) -> None:
         """Index the request's tokens: split where they leave a node, extend a leaf or add a
@@ -589,18 +638,27 @@ class PrefixCache:
         if path and matched < min(path[-1].end, n):
             # the tokens leave the last node inside it: cut it there (tokens that merely end
             # inside a node are cached already)
-            upper = self._split(path[-1], matched, path)
+            upper = self._split(path[-1], matched, path, live.seq)
             if upper is None:
                 self._lock_path(live, path[:-1])
                 return
             path[-1] = upper
         parent = path[-1] if path else root
         if matched < n:
-            if parent is not root and not parent.children and parent.end == matched:
+            # a leaf grows in place; with a window cache only the request's own leaf, and not past
+            # a checkpoint at its end: the window is kept at a node's end only, where a hit of
+            # another request may need it
+            grows = parent is not root and not parent.children and parent.end == matched
+            if grows and self._swa is not None:
+                grows = parent is live.leaf and not any(
+                    ck != live.transient for length, ck in parent.ckpts.items() if length == parent.end)
+            if grows:
                 # the request's own leaf: it grows in place
                 if self._kv is not None:
-                    self._kv.seq_cp(live.seq, parent.holder, matched, n)
+                    self._share(live.seq, parent.holder, matched, n, n)
                 parent.tokens = np.concatenate([parent.tokens, tokens[matched:n]])
+                if self._swa is not None:
+                    self._keep_window(parent)
             else:
                 holder = self._new_holder(path)
                 if self._kv is not None and holder < 0:
@@ -610,14 +668,23 @@ class PrefixCache:
                 child = _Node(parent, tokens[matched:n].copy(), matched, holder, live.key)
                 self._n_nodes += 1
                 if self._kv is not None:
-                    self._kv.seq_cp(live.seq, holder, matched, n)
+                    self._share(live.seq, holder, matched, n, n)
                 parent.children[int(child.tokens[0])] = child
                 path.append(child)
+                live.leaf = child
             self._cached_tokens += n - matched
         for node in path:
             node.last_used = now
         self._lock_path(live, path)
         if self._recr is not None and path:
+            if self._swa is not None and n < path[-1].end and n not in path[-1].ckpts:
+                # with a window cache a hit ends at a node's end (only there is the window
+                # kept): the checkpoint goes to the end of a node cut here
+                upper = self._split(path[-1], n, path, live.seq)
+                if upper is None:
+                    return
+                path[-1] = upper
+                self._lock_path(live, path)
             # a generation step's checkpoint replaces the request's previous one: a request
             # keeps those of its prompt chunks, its branch point and its latest step
             previous = live.transient
@@ -740,6 +807,12 @@ class PrefixCache:
                     base = self._kv.base if self._swa is not None else self._kv
                     assert base.seq_pos_min(h) == node.start and base.seq_pos_max(h) == node.end - 1, \
                         f"holder {h} holds [{base.seq_pos_min(h)}, {base.seq_pos_max(h)}], node [{node.start}, {node.end})"
+                    if self._swa is not None and self._swa.seq_pos_max(h) >= 0:
+                        # at most the window before its end (contiguous: the window cache
+                        # prunes a sequence from its front)
+                        assert max(node.start, node.end - self._window) <= self._swa.seq_pos_min(h), \
+                            f"holder {h} keeps window cells from {self._swa.seq_pos_min(h)}, node [{node.start}, {node.end})"
+                        assert self._swa.seq_pos_max(h) == node.end - 1
                 for length, ck in node.ckpts.items():
                     assert node.start < length <= node.end
                     assert self._recr.checkpoint_pos(ck) == length - 1

@@ -281,3 +281,60 @@ TestPrefixISWA = _machine("iswa")
 TestPrefixRecurrent = _machine("recurrent")
 TestPrefixHybrid = _machine("hybrid")
 TestPrefixHybridISWA = _machine("hybrid_iswa")
+
+
+def test_iswa_hit_only_where_the_window_cells_are_held():
+    # a 400-token prompt decoded before any commit through a 256-cell window cache: the window cache
+    # reuses the prompt's early cells as it goes, so a later prompt sharing only the first 100
+    # tokens finds them cached in the base cache but not the window position 100 needs
+    model = MODELS["iswa"]
+    memory = model.new_memory(512, 8, n_ubatch=64)
+    assert memory.swa.size == 256
+    cache = llmem.PrefixCache(memory, n_requests=2)
+    rng = np.random.default_rng(14)
+    v = model.config.n_vocab
+    long = list(map(int, rng.integers(0, v, 400)))
+    seq, _ = cache.admit(long)
+    for i in range(0, 400, 50):                # no commit meanwhile: nothing is shared yet
+        chunk = np.array(long[i:i + 50], np.int32)
+        model.decode(llmem.Batch(token=chunk, seq_id=np.full(len(chunk), seq, np.int32)), memory, 64)
+    cache.commit(seq, long)
+    cache.release(seq)
+    assert memory.swa.seq_pos_min(cache._roots[None].children[long[0]].holder) > 100
+    branch = long[:100] + [1, 2, 3]
+    assert cache.match(branch) == 0            # the window of position 100 is gone
+    assert cache.match(long[:399] + [7]) == 0    # the holder keeps the window of its end only
+    assert cache.match(long + [7]) == 400         # the next turn of the conversation
+    seq, hit = cache.admit(long + [7])
+    assert memory.swa.seq_pos_min(seq) >= 400 - model.config.n_swa  # the window, not more, is shared
+    for _ in range(3):                            # the window slides on through the shared cells
+        out = model.decode(llmem.Batch(token=np.array([7], np.int32), seq_id=np.array([seq], np.int32)), memory, 64)
+        cache.commit(seq, [7])
+    np.testing.assert_allclose(out[0], model.forward_full(long + [7, 7, 7])[-1], **TOL)
+    cache.check()
+
+
+def test_init_batch_evicts_just_enough():
+    model = MODELS["transformer"]
+    memory = model.new_memory(64, 12)
+    cache = llmem.PrefixCache(memory, n_requests=2)
+    rng = np.random.default_rng(15)
+    v = model.config.n_vocab
+    for i in range(6):                           # six released 10-token prompts: 60 cells cached
+        p = [i] + list(map(int, rng.integers(0, v, 9)))
+        seq, _ = cache.admit(p)
+        model.decode(llmem.Batch(token=np.array(p, np.int32), seq_id=np.full(10, seq, np.int32)), memory)
+        cache.commit(seq, p)
+        cache.release(seq)
+    assert cache.stats()["cached_tokens"] == 60 and memory.used == 60
+    seq, _ = cache.admit(list(range(50, 63)))
+    batch = llmem.Batch(token=np.arange(50, 63, dtype=np.int32), seq_id=np.full(13, seq, np.int32))
+    assert memory.init_batch(batch, 16).status == llmem.Status.FAILED_PREPARE
+    ctx = cache.init_batch(batch, 16)
+    assert ctx.status == llmem.Status.SUCCESS
+    # 9 cells were missing: the least recently used prompt and the next one went, not more
+    assert cache.stats()["evictions"] == 1 and cache.stats()["cached_tokens"] == 50 or \
+        cache.stats()["evictions"] == 2 and cache.stats()["cached_tokens"] == 40
+    big = llmem.Batch(token=np.arange(70, dtype=np.int32), seq_id=np.full(70, seq, np.int32))
+    assert cache.init_batch(big, 16).status == llmem.Status.FAILED_PREPARE   # more than the memory
+    cache.check()
