@@ -43,7 +43,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import operator
-from typing import Hashable, Iterable, List, Optional, Sequence, Tuple
+from typing import Hashable, Iterable, List, Optional, Tuple
 
 import numpy as np
 
@@ -56,8 +56,6 @@ from .recurrent import RecurrentMemory
 from .status import Status, SWAType
 
 __all__ = ["PrefixCache"]
-
-_ROOT_END = 0
 
 
 class _Node:
