@@ -1,0 +1,174 @@
+"""Per-call cost of the C API (issue 18): Python, Cython through llmem._core._C_API, pure C++ core.
+
+    python -m bench --only capi
+
+The same KV cache (65536 cells, half full, its sequences side by side) is driven three ways:
+from Python (llmem.KVCache), from a Cython extension through the C API without the GIL
+(tests/python/capi_ext/capi_driver.pyx, compiled here with Cython from PyPI), and by a C++ loop
+calling the compiled core directly (llmem._core._time_core: no handle, lock or exception guard).
+Each figure is the median over rounds of the mean of a loop of calls. Target: the Cython path
+within 20% of the pure C++ core. The llama.cpp column is filled by the llama.cpp driver of the
+bench suite (another change); until then it reads "-".
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import llmem
+from llmem import _core
+
+N_CELLS = 65536
+TARGET = 1.20  # Cython / C++ core
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _driver():
+    """The Cython consumer of the tests, compiled into a temporary directory (once per run)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tests", "python", "capi_ext"))
+    try:
+        import build_driver
+    finally:
+        sys.path.pop(0)
+    return build_driver.build(tempfile.mkdtemp(prefix="llmem-capi-bench-"))
+
+
+def _filled(n_seqs: int) -> llmem.KVCache:
+    """A half-full cache: n_seqs sequences of N_CELLS / 2 / n_seqs tokens, side by side."""
+    mem = llmem.KVCache(n_layer=1, n_embd_k_gqa=8, n_embd_v_gqa=8, kv_size=N_CELLS, n_seq_max=n_seqs)
+    per = N_CELLS // 2 // n_seqs
+    for s in range(n_seqs):
+        ctx = mem.init_batch(llmem.Batch(token=np.zeros(per, np.int32), seq_id=np.full(per, s, np.int32)), 4096)
+        for _ub in ctx:
+            pass
+    return mem
+
+
+def _trim(mem, seqs, lengths) -> None:
+    for s, n in zip(seqs, lengths):
+        mem.seq_rm(int(s), int(n), -1)
+
+
+def _median(fn, rounds: int) -> float:
+    return statistics.median(fn() for _ in range(rounds))
+
+
+def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
+    mem = _filled(n_seqs)
+    handle = drv.Memory(mem)
+    seqs = np.arange(n_seqs, dtype=np.int32)
+    base_len = [mem.seq_pos_max(int(s)) + 1 for s in seqs]
+    seq_list = seqs.tolist()
+    rows = []
+
+    # seq_pos_max ------------------------------------------------------------------------------
+    reps = 20000
+
+    def py_pos():
+        q = mem.seq_pos_max
+        t0 = time.perf_counter_ns()
+        for i in range(reps):
+            q(i % n_seqs)
+        return (time.perf_counter_ns() - t0) / reps
+
+    rows.append(("seq_pos_max", _median(py_pos, rounds),
+                 _median(lambda: drv.time_seq_pos_max(handle, n_seqs, reps), rounds),
+                 _median(lambda: _core._time_core(mem, "seq_pos_max", seq_list, [], reps), rounds)))
+
+    # seq_rm tail: one token appended to every sequence (not timed), then cut off again ---------
+    tails = seqs.copy()
+    p0 = np.array(base_len, dtype=np.int32)
+
+    def grow():
+        handle.decode_step(seqs, keep_context=False)
+
+    def py_rm():
+        grow()
+        rm = mem.seq_rm
+        t0 = time.perf_counter_ns()
+        for s, p in zip(seq_list, base_len):
+            rm(s, p, -1)
+        return (time.perf_counter_ns() - t0) / n_seqs
+
+    def cy_rm():
+        grow()
+        return drv.time_seq_rm_tail(handle, tails, p0)
+
+    def cpp_rm():
+        grow()
+        return _core._time_core(mem, "seq_rm_tail", seq_list, base_len, 1)
+
+    rows.append(("seq_rm (tail of 1)", _median(py_rm, rounds), _median(cy_rm, rounds), _median(cpp_rm, rounds)))
+
+    # decode step: one token per sequence, cells planned, applied and read back ------------------
+    steps = 8
+    batch = llmem.Batch(token=np.zeros(n_seqs, np.int32), seq_id=seqs, output=np.ones(n_seqs, bool))
+
+    def py_step():
+        t0 = time.perf_counter_ns()
+        for _ in range(steps):
+            ctx = mem.init_batch(batch, n_seqs)
+            for _ub in ctx:
+                ctx.k_idxs()
+        ns = (time.perf_counter_ns() - t0) / steps
+        _trim(mem, seq_list, base_len)
+        return ns
+
+    def cy_step():
+        ns = drv.time_decode_step(handle, seqs, steps)
+        _trim(mem, seq_list, base_len)
+        return ns
+
+    def cpp_step():
+        ns = _core._time_core(mem, "decode_step", seq_list, [], steps)
+        _trim(mem, seq_list, base_len)
+        return ns
+
+    rows.append(("decode step (1 token/seq)", _median(py_step, rounds), _median(cy_step, rounds),
+                 _median(cpp_step, rounds)))
+    out = []
+    for name, py_ns, cy_ns, cpp_ns in rows:
+        out.append({"workload": name, "n_cells": N_CELLS, "n_seqs": n_seqs, "python_us": py_ns / 1e3,
+                    "cython_capi_us": cy_ns / 1e3, "cpp_core_us": cpp_ns / 1e3,
+                    "cython_vs_core": cy_ns / cpp_ns if cpp_ns else None, "llama_us": None})
+    return out
+
+
+def run(quick: bool = True, out=sys.stdout) -> list[dict]:
+    """Measure and print the table; returns the records."""
+    try:
+        drv = _driver()
+    except Exception as exc:  # noqa: BLE001 - the bench reports and goes on without this group
+        print(f"\nC API bench skipped: the Cython driver did not build ({type(exc).__name__}: {exc}); it needs "
+              "Cython and setuptools (pip install cython setuptools)", file=out)
+        return []
+    rounds = 7 if quick else 25
+    records = []
+    for n_seqs in (64, 256):
+        records += measure(n_seqs, drv, rounds)
+    print(f"\nC API per-call cost ({N_CELLS} cells, half full; median of {rounds} rounds):", file=out)
+    header = ["workload", "seqs", "Python", "Cython (C API)", "C++ core", "Cython/C++", "llama.cpp"]
+    lines = [[r["workload"], str(r["n_seqs"]), f"{r['python_us']:.3f} us", f"{r['cython_capi_us']:.3f} us",
+              f"{r['cpp_core_us']:.3f} us", f"{r['cython_vs_core']:.2f}x", "-"] for r in records]
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    print(fmt(header), file=out)
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
+    for row in lines:
+        print(fmt(row), file=out)
+    print("llama.cpp: filled in by the llama.cpp driver of the bench suite (not yet wired to these rows)", file=out)
+    met = [r for r in records if r["cython_vs_core"] is not None and r["cython_vs_core"] <= TARGET]
+    print(f"Target (Cython through the C API within {TARGET - 1:.0%} of the C++ core): {len(met)} of "
+          f"{len(records)} rows met", file=out)
+    return records
+
+
+if __name__ == "__main__":
+    run(quick="--full" not in sys.argv)

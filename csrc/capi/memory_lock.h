@@ -1,0 +1,67 @@
+#pragma once
+
+// The re-entrant lock of a Python memory (`memory.lock`), shared by Python and the C API.
+//
+// Python's threading.RLock can only be taken with the GIL; a C caller driving a memory without
+// the GIL needs a lock it can take directly. This one is a mutex with an owner thread and a
+// recursion count: Python takes it through the MemoryLock type (acquire/release/with, like an
+// RLock; the GIL is released while it waits), C through memory_lock_acquire/release (no GIL; a
+// thread that holds the GIL releases it while it waits, so a Python holder can finish).
+//
+// Two counters connect the sides. `epoch` moves whenever the memory may have changed: every C
+// change, and every Python acquire (C cannot see what a Python call did); a C context planned at
+// another epoch is stale. `c_changes` counts the C changes; a Python acquire that finds new ones
+// calls `_touch()` on the memories registered by the C API, so Python contexts planned before
+// the C change are stale too.
+
+#include <Python.h>
+#include <structmember.h>
+
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+
+namespace llmem::capi {
+
+struct memory_lock_state {
+    std::timed_mutex           mutex;
+    std::atomic<unsigned long> owner{ 0 };  // thread ident of the holder, 0 when free
+    uint32_t                   count = 0;   // recursion depth; touched by the holder only
+    uint64_t                   epoch = 0;   // guarded by mutex
+    uint64_t                   c_changes = 0;
+    uint64_t                   c_changes_seen = 0;  // by the Python side
+};
+
+/// The MemoryLock object (a Python object whose state a C caller reaches through the pointer).
+struct memory_lock_object {
+    PyObject_HEAD
+    memory_lock_state * state;
+    PyObject *          touch_list;  // memories whose _touch() a Python acquire calls after C changes
+    PyObject *          weakreflist;
+};
+
+/// Add the MemoryLock type to module `m` (as `MemoryLock`). Returns 0, or -1 with an exception.
+int add_memory_lock_type(PyObject * m);
+
+/// The lock state of a MemoryLock instance; nullptr (no exception) for any other object.
+memory_lock_state * memory_lock_of(PyObject * obj);
+
+/// Register `memory` for _touch() after C changes (with the GIL held). -1 with an exception.
+int memory_lock_register(PyObject * lock, PyObject * memory);
+
+/// Take the lock from C (re-entrant, any GIL state). Returns true when this call took it
+/// outermost.
+bool memory_lock_acquire(memory_lock_state & s);
+/// Try without waiting; true when taken.
+bool memory_lock_try_acquire(memory_lock_state & s);
+/// Release once; false (nothing done) when this thread does not hold it.
+bool memory_lock_release(memory_lock_state & s);
+/// Whether the calling thread holds it.
+bool memory_lock_owned(const memory_lock_state & s);
+/// Record a change made through C (the holder calls it).
+inline void memory_lock_changed(memory_lock_state & s) {
+    ++s.epoch;
+    ++s.c_changes;
+}
+
+} // namespace llmem::capi
