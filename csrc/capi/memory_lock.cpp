@@ -1,15 +1,53 @@
 #include "memory_lock.h"
 
 #include <chrono>
+#include <pthread.h>
 #include <new>
 
 namespace llmem::capi {
 
 namespace {
 
-unsigned long this_thread() { return PyThread_get_thread_ident(); }
+// pthread_self() rather than PyThread_get_thread_ident() (the same value, one call less on
+// every C API call); both sides of the lock use this one function.
+unsigned long this_thread() { return static_cast<unsigned long>(pthread_self()); }
 
 PyTypeObject * lock_type = nullptr;
+
+bool try_take(memory_lock_state & s, unsigned long me) {
+    unsigned long expected = 0;
+    return s.owner.compare_exchange_strong(expected, me, std::memory_order_acquire, std::memory_order_relaxed);
+}
+
+// The slow path: wait until the lock is free and take it; timeout < 0 waits for ever. The waiter
+// counts itself before its last try, and the releaser frees `owner` before it reads `waiters`
+// (both sequentially consistent), so either the try succeeds or the releaser sees the waiter
+// and notifies it under wait_mutex, which the waiter holds until it waits: no lost wake-up.
+bool wait_take(memory_lock_state & s, unsigned long me, double timeout) {
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                              std::chrono::duration<double>(timeout < 0 ? 0 : timeout));
+    std::unique_lock<std::mutex> lk(s.wait_mutex);
+    s.waiters.fetch_add(1, std::memory_order_seq_cst);
+    bool got = false;
+    while (true) {
+        unsigned long expected = 0;
+        if (s.owner.compare_exchange_strong(expected, me, std::memory_order_seq_cst, std::memory_order_relaxed)) {
+            got = true;
+            break;
+        }
+        if (timeout < 0) {
+            s.cv.wait(lk);
+        } else if (s.cv.wait_until(lk, deadline) == std::cv_status::timeout) {
+            expected = 0;
+            got = s.owner.compare_exchange_strong(expected, me, std::memory_order_seq_cst,
+                                                  std::memory_order_relaxed);
+            break;
+        }
+    }
+    s.waiters.fetch_sub(1, std::memory_order_seq_cst);
+    return got;
+}
 
 // After a Python acquire: the epoch moves (C contexts cannot tell what this holder will do), and
 // C changes made since the last Python acquire reach the Python side's modification counters.
@@ -44,23 +82,18 @@ int python_take(memory_lock_object * self, bool blocking, double timeout) {
         after_python_acquire(self);
         return 1;
     }
-    if (!s.mutex.try_lock()) {
+    if (!try_take(s, me)) {
         if (!blocking) {
             return 0;
         }
         bool got = true;
         Py_BEGIN_ALLOW_THREADS
-        if (timeout < 0) {
-            s.mutex.lock();
-        } else {
-            got = s.mutex.try_lock_for(std::chrono::duration<double>(timeout));
-        }
+        got = wait_take(s, me, timeout);
         Py_END_ALLOW_THREADS
         if (!got) {
             return 0;
         }
     }
-    s.owner.store(me, std::memory_order_relaxed);
     s.count = 1;
     after_python_acquire(self);
     return 1;
@@ -211,17 +244,16 @@ bool memory_lock_acquire(memory_lock_state & s) {
         ++s.count;
         return false;
     }
-    if (!s.mutex.try_lock()) {
+    if (!try_take(s, me)) {
         // a Python holder may need the GIL to finish: never wait for the lock while holding it
         if (PyGILState_Check()) {
             PyThreadState * ts = PyEval_SaveThread();
-            s.mutex.lock();
+            wait_take(s, me, -1);
             PyEval_RestoreThread(ts);
         } else {
-            s.mutex.lock();
+            wait_take(s, me, -1);
         }
     }
-    s.owner.store(me, std::memory_order_relaxed);
     s.count = 1;
     return true;
 }
@@ -232,10 +264,9 @@ bool memory_lock_try_acquire(memory_lock_state & s) {
         ++s.count;
         return true;
     }
-    if (!s.mutex.try_lock()) {
+    if (!try_take(s, me)) {
         return false;
     }
-    s.owner.store(me, std::memory_order_relaxed);
     s.count = 1;
     return true;
 }
@@ -245,8 +276,11 @@ bool memory_lock_release(memory_lock_state & s) {
         return false;
     }
     if (--s.count == 0) {
-        s.owner.store(0, std::memory_order_relaxed);
-        s.mutex.unlock();
+        s.owner.store(0, std::memory_order_seq_cst);
+        if (s.waiters.load(std::memory_order_seq_cst) != 0) {
+            std::lock_guard<std::mutex> g(s.wait_mutex);
+            s.cv.notify_one();
+        }
     }
     return true;
 }

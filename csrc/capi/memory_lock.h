@@ -18,16 +18,22 @@
 #include <structmember.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <mutex>
 
 namespace llmem::capi {
 
+// Taken by a compare-and-swap of `owner` (free: 0); a thread that finds it taken waits on `cv`.
+// Everything below `owner` is read and written only by the holder (ownership passes with
+// acquire/release ordering on `owner`).
 struct memory_lock_state {
-    std::timed_mutex           mutex;
-    std::atomic<unsigned long> owner{ 0 };  // thread ident of the holder, 0 when free
-    uint32_t                   count = 0;   // recursion depth; touched by the holder only
-    uint64_t                   epoch = 0;   // guarded by mutex
+    std::atomic<unsigned long> owner{ 0 };    // thread ident of the holder, 0 when free
+    std::atomic<uint32_t>      waiters{ 0 };  // threads in the slow path
+    std::mutex                 wait_mutex;
+    std::condition_variable    cv;
+    uint32_t                   count = 0;  // recursion depth
+    uint64_t                   epoch = 0;
     uint64_t                   c_changes = 0;
     uint64_t                   c_changes_seen = 0;  // by the Python side
 };

@@ -739,3 +739,26 @@ def test_cpp_consumer_finds_llmem_with_cmake(tmp_path):
     total, last = consumer.serve(mem, 5)
     assert last == 4 and total == 3 * sum(range(5))
     assert [mem.seq_pos_max(s) for s in range(3)] == [4, 4, 4]
+
+
+def test_lock_is_threadsanitizer_clean(tmp_path):
+    """The lock shared by Python and C, built with -fsanitize=thread and hammered by C threads
+    without the GIL and threads holding it (capi_ext/lock_tsan.cpp): no race reported, and the
+    counts only a mutual exclusion gives."""
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    assert cxx, "a C++ compiler is needed"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    libdir = sysconfig.get_config_var("LIBDIR")
+    assert sysconfig.get_config_var("Py_ENABLE_SHARED"), "the harness embeds a shared libpython"
+    exe = tmp_path / "lock_tsan"
+    cmd = [cxx, "-std=c++17", "-fsanitize=thread", "-g", "-O1", "-I", os.path.join(root, "csrc", "capi"),
+           "-I", sysconfig.get_paths()["include"], os.path.join(os.path.dirname(__file__), "capi_ext", "lock_tsan.cpp"),
+           os.path.join(root, "csrc", "capi", "memory_lock.cpp"), "-o", str(exe), f"-L{libdir}",
+           f"-lpython{sysconfig.get_config_var('LDVERSION')}", f"-Wl,-rpath,{libdir}", "-ldl", "-lm", "-lpthread"]
+    built = subprocess.run(cmd, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+    env.pop("LD_PRELOAD", None)
+    ran = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=300)
+    assert "ThreadSanitizer" not in ran.stderr, ran.stderr[-4000:]
+    assert ran.returncode == 0 and ran.stdout.strip().endswith(": ok"), ran.stdout + ran.stderr[-2000:]

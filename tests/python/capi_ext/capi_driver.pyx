@@ -491,31 +491,42 @@ def run_workload(Memory m, const int32_t[:, ::1] ops, Py_ssize_t log_capacity=1 
 from time import perf_counter_ns
 
 
-def time_seq_pos_max(Memory m, int32_t n_seq, Py_ssize_t repeat):
+# `hold`: the loop runs with the memory's lock held (a server holding it for its step), so each
+# call's own lock is the re-entrant fast path; without it every call takes and frees the lock.
+
+def time_seq_pos_max(Memory m, int32_t n_seq, Py_ssize_t repeat, bint hold=False):
     """Nanoseconds per seq_pos_max call, cycling over n_seq sequences, without the GIL."""
     cdef Py_ssize_t i
     cdef int32_t out = 0
     cdef int64_t acc = 0
     t0 = perf_counter_ns()
     with nogil:
+        if hold:
+            api.lock(m.mem)
         for i in range(repeat):
             api.seq_pos_max(m.mem, <int32_t>(i % n_seq), &out, NULL, 0)
             acc += out
+        if hold:
+            api.unlock(m.mem)
     return (perf_counter_ns() - t0) / repeat
 
 
-def time_seq_rm_tail(Memory m, const int32_t[::1] seqs, const int32_t[::1] p0):
+def time_seq_rm_tail(Memory m, const int32_t[::1] seqs, const int32_t[::1] p0, bint hold=False):
     """Nanoseconds per seq_rm(seq, p0, -1) over the given pairs (one call each)."""
     cdef Py_ssize_t i, n = seqs.shape[0]
     cdef int removed = 0
     t0 = perf_counter_ns()
     with nogil:
+        if hold:
+            api.lock(m.mem)
         for i in range(n):
             api.seq_rm(m.mem, seqs[i], p0[i], -1, &removed, NULL, 0)
+        if hold:
+            api.unlock(m.mem)
     return (perf_counter_ns() - t0) / n
 
 
-def time_decode_step(Memory m, const int32_t[::1] seqs, Py_ssize_t steps):
+def time_decode_step(Memory m, const int32_t[::1] seqs, Py_ssize_t steps, bint hold=False):
     """Nanoseconds per decode_step over `seqs` (cells written into caller buffers, context ended),
     then the steps are removed again with seq_rm tails (not timed)."""
     cdef uint32_t n = <uint32_t>seqs.shape[0]
@@ -528,10 +539,14 @@ def time_decode_step(Memory m, const int32_t[::1] seqs, Py_ssize_t steps):
     cdef int rc = 0
     t0 = perf_counter_ns()
     with nogil:
+        if hold:
+            api.lock(m.mem)
         for s in range(steps):
             rc = api.decode_step(m.mem, &seqs[0], NULL, n, 0, &step, &kv[0], &pv[0], NULL, NULL, 0)
             if rc != 0 or step.status != 0:
                 break
+        if hold:
+            api.unlock(m.mem)
     elapsed = perf_counter_ns() - t0
     if rc != 0 or step.status != 0:
         raise CapiError(rc, f"decode_step failed (status {step.status})")
