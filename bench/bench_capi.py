@@ -7,7 +7,7 @@ from Python (llmem.KVCache), from a Cython extension through the C API without t
 (tests/python/capi_ext/capi_driver.pyx, compiled here with Cython from PyPI; each call locking, and
 with the lock held around the loop as a server's step holds it), and by a C++ loop
 calling the compiled core directly (llmem._core._time_core: no handle, lock or exception guard).
-Each figure is the median over rounds of the mean of a loop of calls. Target: the Cython path
+Each figure is the median over rounds (the variants taken in turn) of the mean of a loop of calls. Target: the Cython path
 within 20% of the pure C++ core. The llama.cpp column is filled by the llama.cpp driver of the
 bench suite (another change); until then it reads "-".
 """
@@ -57,8 +57,14 @@ def _trim(mem, seqs, lengths) -> None:
         mem.seq_rm(int(s), int(n), -1)
 
 
-def _median(fn, rounds: int) -> float:
-    return statistics.median(fn() for _ in range(rounds))
+def _medians(fns, rounds: int) -> list[float]:
+    """Median of each variant's rounds, the variants taken in turn every round: a host that runs
+    slow for a while slows them alike rather than whichever ran then."""
+    samples = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, out in zip(fns, samples):
+            out.append(fn())
+    return [statistics.median(x) for x in samples]
 
 
 def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
@@ -79,10 +85,10 @@ def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
             q(i % n_seqs)
         return (time.perf_counter_ns() - t0) / reps
 
-    rows.append(("seq_pos_max", _median(py_pos, rounds),
-                 _median(lambda: drv.time_seq_pos_max(handle, n_seqs, reps), rounds),
-                 _median(lambda: drv.time_seq_pos_max(handle, n_seqs, reps, True), rounds),
-                 _median(lambda: _core._time_core(mem, "seq_pos_max", seq_list, [], reps), rounds)))
+    rows.append(("seq_pos_max", *_medians([py_pos, lambda: drv.time_seq_pos_max(handle, n_seqs, reps),
+                                            lambda: drv.time_seq_pos_max(handle, n_seqs, reps, True),
+                                            lambda: _core._time_core(mem, "seq_pos_max", seq_list, [], reps)],
+                                           rounds)))
 
     # seq_rm tail: one token appended to every sequence (not timed), then cut off again ---------
     tails = seqs.copy()
@@ -107,8 +113,7 @@ def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
         grow()
         return _core._time_core(mem, "seq_rm_tail", seq_list, base_len, 1)
 
-    rows.append(("seq_rm (tail of 1)", _median(py_rm, rounds), _median(cy_rm, rounds),
-                 _median(lambda: cy_rm(True), rounds), _median(cpp_rm, rounds)))
+    rows.append(("seq_rm (tail of 1)", *_medians([py_rm, cy_rm, lambda: cy_rm(True), cpp_rm], rounds)))
 
     # decode step: one token per sequence, cells planned, applied and read back ------------------
     steps = 8
@@ -134,8 +139,8 @@ def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
         _trim(mem, seq_list, base_len)
         return ns
 
-    rows.append(("decode step (1 token/seq)", _median(py_step, rounds), _median(cy_step, rounds),
-                 _median(lambda: cy_step(True), rounds), _median(cpp_step, rounds)))
+    rows.append(("decode step (1 token/seq)", *_medians([py_step, cy_step, lambda: cy_step(True), cpp_step],
+                                                         rounds)))
     out = []
     for name, py_ns, cy_ns, cy_held_ns, cpp_ns in rows:
         out.append({"workload": name, "n_cells": N_CELLS, "n_seqs": n_seqs, "python_us": py_ns / 1e3,
@@ -153,7 +158,7 @@ def run(quick: bool = True, out=sys.stdout) -> list[dict]:
         print(f"\nC API bench skipped: the Cython driver did not build ({type(exc).__name__}: {exc}); it needs "
               "Cython and setuptools (pip install cython setuptools)", file=out)
         return []
-    rounds = 7 if quick else 25
+    rounds = 15 if quick else 45
     records = []
     for n_seqs in (64, 256):
         records += measure(n_seqs, drv, rounds)
