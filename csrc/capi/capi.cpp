@@ -130,7 +130,7 @@ int guarded(char * err, size_t len, F && f) noexcept {
 class held {
 public:
     explicit held(memory_lock_state & s) : s_(s) { llmem::capi::memory_lock_acquire(s_); }
-    ~held() { llmem::capi::memory_lock_release(s_); }
+    ~held() { llmem::capi::memory_lock_release_held(s_); }
     held(const held &)             = delete;
     held & operator=(const held &) = delete;
 
@@ -519,7 +519,8 @@ int seq_pos_min(llmem_memory * mp, int32_t seq, int32_t * out, char * err, size_
     return guarded(err, len, [&] {
         llmem_memory & m = checked(mp);
         held           h(*m.lock);
-        const int32_t  p = m.positions->seq_pos_min(seq);
+        // a plain KV cache directly: the position queries are a server's most frequent calls
+        const int32_t  p = m.info.kind == LLMEM_KIND_KV ? m.base->kv_cache::seq_pos_min(seq) : m.positions->seq_pos_min(seq);
         if (out) *out = p;
         return LLMEM_OK;
     });
@@ -529,7 +530,8 @@ int seq_pos_max(llmem_memory * mp, int32_t seq, int32_t * out, char * err, size_
     return guarded(err, len, [&] {
         llmem_memory & m = checked(mp);
         held           h(*m.lock);
-        const int32_t  p = m.positions->seq_pos_max(seq);
+        // a plain KV cache directly: the position queries are a server's most frequent calls
+        const int32_t  p = m.info.kind == LLMEM_KIND_KV ? m.base->kv_cache::seq_pos_max(seq) : m.positions->seq_pos_max(seq);
         if (out) *out = p;
         return LLMEM_OK;
     });
@@ -998,7 +1000,7 @@ void ctx_free(llmem_context * c) {
     memory_lock_state & s = *c->mem->lock;
     llmem::capi::memory_lock_acquire(s);
     delete c;
-    llmem::capi::memory_lock_release(s);
+    llmem::capi::memory_lock_release_held(s);
 }
 
 // -- state bytes --------------------------------------------------------------------------------

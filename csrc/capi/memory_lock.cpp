@@ -271,10 +271,7 @@ bool memory_lock_try_acquire(memory_lock_state & s) {
     return true;
 }
 
-bool memory_lock_release(memory_lock_state & s) {
-    if (s.owner.load(std::memory_order_relaxed) != this_thread() || s.count == 0) {
-        return false;
-    }
+void memory_lock_release_held(memory_lock_state & s) {
     if (--s.count == 0) {
         s.owner.store(0, std::memory_order_seq_cst);
         if (s.waiters.load(std::memory_order_seq_cst) != 0) {
@@ -282,6 +279,13 @@ bool memory_lock_release(memory_lock_state & s) {
             s.cv.notify_one();
         }
     }
+}
+
+bool memory_lock_release(memory_lock_state & s) {
+    if (s.owner.load(std::memory_order_relaxed) != this_thread() || s.count == 0) {
+        return false;
+    }
+    memory_lock_release_held(s);
     return true;
 }
 

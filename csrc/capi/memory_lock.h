@@ -62,6 +62,8 @@ bool memory_lock_acquire(memory_lock_state & s);
 bool memory_lock_try_acquire(memory_lock_state & s);
 /// Release once; false (nothing done) when this thread does not hold it.
 bool memory_lock_release(memory_lock_state & s);
+/// Release once when the caller knows it holds the lock (a scope that took it): no owner check.
+void memory_lock_release_held(memory_lock_state & s);
 /// Whether the calling thread holds it.
 bool memory_lock_owned(const memory_lock_state & s);
 /// Record a change made through C (the holder calls it).
