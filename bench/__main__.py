@@ -32,7 +32,7 @@ from . import llama_baseline  # noqa: E402
 from ._timing import Progress, host_probe_ms  # noqa: E402
 from .workloads import SEQ_OP_NAMES, Config, plan  # noqa: E402
 
-GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix")
+GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix", "capi")
 
 
 def machine_info() -> dict:
@@ -248,10 +248,15 @@ def main(argv=None) -> int:
     print_table(records)
     targets = check_targets(records)
     print_targets(targets)
+    capi_records = []
+    if not args.only or "capi" in args.only:  # the C API's per-call costs (bench_capi.py)
+        from . import bench_capi
+
+        capi_records = bench_capi.run(quick=cfg.quick)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mode": "quick" if cfg.quick else "full", "machine": info, "results": records,
-                       "targets": targets}, f, indent=1)
+                       "targets": targets, "capi": capi_records}, f, indent=1)
     if args.plot:
         plot(records, args.plot)
     if not args.only or "prefix" in args.only:

@@ -37,7 +37,8 @@ fi
 vpy="$venv/bin/python"
 missing=()
 for mod_pkg in scikit_build_core:scikit-build-core pybind11:pybind11 cmake:cmake ninja:ninja \
-               numpy:numpy pytest:pytest hypothesis:hypothesis gguf:gguf; do
+               numpy:numpy pytest:pytest hypothesis:hypothesis gguf:gguf \
+               Cython:cython setuptools:setuptools; do  # the last two: the C API's Cython test
     "$vpy" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -25,6 +25,7 @@ from .hparams import ModelHParams, read_gguf_hparams
 from .plan import MemoryPlan, plan_memory
 from .prefix import PrefixCache
 from .status import Status, SWAType, status_combine, status_is_fail
+from ._capi import get_cmake_dir, get_include
 
 __version__: str = _core.__version__
 
@@ -34,6 +35,8 @@ __all__ = [
     "BatchError",
     "from_gguf",
     "from_hparams",
+    "get_cmake_dir",
+    "get_include",
     "HybridContext",
     "HybridISWAMemory",
     "HybridMemory",

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -207,7 +206,7 @@ class KVCache(Memory):
         self._vt = bool(v_trans)
         self._ev = [ev[il] for il in self._layers]
         self._own_balloc = None
-        self._lock = threading.RLock()
+        self._lock = _core.MemoryLock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
         self._version = 0
         self._core = _core.KVCache(
@@ -759,7 +758,7 @@ class KVCacheISWA(Memory):
         self.swa = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
                            swa_type=swa_type, layer_filter=lambda il: flags[il] and keep(il),
                            rope=rope if rope_swa is None else rope_swa, **common)
-        self._share_lock(threading.RLock())
+        self._share_lock(_core.MemoryLock())
 
     def _share_lock(self, lock) -> None:
         self._lock = lock

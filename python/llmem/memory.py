@@ -17,7 +17,6 @@ import functools
 import operator
 import os
 import tempfile
-import threading
 from typing import Iterator, Optional, Tuple, Union
 
 from . import _core
@@ -183,7 +182,7 @@ class Memory(abc.ABC):
     """
 
     @property
-    def lock(self) -> threading.RLock:
+    def lock(self) -> "_core.MemoryLock":
         """The re-entrant lock every call of this memory takes (shared with the parts of an iSWA
         or hybrid memory). Hold it to make several calls one atomic step::
 

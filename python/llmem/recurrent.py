@@ -18,7 +18,6 @@ decisions; the decode loop looks like this::
 from __future__ import annotations
 
 import operator
-import threading
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -140,7 +139,7 @@ class RecurrentMemory(Memory):
         self._s: list[Optional[np.ndarray]] = [
             np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
         self._own_balloc = None
-        self._lock = threading.RLock()
+        self._lock = _core.MemoryLock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
         self._version = 0
         self._staging: dict[int, np.ndarray] = {}
