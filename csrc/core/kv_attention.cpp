@@ -3,11 +3,16 @@
 #include "llmem/errors.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
 #include <stdexcept>
 #include <string>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace llmem {
 
@@ -157,7 +162,20 @@ void build_row(T * row, uint32_t n_kv, const kv_cells & C, int32_t seq, pos_wind
     const auto & ix = C.seq_index(seq);
     auto [a, b] = range_of(ix, w.lo, w.hi);
     const size_t k = size_t(b - a);
-    if (k * 4 >= n_kv && C.seq_n_cells(seq) == C.used_count()) {
+    const bool   owns_all = C.seq_n_cells(seq) == C.used_count();
+    if (owns_all && k == ix.size()) {
+        // the sequence holds every used cell and sees all of them (a decode step without a
+        // window, or a window wider than the sequence): the row is the used set, written run by
+        // run from the used bitmap without reading a position
+        std::fill(row, row + n_kv, drop);
+        for (uint32_t c0 = C.next_used(0); c0 < n_kv; ) {
+            const uint32_t c1 = std::min(C.next_empty(c0), n_kv);
+            std::fill(row + c0, row + c1, keep);
+            c0 = c1 < n_kv ? C.next_used(c1) : n_kv;
+        }
+        return;
+    }
+    if (k * 4 >= n_kv && owns_all) {
         // every used cell is the sequence's: visible <=> its position is in the window (empty
         // cells hold -1, below every lo)
         const uint32_t span = uint32_t(w.hi) - uint32_t(w.lo);
@@ -195,6 +213,51 @@ void move_row(T * row, uint32_t n_kv, const std::vector<uint64_t> & ix, pos_wind
     minus(to, from, keep);
 }
 
+// Copy a finished row to the caller's mask. Large masks do not fit in the caches: streaming
+// (non-temporal) stores write them without first reading every destination line, which halves
+// the memory traffic of the fill.
+void copy_out(void * dst, const void * src, size_t bytes, bool stream) {
+#if defined(__SSE2__)
+    if (stream) {
+        uint8_t *       d = static_cast<uint8_t *>(dst);
+        const uint8_t * s = static_cast<const uint8_t *>(src);
+        const size_t    head = std::min(bytes, size_t((16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15));
+        std::memcpy(d, s, head);
+        size_t k = head;
+        for (; k + 64 <= bytes; k += 64) {
+            const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + k));
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + k + 16));
+            const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + k + 32));
+            const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + k + 48));
+            _mm_stream_si128(reinterpret_cast<__m128i *>(d + k), a);
+            _mm_stream_si128(reinterpret_cast<__m128i *>(d + k + 16), b);
+            _mm_stream_si128(reinterpret_cast<__m128i *>(d + k + 32), c);
+            _mm_stream_si128(reinterpret_cast<__m128i *>(d + k + 48), e);
+        }
+        std::memcpy(d + k, s + k, bytes - k);
+        return;
+    }
+#endif
+    (void) stream;
+    std::memcpy(dst, src, bytes);
+}
+
+// Masks at least this large are written with streaming stores.
+constexpr size_t STREAM_BYTES = size_t(1) << 20;
+
+template <typename T> std::vector<T> & scratch_row();
+template <> std::vector<float> & scratch_row<float>() {
+    thread_local std::vector<float> v;
+    return v;
+}
+template <> std::vector<uint16_t> & scratch_row<uint16_t>() {
+    thread_local std::vector<uint16_t> v;
+    return v;
+}
+
+// Every row is built in one scratch row (it stays in cache) and copied out once. A token of the
+// sequence whose row the scratch holds only moves the window (a prefill chunk's next token);
+// another token of a sequence seen before starts from that token's finished row.
 template <typename T>
 void fill_mask(const kv_cache & cache, const slot_info & slot, const ubatch & ub, uint32_t n_kv, bool causal,
                const kq_mask_shape & shape, T * out) {
@@ -203,6 +266,17 @@ void fill_mask(const kv_cache & cache, const slot_info & slot, const ubatch & ub
     const T           keep = mask_values<T>::keep();
     const T           drop = mask_values<T>::drop();
     const bool        two_d = causal && ub.n_pos >= 3 && cache.cells(0).with_ext();
+    const bool        stream = shape.n_elements() * sizeof(T) >= STREAM_BYTES;
+    const size_t      row_bytes = sizeof(T) * n_kv;
+
+    std::vector<T> & scratch = scratch_row<T>();
+    if (scratch.size() < n_kv) {
+        scratch.resize(n_kv);
+    }
+    T * const  row        = scratch.data();
+    int32_t    held_rank  = -1;  // the sequence whose row the scratch holds, and its window
+    uint32_t   held_group = 0;
+    pos_window held_win{ 0, -1 };
 
     std::vector<int64_t> & last = t_last_row;
     last.assign(ub.data->seq_id_unq.size(), -1);
@@ -214,7 +288,7 @@ void fill_mask(const kv_cache & cache, const slot_info & slot, const ubatch & ub
             std::fill(last.begin(), last.end(), -1);
             last_group = v.group;
         }
-        T *              row = out + (size_t(v.group) * shape.rows_per_group + v.k) * n_kv;
+        T *              dst = out + (size_t(v.group) * shape.rows_per_group + v.k) * n_kv;
         const pos_window win = window_of(p.n_swa, p.swa, causal, v.p1);
         const int32_t    r   = rank_of(ub, v.seq);
         if (two_d) {
@@ -228,26 +302,38 @@ void fill_mask(const kv_cache & cache, const slot_info & slot, const ubatch & ub
                     row[c] = keep;
                 }
             }
-            continue;
-        }
-        if (r >= 0 && last[size_t(r)] >= 0) {
-            const uint32_t   t0   = uint32_t(last[size_t(r)]);
-            const token_view v0   = w.at(t0);
-            const T *        row0 = out + (size_t(v0.group) * shape.rows_per_group + v0.k) * n_kv;
-            std::memcpy(row, row0, sizeof(T) * n_kv);
+            held_rank = -1;
+        } else if (held_rank == r && held_group == v.group) {
+            move_row(row, n_kv, v.cells->seq_index(v.seq), held_win, win);
+        } else if (last[size_t(r)] >= 0) {
+            const token_view v0 = w.at(uint32_t(last[size_t(r)]));
+            std::memcpy(row, out + (size_t(v0.group) * shape.rows_per_group + v0.k) * n_kv, row_bytes);
             move_row(row, n_kv, v.cells->seq_index(v.seq), window_of(p.n_swa, p.swa, causal, v0.p1), win);
         } else {
             build_row(row, n_kv, *v.cells, v.seq, win);
         }
-        if (r >= 0) {
+        if (!two_d) {
+            held_rank  = r;
+            held_group = v.group;
+            held_win   = win;
             last[size_t(r)] = t;
         }
+        copy_out(dst, row, row_bytes, stream);
     }
     // padding rows
-    for (uint32_t g = 0; g < shape.n_groups; ++g) {
-        T * pad0 = out + (size_t(g) * shape.rows_per_group + shape.n_tps) * n_kv;
-        std::fill(pad0, pad0 + size_t(shape.rows_per_group - shape.n_tps) * n_kv, drop);
+    if (shape.rows_per_group > shape.n_tps) {
+        std::fill(row, row + n_kv, drop);
+        for (uint32_t g = 0; g < shape.n_groups; ++g) {
+            for (uint32_t k = shape.n_tps; k < shape.rows_per_group; ++k) {
+                copy_out(out + (size_t(g) * shape.rows_per_group + k) * n_kv, row, row_bytes, stream);
+            }
+        }
     }
+#if defined(__SSE2__)
+    if (stream) {
+        _mm_sfence();  // streaming stores are weakly ordered: finish them before returning
+    }
+#endif
 }
 
 } // namespace
@@ -576,44 +662,48 @@ ubatch decode_ubatch(int32_t n_seq_max, const seq_pos_source & positions, const 
     return ub;
 }
 
+[[noreturn]] void bad_decode_arg(const std::string & what) {
+    throw std::invalid_argument("decode_step: " + what);
+}
+
 // Ids in range and distinct, tokens non-negative: what the batch allocator would refuse, and the
-// shape the step is for (a repeated id would be two tokens of one sequence).
+// shape the step is for (a repeated id would be two tokens of one sequence). Ascending ids (the
+// usual order) are distinct by their order; others are checked with a bitmap.
 void check_decode_args(int32_t n_seq_max, const int32_t * seq_ids, uint32_t n, const int32_t * tokens) {
     if (n == 0) {
-        throw std::invalid_argument("decode_step needs at least one sequence, got seq_ids = []");
+        bad_decode_arg("at least one sequence is needed, got seq_ids = []");
+    }
+    bool ascending = true;
+    for (uint32_t k = 0; k < n; ++k) {
+        const int32_t s = seq_ids[k];
+        if (s < 0 || s >= n_seq_max) {
+            bad_decode_arg("seq_ids[" + std::to_string(k) + "] = " + std::to_string(s) + " is outside [0, " +
+                           std::to_string(n_seq_max) + ")");
+        }
+        if (tokens && tokens[k] < 0) {
+            bad_decode_arg("tokens[" + std::to_string(k) + "] = " + std::to_string(tokens[k]) + " is negative");
+        }
+        ascending = ascending && (k == 0 || seq_ids[k - 1] < s);
+    }
+    if (ascending) {
+        return;
     }
     thread_local std::vector<uint8_t> seen;
     if (seen.size() < size_t(n_seq_max)) {
         seen.assign(size_t(n_seq_max), 0);
     }
-    uint32_t k = 0;
-    std::string bad;
-    for (; k < n; ++k) {
-        const int32_t s = seq_ids[k];
-        if (s < 0 || s >= n_seq_max) {
-            bad = "seq_ids[" + std::to_string(k) + "] = " + std::to_string(s) + " is outside [0, " +
-                  std::to_string(n_seq_max) + ")";
-            break;
-        }
-        if (seen[size_t(s)]) {
-            bad = "seq_ids[" + std::to_string(k) + "] = " + std::to_string(s) +
-                  " repeats a sequence: a decode step takes one token of each sequence";
-            break;
-        }
-        seen[size_t(s)] = 1;
-        if (tokens && tokens[k] < 0) {
-            bad = "tokens[" + std::to_string(k) + "] = " + std::to_string(tokens[k]) + " is negative";
-            ++k;
-            break;
-        }
+    uint32_t dup = n;
+    for (uint32_t k = 0; k < n && dup == n; ++k) {
+        uint8_t & f = seen[size_t(seq_ids[k])];
+        dup = f ? k : n;
+        f   = 1;
     }
-    for (uint32_t j = 0; j < k; ++j) {
-        if (seq_ids[j] >= 0 && seq_ids[j] < n_seq_max) {
-            seen[size_t(seq_ids[j])] = 0;
-        }
+    for (uint32_t k = 0; k < n; ++k) {
+        seen[size_t(seq_ids[k])] = 0;
     }
-    if (!bad.empty()) {
-        throw std::invalid_argument("decode_step: " + bad);
+    if (dup < n) {
+        bad_decode_arg("seq_ids[" + std::to_string(dup) + "] = " + std::to_string(seq_ids[dup]) +
+                       " repeats a sequence: a decode step takes one token of each sequence");
     }
 }
 
@@ -629,7 +719,10 @@ kv_context kv_decode_step(kv_cache & cache, const seq_pos_source & positions, co
     std::vector<slot_info> slots;
     cache.acquire_plan(slots, ubs);
     ubs.push_back(decode_ubatch(cache.n_seq_max(), positions, seq_ids, n, tokens, cache.n_stream() > 1));
-    if (!cache.prepare_into(ubs, slots)) {
+    // prepare_into of one ubatch is find_slot on the current state (the ubatch is well formed by
+    // construction: its checks are the ones above)
+    slots.resize(1);
+    if (!cache.find_slot(ubs[0], false, slots[0])) {
         cache.release_plan(std::move(slots), std::move(ubs));
         return kv_context(memory_status::FAILED_PREPARE);
     }

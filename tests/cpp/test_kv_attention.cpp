@@ -144,7 +144,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(cfg{ true, swa_type::NONE, 0 }, cfg{ true, swa_type::STANDARD, 5 },
                       cfg{ true, swa_type::CHUNKED, 4 }, cfg{ true, swa_type::SYMMETRIC, 6 },
                       cfg{ false, swa_type::NONE, 0 }, cfg{ false, swa_type::STANDARD, 3 },
-                      cfg{ false, swa_type::CHUNKED, 4 }, cfg{ false, swa_type::SYMMETRIC, 4 }));
+                      cfg{ false, swa_type::CHUNKED, 4 }, cfg{ false, swa_type::SYMMETRIC, 4 }),
+    [](const ::testing::TestParamInfo<cfg> & i) {
+        static const char * names[] = { "none", "standard", "chunked", "symmetric" };
+        return std::string(i.param.unified ? "unified_" : "streams_") + names[int(i.param.swa)];
+    });
 
 TEST(KvDecodeStep, OneUbatchOnlyForConsecutiveIdsWithStreams) {
     const int32_t a[] = { 0, 1, 2 };
