@@ -139,193 +139,263 @@ template <> struct mask_values<uint16_t> {  // IEEE half bit patterns
     static uint16_t drop() { return 0xFC00; }
 };
 
-// Scratch of the mask builder: per sequence rank of the ubatch, the last row built for it.
-thread_local std::vector<int64_t> t_last_row;
+// A mask row is built as a bit row (bit c: the token attends cell c), n_kv bits that stay in the
+// first-level cache, and written out once, expanded to the mask's element type.
+class bit_row {
+public:
+    void reset(uint32_t n_kv) {
+        n_kv_ = n_kv;
+        w_.assign((size_t(n_kv) + 63) / 64, 0);
+    }
+    void clear() { std::fill(w_.begin(), w_.end(), 0); }
+    void put(uint32_t c, bool on) {
+        const uint64_t m = uint64_t(1) << (c & 63);
+        w_[c >> 6]       = on ? (w_[c >> 6] | m) : (w_[c >> 6] & ~m);
+    }
+    // Set cells [c0, c1).
+    void set_range(uint32_t c0, uint32_t c1) {
+        while (c0 < c1 && (c0 & 63)) {
+            put(c0++, true);
+        }
+        for (; c0 + 64 <= c1; c0 += 64) {
+            w_[c0 >> 6] = ~uint64_t(0);
+        }
+        while (c0 < c1) {
+            put(c0++, true);
+        }
+    }
+    uint64_t *       words() { return w_.data(); }
+    const uint64_t * words() const { return w_.data(); }
+    uint32_t         n_kv() const { return n_kv_; }
 
-template <typename T>
-void set_range(T * row, uint32_t n_kv, index_it a, index_it b, T v) {
-    for (; a != b; ++a) {
-        const uint32_t c = kv_cells::key_cell(*a);
-        if (c < n_kv) {
-            row[c] = v;
+private:
+    std::vector<uint64_t> w_;
+    uint32_t              n_kv_ = 0;
+};
+
+thread_local bit_row t_bits;
+
+// Set (on) or clear the bits of the cells of index entries [a, b); `unchecked` when every cell of
+// the stream lies below n_kv (n_kv >= used_max_p1), so no entry needs the bound check.
+void set_range(bit_row & row, index_it a, index_it b, bool on, bool unchecked = false) {
+    const uint32_t n_kv = row.n_kv();
+    uint64_t *     w    = row.words();
+    const size_t   n    = size_t(b - a);
+    if (n == 0) {
+        return;
+    }
+    const uint64_t * k = &*a;
+    if (on && unchecked) {
+        // Eight cells at a time: cells of a sequence come mostly in ascending order, so the eight
+        // usually share a word, set with one store (setting them one by one chains every store
+        // to the one before through the same word).
+        size_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            uint32_t c[8];
+            uint64_t bits = 0;
+            for (int j = 0; j < 8; ++j) {
+                c[j] = kv_cells::key_cell(k[i + size_t(j)]);
+                bits |= uint64_t(1) << (c[j] & 63);
+            }
+            const uint32_t w0 = c[0] >> 6;
+            bool same = true;
+            for (int j = 1; j < 8; ++j) {
+                same = same && (c[j] >> 6) == w0;
+            }
+            if (same) {
+                w[w0] |= bits;
+            } else {
+                for (int j = 0; j < 8; ++j) {
+                    w[c[j] >> 6] |= uint64_t(1) << (c[j] & 63);
+                }
+            }
+        }
+        for (; i < n; ++i) {
+            const uint32_t c = kv_cells::key_cell(k[i]);
+            w[c >> 6] |= uint64_t(1) << (c & 63);
+        }
+    } else if (on) {
+        for (size_t i = 0; i < n; ++i) {
+            const uint32_t c = kv_cells::key_cell(k[i]);
+            if (c < n_kv) {
+                w[c >> 6] |= uint64_t(1) << (c & 63);
+            }
+        }
+    } else {
+        for (size_t i = 0; i < n; ++i) {
+            const uint32_t c = kv_cells::key_cell(k[i]);
+            if (c < n_kv) {
+                w[c >> 6] &= ~(uint64_t(1) << (c & 63));
+            }
         }
     }
 }
 
-// A row from nothing: every cell of the window through the index (or, when the token's sequence
-// holds every used cell of its stream and the window is a large part of it, by one branch-free
-// pass over the positions).
-template <typename T>
-void build_row(T * row, uint32_t n_kv, const kv_cells & C, int32_t seq, pos_window w) {
-    const T keep = mask_values<T>::keep();
-    const T drop = mask_values<T>::drop();
-    const auto & ix = C.seq_index(seq);
+// A row from nothing: the window's range of the index; when the token's sequence holds every
+// used cell of its stream and sees all of them, the used runs (no position read); when it holds
+// every used cell and sees a large part, one pass over the positions.
+void build_row(bit_row & row, const kv_cells & C, int32_t seq, pos_window w) {
+    const uint32_t n_kv = row.n_kv();
+    const auto &   ix   = C.seq_index(seq);
     auto [a, b] = range_of(ix, w.lo, w.hi);
-    const size_t k = size_t(b - a);
+    const size_t k        = size_t(b - a);
     const bool   owns_all = C.seq_n_cells(seq) == C.used_count();
+    row.clear();
     if (owns_all && k == ix.size()) {
-        // the sequence holds every used cell and sees all of them (a decode step without a
-        // window, or a window wider than the sequence): the row is the used set, written run by
-        // run from the used bitmap without reading a position
-        std::fill(row, row + n_kv, drop);
-        for (uint32_t c0 = C.next_used(0); c0 < n_kv; ) {
+        for (uint32_t c0 = C.next_used(0); c0 < n_kv;) {
             const uint32_t c1 = std::min(C.next_empty(c0), n_kv);
-            std::fill(row + c0, row + c1, keep);
+            row.set_range(c0, c1);
             c0 = c1 < n_kv ? C.next_used(c1) : n_kv;
         }
         return;
     }
     if (k * 4 >= n_kv && owns_all) {
-        // every used cell is the sequence's: visible <=> its position is in the window (empty
-        // cells hold -1, below every lo)
+        // visible <=> the position is in the window (empty cells hold -1, below every lo)
         const uint32_t span = uint32_t(w.hi) - uint32_t(w.lo);
-        for (uint32_t c = 0; c < n_kv; ++c) {
-            const uint32_t d = uint32_t(C.pos_get(c)) - uint32_t(w.lo);
-            row[c] = d <= span ? keep : drop;
+        uint64_t *     out  = row.words();
+        for (uint32_t c0 = 0; c0 < n_kv; c0 += 64) {
+            const uint32_t n    = std::min<uint32_t>(64, n_kv - c0);
+            uint64_t       word = 0;
+            for (uint32_t j = 0; j < n; ++j) {
+                const uint32_t d = uint32_t(C.pos_get(c0 + j)) - uint32_t(w.lo);
+                word |= uint64_t(d <= span) << j;
+            }
+            out[c0 >> 6] = word;
         }
         return;
     }
-    std::fill(row, row + n_kv, drop);
-    set_range(row, n_kv, a, b, keep);
+    set_range(row, a, b, true, n_kv >= C.used_max_p1());
 }
 
 // Turn the row of window `from` into the row of window `to` (same sequence, same stream): only
 // the cells whose positions lie in one window and not the other change.
-template <typename T>
-void move_row(T * row, uint32_t n_kv, const std::vector<uint64_t> & ix, pos_window from, pos_window to) {
-    const T keep = mask_values<T>::keep();
-    const T drop = mask_values<T>::drop();
-    auto minus = [&](pos_window x, pos_window y, T v) {  // cells of x \ y get v
+void move_row(bit_row & row, const std::vector<uint64_t> & ix, pos_window from, pos_window to) {
+    auto minus = [&](pos_window x, pos_window y, bool on) {  // cells of x \ y
         if (x.lo > x.hi) {
             return;
         }
         if (y.lo > y.hi) {
             auto r = range_of(ix, x.lo, x.hi);
-            set_range(row, n_kv, r.first, r.second, v);
+            set_range(row, r.first, r.second, on);
             return;
         }
         auto left = range_of(ix, x.lo, std::min<int64_t>(x.hi, int64_t(y.lo) - 1));
-        set_range(row, n_kv, left.first, left.second, v);
+        set_range(row, left.first, left.second, on);
         auto right = range_of(ix, std::max<int64_t>(x.lo, int64_t(y.hi) + 1), x.hi);
-        set_range(row, n_kv, right.first, right.second, v);
+        set_range(row, right.first, right.second, on);
     };
-    minus(from, to, drop);
-    minus(to, from, keep);
+    minus(from, to, false);
+    minus(to, from, true);
 }
 
-// Copy a finished row to the caller's mask. Large masks do not fit in the caches: streaming
+#if defined(__SSE2__)
+// 16 bytes of mask for each pattern of bits: 4 floats or 8 halves.
+template <typename T> struct expand_table {
+    static constexpr unsigned per = 16 / sizeof(T);
+    struct alignas(16) entry {
+        T v[per];
+    };
+    entry e[1u << per];
+
+    expand_table() {
+        for (unsigned m = 0; m < (1u << per); ++m) {
+            for (unsigned i = 0; i < per; ++i) {
+                e[m].v[i] = (m >> i) & 1 ? mask_values<T>::keep() : mask_values<T>::drop();
+            }
+        }
+    }
+    __m128i at(uint64_t m) const { return _mm_load_si128(reinterpret_cast<const __m128i *>(e[m].v)); }
+
+    static const expand_table & get() {
+        static const expand_table t;
+        return t;
+    }
+};
+#endif
+
+// Write the row to the caller's mask. Large masks do not fit in the caches: streaming
 // (non-temporal) stores write them without first reading every destination line, which halves
 // the memory traffic of the fill.
-void copy_out(void * dst, const void * src, size_t bytes, bool stream) {
+template <typename T> void expand_row(T * dst, const bit_row & row, bool stream) {
+    const uint32_t   n_kv = row.n_kv();
+    const uint64_t * w    = row.words();
+    uint32_t         c    = 0;
 #if defined(__SSE2__)
-    if (stream) {
-        uint8_t *       d = static_cast<uint8_t *>(dst);
-        const uint8_t * s = static_cast<const uint8_t *>(src);
-        const size_t    head = std::min(bytes, size_t((16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15));
-        std::memcpy(d, s, head);
-        size_t k = head;
-        for (; k + 64 <= bytes; k += 64) {
-            const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + k));
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + k + 16));
-            const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + k + 32));
-            const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + k + 48));
-            _mm_stream_si128(reinterpret_cast<__m128i *>(d + k), a);
-            _mm_stream_si128(reinterpret_cast<__m128i *>(d + k + 16), b);
-            _mm_stream_si128(reinterpret_cast<__m128i *>(d + k + 32), c);
-            _mm_stream_si128(reinterpret_cast<__m128i *>(d + k + 48), e);
+    if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+        constexpr unsigned         per   = expand_table<T>::per;
+        constexpr uint64_t         mask  = (uint64_t(1) << per) - 1;
+        const expand_table<T> &    table = expand_table<T>::get();
+        for (; c + 64 <= n_kv; c += 64) {
+            const uint64_t word = w[c >> 6];
+            __m128i *      d    = reinterpret_cast<__m128i *>(dst + c);
+            if (stream) {
+                for (unsigned q = 0; q < 64 / per; ++q) {
+                    _mm_stream_si128(d + q, table.at((word >> (q * per)) & mask));
+                }
+            } else {
+                for (unsigned q = 0; q < 64 / per; ++q) {
+                    _mm_store_si128(d + q, table.at((word >> (q * per)) & mask));
+                }
+            }
         }
-        std::memcpy(d + k, s + k, bytes - k);
-        return;
     }
-#endif
+#else
     (void) stream;
-    std::memcpy(dst, src, bytes);
+#endif
+    const T keep = mask_values<T>::keep();
+    const T drop = mask_values<T>::drop();
+    for (; c < n_kv; ++c) {
+        dst[c] = (w[c >> 6] >> (c & 63)) & 1 ? keep : drop;
+    }
 }
 
 // Masks at least this large are written with streaming stores.
 constexpr size_t STREAM_BYTES = size_t(1) << 20;
 
-template <typename T> std::vector<T> & scratch_row();
-template <> std::vector<float> & scratch_row<float>() {
-    thread_local std::vector<float> v;
-    return v;
-}
-template <> std::vector<uint16_t> & scratch_row<uint16_t>() {
-    thread_local std::vector<uint16_t> v;
-    return v;
-}
-
-// Every row is built in one scratch row (it stays in cache) and copied out once. A token of the
-// sequence whose row the scratch holds only moves the window (a prefill chunk's next token);
-// another token of a sequence seen before starts from that token's finished row.
+// Each row is built in the bit row and written once. A token of the sequence whose row the bit
+// row holds only moves the window (a prefill chunk's next token); any other starts afresh.
 template <typename T>
 void fill_mask(const kv_cache & cache, const slot_info & slot, const ubatch & ub, uint32_t n_kv, bool causal,
                const kq_mask_shape & shape, T * out) {
     const auto &      p = cache.params();
     const ubatch_walk w(cache, slot, ub);
-    const T           keep = mask_values<T>::keep();
-    const T           drop = mask_values<T>::drop();
-    const bool        two_d = causal && ub.n_pos >= 3 && cache.cells(0).with_ext();
+    const bool        two_d  = causal && ub.n_pos >= 3 && cache.cells(0).with_ext();
     const bool        stream = shape.n_elements() * sizeof(T) >= STREAM_BYTES;
-    const size_t      row_bytes = sizeof(T) * n_kv;
 
-    std::vector<T> & scratch = scratch_row<T>();
-    if (scratch.size() < n_kv) {
-        scratch.resize(n_kv);
-    }
-    T * const  row        = scratch.data();
-    int32_t    held_rank  = -1;  // the sequence whose row the scratch holds, and its window
+    bit_row & row = t_bits;
+    row.reset(n_kv);
+    int32_t    held_seq   = -1;  // the sequence whose row the bit row holds, and its window
     uint32_t   held_group = 0;
     pos_window held_win{ 0, -1 };
-
-    std::vector<int64_t> & last = t_last_row;
-    last.assign(ub.data->seq_id_unq.size(), -1);
-    uint32_t last_group = 0;
     for (uint32_t t = 0; t < ub.n_tokens; ++t) {
-        const token_view v = w.at(t);
-        if (v.group != last_group) {
-            // rows are only reused within a group (one stream)
-            std::fill(last.begin(), last.end(), -1);
-            last_group = v.group;
-        }
-        T *              dst = out + (size_t(v.group) * shape.rows_per_group + v.k) * n_kv;
+        const token_view v   = w.at(t);
         const pos_window win = window_of(p.n_swa, p.swa, causal, v.p1);
-        const int32_t    r   = rank_of(ub, v.seq);
         if (two_d) {
             // image tokens: within the query's own position the cell's (y, x) decides
-            std::fill(row, row + n_kv, drop);
-            const auto & ix = v.cells->seq_index(v.seq);
-            auto [a, b] = range_of(ix, win.lo, win.hi);
+            row.clear();
+            auto [a, b] = range_of(v.cells->seq_index(v.seq), win.lo, win.hi);
             for (; a != b; ++a) {
                 const uint32_t c = kv_cells::key_cell(*a);
                 if (c < n_kv && !(kv_cells::key_pos(*a) == v.p1 && hidden_2d(*v.cells, c, ub, t))) {
-                    row[c] = keep;
+                    row.put(c, true);
                 }
             }
-            held_rank = -1;
-        } else if (held_rank == r && held_group == v.group) {
-            move_row(row, n_kv, v.cells->seq_index(v.seq), held_win, win);
-        } else if (last[size_t(r)] >= 0) {
-            const token_view v0 = w.at(uint32_t(last[size_t(r)]));
-            std::memcpy(row, out + (size_t(v0.group) * shape.rows_per_group + v0.k) * n_kv, row_bytes);
-            move_row(row, n_kv, v.cells->seq_index(v.seq), window_of(p.n_swa, p.swa, causal, v0.p1), win);
+        } else if (held_seq == v.seq && held_group == v.group) {
+            move_row(row, v.cells->seq_index(v.seq), held_win, win);
         } else {
-            build_row(row, n_kv, *v.cells, v.seq, win);
+            build_row(row, *v.cells, v.seq, win);
         }
-        if (!two_d) {
-            held_rank  = r;
-            held_group = v.group;
-            held_win   = win;
-            last[size_t(r)] = t;
-        }
-        copy_out(dst, row, row_bytes, stream);
+        held_seq   = two_d ? -1 : v.seq;
+        held_group = v.group;
+        held_win   = win;
+        expand_row(out + (size_t(v.group) * shape.rows_per_group + v.k) * n_kv, row, stream);
     }
     // padding rows
     if (shape.rows_per_group > shape.n_tps) {
-        std::fill(row, row + n_kv, drop);
+        row.clear();
         for (uint32_t g = 0; g < shape.n_groups; ++g) {
             for (uint32_t k = shape.n_tps; k < shape.rows_per_group; ++k) {
-                copy_out(out + (size_t(g) * shape.rows_per_group + k) * n_kv, row, row_bytes, stream);
+                expand_row(out + (size_t(g) * shape.rows_per_group + k) * n_kv, row, stream);
             }
         }
     }

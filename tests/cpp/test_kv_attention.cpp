@@ -38,6 +38,11 @@ struct cfg {
     uint32_t n_swa;
 };
 
+std::string cfg_name(const ::testing::TestParamInfo<cfg> & info) {
+    static const char * kinds[] = { "none", "standard", "chunked", "symmetric" };
+    return std::string(info.param.unified ? "unified_" : "streams_") + kinds[int(info.param.swa)];
+}
+
 class KvAttentionRandom : public ::testing::TestWithParam<cfg> {};
 
 TEST_P(KvAttentionRandom, EveryFormMatchesTheRule) {
@@ -145,10 +150,7 @@ INSTANTIATE_TEST_SUITE_P(
                       cfg{ true, swa_type::CHUNKED, 4 }, cfg{ true, swa_type::SYMMETRIC, 6 },
                       cfg{ false, swa_type::NONE, 0 }, cfg{ false, swa_type::STANDARD, 3 },
                       cfg{ false, swa_type::CHUNKED, 4 }, cfg{ false, swa_type::SYMMETRIC, 4 }),
-    [](const ::testing::TestParamInfo<cfg> & i) {
-        static const char * names[] = { "none", "standard", "chunked", "symmetric" };
-        return std::string(i.param.unified ? "unified_" : "streams_") + names[int(i.param.swa)];
-    });
+    cfg_name);
 
 TEST(KvDecodeStep, OneUbatchOnlyForConsecutiveIdsWithStreams) {
     const int32_t a[] = { 0, 1, 2 };
