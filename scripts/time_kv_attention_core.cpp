@@ -104,13 +104,15 @@ void time_step(const char * label, kv_cache & c, int32_t n_seq) {
     }
     const int32_t base = c.seq_pos_max(0) + 1;
     double        best = 1e30;
-    for (int r = 0; r < 50; ++r) {
+    for (int r = 0; r < 20; ++r) {
         const double t0 = thread_us();
-        for (int k = 0; k < 4; ++k) {
+        for (int k = 0; k < 100; ++k) {
             kv_context ctx = kv_decode_step(c, c, ids.data(), uint32_t(n_seq), nullptr);
         }
-        best = std::min(best, (thread_us() - t0) / 4);
-        c.seq_rm(-1, base, -1);
+        best = std::min(best, (thread_us() - t0) / 100);
+        for (int32_t s = 0; s < n_seq; ++s) {
+            c.seq_rm(s, base, -1);
+        }
     }
     std::printf("%-40s decode_step %7.2f us\n", label, best);
 }
@@ -130,7 +132,7 @@ int main() {
     for (const mc & x : { mc{ "unified 1M cells, 64 seqs", M, 64, true }, mc{ "unified 1M cells, 256 seqs", M, 256, true },
                           mc{ "streams 1M cells, 64 seqs", M, 64, false },
                           mc{ "streams 1M cells, 256 seqs", M, 256, false } }) {
-        auto c = filled(x.total, x.n, x.unified, swa_type::NONE, 0, 16);
+        auto c = filled(x.total, x.n, x.unified, swa_type::NONE, 0, 120);
         time_step(x.label, *c, x.n);
     }
     return 0;
