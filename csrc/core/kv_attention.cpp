@@ -193,17 +193,16 @@ void set_range(bit_row & row, index_it a, index_it b, bool on, bool unchecked = 
         for (; i + 8 <= n; i += 8) {
             uint32_t c[8];
             uint64_t bits = 0;
+            uint32_t diff = 0;
             for (int j = 0; j < 8; ++j) {
                 c[j] = kv_cells::key_cell(k[i + size_t(j)]);
                 bits |= uint64_t(1) << (c[j] & 63);
             }
-            const uint32_t w0 = c[0] >> 6;
-            bool same = true;
             for (int j = 1; j < 8; ++j) {
-                same = same && (c[j] >> 6) == w0;
+                diff |= c[j] ^ c[0];
             }
-            if (same) {
-                w[w0] |= bits;
+            if ((diff >> 6) == 0) {
+                w[c[0] >> 6] |= bits;
             } else {
                 for (int j = 0; j < 8; ++j) {
                     w[c[j] >> 6] |= uint64_t(1) << (c[j] & 63);
