@@ -832,11 +832,40 @@ def _no_room(seq_ids) -> LlmemError:
                       "the memory is unchanged (free cells with seq_rm, or use a larger cache)")
 
 
+def _decode_step_args(seq_ids, tokens, n_seq_max: int):
+    """decode_step's arguments as int32 arrays, checked as the compiled step checks them."""
+    def as_ids(value, name):
+        a = np.asarray(value)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu") or a.dtype == np.bool_:
+            raise TypeError(f"{name} must be a 1-D sequence of ints, got {value!r}")
+        if a.size and (a.min() < _I32_MIN or a.max() > _I32_MAX):
+            raise ValueError(f"{name} has values that do not fit in int32")
+        return a.astype(np.int32)
+    ids = as_ids(seq_ids, "seq_ids")
+    if ids.size == 0:
+        raise ValueError("decode_step: at least one sequence is needed, got seq_ids = []")
+    bad = np.flatnonzero((ids < 0) | (ids >= n_seq_max))
+    if bad.size:
+        k = int(bad[0])
+        raise ValueError(f"decode_step: seq_ids[{k}] = {ids[k]} is outside [0, {n_seq_max})")
+    if np.unique(ids).size != ids.size:
+        raise ValueError("decode_step: seq_ids repeats a sequence: a decode step takes one token of each sequence")
+    if tokens is None:
+        return ids, None
+    tok = as_ids(tokens, "tokens")
+    if tok.size != ids.size:
+        raise ValueError(f"tokens has {tok.size} entries, seq_ids {ids.size}: one token per sequence")
+    if (tok < 0).any():
+        raise ValueError("decode_step: tokens has a negative value")
+    return ids, tok
+
+
 def _decode_step_general(mem, seq_ids, tokens):
-    """decode_step where llama.cpp's split gives several micro-batches: init_batch + apply."""
-    ids = np.asarray(seq_ids, dtype=np.int32)
+    """decode_step through init_batch + apply: where llama.cpp's split gives several micro-batches,
+    and for memories without a compiled step (the hybrids)."""
+    ids, tok = _decode_step_args(seq_ids, tokens, mem.n_seq_max)
     # -1: an entry without a token id (the batch needs its length from somewhere)
-    tok = np.full(len(ids), -1, np.int32) if tokens is None else np.asarray(tokens, dtype=np.int32)
+    tok = np.full(len(ids), -1, np.int32) if tok is None else tok
     batch = Batch(token=tok, seq_id=ids, output=np.ones(len(ids), dtype=bool))
     ctx = mem.init_batch(batch, len(ids))
     if ctx.status != Status.SUCCESS:

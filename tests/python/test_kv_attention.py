@@ -475,3 +475,51 @@ def test_hybrid_contexts_expose_the_attention_metadata():
     m = ctx.attn.kq_mask(dtype=np.float16, pad=4)
     assert m.dtype == np.float16 and m.shape[0] % 4 == 0
     assert ctx.attn.paged_kv().kv_indptr[-1] == 4
+
+
+def _same_cells(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            if not _same_cells(x, y):
+                return False
+        elif isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if not np.array_equal(np.asarray(x), np.asarray(y)):
+                return False
+        elif isinstance(x, list) and x and isinstance(x[0], np.ndarray):
+            if len(x) != len(y) or not all(np.array_equal(p, q) for p, q in zip(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_hybrid_decode_step_decides_as_init_batch_and_apply():
+    from llmem.toy import ToyHybrid
+    model = ToyHybrid(seed=2)
+    a, b = model.new_memory(24, n_seq_max=3), model.new_memory(24, n_seq_max=3)
+    rng = np.random.default_rng(5)
+    steps = 0
+    for _ in range(12):
+        ids = sorted(rng.choice(3, int(rng.integers(1, 4)), replace=False).tolist())
+        toks = rng.integers(0, 50, len(ids)).tolist()
+        want = general_step(b, ids, toks)
+        if want is None:
+            before = a.cells()
+            with pytest.raises(LlmemError, match="no room"):
+                a.decode_step(ids, toks)
+            assert _same_cells(a.cells(), before)
+            break
+        got = a.decode_step(ids, toks)
+        assert got.ubatch.pos.tolist() == want.ubatch.pos.tolist()
+        assert got.attn.k_idxs().tolist() == want.attn.k_idxs().tolist()
+        assert _same_cells(a.cells(), b.cells())
+        steps += 1
+    assert steps >= 4
+    before = a.cells()
+    for bad, exc in [([], ValueError), ([0, 0], ValueError), ([5], ValueError), ([0.5], TypeError)]:
+        with pytest.raises(exc):
+            a.decode_step(bad)
+        assert _same_cells(a.cells(), before)
