@@ -390,11 +390,11 @@ void register_kv_attention(py::module_ & m) {
           "Paged-attention form of the current micro-batch: 9 int32 arrays (see llmem.PagedKV).");
 
     m.def("kv_decode_step",
-          [](py::object self, py::handle positions, py::handle seq_ids, py::handle tokens) -> py::object {
-              kv_cache &             c   = self.cast<kv_cache &>();
-              const seq_pos_source & pos = positions.cast<const seq_pos_source &>();
-              const int32_t *        tok = decode_args(seq_ids, tokens);
-              kv_context             ctx = kv_decode_step(c, pos, t_seq_ids.data(), uint32_t(t_seq_ids.size()), tok);
+          [](py::object self, py::handle seq_ids, py::handle tokens) -> py::object {
+              kv_cache &      c   = self.cast<kv_cache &>();
+              const int32_t * tok = decode_args(seq_ids, tokens);
+              // a plain cache is its own position source (as init_batch reads it)
+              kv_context ctx = kv_decode_step(c, c, t_seq_ids.data(), uint32_t(t_seq_ids.size()), tok);
               if (ctx.status() == memory_status::NO_UPDATE) {
                   return py::none();  // several micro-batches: the caller takes the general path
               }
@@ -403,7 +403,7 @@ void register_kv_attention(py::module_ & m) {
               }
               return owned_by(py::cast(std::move(ctx)), self);
           },
-          py::arg("cache"), py::arg("positions"), py::arg("seq_ids"), py::arg("tokens") = py::none(),
+          py::arg("cache"), py::arg("seq_ids"), py::arg("tokens") = py::none(),
           "One token per sequence planned and applied in one call (see llmem.KVCache.decode_step).");
 
     m.def("kv_iswa_decode_step",

@@ -308,15 +308,12 @@ class KVCache(Memory):
         per-sequence streams llama.cpp's split puts only consecutive ascending ids in one
         micro-batch; for other ids the step takes the general path: every micro-batch is planned,
         the first is applied, and the context continues with ``next()``/``apply()``."""
-        self._lock.acquire()
-        try:
-            ctx = _core.kv_decode_step(self._core, self._core, seq_ids, tokens)
+        with self._lock:
+            ctx = _core.kv_decode_step(self._core, seq_ids, tokens)
             if ctx is None:
                 return _decode_step_general(self, seq_ids, tokens)
-            self._version += 1
-            return KVCacheContext(self, ctx, self._version)
-        finally:
-            self._lock.release()
+            self._version = version = self._version + 1
+            return KVCacheContext(self, ctx, version)
 
     @locked
     def init_full(self) -> "KVCacheContext":
