@@ -523,3 +523,51 @@ def test_hybrid_decode_step_decides_as_init_batch_and_apply():
         with pytest.raises(exc):
             a.decode_step(bad)
         assert _same_cells(a.cells(), before)
+
+
+def mask_from_lists(ctx, causal, n_rows, n_kv):
+    offs, cells = ctx.kq_cells(causal)
+    m = np.full((n_rows, n_kv), -np.inf, np.float32)
+    for t in range(len(offs) - 1):
+        m[t, cells[offs[t]:offs[t + 1]]] = 0
+    return m
+
+
+@pytest.mark.parametrize("unified", [True, False])
+def test_large_masks_streamed_and_unaligned_buffers(unified):
+    """Masks of 1 MiB and more take the streaming stores; misaligned buffers the scalar path."""
+    n_seq = 4
+    cache = KVCache(1, 4, 4, 8192 if unified else 2048, n_seq_max=n_seq, unified=unified,
+                    dtype_k=np.float32, dtype_v=np.float32, n_pad=256)
+    rng = np.random.default_rng(11)
+    for _ in range(3):  # prefill every sequence by interleaved chunks
+        k = 300
+        ids = np.repeat(np.arange(n_seq, dtype=np.int32), k)
+        ctx = cache.init_batch(Batch(token=np.zeros(len(ids), np.int32), seq_id=ids), len(ids))
+        for _ub in ctx:
+            pass
+    cache.seq_rm(1, 100, 200)  # a hole in one sequence
+    ids = np.repeat(np.arange(n_seq, dtype=np.int32), 70)
+    if unified:
+        rng.shuffle(ids)
+    ctx = cache.init_batch(Batch(token=np.zeros(len(ids), np.int32), seq_id=ids), len(ids))
+    ctx.apply()
+    for causal in (True, False):
+        m = ctx.kq_mask(causal)
+        assert m.nbytes >= 1 << 20
+        np.testing.assert_array_equal(m, mask_from_lists(ctx, causal, m.shape[0], ctx.n_kv))
+        np.testing.assert_array_equal(ctx.kq_mask(causal, dtype=np.float16).astype(np.float32), m)
+        raw = bytearray(m.nbytes + 2)
+        view = np.frombuffer(memoryview(raw)[2:], np.float32).reshape(m.shape)  # 2-byte aligned
+        ctx.kq_mask(causal, out=view)
+        np.testing.assert_array_equal(view, m)
+        raw16 = bytearray(m.size * 2 + 2)
+        view16 = np.frombuffer(memoryview(raw16)[2:], np.float16).reshape(m.shape)  # 16-byte misaligned
+        ctx.kq_mask(causal, out=view16, dtype=np.float16)
+        np.testing.assert_array_equal(view16.astype(np.float32), m)
+        padded = ctx.kq_mask(causal, pad=64)
+        n_groups = 1 if unified else n_seq
+        blocks = padded.reshape(n_groups, -1, ctx.n_kv)
+        n_tps = m.shape[0] // n_groups
+        np.testing.assert_array_equal(blocks[:, :n_tps].reshape(m.shape), m)
+        assert np.isneginf(blocks[:, n_tps:]).all()
