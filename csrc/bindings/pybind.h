@@ -19,6 +19,7 @@ void register_errors(py::module_ & m);
 void register_status(py::module_ & m);
 void register_batch(py::module_ & m);
 void register_kv_cache(py::module_ & m);
+void register_kv_attention(py::module_ & m);
 void register_recurrent(py::module_ & m);
 void register_hybrid(py::module_ & m);
 void register_state_file(py::module_ & m);

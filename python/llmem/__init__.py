@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, StaleContextError, StateError
 from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
-from .kv_cache import KVCache, KVCacheISWA, Rope
+from .kv_cache import KVCache, KVCacheISWA, PagedKV, Rope
 from .memory import STATE_HEADER, Memory, MemoryContext
 from .recurrent import RecurrentContext, RecurrentMemory
 from .factory import from_gguf, from_hparams
@@ -47,6 +47,7 @@ __all__ = [
     "MemoryContext",
     "MemoryPlan",
     "ModelHParams",
+    "PagedKV",
     "plan_memory",
     "PrefixCache",
     "read_gguf_hparams",

@@ -26,7 +26,7 @@ from typing import Callable, Sequence, Union
 
 from . import _core
 from .errors import LlmemError
-from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
+from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext, _decode_step_general
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
                      stale_context_error)
 from .recurrent import RecurrentContext, RecurrentMemory
@@ -197,6 +197,17 @@ class HybridMemory(Memory):
                                                          self._recr._mem)
             return HybridContext(self._attn_context(cb, cs), RecurrentContext(self._recr, cr, self._recr._version),
                                  status)
+        finally:
+            self._lock.release()
+
+    def decode_step(self, seq_ids, tokens=None) -> HybridContext:
+        """One token for each of ``seq_ids`` (distinct) at its next position, every token an
+        output, planned and applied in one call, as :meth:`KVCache.decode_step`. A hybrid has no
+        compiled step yet: this is ``init_batch`` + ``apply`` (the same decisions, the general
+        path's cost). Raises :class:`LlmemError` when it does not fit, changing nothing."""
+        self._lock.acquire()
+        try:
+            return _decode_step_general(self, seq_ids, tokens)
         finally:
             self._lock.release()
 

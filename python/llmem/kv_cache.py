@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _core
-from .batch import UBatch
+from .batch import Batch, UBatch
 from .errors import LlmemError
 from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
 from .status import Status, SWAType, status_combine
 
 __all__ = ["Rope", "KVCache", "KVCacheISWA", "KVCacheContext", "KVCacheISWAContext",
-           "STATE_PARTIAL_ONLY"]
+           "STATE_PARTIAL_ONLY", "PagedKV"]
 
 #: ``state_write``/``state_read`` flag: for an iSWA cache, only the sliding-window part.
 STATE_PARTIAL_ONLY = 1
@@ -293,6 +293,26 @@ class KVCache(Memory):
             return KVCacheContext(self, self._core.init_batch(balloc, n_ubatch), self._version)
         finally:
             self._lock.release()
+
+    def decode_step(self, seq_ids, tokens=None) -> "KVCacheContext":
+        """The decode step in one call: one token for each of ``seq_ids`` (distinct ids; a list of
+        ints or an int32 array), at position ``seq_pos_max + 1`` of its sequence, every token an
+        output; ``tokens`` (same length) or None. Plans and applies exactly as
+        ``init_batch(Batch(token=tokens, seq_id=seq_ids, output=all), n_ubatch=len(seq_ids))``
+        followed by ``apply()``, and returns that applied context (``ubatch``, ``k_idxs``,
+        ``kq_mask``, ``paged_kv``, ``cpy_k``... work as after ``apply``).
+
+        Raises :class:`LlmemError` when the tokens do not fit, ValueError/TypeError for bad
+        arguments (a repeated or out-of-range id, a negative token), changing nothing. With
+        per-sequence streams llama.cpp's split puts only consecutive ascending ids in one
+        micro-batch; for other ids the step takes the general path: every micro-batch is planned,
+        the first is applied, and the context continues with ``next()``/``apply()``."""
+        with self._lock:
+            ctx = _core.kv_decode_step(self._core, seq_ids, tokens)
+            if ctx is None:
+                return _decode_step_general(self, seq_ids, tokens)
+            self._version = version = self._version + 1
+            return KVCacheContext(self, ctx, version)
 
     @locked
     def init_full(self) -> "KVCacheContext":
@@ -575,45 +595,75 @@ class KVCacheContext(MemoryContext):
         self._check_fresh("slot_cells")
         return self._ctx.slot_cells()
 
-    def k_idxs(self) -> np.ndarray:
-        """int64 row of each token in the stacked ``[n_stream * kv_size]`` K rows."""
+    def k_idxs(self, out=None) -> np.ndarray:
+        """int64 row of each token in the stacked ``[n_stream * kv_size]`` K rows. With ``out``
+        (a writable C-contiguous int64 buffer of ``n_tokens`` values) the rows are written there
+        and ``out`` is returned; without, the array is cached per micro-batch."""
         if self._version is not None and self._version != self._cache._version:
             raise stale_context_error("k_idxs")
+        if out is not None:
+            return _core.kv_k_idxs(self._ctx, out)
         i = self._ctx.i_cur
         if self._kidx_at != i:
             self._kidx = self._ctx.k_idxs()
             self._kidx_at = i
         return self._kidx
 
-    def v_idxs(self) -> np.ndarray:
+    def v_idxs(self, out=None) -> np.ndarray:
         """V destinations: as ``k_idxs`` without ``v_trans``; with it, the flat element index of
         (token, feature j < n_embd_v_max) in the stacked ``[n_stream, n_embd_v_max, kv_size]`` V,
-        token-major (length ``n_tokens * n_embd_v_max``)."""
-        k = self.k_idxs()
-        c = self._cache
-        if not c._vt:
-            return k
-        size, e = c.size, c._core.n_embd_v_max
-        strm, cell = k // size, k % size
-        j = np.arange(e, dtype=np.int64)
-        return ((strm * size * e)[:, None] + j[None, :] * size + cell[:, None]).reshape(-1)
+        token-major (length ``n_tokens * n_embd_v_max``). ``out``: an int64 buffer of that length."""
+        if out is None and not self._cache._vt:
+            return self.k_idxs()
+        self._check_fresh("v_idxs")
+        return _core.kv_v_idxs(self._ctx, out)
 
-    def kq_mask(self, causal: bool = True) -> np.ndarray:
-        """float32 ``[n_tokens, n_kv]``: 0 where a token attends a cell, -inf elsewhere."""
+    def kq_mask(self, causal: bool = True, out=None, dtype=np.float32, pad: int = 1) -> np.ndarray:
+        """llama.cpp's KQ mask of the current micro-batch: 0 where a token attends a cell, -inf
+        elsewhere, shape ``[n_groups * rows, n_kv]`` (``n_groups``: 1 for a unified cache, else the
+        micro-batch's sequences, one stream each; ``rows``: the tokens of a group, rounded up to a
+        multiple of ``pad`` with -inf rows; ``pad=1`` is llama.cpp 0.3.36's unpadded
+        ``[n_kv, n_tokens/n_groups, 1, n_groups]``). ``dtype`` float32 or float16 (llama.cpp's
+        mask under flash attention). ``out``: a writable C-contiguous buffer of that dtype and
+        shape (or raw bytes of its size) written in place and returned: no allocation per step.
+        Costs O(n_tokens x n_kv) writes; large fills release the GIL."""
+        f16 = _mask_f16(dtype)
         self._cache._lock.acquire()
         try:
             self._check_fresh("kq_mask")
-            return self._ctx.kq_mask(bool(causal))
+            return _core.kv_kq_mask(self._ctx, bool(causal), out, f16, _check_int(pad, "pad", 1, _I32_MAX))
         finally:
             self._cache._lock.release()
 
-    def kq_cells(self, causal: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def kq_cells(self, causal: bool = True, out=None) -> tuple[np.ndarray, np.ndarray]:
         """The mask as lists: token ``t`` attends cells ``cells[offsets[t]:offsets[t+1]]``
-        (ascending, within the token's stream). Returns ``(offsets int64[n_tokens+1], cells)``."""
+        (ascending, within the token's stream). Returns ``(offsets int64[n_tokens+1], cells int32)``.
+        ``out=(offsets, cells)``: buffers to fill, ``offsets`` of exactly ``n_tokens + 1`` int64,
+        ``cells`` a 1-D int32 buffer with room for every entry; the used part of ``cells`` is
+        returned as a view."""
+        if out is None:
+            offs_buf = cells_buf = None
+        else:
+            if not isinstance(out, (tuple, list)) or len(out) != 2:
+                raise TypeError("out must be a pair (offsets, cells) of buffers, got "
+                                f"{type(out).__name__}")
+            offs_buf, cells_buf = out
         self._cache._lock.acquire()
         try:
             self._check_fresh("kq_cells")
-            return self._ctx.kq_cells(bool(causal))
+            return _core.kv_kq_cells(self._ctx, bool(causal), offs_buf, cells_buf)
+        finally:
+            self._cache._lock.release()
+
+    def paged_kv(self, causal: bool = True, out: Optional["PagedKV"] = None) -> "PagedKV":
+        """The current micro-batch's attention in paged form (page size 1: one cell), as paged
+        attention kernels (FlashInfer, FlashAttention varlen) take it; see :class:`PagedKV`.
+        Costs O(cells attended + n_tokens log). ``out``: a :class:`PagedKV` of buffers with room
+        enough (``PagedKV.empty``), filled in place; the result holds views of their used parts."""
+        self._cache._lock.acquire()
+        try:
+            self._check_fresh("paged_kv")
+            return PagedKV(*_core.kv_paged(self._ctx, bool(causal), out))
         finally:
             self._cache._lock.release()
 
@@ -666,6 +716,67 @@ class KVCacheContext(MemoryContext):
         return V[s, :self.n_kv]
 
 
+def _mask_f16(dtype) -> bool:
+    """Whether a mask dtype argument asks for float16 (TypeError for anything but float32/16)."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float16, got {dtype!r}") from None
+    if dt == np.float32:
+        return False
+    if dt == np.float16:
+        return True
+    raise TypeError(f"dtype must be float32 or float16, got {dt}")
+
+
+class PagedKV(NamedTuple):
+    """A micro-batch's attention in paged form (page size 1: a page is one cell), for paged
+    attention kernels. Requests are the distinct sequences of the micro-batch in order of their
+    first token; all arrays are int32.
+
+    * ``seq_ids[r]``: the sequence of request ``r``;
+    * ``kv_indptr`` / ``kv_indices`` / ``kv_last_page_len``: request ``r``'s page table (CSR), the
+      cells it attends in *position order* as global K rows (``stream * kv_size + cell``, as
+      ``k_idxs``), and 1 per non-empty table (0 for an empty one);
+    * ``qo_seq[t]``: the request of ubatch token ``t`` (the query-to-sequence map);
+      ``qo_indptr`` / ``qo_order``: the tokens of request ``r`` are
+      ``qo_order[qo_indptr[r]:qo_indptr[r+1]]`` (ubatch order; ``qo_order`` is the identity when
+      each sequence's tokens are consecutive, as in every per-stream and decode-step micro-batch);
+    * ``kv_start[t]``, ``kv_end[t]``: token ``t`` attends exactly the pages
+      ``kv_indices[kv_start[t]:kv_end[t]]`` of its request.
+
+    Why per-token slices: within one prefill chunk, tokens of a sequence see different cells (the
+    causal limit and, on sliding-window layers, the window's lower end). Since a request's pages
+    are in position order, each token's visible cells are one contiguous slice of them, so two
+    int32 per token express any causal/SWA (standard, chunked, symmetric) mask exactly, also where
+    positions have gaps or repeats (after ``seq_rm``/``seq_add``/``seq_cp``), where the
+    "last qo_len pages" convention of FlashInfer's ``causal=True`` would not. When a request's
+    positions are contiguous and it has no window, ``kv_start`` is ``kv_indptr[r]`` and ``kv_end``
+    grows by one per token, i.e. FlashInfer's causal form. Each sliding-window layer type has its
+    own table (``KVCacheISWAContext.paged_kv(il)``). Not available for the causal mask of 2-D
+    (M-RoPE image) micro-batches.
+    """
+
+    seq_ids: np.ndarray
+    qo_seq: np.ndarray
+    qo_indptr: np.ndarray
+    qo_order: np.ndarray
+    kv_indptr: np.ndarray
+    kv_indices: np.ndarray
+    kv_last_page_len: np.ndarray
+    kv_start: np.ndarray
+    kv_end: np.ndarray
+
+    @classmethod
+    def empty(cls, max_tokens: int, max_seqs: int, max_pages: int) -> "PagedKV":
+        """Buffers to pass as ``out=``, reused every step (each a 1-D int32 array)."""
+        t = _check_int(max_tokens, "max_tokens")
+        s = _check_int(max_seqs, "max_seqs")
+        p = _check_int(max_pages, "max_pages")
+        z = lambda n: np.zeros(n, np.int32)  # noqa: E731
+        return cls(z(s), z(t), z(s + 1), z(t), z(s + 1), z(p), z(s), z(t), z(t))
+
+
 class KVUpdateContext(MemoryContext):
     """Pending work of a KV cache: whole-stream copies left by ``seq_cp`` across streams, then the
     K-shift (RoPE re-rotation of shifted cells), then the shifts are cleared."""
@@ -710,6 +821,53 @@ def _rows(values, n_tokens: int, width: int, name: str) -> np.ndarray:
         raise ValueError(f"{name} must have shape [n_tokens={n_tokens}, {width}] "
                          f"(or [n_tokens, n_head, head_dim]), got {a.shape}")
     return a.reshape(n_tokens, width)
+
+
+def _no_room(seq_ids) -> LlmemError:
+    return LlmemError(f"decode_step: no room for one token of each of the {len(seq_ids)} sequences; "
+                      "the memory is unchanged (free cells with seq_rm, or use a larger cache)")
+
+
+def _decode_step_args(seq_ids, tokens, n_seq_max: int):
+    """decode_step's arguments as int32 arrays, checked as the compiled step checks them."""
+    def as_ids(value, name):
+        a = np.asarray(value)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu") or a.dtype == np.bool_:
+            raise TypeError(f"{name} must be a 1-D sequence of ints, got {value!r}")
+        if a.size and (a.min() < _I32_MIN or a.max() > _I32_MAX):
+            raise ValueError(f"{name} has values that do not fit in int32")
+        return a.astype(np.int32)
+    ids = as_ids(seq_ids, "seq_ids")
+    if ids.size == 0:
+        raise ValueError("decode_step: at least one sequence is needed, got seq_ids = []")
+    bad = np.flatnonzero((ids < 0) | (ids >= n_seq_max))
+    if bad.size:
+        k = int(bad[0])
+        raise ValueError(f"decode_step: seq_ids[{k}] = {ids[k]} is outside [0, {n_seq_max})")
+    if np.unique(ids).size != ids.size:
+        raise ValueError("decode_step: seq_ids repeats a sequence: a decode step takes one token of each sequence")
+    if tokens is None:
+        return ids, None
+    tok = as_ids(tokens, "tokens")
+    if tok.size != ids.size:
+        raise ValueError(f"tokens has {tok.size} entries, seq_ids {ids.size}: one token per sequence")
+    if (tok < 0).any():
+        raise ValueError("decode_step: tokens has a negative value")
+    return ids, tok
+
+
+def _decode_step_general(mem, seq_ids, tokens):
+    """decode_step through init_batch + apply: where llama.cpp's split gives several micro-batches,
+    and for memories without a compiled step (the hybrids)."""
+    ids, tok = _decode_step_args(seq_ids, tokens, mem.n_seq_max)
+    # -1: an entry without a token id (the batch needs its length from somewhere)
+    tok = np.full(len(ids), -1, np.int32) if tok is None else tok
+    batch = Batch(token=tok, seq_id=ids, output=np.ones(len(ids), dtype=bool))
+    ctx = mem.init_batch(batch, len(ids))
+    if ctx.status != Status.SUCCESS:
+        raise _no_room(seq_ids)
+    ctx.apply()
+    return ctx
 
 
 class KVCacheISWA(Memory):
@@ -803,6 +961,21 @@ class KVCacheISWA(Memory):
             cb, cs = _core.kv_iswa_init_batch(self.base._core, self.swa._core, balloc, n_ubatch)
             return KVCacheISWAContext(self, KVCacheContext(self.base, cb, self.base._version),
                                       KVCacheContext(self.swa, cs, self.swa._version))
+        finally:
+            self._lock.release()
+
+    def decode_step(self, seq_ids, tokens=None) -> "KVCacheISWAContext":
+        """The decode step in one call on both caches, as :meth:`KVCache.decode_step` (the same
+        decisions as ``init_batch`` + ``apply``, llama.cpp's order of split attempts)."""
+        self._lock.acquire()
+        try:
+            pair = _core.kv_iswa_decode_step(self.base._core, self.swa._core, seq_ids, tokens)
+            if pair is None:
+                return _decode_step_general(self, seq_ids, tokens)
+            self.base._version += 1
+            self.swa._version += 1
+            return KVCacheISWAContext(self, KVCacheContext(self.base, pair[0], self.base._version),
+                                      KVCacheContext(self.swa, pair[1], self.swa._version))
         finally:
             self._lock.release()
 
@@ -1017,6 +1190,16 @@ class KVCacheISWAContext(MemoryContext):
     def get_v(self, il: int) -> np.ndarray:
         return self._ctx_of(il).get_v(il)
 
-    def kq_mask(self, il: int, causal: bool = True) -> np.ndarray:
-        """The mask for the layer's cache (base: no window; swa: with it)."""
-        return self._ctx_of(il).kq_mask(causal)
+    def kq_mask(self, il: int, causal: bool = True, out=None, dtype=np.float32, pad: int = 1) -> np.ndarray:
+        """The mask for the layer's cache (base: no window; swa: with it); arguments as
+        :meth:`KVCacheContext.kq_mask`."""
+        return self._ctx_of(il).kq_mask(causal, out=out, dtype=dtype, pad=pad)
+
+    def kq_cells(self, il: int, causal: bool = True, out=None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token visible cells of the layer's cache (:meth:`KVCacheContext.kq_cells`)."""
+        return self._ctx_of(il).kq_cells(causal, out=out)
+
+    def paged_kv(self, il: int, causal: bool = True, out: Optional[PagedKV] = None) -> PagedKV:
+        """The paged form for the layer's cache: the base table for full-attention layers, the
+        window's table for sliding-window layers (:meth:`KVCacheContext.paged_kv`)."""
+        return self._ctx_of(il).paged_kv(causal, out=out)
