@@ -9,7 +9,8 @@ of ``llama_context::decode`` on them: the batch, the allocator's checks and spli
 Building it needs three things, each located here and cached under ``build/``:
 
 * ``llama_cpp`` importable (the ``bench`` extra, llama-cpp-python 0.3.36): its ``lib/libllama.so``
-  and ``libggml*.so``, which export llama.cpp's internal C++ symbols;
+  and ``libggml*.so``, which export llama.cpp's internal C++ symbols (``LLMEM_LLAMA_LIB`` may name
+  another folder holding a build of the same version);
 * the headers of the same version, from its sdist (``build/llama_sdist/``, fetched with
   ``pip download`` the first time, or pointed to with ``LLMEM_LLAMA_SDIST``);
 * a C++17 compiler (``$CXX``, else ``c++``/``g++``/``clang++``).
@@ -60,7 +61,12 @@ def find_compiler(env: Optional[dict] = None) -> Optional[str]:
 
 
 def llama_cpp_lib_dir() -> tuple[Optional[Path], str]:
-    """(folder holding libllama.so of the installed llama_cpp, or None, and why not)."""
+    """(folder holding libllama.so of the installed llama_cpp, or None, and why not).
+    ``LLMEM_LLAMA_LIB`` names another folder (a llama.cpp build of the same version)."""
+    env = os.environ.get("LLMEM_LLAMA_LIB")
+    if env:
+        d = Path(env)
+        return (d, "") if (d / "libllama.so").exists() else (None, f"LLMEM_LLAMA_LIB={env} has no libllama.so")
     try:
         import importlib.util
 
