@@ -229,16 +229,20 @@ LMD_API int lmd_init(int quiet) {
     return 0;
 }
 
-// A model for its hyperparameters and vocabulary only (no weights are read).
+// A model for its hyperparameters and vocabulary (the bench's model is tiny: its weights are
+// read too, as a vocab-only load leaves the layer hyperparameters unset).
 LMD_API void * lmd_model_load(const char * path) {
     llama_model_params p = llama_model_default_params();
     p.n_gpu_layers       = 0;
-    p.vocab_only         = true;
     llama_model * m      = llama_model_load_from_file(path, p);
     if (!m) {
         fail(std::string("llama.cpp could not load ") + path);
     }
     return m;
+}
+
+LMD_API uint32_t lmd_model_n_layer(void * model) {
+    return static_cast<llama_model *>(model)->hparams.n_layer_all;
 }
 
 LMD_API void lmd_model_free(void * model) {

@@ -203,6 +203,7 @@ def _declare(lib) -> None:
         "lmd_init": (c.c_int, [c.c_int]),
         "lmd_model_load": (vp, [c.c_char_p]),
         "lmd_model_free": (None, [vp]),
+        "lmd_model_n_layer": (u32, [vp]),
         "lmd_kv_new": (vp, [vp, u32, u32, c.c_int, c.c_int, u32, u32]),
         "lmd_kv_free": (None, [vp]),
         "lmd_kv_decode": (c.c_int, [vp, p_i32, p_i32, i32, u32]),
@@ -271,7 +272,8 @@ def _ptr(a: np.ndarray, ctype):
 
 
 class Model:
-    """llama.cpp's model object of a GGUF, hyperparameters and vocabulary only."""
+    """llama.cpp's model object of a GGUF (its hyperparameters and vocabulary are what the
+    memories use)."""
 
     def __init__(self, path) -> None:
         lib = load()
@@ -280,6 +282,8 @@ class Model:
         self.h = lib.lmd_model_load(str(path).encode())
         if not self.h:
             raise RuntimeError(lib.lmd_last_error().decode(errors="replace"))
+        if lib.lmd_model_n_layer(self.h) == 0:  # (llama.cpp would abort on the first layer query)
+            raise RuntimeError(f"llama.cpp read no layers from {path}")
 
     def close(self) -> None:
         if self.h:

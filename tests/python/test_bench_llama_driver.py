@@ -170,13 +170,13 @@ def driver():
     return llama_driver.Model(llama_baseline.model_path())
 
 
-@pytest.mark.parametrize("layout,n_cells,n_seqs", [("unified", 4096, 1), ("unified", 4096, 4), ("streams", 4096, 4),
-                                                   ("unified", 8192, 16)])
-def test_driver_mask_equals_llmem(driver, layout, n_cells, n_seqs):
+@pytest.mark.parametrize("layout,n_cells,n_seqs,v_trans", [("unified", 4096, 1, False), ("unified", 4096, 4, True),
+                                                           ("streams", 4096, 4, False), ("unified", 8192, 16, False)])
+def test_driver_mask_equals_llmem(driver, layout, n_cells, n_seqs, v_trans):
     from bench.workloads import masks_agree, twin_caches
 
     cfg = Config(quick=True, use_llama=True)
-    kv, lk, per_seq, note = twin_caches(layout, n_cells, n_seqs, cfg)
+    kv, lk, per_seq, note = twin_caches(layout, n_cells, n_seqs, cfg, v_trans=v_trans)
     assert lk is not None, note
     assert lk.n_stream == (1 if layout == "unified" else n_seqs)
     for s in range(n_seqs):
@@ -184,9 +184,14 @@ def test_driver_mask_equals_llmem(driver, layout, n_cells, n_seqs):
     side = DecodeSide(kv, np.arange(n_seqs, dtype=np.int32), 512)
     ok, why = masks_agree(side, lk)
     assert ok, why
+    # V indices too (with V transposed, one per value: llama.cpp's and llmem's layouts agree)
+    v_mine = np.asarray(side.step().v_idxs())
+    lk.decode_steps(side.seq_ids, 1, 0)
+    assert np.array_equal(lk.v_idxs(), v_mine)
+    assert len(v_mine) == n_seqs * (16 if v_trans else 1)
     # the mask has both kinds of entries: each token sees its own sequence's cells only
     m = lk.mask()
-    assert m.shape[0] == n_seqs and np.isneginf(m).any() and (m == 0).sum() == n_seqs * (per_seq + 1)
+    assert m.shape[0] == n_seqs and np.isneginf(m).any() and (m == 0).sum() == n_seqs * (per_seq + 2)
     # a few more steps in each keep them equal; so does a removal
     for _ in range(3):
         side.step()
