@@ -70,6 +70,8 @@ def fmt_time(us) -> str:
 def fmt_ratio(r) -> str:
     if r is None:
         return "-"
+    if r < 0.1:
+        return f"{r:.2f}x"
     return f"{r:,.0f}x" if r >= 100 else f"{r:.1f}x"
 
 

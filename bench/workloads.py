@@ -318,7 +318,9 @@ def seq_ops(n_cells: int, n_seqs: int, cfg: Config) -> Iterator[Result]:
 
     # llama_kv_cache's own seq_pos_max and tail seq_rm, timed inside C++ (no foreign call): what a
     # C API for these calls could at best reach; llmem's column is its Python call of the rows above
-    note = driver_note(cfg) or llama_note
+    note = driver_note(cfg)
+    if not note and n_seqs + 1 > llama_baseline.LLAMA_MAX_SEQ:
+        note = f"llama.cpp holds at most {llama_baseline.LLAMA_MAX_SEQ} sequences"
     if not note:
         _, lk, _, _ = twin_caches("unified", n_cells, n_seqs, cfg, n_seq_max=n_seqs + 1, per_seq=per_seq,
                                   with_llmem=False)
