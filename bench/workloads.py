@@ -380,9 +380,22 @@ class DecodeSide:
             out = ctx.kq_mask(out=buf)
             self.mask_out = True
             return out
-        except TypeError:  # a tree without out=
+        except (TypeError, ValueError):  # a tree without out= (or with another contract for it)
             self.mask_out = False
             return ctx.kq_mask()
+
+    def mask_f16(self, ctx):
+        """The f16 mask (llama.cpp's under flash attention) into a reused buffer, where the tree's
+        kq_mask takes ``dtype`` and ``out``; None where it does not."""
+        shape = (len(self.seq_ids), ctx.n_kv)
+        key = ("f16",) + shape
+        buf = self.bufs.get(key)
+        if buf is None:
+            buf = self.bufs[key] = np.empty(shape, np.float16)
+        try:
+            return ctx.kq_mask(out=buf, dtype=np.float16)
+        except (TypeError, ValueError):
+            return None
 
     def step_and_mask(self):
         ctx = self.step()
@@ -553,6 +566,26 @@ def decode_rows(layout: str, n_cells: int, n_seqs: int, cfg: Config, with_mask: 
             theirs += lk.mask_reps(reps).tolist()
     r = Result(name, dict(params), *_stats(mine), extra={"llmem_api": side.api},
                reference_note="see the kq_mask row of the mask group")
+    if lk is not None:
+        r.llama_us, r.llama_min_us = _stats(theirs)
+    else:
+        r.llama_note = note
+    yield r
+    # the f16 mask, where the tree writes one (llama.cpp's mask type under flash attention),
+    # checked equal to llama.cpp's f16 mask first
+    if side.mask_f16(ctx) is None:
+        return
+    if lk is not None:
+        mine16 = np.asarray(side.mask_f16(ctx)).reshape(-1, ctx.n_kv)
+        if not np.array_equal(mine16.astype(np.float32), lk.mask()):
+            note, lk = "not timed: the f16 masks differ", None
+    mine, theirs = [], []
+    for _ in range(rounds):
+        mine += sample_ns(lambda: side.mask_f16(ctx), reps)
+        if lk is not None:
+            theirs += lk.mask_reps(reps, f16=True).tolist()
+    r = Result("kq_mask f16 (decode step)", dict(params), *_stats(mine), extra={"llmem_api": side.api},
+               reference_note="-")
     if lk is not None:
         r.llama_us, r.llama_min_us = _stats(theirs)
     else:

@@ -149,8 +149,10 @@ def test_decode_side_uses_out_where_the_tree_has_it(with_out):
     assert first.shape == second.shape == (2, 256)
     if with_out:
         assert ctx.calls == ["out", "out"] and first is second and side.api.endswith("kq_mask(out=)")
+        assert side.mask_f16(ctx).dtype == np.float16
     else:
         assert ctx.calls == ["alloc", "alloc"] and side.api.endswith("kq_mask()")
+        assert side.mask_f16(ctx) is None  # no f16 row on such a tree
 
 
 # -- the driver itself ------------------------------------------------------------------------------
