@@ -129,7 +129,10 @@ def extract_headers(sdist: Path, dest: Path) -> Path:
         base = dest / top / "vendor" / "llama.cpp"
         if not (base / "src" / "llama-kv-cache.h").exists():
             members = [tar.getmember(n) for n in header_members(names)]
-            tar.extractall(dest, members=members)  # noqa: S202 (our own cached sdist, headers only)
+            try:
+                tar.extractall(dest, members=members, filter="data")
+            except TypeError:  # a Python without extraction filters (the members are plain headers)
+                tar.extractall(dest, members=members)  # noqa: S202
     return base
 
 
