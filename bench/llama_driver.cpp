@@ -158,7 +158,8 @@ struct kv_driver {
 
     llama_kv_cache_context * ctx() const { return static_cast<llama_kv_cache_context *>(mctx.get()); }
 
-    // init_batch + apply of every micro-batch of the allocator's batch
+    // init_batch + apply of every micro-batch of the allocator's batch; the context is dropped
+    // after (it has moved past its last micro-batch), so mask and index queries need a step
     int place_all() {
         mctx = kv->init_batch(*path->balloc, n_ubatch, false);
         if (!mctx || mctx->get_status() != LLAMA_MEMORY_STATUS_SUCCESS) {
@@ -169,6 +170,7 @@ struct kv_driver {
                 return fail("llama_kv_cache_context::apply failed");
             }
         } while (mctx->next());
+        mctx.reset();
         return 0;
     }
 

@@ -218,6 +218,8 @@ def test_driver_timings_and_recurrent(driver):
     assert (lk.time_seq_pos_max([0, 1], 4) >= 0).all()
     assert (lk.time_seq_rm_tail([0, 1], 4, 4) > 0).all()
     assert lk.seq_pos_max(0) == per_seq + 4  # each removed tail was placed again
+    with pytest.raises(RuntimeError, match="no decode step"):
+        lk.mask()  # no step applied since: an error, not a read past the last micro-batch
     lk.close()
     empty = llama_driver.KV(driver, 8192, 1, n_tokens_max=4096)
     assert (empty.time_prefill(4096, 512, 2) > 0).all() and empty.seq_pos_max(0) == -1
