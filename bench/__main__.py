@@ -102,7 +102,7 @@ def print_table(records: list[dict], out=sys.stdout) -> None:
     for r in records:
         llama = fmt_time(r["llama_us"])
         mine = fmt_time(r["llmem_us"])
-        if r.get("host_slowdown", 1.0) >= SLOW_HOST:
+        if r.get("host_slowdown", 1.0) >= SLOW_HOST and r["llmem_us"] is not None:
             mine += " +"
             notes["+"] = (f"+ measured while the host ran slow: its probe took {SLOW_HOST}x or more the run's "
                           "fastest (a shared machine; every row of such a task is slower, baselines too)")

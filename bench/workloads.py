@@ -47,7 +47,7 @@ class Result:
     llmem_min_us: float
     llama_us: Optional[float] = None
     llama_min_us: Optional[float] = None
-    llama_note: str = ""  # "stated", or why there is no figure
+    llama_note: str = ""  # why there is no llama.cpp figure (or what it covers)
     reference_us: Optional[float] = None
     reference_note: str = ""  # what the reference is, when not the tests' reference
     copy_us: Optional[float] = None
