@@ -5,9 +5,11 @@
     python -m bench --json out.json --plot out.png --only seq_ops decode
 
 Each workload prints llmem's time, the baselines measured in the same run (llama.cpp through
-llama-cpp-python's C API, the tests' pure-Python reference, numpy.copyto of the same bytes) and the
-ratios. llama.cpp is the optional ``bench`` extra (``pip install llmem[bench]``); without it the
-other baselines still run. Times are medians of single calls timed from Python.
+llama-cpp-python's C API, or its own memory classes driven from C++ for the decode step, prefill,
+mask and recurrent rows; the tests' pure-Python reference; numpy.copyto of the same bytes) and the
+ratios. llama.cpp is the optional ``bench`` extra (``pip install llmem[bench]``; the C++ driver is
+compiled on first use into build/llama_driver/); without it the other baselines still run and
+each llama.cpp cell says why it is empty. Times are medians of single calls.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np  # noqa: E402
 
 import llmem  # noqa: E402
 
-from . import llama_baseline  # noqa: E402
+from . import llama_baseline, llama_driver  # noqa: E402
 from ._timing import Progress, host_probe_ms  # noqa: E402
 from .workloads import SEQ_OP_NAMES, Config, plan  # noqa: E402
 
@@ -68,6 +70,8 @@ def fmt_time(us) -> str:
 def fmt_ratio(r) -> str:
     if r is None:
         return "-"
+    if r < 0.1:
+        return f"{r:.2f}x"
     return f"{r:,.0f}x" if r >= 100 else f"{r:.1f}x"
 
 
@@ -77,6 +81,9 @@ def fmt_params(p: dict) -> str:
     out = []
     for k, v in p.items():
         if k in ("cells_per_seq",):
+            continue
+        if k == "layout":
+            out.append(str(v))
             continue
         if isinstance(v, int) and v >= 1024 and v % 1024 == 0 and k in ("n_cells",):
             v = f"{v // 1024}k" if v < 1 << 20 else f"{v >> 20}M"
@@ -94,11 +101,8 @@ def print_table(records: list[dict], out=sys.stdout) -> None:
     notes = {}
     for r in records:
         llama = fmt_time(r["llama_us"])
-        if r["llama_note"].startswith("stated"):
-            llama += " *"
-            notes["*"] = "* stated figure for llama.cpp's internal memory path (issue 7), not measured here"
         mine = fmt_time(r["llmem_us"])
-        if r.get("host_slowdown", 1.0) >= SLOW_HOST:
+        if r.get("host_slowdown", 1.0) >= SLOW_HOST and r["llmem_us"] is not None:
             mine += " +"
             notes["+"] = (f"+ measured while the host ran slow: its probe took {SLOW_HOST}x or more the run's "
                           "fastest (a shared machine; every row of such a task is slower, baselines too)")
@@ -114,10 +118,19 @@ def print_table(records: list[dict], out=sys.stdout) -> None:
         print(line(row), file=out)
     for n in notes.values():
         print(n, file=out)
+    why = {}
+    for r in records:
+        if r["llama_us"] is None and r["llama_note"]:
+            why.setdefault(r["llama_note"], []).append(r["workload"])
+    if why:
+        print("llama.cpp not measured:", file=out)
+        for note, names in why.items():
+            names = list(dict.fromkeys(names))
+            print(f"  {', '.join(names)}: {note}", file=out)
 
 
 def check_targets(records: list[dict]) -> list[dict]:
-    """Issue 7's targets, each evaluated on the records of this run that it names."""
+    """Issues 7 and 13's targets, each evaluated on the records of this run that it names."""
     def find(workload, **params):
         for r in records:
             if r["workload"] == workload and all(r["params"].get(k) == v for k, v in params.items()):
@@ -140,9 +153,21 @@ def check_targets(records: list[dict]) -> list[dict]:
         v = rec and rec["ratio_llama"]
         target(f"{op}, 1M cells, vs llama.cpp", rec, v, ">= 20x", v and v >= 20)
     for (cells, seqs), goal in (((65536, 64), 15.0), ((1 << 20, 256), 20.0)):
-        rec = find("decode step (1 token/seq)", n_cells=cells, n_seqs=seqs)
+        rec = find("decode step (1 token/seq)", layout="unified", n_cells=cells, n_seqs=seqs)
         v = rec and rec["llmem_us"]
         target(f"decode step, {seqs} seqs, {cells} cells (us)", rec, v, f"<= {goal}", v and v <= goal)
+    # issue 13: llmem at least 2x ahead of llama.cpp's own memory classes in every decode-step and
+    # mask row, and the one-call decode step (where the tree has it) within 3 us / 10 us
+    for r in records:
+        if r["group"] in ("decode", "mask") and r["llmem_us"] is not None:
+            v = r["ratio_llama"]
+            target(f"{r['workload']} ({fmt_params(r['params'])}), vs llama.cpp", r, v, ">= 2x", v and v >= 2)
+    for (cells, seqs), goal in (((65536, 64), 3.0), ((1 << 20, 256), 10.0)):
+        rec = find("decode step (1 token/seq)", layout="unified", n_cells=cells, n_seqs=seqs)
+        one_call = rec is not None and rec["extra"].get("llmem_api", "").startswith("decode_step")
+        v = rec["llmem_us"] if one_call else None
+        target(f"one-call decode_step, {seqs} seqs, {cells} cells (us, with k/v idxs)", rec if one_call else None,
+               v, f"<= {goal}", v is not None and v <= goal)
     for r in records:
         if r["copy_fraction"] is not None:
             target(f"{r['workload']} ({fmt_params(r['params'])}), fraction of numpy copy", r,
@@ -151,7 +176,7 @@ def check_targets(records: list[dict]) -> list[dict]:
 
 
 def print_targets(targets: list[dict], out=sys.stdout) -> None:
-    print("\nTargets (issue 7):", file=out)
+    print("\nTargets (issues 7 and 13):", file=out)
     for t in targets:
         v = t["value"]
         shown = "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
@@ -197,6 +222,46 @@ def plot(records: list[dict], path: str, n_seqs: int = 64) -> None:
     plt.close(fig)
 
 
+def decode_plot_path(path: str) -> str:
+    """Where --plot PATH puts the decode-step figure: PATH's name with ``_decode`` added."""
+    root, ext = os.path.splitext(path)
+    return f"{root}_decode{ext or '.png'}"
+
+
+def plot_decode(records: list[dict], path: str) -> bool:
+    """Bars of llmem and llama.cpp per decode-step / mask row (log scale); False if none."""
+    rows = [r for r in records if r["group"] == "decode" and r["llmem_us"] is not None and r["llama_us"]]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["workload"] for r in rows))
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(11, 2.8 * len(kinds)), squeeze=False)
+    for ax, kind in zip(axes.flat, kinds):
+        recs = [r for r in rows if r["workload"] == kind]
+        labels = [fmt_params(r["params"]).replace(", cells", "\ncells") for r in recs]
+        x = np.arange(len(recs))
+        ax.bar(x - 0.2, [r["llmem_us"] for r in recs], 0.4, label="llmem (from Python)")
+        ax.bar(x + 0.2, [r["llama_us"] for r in recs], 0.4, label="llama.cpp (its classes, in C++)")
+        for xi, r in zip(x, recs):
+            ax.annotate(fmt_ratio(r["ratio_llama"]), (xi, max(r["llmem_us"], r["llama_us"])), ha="center",
+                        va="bottom", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("us per call")
+        ax.set_title(f"{kind}: llmem vs llama.cpp (ratio above the bars)", fontsize=10)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +280,9 @@ def main(argv=None) -> int:
         return 0
 
     cfg = Config(quick=not args.full, use_llama=not args.no_llama)
+    if cfg.use_llama and not llama_driver.available():
+        print(f"llama.cpp's memory classes cannot be driven ({llama_driver.unavailable_reason()}): the decode, "
+              "prefill, mask and recurrent rows run without llama.cpp.", file=sys.stderr)
     if cfg.use_llama and not llama_baseline.available():
         print(f"llama.cpp baseline unavailable ({llama_baseline.unavailable_reason()}); "
               f"install it with: pip install 'llmem[bench]' (llama-cpp-python=="
@@ -259,6 +327,7 @@ def main(argv=None) -> int:
                        "targets": targets, "capi": capi_records}, f, indent=1)
     if args.plot:
         plot(records, args.plot)
+        plot_decode(records, decode_plot_path(args.plot))
     if not args.only or "prefix" in args.only:
         from . import bench_prefix  # its own tables: the prefix cache and the checkpoints
         bench_prefix.run(quick=cfg.quick)

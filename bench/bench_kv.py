@@ -4,11 +4,11 @@ cpy_k/cpy_v throughput, with the pure-Python reference of the tests as a baselin
     python bench/bench_kv.py            # full run (a few minutes)
     python bench/bench_kv.py --quick    # under a minute
 
-Targets (issue 4; llama.cpp's own figures on this machine class in brackets):
-  decode step, 64 seqs, 64k cells half full      <= 15 us   [74 us]
-  decode step, 256 seqs, 1M cells half full      <= 20 us   [707 us]
-  seq_rm of a one-token tail, any size           <= 2 us    [49 us at 64k, 722 us at 1M]
-  seq_keep                                        proportional to cells touched [14 ms / 188 ms]
+Targets (issue 4; llama.cpp is measured beside llmem by ``python -m bench``, not here):
+  decode step, 64 seqs, 64k cells half full      <= 15 us
+  decode step, 256 seqs, 1M cells half full      <= 20 us
+  seq_rm of a one-token tail, any size           <= 2 us
+  seq_keep                                        proportional to cells touched
 Figures are medians of per-call wall time measured with perf_counter_ns from Python.
 """
 

@@ -2,15 +2,18 @@
 
 Every workload function yields ``Result`` records. Baselines:
 
-* ``llama`` - llama.cpp itself through llama-cpp-python's C API (``llama_baseline.py``); for the
-  decode step, whose memory part cannot be timed from outside llama_decode, the figures the issue
-  states for llama.cpp's internal memory path (marked "stated").
+* ``llama`` - llama.cpp itself: the sequence operations through llama-cpp-python's C API
+  (``llama_baseline.py``); the decode step, the prefill, the mask and the recurrent step through
+  llama.cpp's own memory classes driven from C++ (``llama_driver.py`` / ``llama_driver.cpp``: the
+  memory part of llama_decode without the model), timed inside C++ and interleaved with llmem.
+  Where llama.cpp is not measured the row says why; no figure is quoted.
 * ``reference`` - the pure-Python reference implementations of the tests
   (``tests/python/reference``), or a plain numpy version where those do not model bytes.
 * ``copy`` - ``numpy.copyto`` of the same bytes, the bandwidth ceiling of a data-moving operation.
 
-Times are the median of single calls (perf_counter_ns from Python, so llmem and llama.cpp both pay
-one foreign call), minima are kept in the JSON.
+Times are the median of single calls (perf_counter_ns from Python; for the C API rows llmem and
+llama.cpp both pay one foreign call, the driver rows time llama.cpp without one), minima are kept in
+the JSON.
 """
 
 from __future__ import annotations
@@ -26,16 +29,12 @@ import numpy as np
 import llmem
 from llmem import Batch, KVCache, RecurrentMemory, Rope
 
-from . import llama_baseline
+from . import llama_baseline, llama_driver
 from ._timing import median_min_us, sample_ns
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
 from reference.ref_kv import RefKV  # noqa: E402
 from reference.ref_recurrent import RefRecurrent  # noqa: E402
-
-# llama.cpp's own memory path inside llama_decode (batch allocator init + memory init_batch +
-# apply), as measured for the issue; it cannot be separated from the model compute from outside.
-LLAMA_DECODE_STATED_US = {(64, 65536): 74.0, (256, 1 << 20): 707.0}
 
 TAIL = 4  # tokens in "a short tail"
 
@@ -48,7 +47,7 @@ class Result:
     llmem_min_us: float
     llama_us: Optional[float] = None
     llama_min_us: Optional[float] = None
-    llama_note: str = ""  # "stated", or why there is no figure
+    llama_note: str = ""  # why there is no llama.cpp figure (or what it covers)
     reference_us: Optional[float] = None
     reference_note: str = ""  # what the reference is, when not the tests' reference
     copy_us: Optional[float] = None
@@ -176,8 +175,9 @@ def seq_ops(n_cells: int, n_seqs: int, cfg: Config) -> Iterator[Result]:
         return seqs[next(rot) % len(seqs)]
 
     # seq_pos_max: a query
+    pos_max_mine = sample_ns(lambda: kv.seq_pos_max(next_seq()), reps)
     yield result("seq_pos_max",
-                 sample_ns(lambda: kv.seq_pos_max(next_seq()), reps),
+                 pos_max_mine,
                  sample_ns(lambda: lm.seq_pos_max(next_seq()), reps) if lm else None,
                  sample_ns(lambda: ref.ref.seq_pos_max(next_seq()), ref_reps) if ref else None)
 
@@ -218,6 +218,7 @@ def seq_ops(n_cells: int, n_seqs: int, cfg: Config) -> Iterator[Result]:
         if ref:
             ref.ref.seq_rm(s, -1, -1)
             ref.restore_seq(s)
+    tail_mine = mine
     yield result(f"seq_rm (tail of {TAIL})", mine, theirs, refs)
 
     # seq_cp of a whole sequence into a spare id (removed again, untimed)
@@ -315,56 +316,280 @@ def seq_ops(n_cells: int, n_seqs: int, cfg: Config) -> Iterator[Result]:
     if lm:
         lm.close()
 
+    # llama_kv_cache's own seq_pos_max and tail seq_rm, timed inside C++ (no foreign call): what a
+    # C API for these calls could at best reach; llmem's column is its Python call of the rows above
+    note = driver_note(cfg)
+    if not note and n_seqs + 1 > llama_baseline.LLAMA_MAX_SEQ:
+        note = f"llama.cpp holds at most {llama_baseline.LLAMA_MAX_SEQ} sequences"
+    if not note:
+        _, lk, _, _ = twin_caches("unified", n_cells, n_seqs, cfg, n_seq_max=n_seqs + 1, per_seq=per_seq,
+                                  with_llmem=False)
+        yield result("seq_pos_max (llama.cpp inside C++)", pos_max_mine, lk.time_seq_pos_max(seqs, reps).tolist(),
+                     reference_note="see seq_pos_max")
+        yield result(f"seq_rm (tail of {TAIL}, llama.cpp inside C++)", tail_mine,
+                     lk.time_seq_rm_tail(seqs, TAIL, n_tail).tolist(), reference_note=f"see seq_rm (tail of {TAIL})")
+        lk.close()
+
 
 # ---------------------------------------------------------------------------------------------
 # decode step and prefill (batch allocator + slot search + apply)
 # ---------------------------------------------------------------------------------------------
 
-def decode_step(n_cells: int, n_seqs: int, cfg: Config) -> Iterator[Result]:
-    """Batch from numpy -> init_batch -> apply of one token per sequence, cache half full.
-    Every (at most) 50 steps the new tokens are removed again (untimed), so the cache stays half full."""
-    kv = KVCache(0, 8, 8, n_cells, n_seq_max=n_seqs)
-    per_seq = n_cells // 2 // n_seqs
+class DecodeSide:
+    """llmem's half of a decode-step comparison: the step (``KVCache.decode_step`` where the tree
+    has it, else Batch + ``init_batch`` + ``apply``), its k/v indices, and the mask (written into
+    a reused buffer with ``kq_mask(out=...)`` where the tree has it)."""
+
+    def __init__(self, kv: KVCache, seq_ids: np.ndarray, n_ubatch: int) -> None:
+        self.kv = kv
+        self.seq_ids = seq_ids
+        self.tokens = np.zeros(len(seq_ids), np.int32)
+        self.outputs = np.ones(len(seq_ids), bool)  # every sequence samples its next token
+        self.n_ubatch = n_ubatch
+        self.one_call = getattr(kv, "decode_step", None)
+        self.mask_out: Optional[bool] = None  # whether kq_mask(out=) works; None: not tried yet
+        self.bufs: dict = {}
+
+    @property
+    def api(self) -> str:
+        step = "decode_step" if self.one_call is not None else "init_batch+apply"
+        mask = {True: "kq_mask(out=)", False: "kq_mask()", None: "-"}[self.mask_out]
+        return f"{step}, {mask}"
+
+    def step(self):
+        if self.one_call is not None:
+            ctx = self.one_call(self.seq_ids, self.tokens)
+        else:
+            ctx = self.kv.init_batch(Batch(token=self.tokens, seq_id=self.seq_ids, output=self.outputs),
+                                     self.n_ubatch)
+            ctx.apply()
+        ctx.k_idxs()
+        ctx.v_idxs()
+        return ctx
+
+    def mask(self, ctx):
+        if self.mask_out is False:
+            return ctx.kq_mask()
+        shape = (len(self.seq_ids), ctx.n_kv)
+        buf = self.bufs.get(shape)
+        if buf is None:
+            buf = self.bufs[shape] = np.empty(shape, np.float32)
+        if self.mask_out:
+            return ctx.kq_mask(out=buf)
+        try:
+            out = ctx.kq_mask(out=buf)
+            self.mask_out = True
+            return out
+        except (TypeError, ValueError):  # a tree without out= (or with another contract for it)
+            self.mask_out = False
+            return ctx.kq_mask()
+
+    def mask_f16(self, ctx):
+        """The f16 mask (llama.cpp's under flash attention) into a reused buffer, where the tree's
+        kq_mask takes ``dtype`` and ``out``; None where it does not."""
+        shape = (len(self.seq_ids), ctx.n_kv)
+        key = ("f16",) + shape
+        buf = self.bufs.get(key)
+        if buf is None:
+            buf = self.bufs[key] = np.empty(shape, np.float16)
+        try:
+            return ctx.kq_mask(out=buf, dtype=np.float16)
+        except (TypeError, ValueError):
+            return None
+
+    def step_and_mask(self):
+        ctx = self.step()
+        self.mask(ctx)
+        return ctx
+
+
+_driver_models: dict = {}
+
+
+def driver_note(cfg: Config) -> str:
+    """Why llama.cpp's memory classes cannot be driven in this run ("" when they can)."""
+    if not cfg.use_llama:
+        return "skipped (--no-llama)"
+    if not llama_driver.available():
+        return "llama.cpp driver unavailable: " + llama_driver.unavailable_reason()
+    return ""
+
+
+def driver_model(kind: str = "kv"):
+    """llama.cpp's model object of the bench's tiny GGUF (hyperparameters and vocabulary); the
+    recurrent driver gets its own, which it gives a recurrent state."""
+    if kind not in _driver_models:
+        _driver_models[kind] = llama_driver.Model(llama_baseline.model_path())
+    return _driver_models[kind]
+
+
+def twin_caches(layout: str, n_cells: int, n_seqs: int, cfg: Config, n_seq_max: Optional[int] = None,
+                per_seq: Optional[int] = None, v_trans: bool = False, with_llmem: bool = True):
+    """llmem's KVCache and (when the driver is available) llama.cpp's llama_kv_cache of the same
+    shape, filled by the same batch: ``per_seq`` tokens of every sequence (default: half the
+    cache), one micro-batch. ``n_cells`` is the total: per stream ``n_cells / n_seqs`` cells when
+    ``layout`` is "streams" (one stream per sequence, llama.cpp's kv_unified = false).
+    Returns (kv, llama kv or None, per_seq, note)."""
+    unified = layout == "unified"
+    n_seq_max = n_seqs if n_seq_max is None else n_seq_max
+    kv_size = n_cells if unified else n_cells // n_seq_max
+    if per_seq is None:
+        per_seq = n_cells // 2 // n_seqs if unified else kv_size // 2
     n = per_seq * n_seqs
-    for _ in kv.init_batch(Batch(token=np.zeros(n, np.int32), output=np.zeros(n, bool),
-                                 seq_id=np.repeat(np.arange(n_seqs, dtype=np.int32), per_seq)), n):
-        pass
-    tokens = np.zeros(n_seqs, np.int32)
+    seq_of = np.repeat(np.arange(n_seqs, dtype=np.int32), per_seq)
+    pos_of = np.tile(np.arange(per_seq, dtype=np.int32), n_seqs)
+    kv = None
+    if with_llmem:
+        kv = KVCache(1, llama_baseline.N_EMBD, llama_baseline.N_EMBD, kv_size, n_seq_max=n_seq_max,
+                     unified=unified, v_trans=v_trans)
+        for _ in kv.init_batch(Batch(token=np.zeros(n, np.int32), seq_id=seq_of, pos=pos_of,
+                                     output=np.zeros(n, bool)), n):
+            pass
+    note = driver_note(cfg)
+    lk = None
+    if not note:
+        lk = llama_driver.KV(driver_model(), kv_size, n_seq_max, unified=unified, n_ubatch=max(512, n_seqs),
+                             n_tokens_max=n, v_trans=v_trans)
+        lk.decode(seq_of, pos_of, n_ubatch=n)
+    return kv, lk, per_seq, note
+
+
+def masks_agree(side: DecodeSide, lk) -> tuple[bool, str]:
+    """One decode step in each, then llama.cpp's mask (copied out of its graph input) against
+    llmem's, and the k indices; both steps are left in the caches."""
+    ctx = side.step()
+    lk.decode_steps(side.seq_ids, 1, 0)
+    mine = np.asarray(side.mask(ctx), np.float32)
+    theirs = lk.mask()
+    if mine.shape != theirs.shape and mine.size == theirs.size:
+        mine = mine.reshape(theirs.shape)
+    if mine.shape != theirs.shape:
+        return False, f"mask shapes differ: llmem {mine.shape}, llama.cpp {theirs.shape}"
+    if not np.array_equal(mine, theirs):
+        return False, f"masks differ in {int(np.count_nonzero(mine != theirs))} places"
+    if not np.array_equal(np.asarray(ctx.k_idxs()), lk.k_idxs()):
+        return False, "k indices differ"
+    return True, ""
+
+
+def decode_rows(layout: str, n_cells: int, n_seqs: int, cfg: Config, with_mask: bool = True) -> Iterator[Result]:
+    """The decode step of one token per sequence on a half-full cache, llmem and llama.cpp's own
+    memory classes (llama_driver.cpp: llama_batch_ext, llama_batch_allocr, llama_kv_cache) side by
+    side, after checking that they hold the same cells and give the same mask. Timed in rounds,
+    llmem's burst of steps then llama.cpp's, so that both see the same phases of the host:
+
+    * the step: batch, allocator init, init_batch, apply, k/v indices (llama.cpp's
+      set_input_k_idxs / set_input_v_idxs);
+    * the mask (f32) of the step's micro-batch, set again on the same step;
+    * the step plus its mask.
+
+    Every burst's tokens are removed again (untimed), so the cache stays half full. llmem is timed
+    from Python (perf_counter_ns around each call), llama.cpp inside C++ (no foreign call)."""
+    params = {"layout": layout, "n_cells": n_cells, "n_seqs": n_seqs}
+    n_ubatch = max(512, n_seqs)
+    kv, lk, per_seq, note = twin_caches(layout, n_cells, n_seqs, cfg)
     seq_ids = np.arange(n_seqs, dtype=np.int32)
-    steps = 300 if cfg.quick else 2000
-    samples = []
+    side = DecodeSide(kv, seq_ids, n_ubatch)
+    if lk is not None:
+        ok, why = masks_agree(side, lk)
+        lk.seq_rm(-1, per_seq, -1)
+        if not ok:
+            note, lk = f"not timed: {why}", None
+    else:
+        side.mask(side.step())  # (learns which mask call the tree has)
+    kv.seq_rm(-1, per_seq, -1)
+    free = (n_cells - per_seq * n_seqs) // n_seqs if layout == "unified" else n_cells // n_seqs - per_seq
+    burst = max(1, min(25, free - 1))
+    rounds = 4 if cfg.quick else 16
+    mask_bytes = 4 * n_seqs * (per_seq + 256 + burst)
+    mask_bytes *= n_seqs if layout == "unified" else 1
+    big_mask = cfg.quick and mask_bytes > (64 << 20)
     clock = time.perf_counter_ns
 
-    burst_steps = max(1, min(50, (n_cells - n) // n_seqs - 1))  # the steps that fit before a reset
-
-    def burst():
-        for _ in range(burst_steps):
-            t0 = clock()
-            ctx = kv.init_batch(Batch(token=tokens, seq_id=seq_ids), 512)
-            ctx.apply()
-            samples.append(clock() - t0)
-    while len(samples) < steps:
-        sample_ns(burst, 1)  # (for its collector-off timing; the samples are per step)
+    def llmem_burst(fn, out):
+        def run():
+            for _ in range(burst):
+                t0 = clock()
+                fn()
+                out.append(clock() - t0)
+        sample_ns(run, 1)  # (for its collector-off timing; the samples are per step)
         kv.seq_rm(-1, per_seq, -1)
-    r = Result("decode step (1 token/seq)", {"n_cells": n_cells, "n_seqs": n_seqs}, *_stats(samples))
-    stated = LLAMA_DECODE_STATED_US.get((n_seqs, n_cells))
-    if stated is not None:
-        r.llama_us, r.llama_note = stated, "stated (llama.cpp internal memory path, from the issue)"
+
+    def llama_burst(mask, out):
+        out.extend(lk.decode_steps(seq_ids, burst, mask).tolist())
+        lk.seq_rm(-1, per_seq, -1)
+
+    kinds = [("decode step (1 token/seq)", side.step, 0)]
+    if with_mask and not big_mask:
+        kinds.append(("decode step + kq_mask", side.step_and_mask, 1))
+    for name, fn, mask in kinds:
+        mine, theirs = [], []
+        for _ in range(rounds):
+            llmem_burst(fn, mine)
+            if lk is not None:
+                llama_burst(mask, theirs)
+        r = Result(name, dict(params), *_stats(mine), extra={"llmem_api": side.api})
+        if lk is not None:
+            r.llama_us, r.llama_min_us = _stats(theirs)
+        else:
+            r.llama_note = note
+        if mask == 0 and layout == "unified" and cfg.reference_copies_fit(n_cells):
+            ref = RefSide(n_cells, n_seqs, per_seq).ref
+            refs = []
+            for _ in range(2 if cfg.quick else 5):
+                toks = [((s,), ref.seq_pos_max(s) + 1) for s in range(n_seqs)]
+                t0 = clock()
+                ref.decode([toks])
+                refs.append(clock() - t0)
+            r.reference_us = _stats(refs)[0]
+        else:
+            r.reference_note = "not run at this size"
+        yield r
+    if not with_mask:
+        return
+    name = "kq_mask f32 (decode step)"
+    if big_mask:
+        for skipped in ("decode step + kq_mask", name):
+            yield Result(skipped, dict(params), None, None,
+                         llama_note=f"not run in quick mode: a {mask_bytes >> 20} MB mask (run --full)",
+                         reference_note="-")
+        return
+    # the mask alone, set again and again on one applied step of each
+    ctx = side.step()
+    if lk is not None:
+        lk.decode_steps(seq_ids, 1, 0)
+    reps = 10 if cfg.quick else 40
+    mine, theirs = [], []
+    for _ in range(rounds):
+        mine += sample_ns(lambda: side.mask(ctx), reps)
+        if lk is not None:
+            theirs += lk.mask_reps(reps).tolist()
+    r = Result(name, dict(params), *_stats(mine), extra={"llmem_api": side.api},
+               reference_note="see the kq_mask row of the mask group")
+    if lk is not None:
+        r.llama_us, r.llama_min_us = _stats(theirs)
     else:
-        r.llama_note = "not measurable apart from model compute"
-    if cfg.reference_copies_fit(n_cells):
-        ref = RefSide(n_cells, n_seqs, per_seq).ref
-        reps = 2 if cfg.quick else 5
-        step_toks = lambda: [((s,), ref.seq_pos_max(s) + 1) for s in range(n_seqs)]  # noqa: E731
-        refs = []
-        for _ in range(reps):
-            toks = step_toks()
-            t0 = clock()
-            ref.decode([toks])
-            refs.append(clock() - t0)
-        r.reference_us = _stats(refs)[0]
+        r.llama_note = note
+    yield r
+    # the f16 mask, where the tree writes one (llama.cpp's mask type under flash attention),
+    # checked equal to llama.cpp's f16 mask first
+    if side.mask_f16(ctx) is None:
+        return
+    if lk is not None:
+        mine16 = np.asarray(side.mask_f16(ctx)).reshape(-1, ctx.n_kv)
+        if not np.array_equal(mine16.astype(np.float32), lk.mask()):
+            note, lk = "not timed: the f16 masks differ", None
+    mine, theirs = [], []
+    for _ in range(rounds):
+        mine += sample_ns(lambda: side.mask_f16(ctx), reps)
+        if lk is not None:
+            theirs += lk.mask_reps(reps, f16=True).tolist()
+    r = Result("kq_mask f16 (decode step)", dict(params), *_stats(mine), extra={"llmem_api": side.api},
+               reference_note="-")
+    if lk is not None:
+        r.llama_us, r.llama_min_us = _stats(theirs)
     else:
-        r.reference_note = "not run at this size"
+        r.llama_note = note
     yield r
 
 
@@ -377,9 +602,22 @@ def prefill(n_cells: int, cfg: Config, n_tokens: int = 4096, n_ubatch: int = 512
     def run():
         for _ in kv.init_batch(Batch(token=tokens), n_ubatch):
             pass
-    mine = sample_ns(run, 10 if cfg.quick else 40, after=lambda: kv.seq_rm(0, -1, -1))
+    note = driver_note(cfg)
+    lk = None
+    if not note:
+        lk = llama_driver.KV(driver_model(), n_cells, 1, unified=True, n_ubatch=n_ubatch, n_tokens_max=n_tokens)
+    reps = 10 if cfg.quick else 40
+    mine, theirs = [], []
+    for _ in range(2 if cfg.quick else 4):  # interleaved rounds
+        mine += sample_ns(run, reps // 2, after=lambda: kv.seq_rm(0, -1, -1))
+        if lk is not None:
+            theirs += lk.time_prefill(n_tokens, n_ubatch, reps // 2).tolist()
     r = Result(f"prefill 1x{n_tokens} (ubatch {n_ubatch})", {"n_cells": n_cells, "n_seqs": 1}, *_stats(mine))
-    r.llama_note = "not measurable apart from model compute"
+    if lk is not None:
+        r.llama_us, r.llama_min_us = _stats(theirs)
+        lk.close()
+    else:
+        r.llama_note = note
     if cfg.reference_copies_fit(n_cells):
         ref = RefKV(n_cells, 1)
         ubs = [[((0,), p) for p in range(u, u + n_ubatch)] for u in range(0, n_tokens, n_ubatch)]
@@ -397,15 +635,16 @@ def prefill(n_cells: int, cfg: Config, n_tokens: int = 4096, n_ubatch: int = 512
 
 def mask_and_indices(cfg: Config, n_cells: int = 122880, n_used: int = 120000, n_seqs: int = 64) -> Iterator[Result]:
     """kq_mask + k_idxs + v_idxs of a 64-token micro-batch (one token per sequence) over 120k
-    used cells. Reference: the mask built with numpy from the cells' positions and sequences;
-    copy: numpy.copyto of a float32 array of the mask's size."""
-    kv = KVCache(1, 8, 8, n_cells, n_seq_max=n_seqs)
+    used cells, V transposed (as without flash attention: v_idxs holds one index per value).
+    llama.cpp: its llama_kv_cache holding the same cells, after the same step, its graph inputs
+    (set_input_kq_mask, set_input_k_idxs, set_input_v_idxs), the mask checked equal first.
+    Reference: the mask built with numpy from the cells' positions and sequences; copy:
+    numpy.copyto of a float32 array of the mask's size."""
     per_seq = n_used // n_seqs
     n = per_seq * n_seqs
-    for _ in kv.init_batch(Batch(token=np.zeros(n, np.int32), output=np.zeros(n, bool),
-                                 seq_id=np.repeat(np.arange(n_seqs, dtype=np.int32), per_seq)), n):
-        pass
-    ctx = kv.init_batch(Batch(token=np.zeros(n_seqs, np.int32), seq_id=np.arange(n_seqs, dtype=np.int32)), 512)
+    kv, lk, _, note = twin_caches("unified", n_cells, n_seqs, cfg, per_seq=per_seq, v_trans=True)
+    seq_ids = np.arange(n_seqs, dtype=np.int32)
+    ctx = kv.init_batch(Batch(token=np.zeros(n_seqs, np.int32), seq_id=seq_ids), 512)
     ctx.apply()
     reps = 10 if cfg.quick else 40
 
@@ -413,7 +652,6 @@ def mask_and_indices(cfg: Config, n_cells: int = 122880, n_used: int = 120000, n
         ctx.kq_mask()
         ctx.k_idxs()
         ctx.v_idxs()
-    mine = sample_ns(mine_call, reps)
     mask = ctx.kq_mask()
     n_kv = mask.shape[1]
     cell_pos = np.full(n_kv, -1, np.int32)
@@ -430,13 +668,29 @@ def mask_and_indices(cfg: Config, n_cells: int = 122880, n_used: int = 120000, n
         return np.where(visible, np.float32(0), np.float32(-np.inf))
     expected = numpy_mask()
     ok = np.array_equal(np.asarray(mask).reshape(expected.shape), expected)
-    refs = sample_ns(numpy_mask, reps)
+    if lk is not None:
+        lk.decode_steps(seq_ids, 1, 0)
+        theirs_mask = lk.mask()
+        if theirs_mask.shape != expected.shape or not np.array_equal(theirs_mask, expected):
+            note, lk = "not timed: llama.cpp's mask differs from llmem's", None
+        elif not np.array_equal(lk.v_idxs(), np.asarray(ctx.v_idxs())):
+            note, lk = "not timed: llama.cpp's v indices differ from llmem's", None
+    mine, theirs, refs, copy = [], [], [], []
     out = np.empty_like(expected)
-    copy = sample_ns(lambda: np.copyto(out, expected), reps)
+    for _ in range(2):  # interleaved rounds
+        mine += sample_ns(mine_call, reps // 2)
+        if lk is not None:
+            theirs += lk.mask_reps(reps // 2, with_idxs=True).tolist()
+        refs += sample_ns(numpy_mask, reps // 2)
+        copy += sample_ns(lambda: np.copyto(out, expected), reps // 2)
     r = Result("kq_mask + k/v idxs (64 tok)", {"n_cells": n_cells, "n_kv": n_kv, "n_seqs": n_seqs},
-               *_stats(mine), llama_note="inside llama_decode's graph input", copy_us=_stats(copy)[0],
+               *_stats(mine), copy_us=_stats(copy)[0],
                nbytes=expected.nbytes, reference_us=_stats(refs)[0],
                reference_note="numpy mask" + ("" if ok else " (DIFFERS from llmem!)"))
+    if lk is not None:
+        r.llama_us, r.llama_min_us = _stats(theirs)
+    else:
+        r.llama_note = note
     yield r
 
 
@@ -538,7 +792,18 @@ def recurrent_step(n_seqs: int, cfg: Config, n_layer: int = 2, n_embd_s: int = 1
     # megabytes in the L3 and measured twice the bandwidth a decode step can see)
     copy_bufs = [np.zeros((n_seqs, n_embd_s), np.float32) for _ in range(n_layer)]
     copy_out = [np.empty((n_seqs, n_embd_s), np.float32) for _ in range(n_layer)]
+    # llama.cpp's llama_memory_recurrent driven from C++ with the same step, in bursts between
+    # llmem's steps (interleaved): batch, allocator init, init_batch, apply, s_copy of every state
+    note = driver_note(cfg)
+    lrs = None
+    if not note:
+        lrs = llama_driver.Recurrent(driver_model("recurrent"), n_seqs, n_seqs, n_ubatch)
+        lrs.steps(seq_id, 10)  # the first steps give every sequence its cell
+    theirs: list = []
+    burst = 25
     for k in range(steps + 10):
+        if lrs is not None and k >= 10 and (k - 10) % burst == 0:
+            theirs += lrs.steps(seq_id, burst).tolist()
         t0 = clock()
         balloc.init(Batch(token=token, seq_id=seq_id), mem)
         ctx = mem.init_batch(balloc, n_ubatch)
@@ -575,8 +840,16 @@ def recurrent_step(n_seqs: int, cfg: Config, n_layer: int = 2, n_embd_s: int = 1
     refs = sample_ns(ref_step, 20 if cfg.quick else 100)
     nbytes = 2 * n_layer * n_seqs * n_embd_s * 4
     params = {"n_seqs": n_seqs, "n_layer": n_layer, "s_row_bytes": n_embd_s * 4}
+    mem = Result("recurrent step (memory only)", params, *_stats(work), reference_note="see the step below",
+                 extra={"what": "Batch, allocator init, init_batch, apply, s_copy_all"})
+    if lrs is not None:
+        mem.llama_us, mem.llama_min_us = _stats(theirs)
+        lrs.close()
+    else:
+        mem.llama_note = note
+    yield mem
     yield Result("recurrent step (memory + gather/store)", params, *_stats(total),
-                 llama_note="inside llama_decode", reference_us=_stats(refs)[0],
+                 llama_note="the gather/store runs in llama_decode's graph", reference_us=_stats(refs)[0],
                  extra={"memory_work_us": _stats(work)[0], "gather_store_us": _stats(states)[0]})
     yield Result("recurrent gather/store only", params, *_stats(states), llama_note="inside llama_decode (graph)",
                  copy_us=_stats(copy)[0], nbytes=nbytes, reference_note="see the step above")
@@ -596,20 +869,27 @@ def plan(cfg: Config) -> list[tuple[str, str, Callable[[], Iterator[Result]]]]:
     tasks: list = []
     if cfg.quick:
         seq_grid = [(4096, 64), (65536, 64), (1 << 20, 64), (1 << 20, 255)]
-        decode_grid = [(4096, 64), (65536, 64), (1 << 20, 256)]
+        # issue 13's rows: unified 64k at 1/4/64 sequences, per-sequence streams at 64k/64 and
+        # 1M/256, the 1M/256 unified step; 4k/64 for the Python reference
+        decode_grid = [("unified", 4096, 64), ("unified", 65536, 1), ("unified", 65536, 4),
+                       ("unified", 65536, 64), ("streams", 65536, 64), ("unified", 1 << 20, 256),
+                       ("streams", 1 << 20, 256)]
         prefill_sizes = [8192, 1 << 20]
         rec_seqs = [64, 256]
     else:
         sizes = [4096, 16384, 65536, 262144, 1 << 20]
         # 255 + the spare copy target is llama.cpp's limit; 1024 runs without that baseline
         seq_grid = [(c, s) for c in sizes for s in (1, 16, 64, 255, 1024) if c // 2 // s >= 2 * TAIL]
-        decode_grid = [(c, s) for c in sizes for s in (1, 16, 64, 256, 1024)]
+        # llama.cpp holds at most 256 sequences
+        decode_grid = [(lay, c, s) for lay in ("unified", "streams") for c in (4096, 65536, 1 << 20)
+                       for s in (1, 4, 64, 256)]
         prefill_sizes = [8192, 65536, 1 << 20]
         rec_seqs = [1, 16, 64, 256, 1024]
     for c, s in seq_grid:
         tasks.append(("seq_ops", f"sequence ops, {c} cells, {s} seqs", lambda c=c, s=s: seq_ops(c, s, cfg)))
-    for c, s in decode_grid:
-        tasks.append(("decode", f"decode step, {c} cells, {s} seqs", lambda c=c, s=s: decode_step(c, s, cfg)))
+    for lay, c, s in decode_grid:
+        tasks.append(("decode", f"decode step, {lay}, {c} cells, {s} seqs",
+                      lambda lay=lay, c=c, s=s: decode_rows(lay, c, s, cfg)))
     for c in prefill_sizes:
         tasks.append(("prefill", f"prefill, {c} cells", lambda c=c: prefill(c, cfg)))
     for s in rec_seqs:
