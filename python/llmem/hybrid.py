@@ -27,8 +27,7 @@ from typing import Callable, Sequence, Union
 from . import _core
 from .errors import LlmemError
 from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
-from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
-                     stale_context_error)
+from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked)
 from .recurrent import RecurrentContext, RecurrentMemory
 from .status import Status, status_combine, status_is_fail
 
@@ -86,8 +85,10 @@ class HybridContext(MemoryContext):
             raise LlmemError(f"cannot apply a context whose status is {self._status.name}")
         self.recr._memory._lock.acquire()
         try:
-            if not (self.attn._is_fresh() and self.recr._is_fresh()):
-                raise stale_context_error("apply")
+            # every sub-context (either may have been applied on its own through ctx.attn /
+            # ctx.recr) before either part changes
+            self.attn._check_apply()
+            self.recr._check_apply()
             ok_attn = self.attn.apply()
             ok_recr = self.recr.apply()
             return bool(ok_attn) and bool(ok_recr)

@@ -549,6 +549,16 @@ class KVCacheContext(MemoryContext):
         if self._version is not None and self._version != self._cache._version:
             raise stale_context_error(what)
 
+    def _check_apply(self) -> None:
+        if self._version is None:
+            return  # a full-cache context: apply() changes nothing
+        self._check_fresh("apply")
+        ctx = self._ctx
+        if ctx.status != Status.SUCCESS or not ctx.has_ubatch:
+            raise LlmemError("this memory context has no micro-batch to apply")
+        if ctx.applied:
+            raise LlmemError("this micro-batch was already applied: call next() first")
+
     @property
     def status(self) -> Status:
         return self._ctx.status
@@ -711,14 +721,17 @@ class KVUpdateContext(MemoryContext):
     def next(self) -> bool:
         return False
 
+    def _check_apply(self) -> None:
+        for c in self._caches:
+            if c.get_has_shift() and c._rope is None:
+                raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
+                                 "the cache was built without rope=...")
+
     def apply(self) -> bool:
         self._caches[0]._lock.acquire()
         try:
             # Check every cache first so a refused shift changes none of them.
-            for c in self._caches:
-                if c.get_has_shift() and c._rope is None:
-                    raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
-                                     "the cache was built without rope=...")
+            self._check_apply()
             for c in self._caches:
                 c._core.update()
                 c._version += 1
@@ -1019,12 +1032,16 @@ class KVCacheISWAContext(MemoryContext):
     def _is_fresh(self) -> bool:
         return self.base._is_fresh() and self.swa._is_fresh()
 
+    def _check_apply(self) -> None:
+        self.base._check_apply()
+        self.swa._check_apply()
+
     def apply(self) -> bool:
         self._mem._lock.acquire()
         try:
-            # both plans are checked before either cache changes
-            if not self._is_fresh():
-                raise stale_context_error("apply")
+            # both plans are checked before either cache changes (either may have been applied
+            # on its own through ctx.base / ctx.swa)
+            self._check_apply()
             a = self.base.apply()
             b = self.swa.apply()
             return a and b

@@ -104,6 +104,12 @@ class MemoryContext(abc.ABC):
         """False when the memory changed since this plan was made (applying it would be wrong)."""
         return True
 
+    def _check_apply(self) -> None:
+        """Raise what ``apply()`` would raise, changing nothing: a composite context checks every
+        sub-context before it applies any (one of them may have been applied directly)."""
+        if not self._is_fresh():
+            raise stale_context_error("apply")
+
     def __copy__(self):
         # a shallow copy would share the compiled plan (and its position in it) with the original
         raise TypeError(f"a {type(self).__name__} cannot be copied: plan the batch again with init_batch")

@@ -24,10 +24,11 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
+from .errors import LlmemError
 from .kv_cache import MAX_LAYERS
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
                      stale_context_error)
-from .status import Status
+from .status import Status, status_is_fail
 
 __all__ = ["RecurrentMemory", "RecurrentContext"]
 
@@ -447,6 +448,14 @@ class RecurrentContext(MemoryContext):
     def _check_fresh(self, what: str) -> None:
         if self._version is not None and self._version != self._memory._version:
             raise stale_context_error(what)
+
+    def _check_apply(self) -> None:
+        self._check_fresh("apply")
+        ctx = self._ctx
+        if status_is_fail(ctx.status):
+            raise LlmemError(f"cannot apply a memory context whose status is {Status(ctx.status).name}")
+        if not ctx.is_full and ctx.n_ubatches and ctx.applied:
+            raise LlmemError("this micro-batch was already applied: call next() first")
 
     @property
     def status(self) -> Status:

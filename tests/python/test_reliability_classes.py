@@ -310,3 +310,19 @@ def test_header_field_damage_is_a_state_error(kind, offset, value):
         str(e).encode("utf-8")
         assert snapshot(mem) == before
     # (an unchanged byte, or one the header does not check, may read fine)
+
+
+# found by the API fuzzer: a composite context whose sub-context was applied on its own
+# (ctx.swa.apply(), ctx.recr.apply()) applied its other part, then refused the second
+
+
+@pytest.mark.parametrize("kind, sub", [("kv_iswa", "swa"), ("kv_iswa", "base"), ("hybrid", "recr"),
+                                       ("hybrid", "attn"), ("hybrid_iswa", "recr"), ("hybrid_iswa", "attn")])
+def test_composite_context_with_a_sub_context_applied_alone_refuses_unchanged(kind, sub):
+    mem = filled(kind)
+    ctx = mem.init_batch(Batch(token=[1, 1], seq_id=[3, 3]), 4)
+    getattr(ctx, sub).apply()
+    before = snapshot(mem)
+    with pytest.raises(LlmemError):
+        ctx.apply()
+    assert snapshot(mem) == before
