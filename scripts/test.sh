@@ -77,11 +77,14 @@ rm -rf "$tsan_dir/pkg" && mkdir -p "$tsan_dir/pkg/llmem"
 cp -r python/llmem/. "$tsan_dir/pkg/llmem/"
 cp "$tsan_dir"/_core*.so "$tsan_dir/pkg/llmem/"
 tsan_lib="$(${CXX:-g++} -print-file-name=libtsan.so)"
-tsan_env=(env LD_PRELOAD="$tsan_lib" PYTHONPATH="$root/$tsan_dir/pkg" LLMEM_THREAD_OPS=60
+# python -S: no site hooks, so an llmem installed in the venv (an editable one's import hook
+# included) cannot shadow the TSan build; the venv's packages come through PYTHONPATH instead
+tsan_site="$("$vpy" -c 'import sysconfig; p = sysconfig.get_paths(); print(p["purelib"] + ":" + p["platlib"])')"
+tsan_env=(env LD_PRELOAD="$tsan_lib" PYTHONPATH="$root/$tsan_dir/pkg:$tsan_site" LLMEM_THREAD_OPS=60
           TSAN_OPTIONS="suppressions=$root/scripts/tsan-python.supp halt_on_error=1 exitcode=66 report_signal_unsafe=0")
-"${tsan_env[@]}" "$vpy" -c 'import llmem._core as c, sys; sys.exit(0 if "/build/tsan/pkg/" in c.__file__ else 1)' || {
+"${tsan_env[@]}" "$vpy" -S -c 'import llmem._core as c, sys; sys.exit(0 if "/build/tsan/pkg/" in c.__file__ else 1)' || {
     echo "the TSan run would not import the TSan build of llmem" >&2; exit 1; }
-"${tsan_env[@]}" "$vpy" -m pytest -q -p no:cacheprovider tests/python/test_threads.py \
+"${tsan_env[@]}" "$vpy" -S -m pytest -q -p no:cacheprovider tests/python/test_threads.py \
     tests/python/test_reliability_defects.py -k "thread or dropped"
 # --- end ThreadSanitizer ---------------------------------------------------------------------------
 
