@@ -520,6 +520,27 @@ void kv_cache::check_ubatch(const ubatch & ub) const {
     }
 }
 
+namespace {
+
+// is_masked_swa for a query at the position after `last` (the next position of a sequence that
+// ends at `last`), computed in int64: a sequence may end at INT32_MAX, where last + 1 overflows
+// int32 (found by the structure-aware state fuzzer: a sequence state placing a cell there).
+bool masked_for_next(uint32_t n_swa, swa_type type, int32_t p0, int32_t last) {
+    if (last < std::numeric_limits<int32_t>::max()) {
+        return is_masked_swa(n_swa, type, p0, last + 1);
+    }
+    const int64_t p1 = int64_t(last) + 1;
+    switch (type) {
+        case swa_type::NONE:      return false;
+        case swa_type::STANDARD:  return p1 - p0 >= int64_t(n_swa);
+        case swa_type::CHUNKED:   return int64_t(p0) < (p1 / n_swa) * n_swa;
+        case swa_type::SYMMETRIC: return p1 - p0 > int64_t(n_swa / 2);  // p1 > every int32 p0
+    }
+    return false;
+}
+
+} // namespace
+
 bool kv_cache::find_slot(const ubatch & ub, bool cont, slot_info & out) const {
     out.clear();
     const auto &   unq      = ub.data->seq_id_unq;
@@ -570,7 +591,7 @@ bool kv_cache::find_slot(const ubatch & ub, bool cont, slot_info & out) const {
                     bool usable = T.is_empty(c);
                     if (!usable && T.seq_count(c) == 1) {
                         const int32_t t = T.seq_get(c);
-                        usable = is_masked_swa(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(t) + 1);
+                        usable = masked_for_next(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(t));
                     }
                     if (usable) {
                         out.idxs.push_back(c);
@@ -652,7 +673,9 @@ void kv_cache::apply_ubatch(const slot_info & slot, const ubatch & ub) {
         kv_cells &    T  = wcells(seq_to_stream(t));
         const int32_t mn = T.seq_pos_min(t);
         if (mn != -1 && mn <= max_rm_[t]) {
-            T.seq_rm_range(t, mn, max_rm_[t] + 1);
+            // [mn, max_rm] inclusive; at INT32_MAX the half-open end cannot pass it (POS_OPEN)
+            const int32_t end = max_rm_[t] == POS_OPEN ? POS_OPEN : max_rm_[t] + 1;
+            T.seq_rm_range(t, mn, end);
         }
         max_rm_[t] = -1;
     }
@@ -680,7 +703,7 @@ bool kv_cache::slot_still_valid(const slot_info & slot, const ubatch & ub) const
                 continue;
             }
             if (T.seq_count(c) != 1 ||
-                !is_masked_swa(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(T.seq_get(c)) + 1)) {
+                !masked_for_next(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(T.seq_get(c)))) {
                 return false;
             }
         }
