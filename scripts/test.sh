@@ -64,8 +64,8 @@ ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:ha
 # --- ThreadSanitizer (issue 20) -------------------------------------------------------------------
 # The core's thread tests (llmem_thread_tests alone) and the extension, built once with
 # -fsanitize=thread into build/tsan, then the Python thread tests run against that extension with
-# libtsan preloaded. scripts/tsan-python.supp lists interpreter and numpy internals only; a report
-# with a frame in llmem's code fails the step. Only these two targets are built (a few minutes).
+# libtsan preloaded. scripts/tsan-python.supp names numpy's libraries and one glibc function, never
+# llmem code: a race in llmem fails the step. Only these two targets are built (a few minutes).
 step "ThreadSanitizer: core thread tests and the Python thread tests"
 tsan_dir=build/tsan
 cmake -S . -B "$tsan_dir" -G Ninja -DLLMEM_BUILD_PYTHON=ON -DLLMEM_BUILD_TESTS=ON -DLLMEM_TSAN=ON -DLLMEM_WERROR=ON \
@@ -84,7 +84,8 @@ tsan_env=(env LD_PRELOAD="$tsan_lib" PYTHONPATH="$root/$tsan_dir/pkg:$tsan_site"
           TSAN_OPTIONS="suppressions=$root/scripts/tsan-python.supp halt_on_error=1 exitcode=66 report_signal_unsafe=0")
 "${tsan_env[@]}" "$vpy" -S -c 'import llmem._core as c, sys; sys.exit(0 if "/build/tsan/pkg/" in c.__file__ else 1)' || {
     echo "the TSan run would not import the TSan build of llmem" >&2; exit 1; }
-"${tsan_env[@]}" "$vpy" -S -m pytest -q -p no:cacheprovider tests/python/test_threads.py \
+# -s: a report is written to stderr as it happens (pytest's capture would lose it when TSan halts)
+"${tsan_env[@]}" "$vpy" -S -m pytest -q -s -p no:cacheprovider tests/python/test_threads.py \
     tests/python/test_reliability_defects.py -k "thread or dropped"
 # --- end ThreadSanitizer ---------------------------------------------------------------------------
 
