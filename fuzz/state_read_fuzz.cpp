@@ -1,7 +1,7 @@
 // Mutation fuzzer of the state readers (KV cache, iSWA pair, recurrent memory, hybrids, and the
 // versioned header in front of each). Meant to run under -fsanitize=address,undefined.
 //
-//   state_read_fuzz [iterations=20000] [seed=1]
+//   state_read_fuzz [iterations=20000] [seed=1] [bytes]
 //
 // A corpus of valid state blobs is written by the core itself (whole memory and every sequence,
 // raw and with the header, with and without PARTIAL_ONLY) for several memory configurations. Each
@@ -453,6 +453,256 @@ void mutate_once(bytes & b, const std::vector<bytes> & corpus, rng & r) {
     }
 }
 
+// -- structure-aware mutations ----------------------------------------------------------------
+//
+// The byte mutations above rarely produce a well-formed input with one field off (a position of
+// INT32_MAX, a duplicated sequence id, a count one too high with the bytes to match, a
+// configuration name that is not ASCII). field_map walks a blob with the layouts the writers use
+// (header, KV sections, recurrent block) and lists its fields by role; mutate_field changes one
+// field to a value chosen for that role, and reseals the header's checksums so that the change
+// reaches the reader behind them.
+
+enum class role { COUNT, POS, SEQ, N_IDS, TYPE, ROW_BYTES, FLAG, HDR_U32, HDR_SEQ, HDR_U64, NAME_LEN, NAME_BYTE,
+                  CONFIG_VALUE };
+
+struct field {
+    size_t   at;
+    uint32_t width;  // 1, 4 or 8
+    role     what;
+};
+
+struct layout_walker {
+    const bytes &        b;
+    size_t               at = 0;
+    std::vector<field> & out;
+    bool                 ok = true;
+
+    bool has(size_t n) const { return ok && at + n <= b.size(); }
+    uint64_t take(uint32_t width, role what) {
+        if (!has(width)) {
+            ok = false;
+            return 0;
+        }
+        out.push_back({ at, width, what });
+        uint64_t v = 0;
+        std::memcpy(&v, b.data() + at, width);
+        at += width;
+        return v;
+    }
+    void skip(uint64_t n) {
+        if (!has(size_t(n)) || n > b.size()) {
+            ok = false;
+            return;
+        }
+        at += size_t(n);
+    }
+};
+
+void walk_kv_section(layout_walker & w) {
+    const uint64_t n_stream = w.take(4, role::COUNT);
+    for (uint64_t s = 0; s < n_stream && w.ok && s < 64; ++s) {
+        const uint64_t cc = w.take(4, role::COUNT);
+        if (cc > w.b.size()) {
+            w.ok = false;
+            return;
+        }
+        for (uint64_t c = 0; c < cc && w.ok; ++c) {
+            w.take(4, role::POS);
+            const uint64_t ns = w.take(4, role::N_IDS);
+            if (ns > 64) {
+                w.ok = false;
+                return;
+            }
+            for (uint64_t k = 0; k < ns && w.ok; ++k) {
+                w.take(4, role::SEQ);
+            }
+        }
+        if (cc == 0) {
+            continue;
+        }
+        const uint64_t v_trans = w.take(4, role::FLAG);
+        const uint64_t n_layer = w.take(4, role::COUNT);
+        if (n_layer > 64) {
+            w.ok = false;
+            return;
+        }
+        for (uint64_t l = 0; l < n_layer && w.ok; ++l) {
+            w.take(4, role::TYPE);
+            w.skip(w.take(8, role::ROW_BYTES) * cc);
+        }
+        for (uint64_t l = 0; l < n_layer && w.ok; ++l) {
+            w.take(4, role::TYPE);
+            if (v_trans) {
+                const uint64_t es = w.take(4, role::ROW_BYTES);
+                const uint64_t ne = w.take(4, role::COUNT);
+                w.skip(es * ne * cc);
+            } else {
+                w.skip(w.take(8, role::ROW_BYTES) * cc);
+            }
+        }
+    }
+}
+
+void walk_recurrent_block(layout_walker & w) {
+    const uint64_t cc = w.take(4, role::COUNT);
+    if (cc > w.b.size()) {
+        w.ok = false;
+        return;
+    }
+    for (uint64_t c = 0; c < cc && w.ok; ++c) {
+        w.take(4, role::POS);
+        const uint64_t ns = w.take(4, role::N_IDS);
+        if (ns > 64) {
+            w.ok = false;
+            return;
+        }
+        for (uint64_t k = 0; k < ns && w.ok; ++k) {
+            w.take(4, role::SEQ);
+        }
+    }
+    w.take(4, role::FLAG);  // s_trans
+    const uint64_t n_layer_total = w.take(4, role::COUNT);
+    (void) n_layer_total;
+    while (w.ok && w.at < w.b.size()) {  // present layers: r rows then s rows
+        w.take(4, role::TYPE);
+        w.skip(w.take(8, role::ROW_BYTES) * cc);
+    }
+}
+
+// The fields of a blob written for `m` with `flags` (empty when the bytes do not follow the layout).
+std::vector<field> field_map(const bytes & b, const memory & m, uint32_t flags) {
+    std::vector<field> out;
+    layout_walker      w{ b, 0, out };
+    if (b.size() >= STATE_HEADER_FIXED_BYTES + 4 && std::memcmp(b.data(), STATE_FILE_MAGIC, 8) == 0) {
+        w.at = 8;
+        w.take(4, role::HDR_U32);  // version
+        w.take(4, role::HDR_U32);  // kind
+        w.take(4, role::HDR_U32);  // flags
+        w.take(4, role::HDR_SEQ);  // sequence
+        const uint64_t n_fields = w.take(4, role::HDR_U32);
+        w.take(4, role::HDR_U32);  // configuration bytes
+        w.take(8, role::HDR_U64);  // payload length
+        w.take(4, role::HDR_U32);  // payload CRC
+        for (uint64_t f = 0; f < n_fields && w.ok && f < 4096; ++f) {
+            const uint64_t len   = w.take(1, role::NAME_LEN);
+            const size_t   first = w.at;
+            for (uint64_t k = 0; k < len && w.ok; ++k) {
+                w.take(1, role::NAME_BYTE);
+            }
+            (void) first;
+            w.take(8, role::CONFIG_VALUE);
+        }
+        w.skip(4);  // header CRC
+    }
+    const uint32_t raw = flags & ~STATE_HEADER;
+    for (size_t k = 0; k < m.sections(raw).size() && w.ok; ++k) {
+        walk_kv_section(w);
+    }
+    if (m.recr && w.ok) {
+        walk_recurrent_block(w);
+    }
+    if (!w.ok) {
+        out.clear();
+    }
+    return out;
+}
+
+// Recompute the header CRC alone (after a header field changed; the payload fields stay as the
+// mutation left them).
+void reseal_header_only(bytes & b) {
+    if (b.size() < STATE_HEADER_FIXED_BYTES + 4 || std::memcmp(b.data(), STATE_FILE_MAGIC, 8) != 0) {
+        return;
+    }
+    uint32_t config_bytes;
+    std::memcpy(&config_bytes, b.data() + 28, 4);
+    if (config_bytes > b.size() - STATE_HEADER_FIXED_BYTES - 4) {
+        return;
+    }
+    const size_t header_end = STATE_HEADER_FIXED_BYTES + config_bytes;
+    put_u32(b, header_end, crc32(b.data(), header_end));
+}
+
+// One field of `b` set to a value chosen for its role. Returns false when no field map exists.
+bool mutate_field(bytes & b, const memory & m, uint32_t flags, rng & r) {
+    const std::vector<field> fields = field_map(b, m, flags);
+    if (fields.empty()) {
+        return false;
+    }
+    const field & f = fields[r.below(fields.size())];
+    uint64_t      cur = 0;
+    std::memcpy(&cur, b.data() + f.at, f.width);
+    const int32_t  n_seq = m.cfg.n_seq_max;
+    uint64_t       v     = cur;
+    const uint64_t k     = r.below(6);
+    switch (f.what) {
+        case role::COUNT:
+        case role::N_IDS: {
+            const uint64_t opts[] = { cur + 1, cur - 1, 0, 1, cur * 2, 16, 17, 0x80000000u, 0xffffffffu };
+            v = opts[r.below(sizeof(opts) / 8)];
+            break;
+        }
+        case role::POS: {
+            const int64_t opts[] = { -1, -2, 0x7fffffff, 0x7ffffffe, int64_t(INT32_MIN), int64_t(int32_t(cur)) + 1,
+                                     int64_t(int32_t(cur)) - 1 };
+            v = uint64_t(opts[r.below(sizeof(opts) / 8)]);
+            break;
+        }
+        case role::SEQ: {
+            const int64_t opts[] = { -1, n_seq, n_seq - 1, 0, 255, 256, int64_t(int32_t(cur)) + 1, 0x7fffffff };
+            v = uint64_t(opts[r.below(sizeof(opts) / 8)]);
+            break;
+        }
+        case role::TYPE: {
+            const int64_t opts[] = { 0, 1, 30, 2, -1, 8 };
+            v = uint64_t(opts[k]);
+            break;
+        }
+        case role::ROW_BYTES: {
+            const uint64_t opts[] = { cur + 1, cur - 1, 0, cur * 2, 0x8000000000000000ull, 2, 4 };
+            v = opts[r.below(sizeof(opts) / 8)];
+            break;
+        }
+        case role::FLAG: v = r.chance(2) ? (cur ^ 1) : 2; break;
+        case role::HDR_U32: {
+            const uint64_t opts[] = { cur + 1, cur - 1, 0, 1, 2, 3, 4, 5, 6, 0x80000000u, 0xffffffffu };
+            v = opts[r.below(sizeof(opts) / 8)];
+            break;
+        }
+        case role::HDR_SEQ: {
+            const int64_t opts[] = { -1, 0, 1, n_seq, -2, 0x7fffffff };
+            v = uint64_t(opts[k]);
+            break;
+        }
+        case role::HDR_U64: {
+            const uint64_t opts[] = { cur + 1, cur - 1, 0, 0xffffffffffffffffull };
+            v = opts[r.below(4)];
+            break;
+        }
+        case role::NAME_LEN: v = r.chance(2) ? cur + 1 : cur - 1; break;
+        case role::NAME_BYTE: {
+            const uint64_t opts[] = { 0x80, 0xff, 0xc3, 0x00, 0x27, 0x5c, cur + 1 };  // non-UTF-8, NUL, quote, backslash
+            v = opts[r.below(sizeof(opts) / 8)];
+            break;
+        }
+        case role::CONFIG_VALUE: {
+            const uint64_t opts[] = { cur + 1, cur - 1, 0, 0x8000000000000000ull };
+            v = opts[r.below(4)];
+            break;
+        }
+    }
+    std::memcpy(b.data() + f.at, &v, f.width);
+    const bool in_header = f.what == role::HDR_U32 || f.what == role::HDR_SEQ || f.what == role::HDR_U64 ||
+                           f.what == role::NAME_LEN || f.what == role::NAME_BYTE || f.what == role::CONFIG_VALUE;
+    if (in_header) {
+        if (!r.chance(4)) {
+            reseal_header_only(b);
+        }
+    } else if (!r.chance(4)) {
+        reseal(b);
+    }
+    return true;
+}
+
 struct seed_blob {
     bytes    data;
     int32_t  seq;
@@ -517,6 +767,9 @@ bool read_and_check(memory & t, const bytes & baseline, bytes & baseline_fp, con
 int main(int argc, char ** argv) {
     const uint64_t iterations = argc > 1 ? std::strtoull(argv[1], nullptr, 10) : 20000;
     const uint64_t seed       = argc > 2 ? std::strtoull(argv[2], nullptr, 10) : 1;
+    // "bytes" turns the structure-aware half of the mutations off (the issue-8 fuzzer exactly)
+    const bool     structured = !(argc > 3 && std::strcmp(argv[3], "bytes") == 0);
+    uint64_t       structured_inputs = 0;
     rng            r{ seed };
 
     const size_t n_configs = sizeof(CONFIGS) / sizeof(CONFIGS[0]);
@@ -568,11 +821,21 @@ int main(int argc, char ** argv) {
         memory &          t   = *targets[k];
         const seed_blob & sb  = corpora[k][r.below(corpora[k].size())];
         bytes             in  = sb.data;
-        for (uint64_t m = 1 + r.below(3); m > 0; --m) {
-            mutate_once(in, all_blobs, r);
-        }
-        if ((sb.flags & STATE_HEADER) && r.chance(2)) {
-            reseal(in);
+        if (structured && r.chance(2)) {
+            // one or two fields changed, the bytes otherwise well-formed
+            for (uint64_t m = 1 + r.below(2); m > 0; --m) {
+                if (!mutate_field(in, t, sb.flags, r)) {
+                    mutate_once(in, all_blobs, r);
+                }
+            }
+            ++structured_inputs;
+        } else {
+            for (uint64_t m = 1 + r.below(3); m > 0; --m) {
+                mutate_once(in, all_blobs, r);
+            }
+            if ((sb.flags & STATE_HEADER) && r.chance(2)) {
+                reseal(in);
+            }
         }
         // mostly the blob's own scope and flags; sometimes another target sequence or flags
         int32_t  seq   = sb.seq < 0 ? -1 : int32_t(r.below(uint64_t(t.cfg.n_seq_max)));
@@ -602,6 +865,7 @@ int main(int argc, char ** argv) {
     std::printf("total            inputs %10llu  accepted %9llu  refused %10llu  bad-arg %8llu\n",
                 (unsigned long long) total.inputs, (unsigned long long) total.accepted,
                 (unsigned long long) total.refused, (unsigned long long) total.bad_args);
+    std::printf("structure-aware inputs (fields changed): %llu\n", (unsigned long long) structured_inputs);
     std::printf("seed %llu: %llu inputs in %.1f s (%.0f inputs/s), no failures\n", (unsigned long long) seed,
                 (unsigned long long) iterations, secs, secs > 0 ? double(iterations) / secs : 0.0);
     return 0;

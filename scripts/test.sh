@@ -3,6 +3,8 @@
 # is missing (Debian's libgtest-dev when root, the Python build and test packages), then:
 #   1. builds the C++ core's GoogleTest suite and runs it with ctest,
 #   2. builds and runs the same suite under AddressSanitizer + UndefinedBehaviorSanitizer,
+#   2b. builds the core's thread tests and the extension under ThreadSanitizer and runs them (and
+#       the Python thread tests against that extension),
 #   3. installs the package into a private virtualenv (build/test-venv) and runs pytest.
 # Extra arguments go to pytest (e.g. scripts/test.sh -k batch).
 set -euo pipefail
@@ -59,6 +61,34 @@ run_ctest build/cpp-tests -DCMAKE_BUILD_TYPE=Release
 step "C++ unit tests under ASan + UBSan"
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
     run_ctest build/cpp-asan -DCMAKE_BUILD_TYPE=Debug -DLLMEM_SANITIZE=ON
+
+# --- ThreadSanitizer (issue 20) -------------------------------------------------------------------
+# The core's thread tests (llmem_thread_tests alone) and the extension, built once with
+# -fsanitize=thread into build/tsan, then the Python thread tests run against that extension with
+# libtsan preloaded. scripts/tsan-python.supp names numpy's libraries and one glibc function, never
+# llmem code: a race in llmem fails the step. Only these two targets are built (a few minutes).
+step "ThreadSanitizer: core thread tests and the Python thread tests"
+tsan_dir=build/tsan
+cmake -S . -B "$tsan_dir" -G Ninja -DLLMEM_BUILD_PYTHON=ON -DLLMEM_BUILD_TESTS=ON -DLLMEM_TSAN=ON -DLLMEM_WERROR=ON \
+      -DCMAKE_BUILD_TYPE=None -DCMAKE_CXX_FLAGS="-O1 -g" -DPython_EXECUTABLE="$vpy" \
+      -Dpybind11_DIR="$("$vpy" -c 'import pybind11; print(pybind11.get_cmake_dir())')" >/dev/null
+cmake --build "$tsan_dir" -j "$jobs" --target llmem_thread_tests _core
+TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" "$tsan_dir/tests/cpp/llmem_thread_tests"
+rm -rf "$tsan_dir/pkg" && mkdir -p "$tsan_dir/pkg/llmem"
+cp -r python/llmem/. "$tsan_dir/pkg/llmem/"
+cp "$tsan_dir"/_core*.so "$tsan_dir/pkg/llmem/"
+tsan_lib="$(${CXX:-g++} -print-file-name=libtsan.so)"
+# python -S: no site hooks, so an llmem installed in the venv (an editable one's import hook
+# included) cannot shadow the TSan build; the venv's packages come through PYTHONPATH instead
+tsan_site="$("$vpy" -c 'import sysconfig; p = sysconfig.get_paths(); print(p["purelib"] + ":" + p["platlib"])')"
+tsan_env=(env LD_PRELOAD="$tsan_lib" PYTHONPATH="$root/$tsan_dir/pkg:$tsan_site" LLMEM_THREAD_OPS=60
+          TSAN_OPTIONS="suppressions=$root/scripts/tsan-python.supp halt_on_error=1 exitcode=66 report_signal_unsafe=0")
+"${tsan_env[@]}" "$vpy" -S -c 'import llmem._core as c, sys; sys.exit(0 if "/build/tsan/pkg/" in c.__file__ else 1)' || {
+    echo "the TSan run would not import the TSan build of llmem" >&2; exit 1; }
+# -s: a report is written to stderr as it happens (pytest's capture would lose it when TSan halts)
+"${tsan_env[@]}" "$vpy" -S -m pytest -q -s -p no:cacheprovider tests/python/test_threads.py \
+    tests/python/test_reliability_defects.py -k "thread or dropped"
+# --- end ThreadSanitizer ---------------------------------------------------------------------------
 
 step "build and install the package"
 "$vpy" -m pip install -q --no-build-isolation --no-deps .

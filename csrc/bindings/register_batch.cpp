@@ -3,6 +3,7 @@
 #include "llmem/batch.h"
 #include "llmem/errors.h"
 
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -17,10 +18,31 @@ public:
     explicit python_pos_source(py::object memory)
         : pos_min_(memory.attr("seq_pos_min")), pos_max_(memory.attr("seq_pos_max")) {}
 
-    int32_t seq_pos_min(int32_t seq) const override { return pos_min_(seq).cast<int32_t>(); }
-    int32_t seq_pos_max(int32_t seq) const override { return pos_max_(seq).cast<int32_t>(); }
+    int32_t seq_pos_min(int32_t seq) const override { return position(pos_min_, "seq_pos_min", seq); }
+    int32_t seq_pos_max(int32_t seq) const override { return position(pos_max_, "seq_pos_max", seq); }
 
 private:
+    // The answer as an int32: a TypeError/ValueError naming the method, the id and the value
+    // for anything else (a str, a float, None, a bool, an int outside int32).
+    static int32_t position(const py::object & method, const char * name, int32_t seq) {
+        py::object answer = method(seq);
+        const auto describe = [&] {
+            return std::string("memory.") + name + "(" + std::to_string(seq) + ") returned " +
+                   py::str(py::type::of(answer).attr("__name__")).cast<std::string>() + " " +
+                   py::repr(answer).cast<std::string>();
+        };
+        if (PyBool_Check(answer.ptr()) || !PyIndex_Check(answer.ptr())) {
+            throw py::type_error(describe() + ": a position must be an int");
+        }
+        py::int_  value(py::reinterpret_steal<py::object>(PyNumber_Index(answer.ptr())));
+        int       overflow = 0;
+        const long long v  = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+        if (overflow != 0 || v < std::numeric_limits<int32_t>::min() || v > std::numeric_limits<int32_t>::max()) {
+            throw py::value_error(describe() + ", outside int32");
+        }
+        return int32_t(v);
+    }
+
     py::object pos_min_;
     py::object pos_max_;
 };

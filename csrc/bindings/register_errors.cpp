@@ -2,7 +2,21 @@
 
 #include "llmem/errors.h"
 
+#include <cstring>
+
 namespace llmem::bind {
+
+namespace {
+
+// An exception's message as a Python str; bytes that are not UTF-8 (a message quoting untrusted
+// input) become \xNN escapes instead of a UnicodeDecodeError replacing the intended exception.
+py::object message_of(const std::exception & e) {
+    const char * what = e.what();
+    return py::reinterpret_steal<py::object>(PyUnicode_DecodeUTF8(what, Py_ssize_t(std::strlen(what)),
+                                                                  "backslashreplace"));
+}
+
+} // namespace
 
 // The exception classes live in the pure-Python module llmem.errors (so that BatchError can be
 // both an LlmemError and a ValueError); the translator raises them from the C++ types.
@@ -19,14 +33,14 @@ void register_errors(py::module_ & m) {
             }
         } catch (const llmem::batch_error & e) {
             py::object cls = py::module_::import("llmem.errors").attr("BatchError");
-            py::object exc = cls(e.what(), llmem::batch_reject_name(e.reason()));
+            py::object exc = cls(message_of(e), llmem::batch_reject_name(e.reason()));
             PyErr_SetObject(cls.ptr(), exc.ptr());
         } catch (const llmem::state_error & e) {
             py::object cls = py::module_::import("llmem.errors").attr("StateError");
-            PyErr_SetString(cls.ptr(), e.what());
+            PyErr_SetObject(cls.ptr(), message_of(e).ptr());
         } catch (const llmem::error & e) {
             py::object cls = py::module_::import("llmem.errors").attr("LlmemError");
-            PyErr_SetString(cls.ptr(), e.what());
+            PyErr_SetObject(cls.ptr(), message_of(e).ptr());
         }
     });
 }

@@ -236,6 +236,26 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
                  c.seq_div(a, x, y, z);
              },
              py::arg("seq_id"), py::arg("p0"), py::arg("p1"), py::arg("d"))
+        // the same checks without the change: composite memories check every part first
+        .def("check_seq_rm", [](const kv_cache & c, int64_t s) { c.check_seq_rm(to_i32(s, "seq_id")); },
+             py::arg("seq_id"))
+        .def("check_seq_cp",
+             [](const kv_cache & c, int64_t s, int64_t d, int64_t p0, int64_t p1) {
+                 c.check_seq_cp(to_i32(s, "seq_id_src"), to_i32(d, "seq_id_dst"), to_i32(p0, "p0"), to_i32(p1, "p1"));
+             },
+             py::arg("seq_id_src"), py::arg("seq_id_dst"), py::arg("p0") = -1, py::arg("p1") = -1)
+        .def("check_seq_keep", [](const kv_cache & c, int64_t s) { c.check_seq_keep(to_i32(s, "seq_id")); },
+             py::arg("seq_id"))
+        .def("check_seq_add",
+             [](const kv_cache & c, int64_t s, int64_t p0, int64_t p1, int64_t d) {
+                 c.check_seq_add(to_i32(s, "seq_id"), to_i32(p0, "p0"), to_i32(p1, "p1"), to_i32(d, "shift"));
+             },
+             py::arg("seq_id"), py::arg("p0"), py::arg("p1"), py::arg("shift"))
+        .def("check_seq_div",
+             [](const kv_cache & c, int64_t s, int64_t p0, int64_t p1, int64_t d) {
+                 c.check_seq_div(to_i32(s, "seq_id"), to_i32(p0, "p0"), to_i32(p1, "p1"), to_i32(d, "d"));
+             },
+             py::arg("seq_id"), py::arg("p0"), py::arg("p1"), py::arg("d"))
         .def("seq_pos_min", [](const kv_cache & c, int64_t s) { return c.seq_pos_min(to_i32(s, "seq_id")); },
              py::arg("seq_id"))
         .def("seq_pos_max", [](const kv_cache & c, int64_t s) { return c.seq_pos_max(to_i32(s, "seq_id")); },
@@ -379,6 +399,7 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
         .def_property_readonly("n_ubatches", &kv_context::n_ubatches)
         .def_property_readonly("i_cur", &kv_context::i_cur)
         .def_property_readonly("has_ubatch", &kv_context::has_ubatch)
+        .def_property_readonly("applied", &kv_context::applied)
         .def_property_readonly("ubatch", [](const kv_context & ctx) { return ready(ctx).get_ubatch(); })
         .def_property_readonly("head",
                                [](const kv_context & ctx) {

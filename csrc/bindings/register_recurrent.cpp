@@ -230,6 +230,10 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
         .def("seq_keep", &llmem::rs_memory::seq_keep, py::arg("seq"))
         .def("seq_add", &llmem::rs_memory::seq_add, py::arg("seq"), py::arg("p0"), py::arg("p1"), py::arg("shift"))
         .def("seq_div", &llmem::rs_memory::seq_div, py::arg("seq"), py::arg("p0"), py::arg("p1"), py::arg("d"))
+        .def("check_seq_add", &llmem::rs_memory::check_seq_add, py::arg("seq"), py::arg("p0"), py::arg("p1"),
+             py::arg("shift"), "Raise what seq_add would raise; changes nothing.")
+        .def("check_seq_div", &llmem::rs_memory::check_seq_div, py::arg("seq"), py::arg("p0"), py::arg("p1"),
+             py::arg("d"), "Raise what seq_div would raise; changes nothing.")
         .def("seq_pos_min", &llmem::rs_memory::seq_pos_min, py::arg("seq"))
         .def("seq_pos_max", &llmem::rs_memory::seq_pos_max, py::arg("seq"))
         .def("init_batch",

@@ -23,6 +23,17 @@ std::string format(const char * fmt, Args... args) {
     throw batch_error(reason, msg);
 }
 
+// A sequence whose memory ends at `last` has no position left for the batch's next entry
+// (automatic positions would wrap to INT32_MIN).
+[[noreturn]] void reject_pos_overflow(int32_t seq, int32_t last) {
+    reject(batch_reject::POS_OVERFLOW,
+           format("sequence %d: the memory ends at position %d, and the batch's positions for it would pass "
+                  "INT32_MAX (positions are int32)", seq, last));
+}
+
+// next_pos value of a sequence whose last automatic position was INT32_MAX.
+constexpr int32_t POS_EXHAUSTED = std::numeric_limits<int32_t>::min();
+
 } // namespace
 
 // The validated batch plus its split cursor. Two of these exist so that init() can build the
@@ -206,6 +217,9 @@ bool batch_allocr::init_decode_shape(const batch & b, const seq_pos_source * mem
         seq_n[s] = 1;
         st.seq_id_unq.push_back(s);
         mem_max[s] = memory ? memory->seq_pos_max(s) : -1;
+        if (mem_max[s] == std::numeric_limits<int32_t>::max()) {
+            return false;  // no next position: the general path refuses it
+        }
     }
     const bool     given_output  = !b.output.empty();
     const int8_t * out_in        = b.output.data();
@@ -264,6 +278,21 @@ bool batch_allocr::init_decode_shape(const batch & b, const seq_pos_source * mem
 }
 
 void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool output_all) {
+    if (in_init_) {
+        throw error("BatchAllocator.init re-entered (from the position source of an init in progress on the "
+                    "same allocator): refused, the allocator keeps the outer call's batch");
+    }
+    struct init_guard {
+        bool & flag;
+        explicit init_guard(bool & f) : flag(f) { flag = true; }
+        ~init_guard() { flag = false; }
+        init_guard(const init_guard &)             = delete;
+        init_guard & operator=(const init_guard &) = delete;
+    } guard(in_init_);
+    init_checked(b, memory, output_all);
+}
+
+void batch_allocr::init_checked(const batch & b, const seq_pos_source * memory, bool output_all) {
     state & st = *spare_;
     st.reset();
 
@@ -394,9 +423,17 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
                 const int32_t x = memory ? memory->seq_pos_max(first) : -1;
                 st.mem_pmax[first]     = x;
                 st.mem_pmax_gen[first] = st.gen;
-                next_pos[first]        = memory ? x + 1 : 0;
+                if (x == std::numeric_limits<int32_t>::max()) {
+                    reject_pos_overflow(first, x);
+                }
+                next_pos[first] = memory ? x + 1 : 0;
             }
-            st.pos[i] = next_pos[first]++;
+            const int32_t p = next_pos[first];
+            if (p == POS_EXHAUSTED) {
+                reject_pos_overflow(first, st.mem_pmax[first]);
+            }
+            st.pos[i]       = p;
+            next_pos[first] = p == std::numeric_limits<int32_t>::max() ? POS_EXHAUSTED : p + 1;
         }
         for (int32_t s : touched) {
             next_pos[s]  = -1;
@@ -465,7 +502,7 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
         } else {
             st.seq_pmin[s] = std::min(st.seq_pmin[s], p);
             st.seq_pmax[s] = std::max(st.seq_pmax[s], p);
-            st.seq_irregular[s] |= uint8_t(p != prev + 1);
+            st.seq_irregular[s] |= uint8_t(int64_t(p) != int64_t(prev) + 1);
         }
         if (p < prev && !has_decrease) {
             has_decrease   = true;
@@ -520,6 +557,9 @@ void batch_allocr::init(const batch & b, const seq_pos_source * memory, bool out
                               "position %d", s, x, ymin));
             }
             continue;
+        }
+        if (x == std::numeric_limits<int32_t>::max()) {
+            reject_pos_overflow(s, x);
         }
         if (x >= 0 && ymin != x + 1) {
             reject(batch_reject::POS_NOT_CONTINUING,

@@ -273,9 +273,7 @@ void kv_cache::clear(bool data) {
 }
 
 bool kv_cache::seq_rm(int32_t seq, int32_t p0, int32_t p1) {
-    if (seq != -1) {
-        check_seq(seq, "seq_rm");
-    }
+    check_seq_rm(seq);
     const pos_range r = pos_range::normalise(p0, p1);
     if (seq == -1) {
         for (uint32_t s = 0; s < n_stream_; ++s) {
@@ -288,7 +286,13 @@ bool kv_cache::seq_rm(int32_t seq, int32_t p0, int32_t p1) {
     return true;
 }
 
-void kv_cache::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+void kv_cache::check_seq_rm(int32_t seq) const {
+    if (seq != -1) {
+        check_seq(seq, "seq_rm");
+    }
+}
+
+void kv_cache::check_seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) const {
     check_seq(src, "seq_cp");
     check_seq(dst, "seq_cp");
     if (dst >= p_.n_seq_max) {
@@ -297,6 +301,51 @@ void kv_cache::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
         bad_arg("seq_cp: destination seq_id " + std::to_string(dst) + " is not below n_seq_max " +
                 std::to_string(p_.n_seq_max));
     }
+    if (seq_to_stream(src) != seq_to_stream(dst)) {
+        const int64_t size = p_.kv_size;
+        if ((0 < p0 && p0 < size - 1) || (0 < p1 && p1 < size - 1)) {
+            bad_arg("seq_cp across streams copies whole streams only: p0 and p1 must be <= 0 or >= kv_size - 1, "
+                    "got [" + std::to_string(p0) + ", " + std::to_string(p1) + ")");
+        }
+    }
+}
+
+void kv_cache::check_seq_keep(int32_t seq) const {
+    check_seq(seq, "seq_keep");
+}
+
+void kv_cache::check_seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t d) const {
+    check_seq(seq, "seq_add");
+    if (!get_can_shift()) {
+        bad_arg("seq_add: positions of an M-RoPE cache (n_pos_per_embd > 1) cannot be shifted");
+    }
+    const pos_range r = pos_range::normalise(p0, p1);
+    if (d <= 0 || seq >= p_.n_seq_max || r.p0 >= r.p1) {
+        return;  // a negative shift removes the cells it moves below 0; nothing can overflow
+    }
+    const kv_cells & T  = cells_[seq_to_stream(seq)];
+    const auto &     ix = T.seq_index(seq);
+    auto             hi = std::lower_bound(ix.begin(), ix.end(), kv_cells::key(r.p1, 0));
+    if (hi != ix.begin()) {
+        const int32_t top = kv_cells::key_pos(*(hi - 1));
+        if (top >= r.p0 && int64_t(top) + d > int64_t(std::numeric_limits<int32_t>::max())) {
+            bad_arg("seq_add: position " + std::to_string(top) + " + " + std::to_string(d) + " overflows int32");
+        }
+    }
+}
+
+void kv_cache::check_seq_div(int32_t seq, int32_t /*p0*/, int32_t /*p1*/, int32_t d) const {
+    check_seq(seq, "seq_div");
+    if (!get_can_shift()) {
+        bad_arg("seq_div: positions of an M-RoPE cache (n_pos_per_embd > 1) cannot be shifted");
+    }
+    if (d < 1) {
+        bad_arg("seq_div: divisor must be >= 1, got " + std::to_string(d));
+    }
+}
+
+void kv_cache::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+    check_seq_cp(src, dst, p0, p1);
     const uint32_t s0 = seq_to_stream(src);
     const uint32_t s1 = seq_to_stream(dst);
     if (s0 == s1) {
@@ -306,11 +355,6 @@ void kv_cache::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
         const pos_range r = pos_range::normalise(p0, p1);
         cells_[s0].seq_copy(src, dst, r.p0, r.p1);
         return;
-    }
-    const int64_t size = p_.kv_size;
-    if ((0 < p0 && p0 < size - 1) || (0 < p1 && p1 < size - 1)) {
-        bad_arg("seq_cp across streams copies whole streams only: p0 and p1 must be <= 0 or >= kv_size - 1, got [" +
-                std::to_string(p0) + ", " + std::to_string(p1) + ")");
     }
     pending_.push_back({ s0, s1 });
     kv_cells &       D = cells_[s1];
@@ -331,16 +375,13 @@ void kv_cache::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) {
 }
 
 void kv_cache::seq_keep(int32_t seq) {
-    check_seq(seq, "seq_keep");
+    check_seq_keep(seq);
     const uint32_t s = seq_to_stream(seq);
     lower_head(s, cells_[s].keep_only(seq));
 }
 
 void kv_cache::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t d) {
-    check_seq(seq, "seq_add");
-    if (!get_can_shift()) {
-        bad_arg("seq_add: positions of an M-RoPE cache (n_pos_per_embd > 1) cannot be shifted");
-    }
+    check_seq_add(seq, p0, p1, d);
     if (d == 0) {
         return;
     }
@@ -348,30 +389,13 @@ void kv_cache::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t d) {
     if (r.p0 == r.p1) {
         return;
     }
-    const uint32_t s = seq_to_stream(seq);
-    kv_cells &     T = cells_[s];
-    if (d > 0 && seq < p_.n_seq_max && r.p0 < r.p1) {
-        const auto & ix = T.seq_index(seq);
-        auto         hi = std::lower_bound(ix.begin(), ix.end(), kv_cells::key(r.p1, 0));
-        if (hi != ix.begin()) {
-            const int32_t top = kv_cells::key_pos(*(hi - 1));
-            if (top >= r.p0 && int64_t(top) + d > int64_t(std::numeric_limits<int32_t>::max())) {
-                bad_arg("seq_add: position " + std::to_string(top) + " + " + std::to_string(d) + " overflows int32");
-            }
-        }
-    }
-    const uint32_t lowest = T.seq_pos_add(seq, r.p0, r.p1, d);
+    const uint32_t s      = seq_to_stream(seq);
+    const uint32_t lowest = cells_[s].seq_pos_add(seq, r.p0, r.p1, d);
     heads_[s]             = lowest < p_.kv_size ? lowest : 0;
 }
 
 void kv_cache::seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) {
-    check_seq(seq, "seq_div");
-    if (!get_can_shift()) {
-        bad_arg("seq_div: positions of an M-RoPE cache (n_pos_per_embd > 1) cannot be shifted");
-    }
-    if (d < 1) {
-        bad_arg("seq_div: divisor must be >= 1, got " + std::to_string(d));
-    }
+    check_seq_div(seq, p0, p1, d);
     if (d == 1) {
         return;
     }
@@ -496,6 +520,27 @@ void kv_cache::check_ubatch(const ubatch & ub) const {
     }
 }
 
+namespace {
+
+// is_masked_swa for a query at the position after `last` (the next position of a sequence that
+// ends at `last`), computed in int64: a sequence may end at INT32_MAX, where last + 1 overflows
+// int32 (found by the structure-aware state fuzzer: a sequence state placing a cell there).
+bool masked_for_next(uint32_t n_swa, swa_type type, int32_t p0, int32_t last) {
+    if (last < std::numeric_limits<int32_t>::max()) {
+        return is_masked_swa(n_swa, type, p0, last + 1);
+    }
+    const int64_t p1 = int64_t(last) + 1;
+    switch (type) {
+        case swa_type::NONE:      return false;
+        case swa_type::STANDARD:  return p1 - p0 >= int64_t(n_swa);
+        case swa_type::CHUNKED:   return int64_t(p0) < (p1 / n_swa) * n_swa;
+        case swa_type::SYMMETRIC: return p1 - p0 > int64_t(n_swa / 2);  // p1 > every int32 p0
+    }
+    return false;
+}
+
+} // namespace
+
 bool kv_cache::find_slot(const ubatch & ub, bool cont, slot_info & out) const {
     out.clear();
     const auto &   unq      = ub.data->seq_id_unq;
@@ -546,7 +591,7 @@ bool kv_cache::find_slot(const ubatch & ub, bool cont, slot_info & out) const {
                     bool usable = T.is_empty(c);
                     if (!usable && T.seq_count(c) == 1) {
                         const int32_t t = T.seq_get(c);
-                        usable = is_masked_swa(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(t) + 1);
+                        usable = masked_for_next(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(t));
                     }
                     if (usable) {
                         out.idxs.push_back(c);
@@ -628,7 +673,9 @@ void kv_cache::apply_ubatch(const slot_info & slot, const ubatch & ub) {
         kv_cells &    T  = wcells(seq_to_stream(t));
         const int32_t mn = T.seq_pos_min(t);
         if (mn != -1 && mn <= max_rm_[t]) {
-            T.seq_rm_range(t, mn, max_rm_[t] + 1);
+            // [mn, max_rm] inclusive; at INT32_MAX the half-open end cannot pass it (POS_OPEN)
+            const int32_t end = max_rm_[t] == POS_OPEN ? POS_OPEN : max_rm_[t] + 1;
+            T.seq_rm_range(t, mn, end);
         }
         max_rm_[t] = -1;
     }
@@ -656,7 +703,7 @@ bool kv_cache::slot_still_valid(const slot_info & slot, const ubatch & ub) const
                 continue;
             }
             if (T.seq_count(c) != 1 ||
-                !is_masked_swa(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(T.seq_get(c)) + 1)) {
+                !masked_for_next(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(T.seq_get(c)))) {
                 return false;
             }
         }
@@ -1378,7 +1425,10 @@ bool kv_cache::state_fits(const parsed_state & ps) const {
     const kv_cells & T    = cells_[seq_to_stream(ps.seq)];
     size_t           free = size_t(p_.kv_size) - T.used_count();
     for (const uint64_t k : T.seq_index(ps.seq)) {
-        free += T.seq_count(kv_cells::key_cell(k)) == 1 ? 1 : 0;  // emptied by the removal
+        // emptied by the removal of [0, POS_OPEN) that precedes the placement: a cell at
+        // POS_OPEN (INT32_MAX) stays, as llama.cpp's half-open range keeps it
+        const bool removed = kv_cells::key_pos(k) < POS_OPEN;
+        free += removed && T.seq_count(kv_cells::key_cell(k)) == 1 ? 1 : 0;
     }
     for (const auto & st : ps.streams) {
         if (st.cell_count > free) {
@@ -1660,7 +1710,7 @@ kv_context::~kv_context() {
 
 kv_context::kv_context(kv_context && o) noexcept
     : status_(o.status_), cache_(o.cache_), slots_(std::move(o.slots_)), ubatches_(std::move(o.ubatches_)),
-      i_cur_(o.i_cur_), n_kv_(o.n_kv_), is_full_(o.is_full_) {
+      i_cur_(o.i_cur_), n_kv_(o.n_kv_), is_full_(o.is_full_), applied_(o.applied_) {
     o.cache_ = nullptr;
 }
 
@@ -1676,12 +1726,14 @@ kv_context & kv_context::operator=(kv_context && o) noexcept {
         i_cur_    = o.i_cur_;
         n_kv_     = o.n_kv_;
         is_full_  = o.is_full_;
+        applied_  = o.applied_;
         o.cache_  = nullptr;
     }
     return *this;
 }
 
 void kv_cache::acquire_plan(std::vector<slot_info> & slots, std::vector<ubatch> & ubatches) {
+    std::lock_guard<std::mutex> hold(plan_pool_mutex_.m);
     if (!slot_pool_.empty()) {
         slots = std::move(slot_pool_.back());
         slot_pool_.pop_back();
@@ -1696,6 +1748,7 @@ void kv_cache::acquire_plan(std::vector<slot_info> & slots, std::vector<ubatch> 
 void kv_cache::release_plan(std::vector<slot_info> && slots, std::vector<ubatch> && ubatches) {
     constexpr size_t keep = 4;
     ubatches.clear();  // drop the ubatch data now, so the allocator can recycle it
+    std::lock_guard<std::mutex> hold(plan_pool_mutex_.m);
     if (slots.capacity() > 0 && slot_pool_.size() < keep) {
         slot_pool_.push_back(std::move(slots));
     }
@@ -1723,6 +1776,7 @@ bool kv_context::next() {
     if (i_cur_ < ubatches_.size()) {
         ++i_cur_;
     }
+    applied_ = false;
     return i_cur_ < ubatches_.size();
 }
 
@@ -1733,13 +1787,17 @@ bool kv_context::apply() {
     if (status_ != memory_status::SUCCESS || i_cur_ >= ubatches_.size()) {
         throw error("this memory context has no micro-batch to apply");
     }
+    if (applied_) {
+        throw error("this micro-batch was already applied: call next() first");
+    }
     if (!cache_->slot_still_valid(slots_[i_cur_], ubatches_[i_cur_])) {
         // llama.cpp would overwrite live cells here; the plan is stale, refuse it unchanged
         throw error("the KV cache changed since init_batch: the cells planned for this micro-batch "
                     "are no longer free; call init_batch again");
     }
     cache_->apply_ubatch(slots_[i_cur_], ubatches_[i_cur_]);
-    n_kv_ = cache_->get_n_kv(slots_[i_cur_]);
+    n_kv_    = cache_->get_n_kv(slots_[i_cur_]);
+    applied_ = true;
     return true;
 }
 

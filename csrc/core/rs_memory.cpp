@@ -422,38 +422,45 @@ int32_t rs_memory::shift_target(int32_t seq, int32_t p0, int32_t p1) const {
     return t;
 }
 
-void rs_memory::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t shift) {
-    if (shift == 0) {
-        return;
-    }
-    const int32_t t = shift_target(seq, p0, p1);
+void rs_memory::check_seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t shift) const {
+    const int32_t t = shift == 0 ? -1 : shift_target(seq, p0, p1);
     if (t < 0) {
         return;
     }
     const int64_t moved = int64_t(cells_[uint32_t(t)].pos) + shift;
     if (moved > INT32_LIMIT || moved < std::numeric_limits<int32_t>::min()) {
         throw std::invalid_argument("seq_add: shift " + std::to_string(shift) + " moves position " +
-                                    std::to_string(cells_[uint32_t(t)].pos) + " outside int32");
+                                    std::to_string(cells_[uint32_t(t)].pos) + " outside int32 (overflows int32)");
     }
-    mut_cell(uint32_t(t)).pos = int32_t(moved);
 }
 
-void rs_memory::seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) {
-    if (d == 0) {
-        throw std::invalid_argument("seq_div: d must not be 0");
-    }
-    if (d == 1) {
-        return;
-    }
-    const int32_t t = shift_target(seq, p0, p1);
+void rs_memory::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t shift) {
+    check_seq_add(seq, p0, p1, shift);
+    const int32_t t = shift == 0 ? -1 : shift_target(seq, p0, p1);
     if (t < 0) {
         return;
     }
-    const int32_t pos = cells_[uint32_t(t)].pos;
-    if (d == -1 && pos == std::numeric_limits<int32_t>::min()) {
-        throw std::invalid_argument("seq_div: dividing position " + std::to_string(pos) + " by -1 overflows int32");
+    mut_cell(uint32_t(t)).pos = int32_t(int64_t(cells_[uint32_t(t)].pos) + shift);
+}
+
+void rs_memory::check_seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) const {
+    if (d == 0) {
+        throw std::invalid_argument("seq_div: d must not be 0");
     }
-    mut_cell(uint32_t(t)).pos = pos / d;
+    const int32_t t = d == 1 ? -1 : shift_target(seq, p0, p1);
+    if (t >= 0 && d == -1 && cells_[uint32_t(t)].pos == std::numeric_limits<int32_t>::min()) {
+        throw std::invalid_argument("seq_div: dividing position " + std::to_string(cells_[uint32_t(t)].pos) +
+                                    " by -1 overflows int32");
+    }
+}
+
+void rs_memory::seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) {
+    check_seq_div(seq, p0, p1, d);
+    const int32_t t = d == 1 ? -1 : shift_target(seq, p0, p1);
+    if (t < 0) {
+        return;
+    }
+    mut_cell(uint32_t(t)).pos = cells_[uint32_t(t)].pos / d;
 }
 
 int32_t rs_memory::tail(int32_t seq) const {
@@ -1045,6 +1052,12 @@ bool rs_context::apply() {
     }
     if (ubatches_.empty()) {
         return true;
+    }
+    if (applied_) {
+        // applying it again would place the micro-batch twice (the state advances twice); after
+        // the last one, next() returned false and the context is finished
+        throw error("this micro-batch was already applied: call next() first (a finished context cannot "
+                    "be applied or iterated again; plan the batch again with init_batch)");
     }
     mem_->find_slot(ubatches_[i_]);  // result ignored, as llama.cpp: prepare() already checked it
     applied_ = true;

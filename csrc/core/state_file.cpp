@@ -58,6 +58,23 @@ T get(const uint8_t * data, size_t at) {
     return v;
 }
 
+// A name read from the file, as message text: printable ASCII kept, every other byte as \xNN
+// (the bytes are untrusted; a message must stay valid UTF-8 for Python's StateError).
+std::string printable(const std::string & name) {
+    static const char hex[] = "0123456789abcdef";
+    std::string out;
+    for (const unsigned char ch : name) {
+        if (ch >= 0x20 && ch < 0x7f && ch != '\\') {
+            out.push_back(char(ch));
+        } else {
+            out += "\\x";
+            out.push_back(hex[ch >> 4]);
+            out.push_back(hex[ch & 15]);
+        }
+    }
+    return out;
+}
+
 std::string scope_name(int32_t seq) {
     return seq < 0 ? "the whole memory" : "one sequence (" + std::to_string(seq) + ")";
 }
@@ -241,8 +258,8 @@ size_t state_header_check(const state_memory & mem, const uint8_t * data, size_t
         const int64_t     value = get<int64_t>(data, at + 1 + len);
         at += 1 + len + 8;
         if (name != own[i].name) {
-            throw state_error("configuration field " + std::to_string(i) + ": file '" + name + "', memory '" +
-                              own[i].name + "'");
+            throw state_error("configuration field " + std::to_string(i) + ": file '" + printable(name) +
+                              "', memory '" + own[i].name + "'");
         }
         if (value != own[i].value) {
             mismatch(name, value, own[i].value);

@@ -42,6 +42,7 @@ const char * batch_reject_name(batch_reject r) {
         case batch_reject::POS_GAP:            return "POS_GAP";
         case batch_reject::COUPLED_DIVERGED:   return "COUPLED_DIVERGED";
         case batch_reject::POS_DECREASING:     return "POS_DECREASING";
+        case batch_reject::POS_OVERFLOW:       return "POS_OVERFLOW";
     }
     return "UNKNOWN";
 }

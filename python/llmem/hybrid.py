@@ -86,8 +86,10 @@ class HybridContext(MemoryContext):
             raise LlmemError(f"cannot apply a context whose status is {self._status.name}")
         self.recr._memory._lock.acquire()
         try:
-            if not (self.attn._is_fresh() and self.recr._is_fresh()):
-                raise stale_context_error("apply")
+            # every sub-context (either may have been applied on its own through ctx.attn /
+            # ctx.recr) before either part changes
+            self.attn._check_apply()
+            self.recr._check_apply()
             ok_attn = self.attn.apply()
             ok_recr = self.recr.apply()
             return bool(ok_attn) and bool(ok_recr)
@@ -229,12 +231,38 @@ class HybridMemory(Memory):
         self._attn.clear(data)
         self._recr.clear(data)
 
+    # Every operation runs both parts' checks (an iSWA attention side checks both its caches)
+    # before either part changes, so a refusal leaves the whole memory as it was.
+    def _check_seq_rm(self, *args) -> None:
+        self._attn._check_seq_rm(*args)
+        self._recr._check_seq_rm(*args)
+
+    def _check_seq_cp(self, *args) -> None:
+        self._attn._check_seq_cp(*args)
+        self._recr._check_seq_cp(*args)
+
+    def _check_seq_keep(self, *args) -> None:
+        self._attn._check_seq_keep(*args)
+        self._recr._check_seq_keep(*args)
+
+    def _check_seq_add(self, *args) -> None:
+        self._attn._check_seq_add(*args)
+        self._recr._check_seq_add(*args)
+
+    def _check_seq_div(self, *args) -> None:
+        self._attn._check_seq_div(*args)
+        self._recr._check_seq_div(*args)
+
     @locked
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """The recurrent side decides: when it refuses (a cut into the end of a sequence without a
         rollback snapshot, any negative id), nothing changes and the result is False; otherwise
         the attention side removes [p0, p1) too."""
         seq_id, p0, p1 = _int("seq_id", seq_id), _int("p0", p0), _int("p1", p1)
+        if 0 <= seq_id < self.n_seq_max:
+            # ids the recurrent side may accept; for any other it returns False unchanged (as
+            # llama.cpp, where the attention side is never asked)
+            self._check_seq_rm(seq_id, p0, p1)
         if not self._recr.seq_rm(seq_id, p0, p1):
             return False
         return bool(self._attn.seq_rm(seq_id, p0, p1))
@@ -244,24 +272,21 @@ class HybridMemory(Memory):
         """Copy [p0, p1) of the attention cells and the recurrent state. A range that leaves
         out the source's last position raises ValueError before either side changes: the
         recurrent state is that of the last position (see RecurrentMemory.seq_cp)."""
+        self._check_seq_cp(seq_id_src, seq_id_dst, p0, p1)
         self._recr._check_state_range(_int("seq_id_src", seq_id_src), _int("p0", p0), _int("p1", p1))
         self._attn.seq_cp(seq_id_src, seq_id_dst, p0, p1)
         self._recr.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
     @locked
     def seq_keep(self, seq_id: int) -> None:
+        self._check_seq_keep(seq_id)
         self._attn.seq_keep(seq_id)
         self._recr.seq_keep(seq_id)
 
     @locked
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         seq_id, p0, p1, shift = _int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("shift", shift)
-        # the recurrent side refuses a shift leaving int32 after the attention side applied its
-        # own: check it first so that a refusal changes neither side
-        pos = self._recr.seq_pos_min(seq_id)
-        lo, hi = (p0 if p0 >= 0 else 0), (p1 if p1 >= 0 else _I32_MAX)
-        if shift != 0 and pos != -1 and lo <= pos < hi and not _I32_MIN <= pos + shift <= _I32_MAX:
-            raise ValueError(f"seq_add: position {pos} + {shift} of sequence {seq_id} overflows int32")
+        self._check_seq_add(seq_id, p0, p1, shift)
         self._attn.seq_add(seq_id, p0, p1, shift)
         self._recr.seq_add(seq_id, p0, p1, shift)
 
@@ -270,6 +295,7 @@ class HybridMemory(Memory):
         d = _int("d", d)
         if d < 1:
             raise ValueError(f"seq_div: divisor must be >= 1, got {d}")
+        self._check_seq_div(seq_id, p0, p1, d)
         self._attn.seq_div(seq_id, p0, p1, d)
         self._recr.seq_div(seq_id, p0, p1, d)
 

@@ -373,6 +373,25 @@ class KVCache(Memory):
         self._core.seq_div(self._seq(seq_id), _i32(p0, "p0"), _i32(p1, "p1"), _i32(d, "d"))
         self._version += 1
 
+    # What each sequence operation would raise, raised without changing anything: the composite
+    # memories (KVCacheISWA, the hybrids) run every part's check before any part changes.
+    def _check_seq_rm(self, seq_id, p0=-1, p1=-1) -> None:
+        _i32(p0, "p0"), _i32(p1, "p1")
+        self._core.check_seq_rm(self._seq(seq_id, allow_all=True))
+
+    def _check_seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1) -> None:
+        self._core.check_seq_cp(self._seq(seq_id_src, "seq_id_src"), self._seq(seq_id_dst, "seq_id_dst"),
+                                _i32(p0, "p0"), _i32(p1, "p1"))
+
+    def _check_seq_keep(self, seq_id) -> None:
+        self._core.check_seq_keep(self._seq(seq_id))
+
+    def _check_seq_add(self, seq_id, p0, p1, shift) -> None:
+        self._core.check_seq_add(self._seq(seq_id), _i32(p0, "p0"), _i32(p1, "p1"), _i32(shift, "shift"))
+
+    def _check_seq_div(self, seq_id, p0, p1, d) -> None:
+        self._core.check_seq_div(self._seq(seq_id), _i32(p0, "p0"), _i32(p1, "p1"), _i32(d, "d"))
+
     # The position queries are the most frequent calls of a server's loop (one per sequence per
     # step): the lock is taken inline rather than through @locked, which costs them a third.
     def _position(self, query, seq_id) -> int:
@@ -549,6 +568,25 @@ class KVCacheContext(MemoryContext):
         if self._version is not None and self._version != self._cache._version:
             raise stale_context_error(what)
 
+    def _check_applied(self) -> None:
+        if not self._ctx.applied:
+            # the planned cells may be live cells of another sequence until apply() frees and
+            # claims them (a SWA cache reuses cells outside the window): writing there would
+            # change the memory before apply(), the only call that may
+            raise LlmemError("call apply() before writing K/V rows or asking for their destinations "
+                             "(k_idxs/v_idxs/cpy_k/cpy_v): the current micro-batch is not applied"
+                             + (" (a full-cache context has no micro-batch)" if self._version is None else ""))
+
+    def _check_apply(self) -> None:
+        if self._version is None:
+            return  # a full-cache context: apply() changes nothing
+        self._check_fresh("apply")
+        ctx = self._ctx
+        if ctx.status != Status.SUCCESS or not ctx.has_ubatch:
+            raise LlmemError("this memory context has no micro-batch to apply")
+        if ctx.applied:
+            raise LlmemError("this micro-batch was already applied: call next() first")
+
     @property
     def status(self) -> Status:
         return self._ctx.status
@@ -601,6 +639,7 @@ class KVCacheContext(MemoryContext):
         and ``out`` is returned; without, the array is cached per micro-batch."""
         if self._version is not None and self._version != self._cache._version:
             raise stale_context_error("k_idxs")
+        self._check_applied()
         if out is not None:
             return _core.kv_k_idxs(self._ctx, out)
         i = self._ctx.i_cur
@@ -616,6 +655,7 @@ class KVCacheContext(MemoryContext):
         if out is None and not self._cache._vt:
             return self.k_idxs()
         self._check_fresh("v_idxs")
+        self._check_applied()
         return _core.kv_v_idxs(self._ctx, out)
 
     def kq_mask(self, causal: bool = True, out=None, dtype=np.float32, pad: int = 1) -> np.ndarray:
@@ -795,14 +835,17 @@ class KVUpdateContext(MemoryContext):
     def next(self) -> bool:
         return False
 
+    def _check_apply(self) -> None:
+        for c in self._caches:
+            if c.get_has_shift() and c._rope is None:
+                raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
+                                 "the cache was built without rope=...")
+
     def apply(self) -> bool:
         self._caches[0]._lock.acquire()
         try:
             # Check every cache first so a refused shift changes none of them.
-            for c in self._caches:
-                if c.get_has_shift() and c._rope is None:
-                    raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
-                                     "the cache was built without rope=...")
+            self._check_apply()
             for c in self._caches:
                 c._core.update()
                 c._version += 1
@@ -992,49 +1035,59 @@ class KVCacheISWA(Memory):
         self.base.clear(data)
         self.swa.clear(data)
 
+    # Every operation runs both caches' checks before either changes: the caches can hold
+    # different positions for a sequence (after a PARTIAL_ONLY read), so a shift may overflow in
+    # one only, and the smaller swa cache has the stricter cross-stream seq_cp rule.
+    def _check_seq_rm(self, *args) -> None:
+        self.base._check_seq_rm(*args)
+        self.swa._check_seq_rm(*args)
+
+    def _check_seq_cp(self, *args) -> None:
+        self.base._check_seq_cp(*args)
+        self.swa._check_seq_cp(*args)
+
+    def _check_seq_keep(self, *args) -> None:
+        self.base._check_seq_keep(*args)
+        self.swa._check_seq_keep(*args)
+
+    def _check_seq_add(self, *args) -> None:
+        self.base._check_seq_add(*args)
+        self.swa._check_seq_add(*args)
+
+    def _check_seq_div(self, *args) -> None:
+        self.base._check_seq_div(*args)
+        self.swa._check_seq_div(*args)
+
     @locked
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
-        # both caches accept the same ids, so a refusal comes from the base before any change
+        self._check_seq_rm(seq_id, p0, p1)
         a = self.base.seq_rm(seq_id, p0, p1)
         b = self.swa.seq_rm(seq_id, p0, p1)
         return a and b
 
     @locked
     def seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
-        self._validate_pair(seq_id_src, seq_id_dst, p0, p1)
+        self._check_seq_cp(seq_id_src, seq_id_dst, p0, p1)
         self.base.seq_cp(seq_id_src, seq_id_dst, p0, p1)
         self.swa.seq_cp(seq_id_src, seq_id_dst, p0, p1)
 
     @locked
     def seq_keep(self, seq_id: int) -> None:
+        self._check_seq_keep(seq_id)
         self.base.seq_keep(seq_id)
         self.swa.seq_keep(seq_id)
 
     @locked
     def seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
+        self._check_seq_add(seq_id, p0, p1, shift)
         self.base.seq_add(seq_id, p0, p1, shift)
         self.swa.seq_add(seq_id, p0, p1, shift)
 
     @locked
     def seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
+        self._check_seq_div(seq_id, p0, p1, d)
         self.base.seq_div(seq_id, p0, p1, d)
         self.swa.seq_div(seq_id, p0, p1, d)
-
-    def _validate_pair(self, src: int, dst: int, p0: int, p1: int) -> None:
-        # Both caches accept the same ids; a refusal must come before the base changes. The swa
-        # cache can be smaller, so its cross-stream range rule is the stricter one.
-        src, dst = self.base._seq(src, "seq_id_src"), self.base._seq(dst, "seq_id_dst")
-        p0, p1 = _i32(p0, "p0"), _i32(p1, "p1")
-        for c in (self.swa, self.base):
-            c.seq_pos_max(src)
-            c.seq_pos_max(dst)
-            if dst >= c.n_seq_max:
-                raise ValueError(f"seq_cp: destination seq_id {dst} is not below n_seq_max {c.n_seq_max}")
-            if c.n_stream > 1 and src != dst:
-                size = c.size
-                if 0 < p0 < size - 1 or 0 < p1 < size - 1:
-                    raise ValueError("seq_cp across streams copies whole streams only: p0 and p1 must "
-                                     f"be <= 0 or >= kv_size - 1 ({size - 1}), got [{p0}, {p1})")
 
     @locked
     def seq_pos_min(self, seq_id: int) -> int:
@@ -1155,12 +1208,16 @@ class KVCacheISWAContext(MemoryContext):
     def _is_fresh(self) -> bool:
         return self.base._is_fresh() and self.swa._is_fresh()
 
+    def _check_apply(self) -> None:
+        self.base._check_apply()
+        self.swa._check_apply()
+
     def apply(self) -> bool:
         self._mem._lock.acquire()
         try:
-            # both plans are checked before either cache changes
-            if not self._is_fresh():
-                raise stale_context_error("apply")
+            # both plans are checked before either cache changes (either may have been applied
+            # on its own through ctx.base / ctx.swa)
+            self._check_apply()
             a = self.base.apply()
             b = self.swa.apply()
             return a and b

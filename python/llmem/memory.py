@@ -103,6 +103,19 @@ class MemoryContext(abc.ABC):
         """False when the memory changed since this plan was made (applying it would be wrong)."""
         return True
 
+    def _check_apply(self) -> None:
+        """Raise what ``apply()`` would raise, changing nothing: a composite context checks every
+        sub-context before it applies any (one of them may have been applied directly)."""
+        if not self._is_fresh():
+            raise stale_context_error("apply")
+
+    def __copy__(self):
+        # a shallow copy would share the compiled plan (and its position in it) with the original
+        raise TypeError(f"a {type(self).__name__} cannot be copied: plan the batch again with init_batch")
+
+    def __deepcopy__(self, memo):
+        raise TypeError(f"a {type(self).__name__} cannot be copied: plan the batch again with init_batch")
+
     def __iter__(self) -> Iterator[UBatch]:
         """Apply each micro-batch in turn and yield it (llama.cpp's apply/next loop)."""
         status = self.status
@@ -195,6 +208,17 @@ class Memory(abc.ABC):
     def _share_lock(self, lock) -> None:
         """Make this memory (and its parts) take ``lock``: used by the memories built on it."""
         self._lock = lock
+
+    # A shallow copy would share the compiled core, the buffers and the lock but keep its own
+    # modification counter, so changes through it would not make the original's contexts stale.
+    # A real copy is a state round trip into a new memory of the same configuration.
+    def __copy__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be copied: build a new one and "
+                        "state_read(memory.state_write()) into it")
+
+    def __deepcopy__(self, memo):
+        raise TypeError(f"a {type(self).__name__} cannot be copied: build a new one and "
+                        "state_read(memory.state_write()) into it")
 
     # -- batches -------------------------------------------------------------------------------
 

@@ -23,10 +23,11 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 
 from . import _core
+from .errors import LlmemError
 from .kv_cache import MAX_LAYERS
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
                      stale_context_error)
-from .status import Status
+from .status import Status, status_is_fail
 
 __all__ = ["RecurrentMemory", "RecurrentContext"]
 
@@ -304,6 +305,23 @@ class RecurrentMemory(Memory):
         self._mem.seq_div(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("d", d))
         self._version += 1
 
+    # What each sequence operation would raise, without the change (the hybrids check both parts
+    # before changing either); seq_rm, seq_cp and seq_keep refuse only bad argument types.
+    def _check_seq_rm(self, seq_id, p0=-1, p1=-1) -> None:
+        _int("seq_id", seq_id), _int("p0", p0), _int("p1", p1)
+
+    def _check_seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1) -> None:
+        _int("seq_id_src", seq_id_src), _int("seq_id_dst", seq_id_dst), _int("p0", p0), _int("p1", p1)
+
+    def _check_seq_keep(self, seq_id) -> None:
+        _int("seq_id", seq_id)
+
+    def _check_seq_add(self, seq_id, p0, p1, shift) -> None:
+        self._mem.check_seq_add(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("shift", shift))
+
+    def _check_seq_div(self, seq_id, p0, p1, d) -> None:
+        self._mem.check_seq_div(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("d", d))
+
     @locked
     def seq_pos_min(self, seq_id: int) -> int:
         """Position of the sequence's state (a recurrent memory keeps only the last); -1 if none."""
@@ -523,6 +541,14 @@ class RecurrentContext(MemoryContext):
         if self._version is not None and self._version != self._memory._version:
             raise stale_context_error(what)
 
+    def _check_apply(self) -> None:
+        self._check_fresh("apply")
+        ctx = self._ctx
+        if status_is_fail(ctx.status):
+            raise LlmemError(f"cannot apply a memory context whose status is {Status(ctx.status).name}")
+        if not ctx.is_full and ctx.n_ubatches and ctx.applied:
+            raise LlmemError("this micro-batch was already applied: call next() first")
+
     @property
     def status(self) -> Status:
         return self._ctx.status
@@ -539,8 +565,8 @@ class RecurrentContext(MemoryContext):
         memory._lock.acquire()
         try:
             self._check_fresh("apply")
-            self._gathered.clear()
             applied = self._ctx.apply()
+            self._gathered.clear()
             if self._version is not None:
                 memory._version += 1
                 self._version = memory._version
@@ -557,20 +583,25 @@ class RecurrentContext(MemoryContext):
     def n_ubatches(self) -> int:
         return self._ctx.n_ubatches
 
+    # head, n_rs and rs_z are read from the memory's last placed slot: under its lock, as another
+    # thread's call (a state read, with the GIL released) may be changing them
     @property
     def head(self) -> int:
         """First cell of the slot (0 for a full context)."""
-        return self._ctx.head
+        with self._memory._lock:
+            return self._ctx.head
 
     @property
     def n_rs(self) -> int:
         """Cells in the slot (``mem_size`` for a full context)."""
-        return self._ctx.n_rs
+        with self._memory._lock:
+            return self._ctx.n_rs
 
     @property
     def rs_z(self) -> int:
         """Row holding the zero state new sequences start from, -1 if none (0 when full)."""
-        return self._ctx.rs_z
+        with self._memory._lock:
+            return self._ctx.rs_z
 
     def s_copy_all(self) -> np.ndarray:
         """For each slot cell ``k``, the row its input state is read from (int32[n_rs]).

@@ -39,7 +39,9 @@ public:
     batch_allocr & operator=(const batch_allocr &) = delete;
 
     /// Validate `b`, filling missing positions from `memory` (may be null) and missing output
-    /// flags; output_all forces every entry to be an output. Throws batch_error.
+    /// flags; output_all forces every entry to be an output. Throws batch_error. A `memory`
+    /// whose position calls re-enter init() on this allocator gets llmem::error there (the
+    /// outer call would otherwise swap its batch with the inner one's).
     void init(const batch & b, const seq_pos_source * memory, bool output_all);
 
     /// Forget the split progress (every entry unused, out_ids emptied).
@@ -78,6 +80,8 @@ private:
 
     /// Index of the first entry no split has taken yet (n_tokens when all are taken).
     uint32_t first_unused() const;
+    /// init() once the re-entry guard is held.
+    void init_checked(const batch & b, const seq_pos_source * memory, bool output_all);
     ubatch make_ubatch(const std::vector<int32_t> & idxs, uint32_t n_seqs, bool equal_seqs);
     std::shared_ptr<ubatch_data> acquire_data();
     /// init() for the decode-step shape; false (nothing swapped in) when b is not of it.
@@ -88,6 +92,7 @@ private:
     uint32_t n_embd_;
     uint32_t n_pos_;
     bool     decode_fast_path_ = true;
+    bool     in_init_          = false;  // init() running: a position source calling init() again is refused
 
     std::unique_ptr<state> cur_;    // the validated batch and its split cursor
     std::unique_ptr<state> spare_;  // scratch for the next init(), swapped in on success

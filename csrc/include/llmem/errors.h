@@ -28,6 +28,7 @@ enum class batch_reject {
     POS_GAP,             // positions of a sequence leave a gap inside the batch
     COUPLED_DIVERGED,    // sequences coupled by a token differ in the memory
     POS_DECREASING,      // positions of a sequence go backwards inside the batch
+    POS_OVERFLOW,        // a sequence's positions would pass INT32_MAX (the memory ends there)
 };
 
 const char * batch_reject_name(batch_reject r);

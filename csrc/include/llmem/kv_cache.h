@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -115,6 +116,13 @@ public:
     void seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t d);
     /// Divide the positions in [p0, p1) of seq by d >= 1 (records a pending K-shift).
     void seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d);
+    /// Throw what the operation of the same name would throw, changing nothing: a composite
+    /// memory (iSWA, hybrid) checks every part before it changes any.
+    void check_seq_rm(int32_t seq) const;
+    void check_seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) const;
+    void check_seq_keep(int32_t seq) const;
+    void check_seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t d) const;
+    void check_seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) const;
     int32_t seq_pos_min(int32_t seq) const override;
     int32_t seq_pos_max(int32_t seq) const override;
 
@@ -196,7 +204,10 @@ public:
     /// metadata), without a journal; then state_commit.
     void state_place_direct(parsed_state & ps);
 
-    /// Recycled vectors for batch contexts: a warm decode loop allocates no plan storage.
+    /// Recycled vectors for batch contexts: a warm decode loop allocates no plan storage. The
+    /// pools have their own mutex: a context hands its vectors back from its destructor, which
+    /// runs wherever its last reference dies (another thread, a garbage collection), not under the
+    /// memory's lock, while a planning thread may be taking vectors from the same pools.
     void acquire_plan(std::vector<slot_info> & slots, std::vector<ubatch> & ubatches);
     void release_plan(std::vector<slot_info> && slots, std::vector<ubatch> && ubatches);
 
@@ -237,6 +248,14 @@ private:
     std::vector<uint8_t>  txn_open_flag_;                      // per stream
     std::vector<std::pair<uint32_t, uint32_t>> txn_open_;      // (stream, head at open)
 
+    // guards slot_pool_ and ubatch_pool_ only; a copied or moved cache gets a mutex of its own
+    struct pool_mutex {
+        std::mutex m;
+        pool_mutex() = default;
+        pool_mutex(const pool_mutex &) {}
+        pool_mutex & operator=(const pool_mutex &) { return *this; }
+    };
+    pool_mutex                          plan_pool_mutex_;
     std::vector<std::vector<slot_info>> slot_pool_;
     std::vector<std::vector<ubatch>>    ubatch_pool_;
 
@@ -270,6 +289,9 @@ public:
     /// Commit the current ubatch into the cache.
     bool apply();
     bool has_ubatch() const { return i_cur_ < ubatches_.size(); }
+    /// Whether the current micro-batch has been applied (its cells are the ones K/V writes go
+    /// to); false for a full-cache context, which has no micro-batch.
+    bool applied() const { return applied_; }
     const ubatch &    get_ubatch() const;
     const slot_info & get_slot() const;
     uint32_t          n_kv() const { return n_kv_; }
@@ -287,6 +309,7 @@ private:
     size_t                 i_cur_ = 0;
     uint32_t               n_kv_  = 0;
     bool                   is_full_ = false;
+    bool                   applied_ = false;
 };
 
 /// init_batch of a plain cache: split, prepare, context (FAILED_PREPARE when it does not fit).

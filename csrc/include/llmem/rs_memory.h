@@ -87,6 +87,10 @@ public:
     /// Divide the tail position by d (toward zero) if it lies in [p0, p1). Throws
     /// std::invalid_argument for d == 0 or an overflowing division.
     void seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d);
+    /// Throw what seq_add/seq_div would throw, changing nothing (for the hybrid memories, which
+    /// check both parts before changing either).
+    void check_seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t shift) const;
+    void check_seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) const;
     /// Position of the sequence's state, -1 if it has none (any id accepted). O(1).
     int32_t seq_pos_min(int32_t seq) const override;
     /// As seq_pos_min, but never below -1 (llama.cpp's maximum starts at -1). O(1).
