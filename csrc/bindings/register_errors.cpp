@@ -23,7 +23,8 @@ void register_errors(py::module_ & m) {
             PyErr_SetObject(cls.ptr(), exc.ptr());
         } catch (const llmem::state_error & e) {
             py::object cls = py::module_::import("llmem.errors").attr("StateError");
-            PyErr_SetString(cls.ptr(), e.what());
+            py::object exc = cls(e.what(), llmem::state_reject_name(e.reason()));
+            PyErr_SetObject(cls.ptr(), exc.ptr());
         } catch (const llmem::error & e) {
             py::object cls = py::module_::import("llmem.errors").attr("LlmemError");
             PyErr_SetString(cls.ptr(), e.what());

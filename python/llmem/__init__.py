@@ -15,17 +15,18 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 from .batch import Batch, BatchAllocator, UBatch
-from .errors import BatchError, LlmemError, StaleContextError, StateError
+from .errors import BatchError, LlmemError, NoRoom, StaleContextError, StateError
 from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, Rope
 from .memory import STATE_HEADER, Memory, MemoryContext
+from .metrics import MemoryStats
 from .recurrent import RecurrentContext, RecurrentMemory
 from .factory import from_gguf, from_hparams
 from .hparams import ModelHParams, read_gguf_hparams
 from .plan import MemoryPlan, plan_memory
 from .status import Status, SWAType, status_combine, status_is_fail
 
-__version__: str = _core.__version__
+from ._version import __version__
 
 __all__ = [
     "Batch",
@@ -42,7 +43,9 @@ __all__ = [
     "Memory",
     "MemoryContext",
     "MemoryPlan",
+    "MemoryStats",
     "ModelHParams",
+    "NoRoom",
     "plan_memory",
     "read_gguf_hparams",
     "RecurrentContext",

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import List, Optional, TextIO
+from typing import Any, List, Optional, TextIO
 
 import numpy as np
 
@@ -105,7 +105,7 @@ class _Progress:
             self.stream.flush()
 
 
-def _new_memory(model: ToyModel, arch: str, n_ctx: int, n_seq_max: int, n_ubatch: int):
+def _new_memory(model: ToyModel, arch: str, n_ctx: int, n_seq_max: int, n_ubatch: int) -> Any:
     if arch == "iswa":
         # a full-size window cache: the K-shift of a context shift needs both caches equal
         return model.new_memory(n_ctx, n_seq_max, swa_full=True, n_ubatch=n_ubatch)
@@ -258,7 +258,7 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
     return report
 
 
-def _context_shift(model: ToyModel, memory, req: _Request, report: DemoReport) -> None:
+def _context_shift(model: ToyModel, memory: Any, req: _Request, report: DemoReport) -> None:
     """llama.cpp server's context shift: keep the system prompt, drop half of what follows."""
     n_keep = SYSTEM_PROMPT_LEN
     n_discard = (req.n_fed - n_keep) // 2
@@ -281,7 +281,7 @@ def _context_shift(model: ToyModel, memory, req: _Request, report: DemoReport) -
                        else "; the state has no positions, all outputs verified"))
 
 
-def _verify(model: ToyModel, requests: List[_Request], verify: int, rng, report: DemoReport) -> None:
+def _verify(model: ToyModel, requests: List[_Request], verify: int, rng: Any, report: DemoReport) -> None:
     special = [r for r in requests if r.shifted or r.saved is not None]
     others = [r for r in requests if r not in special]
     picked = special + [others[i] for i in sorted(rng.permutation(len(others))[:max(0, verify)])]

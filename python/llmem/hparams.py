@@ -62,7 +62,7 @@ _REQUIRED = {
 }
 
 
-def _arr(values: Sequence[Any], n: int, name: str, cast=int) -> Tuple[Any, ...]:
+def _arr(values: Sequence[Any], n: int, name: str, cast: Any = int) -> Tuple[Any, ...]:
     values = tuple(cast(v) for v in values)
     if len(values) != n:
         raise ValueError(f"{name} must have one entry per layer ({n}), got {len(values)}")
@@ -319,7 +319,7 @@ class ModelHParams:
         return tuple(il for il in range(self.n_layer) if self.attention_layers[il])
 
 
-def _default_recurrent_layers(arch: str, n_head_kv, n_ff, n: int) -> Tuple[bool, ...]:
+def _default_recurrent_layers(arch: str, n_head_kv: Any, n_ff: Any, n: int) -> Tuple[bool, ...]:
     # llama.cpp's per-architecture recurrent_layer_arr rules
     if arch in RECURRENT_ARCHS or arch == "falcon-h1":
         return (True,) * n      # pure recurrent; Falcon-H1 runs an SSM in every layer
@@ -333,7 +333,7 @@ def _default_recurrent_layers(arch: str, n_head_kv, n_ff, n: int) -> Tuple[bool,
     return (False,) * n
 
 
-def _default_attention_layers(arch: str, recurrent, n_ff, n: int) -> Tuple[bool, ...]:
+def _default_attention_layers(arch: str, recurrent: Any, n_ff: Any, n: int) -> Tuple[bool, ...]:
     # llama.cpp's attention layer filter in llama_model::create_memory
     if arch in RECURRENT_ARCHS:
         return (False,) * n
@@ -500,19 +500,8 @@ def _swa_pattern(n_layer: int, n_pattern: int) -> Tuple[bool, ...]:
     return tuple(il % n_pattern < n_pattern - 1 for il in range(n_layer))
 
 
-def _field_value(f) -> Any:
-    if hasattr(f, "contents"):  # gguf >= 0.11
-        return f.contents()
-    from gguf import GGUFValueType  # older gguf: decode the parts by hand
-
-    vtype = f.types[0] if f.types else None
-    if vtype == GGUFValueType.ARRAY:
-        if f.types[-1] == GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
-        return [f.parts[i].tolist()[0] for i in f.data]
-    if vtype == GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-    return f.parts[f.data[0]].tolist()[0]
+def _field_value(f: Any) -> Any:
+    return f.contents()  # gguf's own decoding of a field (gguf >= 0.11)
 
 
 def read_gguf_metadata(path: Union[str, os.PathLike], prefixes: Optional[Sequence[str]] = None
@@ -524,7 +513,7 @@ def read_gguf_metadata(path: Union[str, os.PathLike], prefixes: Optional[Sequenc
     try:
         from gguf import GGUFReader
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from exc
+        raise ImportError("reading GGUF files needs the 'gguf' package: pip install llmem[gguf]") from exc
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such GGUF file: {path}")

@@ -14,14 +14,17 @@ Element types are float16, float32 or bfloat16 (stored as uint16 bit patterns).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import threading
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _core
 from .batch import UBatch
+from . import metrics
 from .errors import LlmemError
 from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
 from .status import Status, SWAType, status_combine
@@ -80,7 +83,7 @@ class Rope:
         return self.mode == "neox"
 
 
-def _as_rope(rope) -> Optional[Rope]:
+def _as_rope(rope: Any) -> Optional[Rope]:
     if rope is None or isinstance(rope, Rope):
         return rope
     if isinstance(rope, dict):
@@ -88,7 +91,7 @@ def _as_rope(rope) -> Optional[Rope]:
     raise TypeError(f"rope must be a llmem.Rope, a dict or None, not {type(rope).__name__}")
 
 
-def _kv_type(dtype, name: str) -> tuple[int, np.dtype]:
+def _kv_type(dtype: Any, name: str) -> tuple[int, np.dtype]:
     """(ggml type id, numpy storage dtype) of a dtype argument."""
     if isinstance(dtype, str) and dtype.lower() in ("bf16", "bfloat16"):
         return _TYPE_BF16, np.dtype(np.uint16)
@@ -121,7 +124,7 @@ def _to_storage(values: np.ndarray, type_id: int, name: str) -> np.ndarray:
     return values
 
 
-def _per_layer(value, n_layer: int, name: str) -> list[int]:
+def _per_layer(value: Any, n_layer: int, name: str) -> list[int]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         vals = [int(value)] * n_layer
     else:
@@ -146,7 +149,7 @@ _SEQ_MAX_LIMIT = 1 << 16
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
 
-def _check_int(value, name: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+def _check_int(value: Any, name: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -156,7 +159,7 @@ def _check_int(value, name: str, minimum: int = 0, maximum: int = 2**63 - 1) -> 
     return int(value)
 
 
-def _i32(value, name: str) -> int:
+def _i32(value: Any, name: str) -> int:
     """An int32 argument (positions, shifts); TypeError/ValueError naming it otherwise."""
     if type(value) is int and _I32_MIN <= value <= _I32_MAX:
         return value
@@ -176,10 +179,12 @@ class KVCache(Memory):
     __slots__ = ("_core", "_k", "_v", "_layers", "_layer_index", "_type_k", "_type_v", "_rope",
                  "_vt", "_ev", "_own_balloc", "_lock", "_version")
 
-    def __init__(self, n_layer: int, n_embd_k_gqa, n_embd_v_gqa, kv_size: int, n_seq_max: int = 1,
-                 dtype_k=np.float16, dtype_v=np.float16, v_trans: bool = True, unified: bool = True,
-                 n_pad: int = 1, n_swa: int = 0, swa_type=SWAType.NONE,
-                 layer_filter: Optional[Callable[[int], bool]] = None, rope=None,
+    def __init__(self, n_layer: int, n_embd_k_gqa: Union[int, Sequence[int]],
+                 n_embd_v_gqa: Union[int, Sequence[int]], kv_size: int, n_seq_max: int = 1,
+                 dtype_k: "npt.DTypeLike" = np.float16, dtype_v: "npt.DTypeLike" = np.float16,
+                 v_trans: bool = True, unified: bool = True,
+                 n_pad: int = 1, n_swa: int = 0, swa_type: Union[SWAType, int] = SWAType.NONE,
+                 layer_filter: Optional[Callable[[int], bool]] = None, rope: Optional[Rope] = None,
                  n_pos_per_embd: int = 1) -> None:
         n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
         kv_size = _check_int(kv_size, "kv_size", 1)
@@ -228,7 +233,7 @@ class KVCache(Memory):
 
     # -- argument checks -------------------------------------------------------------------------
 
-    def _seq(self, seq_id, name: str = "seq_id", allow_all: bool = False) -> int:
+    def _seq(self, seq_id: Any, name: str = "seq_id", allow_all: bool = False) -> int:
         """A sequence id argument as an int32 (TypeError/ValueError naming it otherwise). Its range
         is llama.cpp's, checked by the core: a unified cache accepts any id below 256 (and answers
         as for an empty sequence), a multi-stream cache ids below n_seq_max; the recorded oracle
@@ -239,7 +244,7 @@ class KVCache(Memory):
 
     # -- buffers -------------------------------------------------------------------------------
 
-    def _layer(self, il) -> int:
+    def _layer(self, il: Any) -> int:
         try:
             return self._layer_index[il]
         except (KeyError, TypeError):
@@ -278,7 +283,7 @@ class KVCache(Memory):
     # -- Memory interface ------------------------------------------------------------------------
 
     @property
-    def _pos_source(self):
+    def _pos_source(self) -> Any:
         return self._core
 
     def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int,
@@ -291,7 +296,10 @@ class KVCache(Memory):
         self._lock.acquire()
         try:
             balloc = self._allocator_for(balloc_or_batch)
-            return KVCacheContext(self, self._core.init_batch(balloc, n_ubatch), self._version)
+            ctx = KVCacheContext(self, self._core.init_batch(balloc, n_ubatch), self._version)
+            if ctx._ctx.status == Status.FAILED_PREPARE:  # no room: ctx.no_room, stats, log
+                metrics.plan_failed(self, ctx, balloc, [(self, "kv")])
+            return ctx
         finally:
             self._lock.release()
 
@@ -356,7 +364,7 @@ class KVCache(Memory):
 
     # The position queries are the most frequent calls of a server's loop (one per sequence per
     # step): the lock is taken inline rather than through @locked, which costs them a third.
-    def _position(self, query, seq_id) -> int:
+    def _position(self, query: Any, seq_id: Any) -> int:
         if type(seq_id) is not int or not _I32_MIN <= seq_id <= _I32_MAX:
             seq_id = self._seq(seq_id)
         lock = self._lock
@@ -430,10 +438,10 @@ class KVCache(Memory):
 
     _STATE_KIND = 1
 
-    def _state_parts(self):
+    def _state_parts(self) -> Any:
         return [self._core], None
 
-    def _state_seq(self, seq_id, flags) -> int:
+    def _state_seq(self, seq_id: Any, flags: Any) -> int:
         """The checked sequence id of a state call (and its flags checked): for the state calls,
         which take the lock themselves rather than through @locked."""
         if type(flags) is not int or flags:
@@ -462,7 +470,7 @@ class KVCache(Memory):
         seq = self._state_seq(seq_id, flags)
         return self._header_size(seq, flags) + self._core.state_size(seq)
 
-    def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
+    def state_write_into(self, buffer: Any, seq_id: int = -1, flags: int = 0) -> int:
         """``state_write(seq_id, flags)``'s bytes written straight into the start of ``buffer`` (a
         bytearray, numpy uint8 array, mmap, shared memory...; reused, nothing allocated); returns
         their number. TypeError for a read-only or non-contiguous buffer; ValueError naming both
@@ -478,7 +486,7 @@ class KVCache(Memory):
         finally:
             lock.release()
 
-    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+    def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:
         """Restore bytes of ``state_write`` (whole cache, or one sequence into ``seq_id``) from any
         bytes-like object, read in place. On any failure raises :class:`StateError` and leaves
         cells and K/V buffers unchanged."""
@@ -513,9 +521,9 @@ class KVCacheContext(MemoryContext):
     ``kq_cells`` the same visibility as per-token cell lists.
     """
 
-    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version")
+    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version", "_no_room")
 
-    def __init__(self, cache: KVCache, ctx, version: Optional[int] = None) -> None:
+    def __init__(self, cache: KVCache, ctx: Any, version: Optional[int] = None) -> None:
         self._cache = cache
         self._ctx = ctx
         self._kidx = None
@@ -618,7 +626,7 @@ class KVCacheContext(MemoryContext):
         finally:
             self._cache._lock.release()
 
-    def cpy_k(self, il: int, k_cur) -> None:
+    def cpy_k(self, il: int, k_cur: "npt.ArrayLike") -> None:
         """Store the current micro-batch's K rows (``[n_tokens, n_embd_k]`` or
         ``[n_tokens, n_head, head_dim]``) of model layer ``il`` into its cells."""
         c = self._cache
@@ -631,7 +639,7 @@ class KVCacheContext(MemoryContext):
         finally:
             c._lock.release()
 
-    def cpy_v(self, il: int, v_cur) -> None:
+    def cpy_v(self, il: int, v_cur: "npt.ArrayLike") -> None:
         """Store the current micro-batch's V rows (``[n_tokens, n_embd_v]``) of model layer ``il``."""
         c = self._cache
         c._lock.acquire()
@@ -694,8 +702,12 @@ class KVUpdateContext(MemoryContext):
                     raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
                                      "the cache was built without rope=...")
             for c in self._caches:
+                shifted = metrics.logger.isEnabledFor(logging.INFO) and c.get_has_shift()
                 c._core.update()
                 c._version += 1
+                if shifted:
+                    metrics.logger.info("K-shift applied: shifted positions of %s re-rotated (%d cells in use)",
+                                        type(c).__name__, c.used)
             return True
         finally:
             self._caches[0]._lock.release()
@@ -705,7 +717,7 @@ class KVUpdateContext(MemoryContext):
         return None
 
 
-def _rows(values, n_tokens: int, width: int, name: str) -> np.ndarray:
+def _rows(values: Any, n_tokens: int, width: int, name: str) -> np.ndarray:
     a = np.asarray(values)
     if a.ndim < 2 or a.shape[0] != n_tokens or a.size != n_tokens * width:
         raise ValueError(f"{name} must have shape [n_tokens={n_tokens}, {width}] "
@@ -721,12 +733,15 @@ class KVCacheISWA(Memory):
 
     __slots__ = ("base", "swa", "_own_balloc", "_lock")
 
-    def __init__(self, n_layer: int, n_embd_k_gqa, n_embd_v_gqa, kv_size: int, n_seq_max: int = 1,
-                 dtype_k=np.float16, dtype_v=np.float16, v_trans: bool = True, unified: bool = True,
-                 n_pad: int = 1, n_swa: int = 0, swa_type=SWAType.STANDARD, swa_full: bool = False,
+    def __init__(self, n_layer: int, n_embd_k_gqa: Union[int, Sequence[int]],
+                 n_embd_v_gqa: Union[int, Sequence[int]], kv_size: int, n_seq_max: int = 1,
+                 dtype_k: "npt.DTypeLike" = np.float16, dtype_v: "npt.DTypeLike" = np.float16,
+                 v_trans: bool = True, unified: bool = True, n_pad: int = 1, n_swa: int = 0,
+                 swa_type: Union[SWAType, int] = SWAType.STANDARD, swa_full: bool = False,
                  is_swa_layer: Union[Callable[[int], bool], Sequence[bool], None] = None,
                  n_ubatch: int = 512, layer_filter: Optional[Callable[[int], bool]] = None,
-                 rope=None, rope_swa=None, n_pos_per_embd: int = 1) -> None:
+                 rope: Optional[Rope] = None, rope_swa: Optional[Rope] = None,
+                 n_pos_per_embd: int = 1) -> None:
         n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
         kv_size = _check_int(kv_size, "kv_size", 1)
         n_seq_max = _check_int(n_seq_max, "n_seq_max", 1, _SEQ_MAX_LIMIT)
@@ -761,7 +776,7 @@ class KVCacheISWA(Memory):
                            rope=rope if rope_swa is None else rope_swa, **common)
         self._share_lock(threading.RLock())
 
-    def _share_lock(self, lock) -> None:
+    def _share_lock(self, lock: Any) -> None:
         self._lock = lock
         self.base._share_lock(lock)
         self.swa._share_lock(lock)
@@ -789,7 +804,7 @@ class KVCacheISWA(Memory):
         return self._cache_of(il).v(il)
 
     @property
-    def _pos_source(self):
+    def _pos_source(self) -> Any:
         return self.swa._core
 
     def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int,
@@ -802,8 +817,11 @@ class KVCacheISWA(Memory):
         try:
             balloc = self._allocator_for(balloc_or_batch)
             cb, cs = _core.kv_iswa_init_batch(self.base._core, self.swa._core, balloc, n_ubatch)
-            return KVCacheISWAContext(self, KVCacheContext(self.base, cb, self.base._version),
-                                      KVCacheContext(self.swa, cs, self.swa._version))
+            ctx = KVCacheISWAContext(self, KVCacheContext(self.base, cb, self.base._version),
+                                     KVCacheContext(self.swa, cs, self.swa._version))
+            if cb.status == Status.FAILED_PREPARE:  # no room: ctx.no_room, stats, log
+                metrics.plan_failed(self, ctx, balloc, [(self.base, "kv"), (self.swa, "kv_swa")])
+            return ctx
         finally:
             self._lock.release()
 
@@ -905,7 +923,7 @@ class KVCacheISWA(Memory):
 
     _STATE_KIND = 2
 
-    def _state_parts(self):
+    def _state_parts(self) -> Any:
         return [self.base._core, self.swa._core], None
 
     @locked
@@ -926,14 +944,14 @@ class KVCacheISWA(Memory):
         return self._header_size(seq, flags) + sum(c.state_size(seq) for c in self._state_cores(flags))
 
     @locked
-    def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
+    def state_write_into(self, buffer: Any, seq_id: int = -1, flags: int = 0) -> int:
         """``state_write(seq_id, flags)``'s bytes written straight into the start of ``buffer``;
         returns their number (errors as :meth:`KVCache.state_write_into`)."""
         flags = _check_int(flags, "flags")
         seq = self.base._seq(seq_id, allow_all=True)
         cores = self._state_cores(flags)
 
-        def sections(view):
+        def sections(view: Any) -> Any:
             at = 0
             for core in cores:
                 at += core.state_write_into(view[at:], seq)
@@ -943,7 +961,7 @@ class KVCacheISWA(Memory):
     def _state_cores(self, flags: int) -> list:
         return [self.swa._core] if flags & STATE_PARTIAL_ONLY else [self.base._core, self.swa._core]
 
-    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+    def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:
         """All or nothing across both sections (llama.cpp keeps a restored base when the swa
         section fails)."""
         flags = _check_int(flags, "flags")
@@ -965,7 +983,7 @@ class KVCacheISWA(Memory):
 class KVCacheISWAContext(MemoryContext):
     """Two plans over the same micro-batches: ``base`` (full attention) and ``swa``."""
 
-    __slots__ = ("_mem", "base", "swa")
+    __slots__ = ("_mem", "base", "swa", "_no_room")
 
     def __init__(self, mem: KVCacheISWA, base: KVCacheContext, swa: KVCacheContext) -> None:
         self._mem = mem
@@ -1006,10 +1024,10 @@ class KVCacheISWAContext(MemoryContext):
     def _ctx_of(self, il: int) -> KVCacheContext:
         return self.base if self._mem._cache_of(il) is self._mem.base else self.swa
 
-    def cpy_k(self, il: int, k_cur) -> None:
+    def cpy_k(self, il: int, k_cur: "npt.ArrayLike") -> None:
         self._ctx_of(il).cpy_k(il, k_cur)
 
-    def cpy_v(self, il: int, v_cur) -> None:
+    def cpy_v(self, il: int, v_cur: "npt.ArrayLike") -> None:
         self._ctx_of(il).cpy_v(il, v_cur)
 
     def get_k(self, il: int) -> np.ndarray:

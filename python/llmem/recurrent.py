@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -40,7 +40,7 @@ _TYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 LayerFilter = Union[None, Callable[[int], bool], Sequence[bool]]
 
 
-def _int(name: str, value, lo: int = _I32_MIN, hi: int = _I32_MAX) -> int:
+def _int(name: str, value: Any, lo: int = _I32_MIN, hi: int = _I32_MAX) -> int:
     """``value`` as a Python int in [lo, hi]; TypeError/ValueError naming ``name`` otherwise."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, not bool")
@@ -53,7 +53,7 @@ def _int(name: str, value, lo: int = _I32_MIN, hi: int = _I32_MAX) -> int:
     return v
 
 
-def _dtype(name: str, value) -> np.dtype:
+def _dtype(name: str, value: Any) -> np.dtype:
     try:
         dt = np.dtype(value)
     except TypeError:
@@ -63,7 +63,7 @@ def _dtype(name: str, value) -> np.dtype:
     return dt
 
 
-def _widths(name: str, value, n_layer: int) -> list[int]:
+def _widths(name: str, value: Any, n_layer: int) -> list[int]:
     """A row width for every layer: one int for all, or a sequence of n_layer ints."""
     if isinstance(value, (list, tuple, np.ndarray)):
         if len(value) != n_layer:
@@ -120,7 +120,7 @@ class RecurrentMemory(Memory):
                  "_staging", "_lock", "_version")
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
-                 mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r=np.float32, dtype_s=np.float32,
+                 mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r: Any = np.float32, dtype_s: Any = np.float32,
                  layer_filter: LayerFilter = None) -> None:
         n_layer = _int("n_layer", n_layer, 1, MAX_LAYERS)
         widths_r = _widths("n_embd_r", n_embd_r, n_layer)
@@ -233,7 +233,7 @@ class RecurrentMemory(Memory):
         self._version += 1
 
     @property
-    def _pos_source(self):
+    def _pos_source(self) -> Any:
         """The compiled memory, read by the batch allocator without Python calls."""
         return self._mem
 
@@ -376,7 +376,7 @@ class RecurrentMemory(Memory):
 
     _STATE_KIND = 3
 
-    def _state_parts(self):
+    def _state_parts(self) -> Any:
         return [], self._mem
 
     @locked
@@ -392,7 +392,7 @@ class RecurrentMemory(Memory):
         return self._with_state_header(self._mem.state_write(seq_id, _int("flags", payload_flags, 0)), seq_id, flags)
 
     @locked
-    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+    def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:
         """Restore a block written by :meth:`state_write` (or llama.cpp) into the whole memory
         (-1) or into sequence ``seq_id`` (which may differ from the one written).
 
@@ -417,7 +417,7 @@ class RecurrentContext(MemoryContext):
 
     __slots__ = ("_ctx", "_memory", "_gathered", "_version")
 
-    def __init__(self, memory: RecurrentMemory, ctx, version: Optional[int] = None) -> None:
+    def __init__(self, memory: RecurrentMemory, ctx: Any, version: Optional[int] = None) -> None:
         self._memory = memory
         self._ctx = ctx
         self._gathered: dict[int, np.ndarray] = {}
@@ -457,7 +457,7 @@ class RecurrentContext(MemoryContext):
             memory._lock.release()
 
     @property
-    def ubatch(self):
+    def ubatch(self) -> Any:
         """The current micro-batch (None for full and update contexts)."""
         return self._ctx.ubatch
 
@@ -541,7 +541,7 @@ class RecurrentContext(MemoryContext):
         finally:
             memory._lock.release()
 
-    def _store(self, kind: int, il: int, new) -> None:
+    def _store(self, kind: int, il: int, new: Any) -> None:
         memory = self._memory
         layer, dtype = memory._array_slot(kind, il)
         name = "new " + "rs"[kind]

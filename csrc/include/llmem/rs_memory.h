@@ -143,6 +143,12 @@ public:
     uint32_t rs_idx(int32_t seq) const { return rs_idx_[size_t(seq)]; }
     const rs_buffers & buffers() const { return bufs_; }
 
+    // -- metrics (Python: stats()) -------------------------------------------------------------
+
+    /// Tokens of the micro-batches applied so far (rs_context::apply).
+    uint64_t tokens_placed() const { return tokens_placed_; }
+    void     count_placed(uint32_t n_tokens) { tokens_placed_ += n_tokens; }
+
 private:
     /// The cell whose position seq_add/seq_div move: seq's tail cell when it holds seq at a
     /// position inside [p0, p1) (normalised); -1 when nothing moves.
@@ -204,6 +210,8 @@ private:
     std::shared_ptr<ubatch_data> read_ubatch_;  // reused by single-sequence state_read
 
     rs_buffers bufs_;
+
+    uint64_t tokens_placed_ = 0;
 };
 
 /// The plan for one batch (or the full memory, or the empty update) of a recurrent memory.

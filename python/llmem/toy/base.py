@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -111,7 +111,7 @@ class DecodeClock:
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.llmem += time.perf_counter() - self._t0
 
     def reset(self) -> None:
@@ -179,19 +179,19 @@ class ToyModel:
 
     # -- the memory ------------------------------------------------------------------------------
 
-    def new_memory(self, n_ctx: int, n_seq_max: int = 1, **options):
+    def new_memory(self, n_ctx: int, n_seq_max: int = 1, **options: Any) -> Any:
         """The llmem memory this model decodes with (see the subclasses)."""
         raise NotImplementedError
 
-    def _attn_ctx(self, ctx):
+    def _attn_ctx(self, ctx: Any) -> Any:
         """The KV part of a context (the context itself for a plain KV memory)."""
         return ctx
 
-    def _recr_ctx(self, ctx):
+    def _recr_ctx(self, ctx: Any) -> Any:
         """The recurrent part of a context (the context itself for a recurrent memory)."""
         return ctx
 
-    def _rollback_depth(self, memory) -> int:
+    def _rollback_depth(self, memory: Any) -> int:
         """``n_rs_seq`` of the memory's recurrent part: how many snapshot planes it keeps."""
         return 0
 
@@ -226,7 +226,7 @@ class ToyModel:
 
     # -- one batch through the memory ------------------------------------------------------------
 
-    def decode(self, batch: Batch, memory, n_ubatch: int = 512) -> np.ndarray:
+    def decode(self, batch: Batch, memory: Any, n_ubatch: int = 512) -> np.ndarray:
         """Decode ``batch`` through ``memory``; the logits ``[n_outputs, n_vocab]`` of the tokens
         the batch marks as outputs, in batch order (llama.cpp's ``llama_decode`` followed by
         ``llama_get_logits``). Raises :class:`NoSlotError` when the memory has no room (nothing
@@ -264,7 +264,7 @@ class ToyModel:
         clock.model += (time.perf_counter() - t_start) - (clock.llmem - llmem_before)
         return result
 
-    def _forward_ubatch(self, ub, ctx, n_rs_seq: int) -> np.ndarray:
+    def _forward_ubatch(self, ub: Any, ctx: Any, n_rs_seq: int) -> np.ndarray:
         cfg, clock = self.config, self.clock
         with clock:
             tokens = np.asarray(ub.token, dtype=np.int64)
@@ -287,7 +287,7 @@ class ToyModel:
 
     # -- layer math ------------------------------------------------------------------------------
 
-    def _qkv(self, lw: dict, h: np.ndarray, pos: np.ndarray):
+    def _qkv(self, lw: dict, h: np.ndarray, pos: np.ndarray) -> Any:
         cfg = self.config
         n = h.shape[0]
         q = L.rope((h @ lw["wq"]).reshape(n, cfg.n_head, cfg.head_dim), pos, cfg.rope_base)
@@ -295,7 +295,7 @@ class ToyModel:
         v = h @ lw["wv"]
         return q, k, v
 
-    def _attention_cached(self, il: int, lw: dict, h: np.ndarray, pos: np.ndarray, ctx) -> np.ndarray:
+    def _attention_cached(self, il: int, lw: dict, h: np.ndarray, pos: np.ndarray, ctx: Any) -> np.ndarray:
         cfg, clock = self.config, self.clock
         q, k, v = self._qkv(lw, h, pos)
         # an iSWA context holds a base and a swa sub-context; the layer's cache decides
@@ -322,7 +322,7 @@ class ToyModel:
             keys, values = keys[0], values[0]
         return L.attention(q, keys, values, mask) @ lw["wo"]
 
-    def _ssm(self, lw: dict, h: np.ndarray, r_prev: np.ndarray, s_prev: np.ndarray):
+    def _ssm(self, lw: dict, h: np.ndarray, r_prev: np.ndarray, s_prev: np.ndarray) -> Any:
         """Mamba-2 mixer over ``h`` ``[n_seqs, n_steps, n_embd]`` from conv windows ``r_prev``
         ``[n_seqs, d_conv - 1, channels]`` and states ``s_prev``. Returns the output, the full
         conv window ``[n_seqs, d_conv - 1 + n_steps, channels]`` and every SSM state."""
@@ -342,7 +342,7 @@ class ToyModel:
         y = y.reshape(n_seqs, n_steps, cfg.d_inner) * L.silu(z)
         return y @ lw["out_proj"], window, states
 
-    def _ssm_cached(self, il: int, lw: dict, h: np.ndarray, ctx, n_rs_seq: int) -> np.ndarray:
+    def _ssm_cached(self, il: int, lw: dict, h: np.ndarray, ctx: Any, n_rs_seq: int) -> np.ndarray:
         cfg, clock = self.config, self.clock
         n_seqs, n_steps, _ = h.shape
         with clock:

@@ -4,7 +4,7 @@ its variant with sliding-window layers on :class:`llmem.KVCacheISWA`."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -42,8 +42,8 @@ class ToyTransformer(ToyModel):
     def has_swa(self) -> bool:
         return SWA in self.config.layer_kinds
 
-    def new_memory(self, n_ctx: int, n_seq_max: int = 1, dtype=np.float32, unified: bool = True,
-                   v_trans: bool = True, swa_full: bool = False, n_ubatch: int = 512):
+    def new_memory(self, n_ctx: int, n_seq_max: int = 1, dtype: Any = np.float32, unified: bool = True,
+                   v_trans: bool = True, swa_full: bool = False, n_ubatch: int = 512) -> Any:
         """A :class:`llmem.KVCache` of ``n_ctx`` cells (a :class:`llmem.KVCacheISWA` when the model
         has window layers; ``n_ubatch`` sizes its window cache) with the model's RoPE for K-shift."""
         cfg = self.config
