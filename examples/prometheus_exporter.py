@@ -76,7 +76,7 @@ def simulate(cache: llmem.KVCache, steps: int = 8) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Export llmem memory metrics to Prometheus.")
     parser.add_argument("--port", type=int, help="serve the metrics on this port until interrupted")
     args = parser.parse_args()
     cache = llmem.KVCache(n_layer=1, n_embd_k_gqa=8, n_embd_v_gqa=8, kv_size=256, n_seq_max=4)

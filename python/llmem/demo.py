@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import Any, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class _Request:
     pending: List[int] = dataclasses.field(default_factory=list)  # tokens still to decode
     n_fed: int = 0
     generated: int = 0
-    outputs: list = dataclasses.field(default_factory=list)        # (history index, logits)
+    outputs: List[Any] = dataclasses.field(default_factory=list)        # (history index, logits)
     comparable_until: Optional[int] = None   # outputs at this index and later are not comparable
     parked: int = 0                           # steps left while its state is saved away
     shifted: bool = False
@@ -205,7 +205,7 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
         if recurrent_part is not None:
             report.peak_recurrent_cells = max(report.peak_recurrent_cells, recurrent_part.used)
         row = 0
-        fed = {}
+        fed: Dict[Any, Any] = {}
         for req, _, out in entries:
             fed[req.index] = fed.get(req.index, 0) + 1
         for req, _, out in entries:
@@ -242,7 +242,7 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
                     memory.seq_rm(req.seq, -1, -1)
                 req.parked = 3
                 report.save_restore = (f"request {req.index} (seq {req.seq}) at {req.n_fed} tokens: "
-                                       f"{len(req.saved) / 1024:.1f} KiB saved, sequence removed for "
+                                       f"{len(req.saved or b'') / 1024:.1f} KiB saved, sequence removed for "
                                        f"3 steps, restored")
         bar.update(finished, report.steps)
     bar.close()

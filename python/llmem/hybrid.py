@@ -22,7 +22,7 @@ Unlike llama.cpp, an operation that fails on either side leaves *both* sides exa
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 from . import _core, metrics
 from .errors import LlmemError
@@ -167,7 +167,7 @@ class HybridMemory(Memory):
     def _pos_source(self) -> Any:
         return self._positions
 
-    def _attn_caches(self, flags: int) -> list:
+    def _attn_caches(self, flags: int) -> List[Any]:
         return [self._attn._core] if not flags & STATE_PARTIAL_ONLY else []
 
     def _attn_context(self, base_ctx: Any, swa_ctx: Any) -> MemoryContext:
@@ -304,7 +304,7 @@ class HybridMemory(Memory):
         return self._attn.n_seq_max
 
     @locked
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         return {"attn": self._attn.cells(), "recr": self._recr.cells()}
 
     # -- state -------------------------------------------------------------------------------------
@@ -355,17 +355,18 @@ class HybridISWAMemory(HybridMemory):
 
     _attn_type = KVCacheISWA
 
-    def _attn_caches(self, flags: int) -> list:
-        a = self._attn
+    def _attn_caches(self, flags: int) -> List[Any]:
+        a: KVCacheISWA = self._attn  # type: ignore[assignment]  # _attn_type
         return [a.swa._core] if flags & STATE_PARTIAL_ONLY else [a.base._core, a.swa._core]
 
     def _attn_context(self, base_ctx: Any, swa_ctx: Any) -> MemoryContext:
-        a = self._attn
+        a: KVCacheISWA = self._attn  # type: ignore[assignment]  # _attn_type
         return KVCacheISWAContext(a, KVCacheContext(a.base, base_ctx, a.base._version),
                                   KVCacheContext(a.swa, swa_ctx, a.swa._version))
 
     def _attn_cores(self) -> Any:
-        return self._attn.base._core, self._attn.swa._core
+        a: KVCacheISWA = self._attn  # type: ignore[assignment]  # _attn_type
+        return a.base._core, a.swa._core
 
     _STATE_KIND = 5
 

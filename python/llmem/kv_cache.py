@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import math
 import threading
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -370,7 +370,7 @@ class KVCache(Memory):
         lock = self._lock
         lock.acquire()
         try:
-            return query(seq_id)
+            return query(seq_id)  # type: ignore[no-any-return]
         finally:
             lock.release()
 
@@ -416,7 +416,7 @@ class KVCache(Memory):
         return self._core.n_seq_max
 
     @locked
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         """Snapshot of the cell metadata: ``pos`` and ``shift`` ``[n_stream, size]``, ``n_seq``
         (sequences per cell), ``seq_ids`` (per stream, the ids of its cells concatenated in cell
         order), ``seqs`` (per stream, a list of per-cell tuples), ``head`` (per stream)."""
@@ -523,10 +523,10 @@ class KVCacheContext(MemoryContext):
 
     __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version", "_no_room")
 
-    def __init__(self, cache: KVCache, ctx: Any, version: Optional[int] = None) -> None:
+    def __init__(self, cache: KVCache, ctx: _core.KVContext, version: Optional[int] = None) -> None:
         self._cache = cache
         self._ctx = ctx
-        self._kidx = None
+        self._kidx: Optional[np.ndarray] = None
         self._kidx_at = -1
         # the cache's version the plan is valid for (None: a full context, valid at any time)
         self._version = version
@@ -592,7 +592,7 @@ class KVCacheContext(MemoryContext):
         if self._kidx_at != i:
             self._kidx = self._ctx.k_idxs()
             self._kidx_at = i
-        return self._kidx
+        return self._kidx  # type: ignore[return-value]  # set above
 
     def v_idxs(self) -> np.ndarray:
         """V destinations: as ``k_idxs`` without ``v_trans``; with it, the flat element index of
@@ -605,7 +605,8 @@ class KVCacheContext(MemoryContext):
         size, e = c.size, c._core.n_embd_v_max
         strm, cell = k // size, k % size
         j = np.arange(e, dtype=np.int64)
-        return ((strm * size * e)[:, None] + j[None, :] * size + cell[:, None]).reshape(-1)
+        out: np.ndarray = ((strm * size * e)[:, None] + j[None, :] * size + cell[:, None]).reshape(-1)
+        return out
 
     def kq_mask(self, causal: bool = True) -> np.ndarray:
         """float32 ``[n_tokens, n_kv]``: 0 where a token attends a cell, -inf elsewhere."""
@@ -766,8 +767,9 @@ class KVCacheISWA(Memory):
         else:
             size_swa = min(kv_size, n_swa * (n_seq_max if unified else 1) + n_ubatch)
             size_swa = (size_swa + 255) // 256 * 256
-        common = dict(n_seq_max=n_seq_max, dtype_k=dtype_k, dtype_v=dtype_v, v_trans=v_trans,
-                      unified=unified, n_pad=n_pad, n_pos_per_embd=n_pos_per_embd)
+        common: Dict[str, Any] = dict(n_seq_max=n_seq_max, dtype_k=dtype_k, dtype_v=dtype_v,
+                                      v_trans=v_trans, unified=unified, n_pad=n_pad,
+                                      n_pos_per_embd=n_pos_per_embd)
         self._own_balloc = None
         self.base = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, kv_size,
                             layer_filter=lambda il: not flags[il] and keep(il), rope=rope, **common)
@@ -918,7 +920,7 @@ class KVCacheISWA(Memory):
         return self.base.n_seq_max
 
     @locked
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         return {"base": self.base.cells(), "swa": self.swa.cells()}
 
     _STATE_KIND = 2
@@ -941,7 +943,7 @@ class KVCacheISWA(Memory):
         """Bytes ``state_write(seq_id, flags)`` returns now (counted, not written)."""
         flags = _check_int(flags, "flags")
         seq = self.base._seq(seq_id, allow_all=True)
-        return self._header_size(seq, flags) + sum(c.state_size(seq) for c in self._state_cores(flags))
+        return self._header_size(seq, flags) + sum(int(c.state_size(seq)) for c in self._state_cores(flags))
 
     @locked
     def state_write_into(self, buffer: Any, seq_id: int = -1, flags: int = 0) -> int:
@@ -958,7 +960,7 @@ class KVCacheISWA(Memory):
             return at
         return self._write_into(buffer, seq, flags, sum(c.state_size(seq) for c in cores), sections)
 
-    def _state_cores(self, flags: int) -> list:
+    def _state_cores(self, flags: int) -> List[Any]:
         return [self.swa._core] if flags & STATE_PARTIAL_ONLY else [self.base._core, self.swa._core]
 
     def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:

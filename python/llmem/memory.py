@@ -39,7 +39,7 @@ STATE_HEADER: int = _core.STATE_HEADER
 STATE_FILE_MAGIC: bytes = _core.STATE_FILE_MAGIC
 
 
-def _wants_header(flags: object) -> bool:
+def _wants_header(flags: Any) -> bool:
     """Whether ``flags`` asks for the header; other flag checks stay with each memory."""
     if isinstance(flags, bool):
         return False
@@ -132,7 +132,7 @@ class MemoryContext(abc.ABC):
         while True:
             if not self.apply():
                 raise LlmemError("the memory refused to apply a micro-batch")
-            yield self.ubatch
+            yield self.ubatch  # type: ignore[misc]  # not None while applying
             if not self.next():
                 return
 
@@ -289,7 +289,7 @@ class Memory(abc.ABC):
                 ctx = memory.init_batch(batch, n_ubatch)
                 for ubatch in ctx: ...
         """
-        return self._lock  # type: ignore[no-any-return]
+        return self._lock
 
     def _share_lock(self, lock: "threading.RLock") -> None:
         """Make this memory (and its parts) take ``lock``: used by the memories built on it."""
@@ -416,6 +416,8 @@ class Memory(abc.ABC):
     # state methods (no re-entry into a memory's entry point).
 
     _STATE_KIND: int = 0  # llmem::memory_kind of the subclass
+    _own_balloc: Optional[_core.BatchAllocator]  # the allocator init_batch(Batch) reuses
+    _lock: threading.RLock
 
     def _state_parts(self) -> Tuple[List[Any], Any]:
         """The compiled attention caches (state order) and recurrent core (or None)."""
@@ -509,7 +511,7 @@ class Memory(abc.ABC):
                 balloc = _core.BatchAllocator(self.n_seq_max)
                 self._own_balloc = balloc
             balloc.init(balloc_or_batch, self)
-            return balloc
+            return balloc  # type: ignore[return-value]  # the compiled allocator, as the callers need
         raise TypeError(
             f"balloc_or_batch must be a llmem.Batch or llmem.BatchAllocator, "
             f"not {type(balloc_or_batch).__name__}")

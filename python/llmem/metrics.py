@@ -133,6 +133,7 @@ def plan_failed(memory: Any, ctx: Any, balloc: Any, caches: List[Tuple[Any, str]
             break
     if report is None:
         return
+    label = report.memory
     ctx._no_room = report
     counters(memory).plans_failed_no_room += 1
     if logger.isEnabledFor(logging.WARNING):

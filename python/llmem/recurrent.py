@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import operator
 import threading
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -60,7 +60,7 @@ def _dtype(name: str, value: Any) -> np.dtype:
         raise TypeError(f"{name} must be a numpy dtype, not {value!r}") from None
     if dt not in _TYPE_IDS:
         raise TypeError(f"{name} must be float32 or float16, not {dt}")
-    return dt
+    return dt  # type: ignore[no-any-return]
 
 
 def _widths(name: str, value: Any, n_layer: int) -> list[int]:
@@ -110,6 +110,8 @@ class RecurrentMemory(Memory):
         None (every layer has a state), a callable ``il -> bool`` or a sequence of n_layer bools.
         Layers filtered out have no arrays.
 
+    Notes
+    -----
     Sequence operations follow llama.cpp exactly, including its refusals: ``seq_rm`` returns
     False for ``seq_id = -1`` and for a cut into the end of a sequence that cannot be rolled back.
     A failed :meth:`state_read` raises :class:`~llmem.StateError` and changes nothing.
@@ -188,11 +190,12 @@ class RecurrentMemory(Memory):
         staging = self._staging.get(key)
         if staging is None:
             src = (self._s if kind else self._r)[il]
+            assert src is not None  # staging is asked only for layers with a state
             staging = np.empty((self.size, src.shape[1]), src.dtype)
             self._staging[key] = staging
         return staging
 
-    def _layer_array(self, arrays: list, kind: str, il: int) -> np.ndarray:
+    def _layer_array(self, arrays: List[Optional[np.ndarray]], kind: str, il: int) -> np.ndarray:
         il = _int("il", il, 0, self._n_layer - 1)
         a = arrays[il]
         if a is None:
@@ -366,7 +369,7 @@ class RecurrentMemory(Memory):
         return self._dtype_s
 
     @locked
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         """Snapshot of the cell metadata: int32 arrays ``pos``, ``src``, ``src0`` and ``tail``
         (``tail[s]`` is the cell of sequence ``s``, -1 if none) and ``seq_ids``, a list with the
         ascending tuple of sequence ids of each cell."""
@@ -417,7 +420,7 @@ class RecurrentContext(MemoryContext):
 
     __slots__ = ("_ctx", "_memory", "_gathered", "_version")
 
-    def __init__(self, memory: RecurrentMemory, ctx: Any, version: Optional[int] = None) -> None:
+    def __init__(self, memory: RecurrentMemory, ctx: _core.rs_context, version: Optional[int] = None) -> None:
         self._memory = memory
         self._ctx = ctx
         self._gathered: dict[int, np.ndarray] = {}

@@ -247,10 +247,10 @@ def format_description(info: Dict[str, Any]) -> str:
 def draw_cell_map(info: Dict[str, Any], png: Union[str, "os.PathLike[str]"]) -> None:
     """Draw each attention cache's cells (one row per stream, one colour per sequence, white for
     empty) into a PNG; needs matplotlib (``pip install llmem[plot]``)."""
-    import matplotlib
+    import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
 
     maps = [(name, part["cell_seq"]) for name, part in info["parts"].items() if "cell_seq" in part]
     if not maps:

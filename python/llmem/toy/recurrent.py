@@ -26,7 +26,7 @@ class ToyRecurrent(ToyModel):
         if any(k != SSM for k in self.config.layer_kinds):
             raise ValueError("a ToyRecurrent has state-space layers only")
 
-    def new_memory(self, n_ctx: int = 0, n_seq_max: int = 1, n_rs_seq: int = 0,
+    def new_memory(self, n_ctx: int = 0, n_seq_max: int = 1, n_rs_seq: int = 0,  # type: ignore[override]  # each toy's memory has its own options
                    dtype: Any = np.float32, mem_size: Optional[int] = None) -> RecurrentMemory:
         """A :class:`llmem.RecurrentMemory` with ``mem_size`` cells (llama.cpp's
         ``max(1, n_seq_max)`` by default) and ``n_rs_seq`` rollback snapshots. ``n_ctx`` is
@@ -37,4 +37,4 @@ class ToyRecurrent(ToyModel):
                                n_rs_seq=n_rs_seq, dtype_r=dtype, dtype_s=dtype)
 
     def _rollback_depth(self, memory: Any) -> int:
-        return memory.n_rs_seq
+        return memory.n_rs_seq  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Static type checks of the package and of the examples a user copies: mypy --strict and
+# basedpyright (pyright's engine with its JavaScript bundled, from PyPI), on python/llmem, the
+# README's python blocks and examples/; then pyright's type completeness of the public API
+# (--verifytypes, reported in README). PYTHON names the interpreter (default: the test venv's).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+py="${PYTHON:-$root/build/test-venv/bin/python}"
+bin="$(dirname "$py")"
+ex="$root/build/typecheck-examples"
+rm -rf "$ex"; mkdir -p "$ex"
+"$py" - "$ex" <<'PYEOF'
+import pathlib, re, sys
+out = pathlib.Path(sys.argv[1])
+blocks = re.findall(r"```python\n(.*?)```", pathlib.Path("README.md").read_text(), re.S)
+for i, b in enumerate(blocks):
+    (out / f"readme_example_{i}.py").write_text(b)
+PYEOF
+site="$("$py" -c 'import llmem, os; print(os.path.dirname(os.path.dirname(llmem.__file__)))')"
+targets=("$ex" examples)
+"$py" -m mypy --strict python/llmem
+"$py" -m mypy --strict "${targets[@]}"
+"$bin/basedpyright" --pythonpath "$py" --level error "${targets[@]}" python/llmem
+"$bin/basedpyright" --pythonpath "$py" --ignoreexternal --verifytypes llmem | tail -n 5
