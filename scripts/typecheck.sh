@@ -22,4 +22,6 @@ targets=("$ex" examples)
 "$py" -m mypy --strict python/llmem
 "$py" -m mypy --strict "${targets[@]}"
 "$bin/basedpyright" --pythonpath "$py" --level error "${targets[@]}" python/llmem
-"$bin/basedpyright" --pythonpath "$py" --ignoreexternal --verifytypes llmem | tail -n 5
+# the package as checked in (an editable install is invisible to static tools)
+PYTHONPATH="$root/python" "$bin/basedpyright" --pythonpath "$py" --ignoreexternal --verifytypes llmem \
+    | grep -E "Symbols exported|With (known|ambiguous|unknown) type|score" | head -5

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 try:
     from . import _core
-except ImportError as exc:  # pragma: no cover - only without a build
+except ImportError as _exc:  # pragma: no cover - only without a build
     raise ImportError(
         "llmem's compiled core (llmem._core) is missing: install the package with "
         "'pip install .' (or 'pip install -e . --no-build-isolation' for development)"
-    ) from exc
+    ) from _exc
 
 from .batch import Batch, BatchAllocator, UBatch
 from .errors import BatchError, LlmemError, NoRoom, StaleContextError, StateError

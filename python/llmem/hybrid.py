@@ -62,8 +62,8 @@ class HybridContext(MemoryContext):
     __slots__ = ("attn", "recr", "_status", "_i", "_n", "_no_room")
 
     def __init__(self, attn: MemoryContext, recr: RecurrentContext, status: Status) -> None:
-        self.attn = attn
-        self.recr = recr
+        self.attn: MemoryContext = attn
+        self.recr: RecurrentContext = recr
         self._status = Status(status)
         self._i = 0
         self._n = recr.n_ubatches if not status_is_fail(status) else 0

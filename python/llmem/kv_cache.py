@@ -771,9 +771,9 @@ class KVCacheISWA(Memory):
                                       v_trans=v_trans, unified=unified, n_pad=n_pad,
                                       n_pos_per_embd=n_pos_per_embd)
         self._own_balloc = None
-        self.base = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, kv_size,
+        self.base: KVCache = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, kv_size,
                             layer_filter=lambda il: not flags[il] and keep(il), rope=rope, **common)
-        self.swa = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
+        self.swa: KVCache = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
                            swa_type=swa_type, layer_filter=lambda il: flags[il] and keep(il),
                            rope=rope if rope_swa is None else rope_swa, **common)
         self._share_lock(threading.RLock())
@@ -989,8 +989,8 @@ class KVCacheISWAContext(MemoryContext):
 
     def __init__(self, mem: KVCacheISWA, base: KVCacheContext, swa: KVCacheContext) -> None:
         self._mem = mem
-        self.base = base
-        self.swa = swa
+        self.base: KVCacheContext = base
+        self.swa: KVCacheContext = swa
 
     @property
     def status(self) -> Status:

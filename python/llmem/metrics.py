@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["MemoryStats", "logger"]
 
 #: llmem's logger. Silent unless the application configures logging.
-logger = logging.getLogger("llmem")
+logger: logging.Logger = logging.getLogger("llmem")
 logger.addHandler(logging.NullHandler())
 
 
@@ -62,11 +62,11 @@ class _Counters:
                  "state_reads_refused", "depth")
 
     def __init__(self) -> None:
-        self.plans_failed_no_room = 0
-        self.state_bytes_written = 0
-        self.state_bytes_read = 0
-        self.state_reads_refused = 0
-        self.depth = 0  # state calls in progress on this memory (only the outermost counts)
+        self.plans_failed_no_room: int = 0
+        self.state_bytes_written: int = 0
+        self.state_bytes_read: int = 0
+        self.state_reads_refused: int = 0
+        self.depth: int = 0  # state calls in progress on this memory (only the outermost counts)
 
 
 def counters(memory: Any) -> _Counters:

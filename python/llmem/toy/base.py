@@ -103,8 +103,8 @@ class DecodeClock:
     __slots__ = ("llmem", "model", "_t0")
 
     def __init__(self) -> None:
-        self.llmem = 0.0
-        self.model = 0.0
+        self.llmem: float = 0.0
+        self.model: float = 0.0
         self._t0 = 0.0
 
     def __enter__(self) -> "DecodeClock":
@@ -174,8 +174,8 @@ class ToyModel:
     def __init__(self, config: ToyConfig, seed: int = 0) -> None:
         self.config = config
         self.seed = seed
-        self.weights = _init_weights(config, seed)
-        self.clock = DecodeClock()
+        self.weights: Dict[str, Any] = _init_weights(config, seed)
+        self.clock: DecodeClock = DecodeClock()
 
     # -- the memory ------------------------------------------------------------------------------
 
