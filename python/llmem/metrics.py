@@ -168,12 +168,24 @@ def _combine(kind: str, memory: Any, parts: Dict[str, MemoryStats], sequences: i
                   sum(p["k_shifts"] for p in parts.values()), memory, parts)
 
 
+_CLASSES: Optional[Tuple[Any, Any, Any, Any]] = None
+
+
+def _classes() -> Tuple[Any, Any, Any, Any]:
+    """The memory classes (imported once: this module is below them)."""
+    global _CLASSES
+    if _CLASSES is None:
+        from .hybrid import HybridMemory
+        from .kv_cache import KVCache, KVCacheISWA
+        from .recurrent import RecurrentMemory
+
+        _CLASSES = (KVCache, RecurrentMemory, KVCacheISWA, HybridMemory)
+    return _CLASSES
+
+
 def memory_stats(memory: "Memory") -> MemoryStats:
     """The snapshot behind :meth:`Memory.stats`."""
-    from .hybrid import HybridMemory
-    from .kv_cache import KVCache, KVCacheISWA
-    from .recurrent import RecurrentMemory
-
+    KVCache, RecurrentMemory, KVCacheISWA, HybridMemory = _CLASSES or _classes()
     kind = type(memory).__name__
     if isinstance(memory, KVCache):
         core = memory._core
