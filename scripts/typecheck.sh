@@ -17,7 +17,6 @@ blocks = re.findall(r"```python\n(.*?)```", pathlib.Path("README.md").read_text(
 for i, b in enumerate(blocks):
     (out / f"readme_example_{i}.py").write_text(b)
 PYEOF
-site="$("$py" -c 'import llmem, os; print(os.path.dirname(os.path.dirname(llmem.__file__)))')"
 targets=("$ex" examples)
 "$py" -m mypy --strict python/llmem
 "$py" -m mypy --strict "${targets[@]}"
