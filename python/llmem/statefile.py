@@ -246,7 +246,9 @@ def format_description(info: Dict[str, Any]) -> str:
 
 def draw_cell_map(info: Dict[str, Any], png: Union[str, "os.PathLike[str]"]) -> None:
     """Draw each attention cache's cells (one row per stream, one colour per sequence, white for
-    empty) into a PNG; needs matplotlib (``pip install llmem[plot]``)."""
+    empty) into a PNG; needs matplotlib (``pip install llmem[plot]``). The cells are those of the
+    memory restored from the file: a restore places the saved cells afresh, so the map shows what
+    the file holds per stream, not where the cells lay in the memory that wrote it."""
     import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")
@@ -257,8 +259,7 @@ def draw_cell_map(info: Dict[str, Any], png: Union[str, "os.PathLike[str]"]) -> 
         raise ValueError("this state has no attention cells to draw")
     fig, axes = plt.subplots(len(maps), 1, figsize=(10, 1.2 + 0.6 * sum(m.shape[0] for _, m in maps)),
                              squeeze=False)
-    cmap = matplotlib.colormaps["tab20"].copy()
-    cmap.set_under("white")
+    cmap = matplotlib.colormaps["tab20"].with_extremes(under="white")
     for ax, (name, m) in zip(axes[:, 0], maps):
         ax.imshow(np.where(m < 0, -1, m % 20), aspect="auto", interpolation="nearest", cmap=cmap,
                   vmin=0, vmax=19)
