@@ -13,6 +13,7 @@ commits the micro-batches one at a time with ``apply()``, exactly like llama.cpp
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import operator
 import os
@@ -183,10 +184,18 @@ def _too_small(have: int, need: int) -> ValueError:
     return ValueError(f"buffer holds {have} bytes, the state needs {need}")
 
 
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _lock_of(memory: Any) -> Any:
+    """The memory's lock; none for a Memory subclass of the user's that has none."""
+    return getattr(memory, "_lock", None) or _NO_LOCK
+
+
 def _counted_write(method: Any) -> Any:
     @functools.wraps(method)
     def state_write(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:  # the depth and the totals are shared by the memory's threads
+        with _lock_of(self):  # the depth and the totals are shared by the memory's threads
             c = metrics.counters(self)
             c.depth += 1
             try:
@@ -204,7 +213,7 @@ def _counted_write(method: Any) -> Any:
 def _counted_write_into(method: Any) -> Any:
     @functools.wraps(method)
     def state_write_into(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
+        with _lock_of(self):
             c = metrics.counters(self)
             c.depth += 1
             try:
@@ -222,7 +231,7 @@ def _counted_write_into(method: Any) -> Any:
 def _counted_read(method: Any) -> Any:
     @functools.wraps(method)
     def state_read(self: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
+        with _lock_of(self):
             c = metrics.counters(self)
             c.depth += 1
             try:
@@ -277,7 +286,7 @@ class Memory(abc.ABC):
         cells used (per stream), sequences, tokens placed, plans failed for lack of room, state
         bytes written and read, restores refused, K-shifts. A few microseconds: cheap enough to
         call every step (examples/prometheus_exporter.py exports it)."""
-        with self._lock:
+        with _lock_of(self):
             return metrics.memory_stats(self)
 
     @property
