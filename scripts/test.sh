@@ -5,7 +5,10 @@
 #   2. builds and runs the same suite under AddressSanitizer + UndefinedBehaviorSanitizer,
 #   2b. builds the core's thread tests and the extension under ThreadSanitizer and runs them (and
 #       the Python thread tests against that extension),
-#   3. installs the package into a private virtualenv (build/test-venv) and runs pytest.
+#   3. installs the package into a private virtualenv (build/test-venv) and runs pytest,
+#   4. checks the type stubs of the compiled core, runs mypy --strict and basedpyright, builds the
+#      reference docs (Sphinx, warnings as errors) and a manylinux wheel that it installs into a
+#      fresh virtualenv of another Python version (scripts/wheel_check.sh).
 # Extra arguments go to pytest (e.g. scripts/test.sh -k batch).
 set -euo pipefail
 
@@ -45,6 +48,16 @@ for mod_pkg in scikit_build_core:scikit-build-core pybind11:pybind11 cmake:cmake
 done
 if [ ${#missing[@]} -gt 0 ]; then
     "$vpy" -m pip install -q "${missing[@]}"
+fi
+# the tools of the packaging, type, stub and docs checks (and the optional packages whose tests
+# would otherwise be skipped: prometheus-client, matplotlib)
+tools=()
+for mod_pkg in mypy:mypy basedpyright:basedpyright pybind11_stubgen:pybind11-stubgen sphinx:sphinx \
+               myst_parser:myst-parser prometheus_client:prometheus-client matplotlib:matplotlib; do
+    "$vpy" -c "import ${mod_pkg%%:*}" 2>/dev/null || tools+=("${mod_pkg#*:}")
+done
+if [ ${#tools[@]} -gt 0 ]; then
+    "$vpy" -m pip install -q "${tools[@]}"
 fi
 export PATH="$venv/bin:$PATH"   # the venv's cmake/ninja when they came from PyPI
 
@@ -101,3 +114,26 @@ case "$installed" in
     *) echo "llmem imports from $installed, not from the build under test" >&2; exit 1 ;;
 esac
 "$vpy" -m pytest -q "$@"
+
+timed() {  # name, command...: run a step and say how long it took
+    local name="$1" t0; shift
+    t0=$(date +%s)
+    "$@"
+    echo "$name: $(( $(date +%s) - t0 )) s"
+}
+
+step "type stubs of llmem._core against the built module"
+timed "stub check" env PYTHON="$vpy" scripts/gen_stubs.sh --check
+
+step "type checks: mypy --strict, basedpyright, type completeness"
+timed "type checks" env PYTHON="$vpy" scripts/typecheck.sh
+
+step "reference docs (Sphinx, warnings are errors)"
+timed "docs" "$vpy" -m sphinx -q -W --keep-going -b html docs build/docs
+
+step "manylinux wheel on another Python, installed without a compiler"
+if [ "${LLMEM_SKIP_WHEEL_CHECK:-0}" = 1 ]; then
+    echo "skipped (LLMEM_SKIP_WHEEL_CHECK=1)"
+else
+    timed "wheel check" scripts/wheel_check.sh
+fi

@@ -37,7 +37,8 @@ void register_errors(py::module_ & m) {
             PyErr_SetObject(cls.ptr(), exc.ptr());
         } catch (const llmem::state_error & e) {
             py::object cls = py::module_::import("llmem.errors").attr("StateError");
-            PyErr_SetObject(cls.ptr(), message_of(e).ptr());
+            py::object exc = cls(message_of(e), llmem::state_reject_name(e.reason()));
+            PyErr_SetObject(cls.ptr(), exc.ptr());
         } catch (const llmem::error & e) {
             py::object cls = py::module_::import("llmem.errors").attr("LlmemError");
             PyErr_SetObject(cls.ptr(), message_of(e).ptr());

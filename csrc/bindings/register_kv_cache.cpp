@@ -185,6 +185,17 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
         .def("k_buffer_bytes", &kv_cache::k_buffer_bytes, py::arg("layer"))
         .def("v_buffer_bytes", &kv_cache::v_buffer_bytes, py::arg("layer"))
         .def("total_bytes", &kv_cache::total_bytes)
+        .def("stats_counts",
+             [](const kv_cache & c) {
+                 py::list used;
+                 for (uint32_t s = 0; s < c.n_stream(); ++s) {
+                     used.append(c.used_in_stream(s));
+                 }
+                 return py::make_tuple(used, c.n_seqs_present(), c.counters().tokens_placed, c.counters().k_shifts);
+             },
+             "(cells used per stream, sequences holding cells, tokens placed, K-shifts) for stats().")
+        .def("usable_in_stream", [](const kv_cache & c, int64_t s) { return c.usable_in_stream(to_count(s, "stream")); },
+             py::arg("stream"), "Cells a slot search may take in `stream` now (empty, or out of every window).")
         .def("set_layer_buffers",
              [](kv_cache & c, int64_t l, py::handle k, py::handle v) {
                  const uint32_t layer = to_count(l, "layer");

@@ -262,6 +262,16 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
         .def_property_readonly("n_rs_seq", &llmem::rs_memory::n_rs_seq)
         .def_property_readonly("head", &llmem::rs_memory::head)
         .def_property_readonly("used", &llmem::rs_memory::used)
+        .def_property_readonly("tokens_placed", &llmem::rs_memory::tokens_placed)
+        .def_property_readonly("n_seqs_present",
+                               [](const py_rs_memory & mem) {
+                                   uint32_t n = 0;
+                                   for (int32_t q = 0; q < mem.n_seq_max(); ++q) {
+                                       n += mem.seq_pos_max(q) != -1 ? 1u : 0u;
+                                   }
+                                   return n;
+                               },
+                               "Number of sequence ids that hold a cell (for stats()).")
         .def_property_readonly("n", &llmem::rs_memory::n)
         .def_property_readonly("rs_z", &llmem::rs_memory::rs_z);
 

@@ -194,6 +194,26 @@ uint32_t kv_cache::used_count() const {
     return n;
 }
 
+uint32_t kv_cache::usable_in_stream(uint32_t stream) const {
+    const kv_cells & T = cells_.at(stream);
+    uint32_t         n = p_.kv_size - T.used_count();
+    if (p_.swa != swa_type::NONE) {
+        for (uint32_t c = T.next_used(0); c < p_.kv_size; c = T.next_used(c + 1)) {
+            n += T.seq_count(c) == 1 &&
+                 is_masked_swa(p_.n_swa, p_.swa, T.pos_get(c), T.seq_pos_max(T.seq_get(c)) + 1) ? 1u : 0u;
+        }
+    }
+    return n;
+}
+
+uint32_t kv_cache::n_seqs_present() const {
+    uint32_t n = 0;
+    for (int32_t seq = 0; seq < n_seq_ids_; ++seq) {
+        n += seq_pos_max(seq) != -1 ? 1u : 0u;
+    }
+    return n;
+}
+
 size_t kv_cache::k_row_bytes(uint32_t l) const { return kv_type_size(p_.type_k) * p_.n_embd_k.at(l); }
 size_t kv_cache::v_row_bytes(uint32_t l) const { return kv_type_size(p_.type_v) * p_.n_embd_v.at(l); }
 
@@ -828,6 +848,7 @@ void kv_cache::update() {
         for (auto & c : cells_) {
             c.reset_shift();
         }
+        ++counters_.k_shifts;
     }
 }
 
@@ -1219,7 +1240,7 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
     const uint32_t n_stream = rd.get<uint32_t>("n_stream");
     if (n_stream != n_stream_) {
         throw state_error("n_stream mismatch: the state has " + std::to_string(n_stream) + " streams, the cache " +
-                          std::to_string(n_stream_));
+                          std::to_string(n_stream_), state_reject::CONFIG_MISMATCH);
     }
     ps->streams.resize(n_stream);
     for (auto & st : ps->streams) {
@@ -1234,7 +1255,7 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
         }
         if (cc > p_.kv_size) {
             throw state_error("the state has " + std::to_string(cc) + " cells in stream " + std::to_string(s) +
-                              ", more than the cache size " + std::to_string(p_.kv_size));
+                              ", more than the cache size " + std::to_string(p_.kv_size), state_reject::CONFIG_MISMATCH);
         }
         // every cell takes at least its position and id count (and ext) in the bytes: a count the
         // remaining bytes cannot hold is refused before the per-cell arrays are sized by it
@@ -1296,7 +1317,7 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
                     if (seq == -1) {
                         if (id < 0 || id >= p_.n_seq_max) {
                             throw state_error("invalid seq_id " + std::to_string(id) + " in the state (n_seq_max " +
-                                              std::to_string(p_.n_seq_max) + ")");
+                                              std::to_string(p_.n_seq_max) + ")", state_reject::CONFIG_MISMATCH);
                         }
                         if (!cells_[s].holds_id(id)) {
                             throw state_error("seq_id " + std::to_string(id) + " listed in stream " +
@@ -1313,11 +1334,11 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
         const uint32_t n_lay   = rd.get<uint32_t>("n_layer");
         if (n_lay != n_layer()) {
             throw state_error("layer count mismatch: the state has " + std::to_string(n_lay) + ", the cache " +
-                              std::to_string(n_layer()));
+                              std::to_string(n_layer()), state_reject::CONFIG_MISMATCH);
         }
         if (v_trans > 1 || (v_trans != 0) != p_.v_trans) {
             throw state_error("v_trans mismatch: the state has " + std::to_string(v_trans) + ", the cache " +
-                              std::to_string(p_.v_trans ? 1 : 0));
+                              std::to_string(p_.v_trans ? 1 : 0), state_reject::CONFIG_MISMATCH);
         }
         st.k_data.resize(n_lay);
         st.v_data.resize(n_lay);
@@ -1326,11 +1347,11 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
             const uint64_t rb   = rd.get<uint64_t>("K row size");
             if (type != p_.type_k) {
                 throw state_error("K type mismatch in layer " + std::to_string(l) + ": state " + std::to_string(type) +
-                                  ", cache " + std::to_string(p_.type_k));
+                                  ", cache " + std::to_string(p_.type_k), state_reject::CONFIG_MISMATCH);
             }
             if (rb != k_row_bytes(l)) {
                 throw state_error("K row size mismatch in layer " + std::to_string(l) + ": state " +
-                                  std::to_string(rb) + ", cache " + std::to_string(k_row_bytes(l)));
+                                  std::to_string(rb) + ", cache " + std::to_string(k_row_bytes(l)), state_reject::CONFIG_MISMATCH);
             }
             st.k_data[l] = rd.take(size_t(rb) * cc, "K rows");
         }
@@ -1338,24 +1359,24 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
             const int32_t type = rd.get<int32_t>("V type");
             if (type != p_.type_v) {
                 throw state_error("V type mismatch in layer " + std::to_string(l) + ": state " + std::to_string(type) +
-                                  ", cache " + std::to_string(p_.type_v));
+                                  ", cache " + std::to_string(p_.type_v), state_reject::CONFIG_MISMATCH);
             }
             if (!p_.v_trans) {
                 const uint64_t rb = rd.get<uint64_t>("V row size");
                 if (rb != v_row_bytes(l)) {
                     throw state_error("V row size mismatch in layer " + std::to_string(l) + ": state " +
-                                      std::to_string(rb) + ", cache " + std::to_string(v_row_bytes(l)));
+                                      std::to_string(rb) + ", cache " + std::to_string(v_row_bytes(l)), state_reject::CONFIG_MISMATCH);
                 }
                 st.v_data[l] = rd.take(size_t(rb) * cc, "V rows");
             } else {
                 const uint32_t es = rd.get<uint32_t>("V element size");
                 const uint32_t ne = rd.get<uint32_t>("V n_embd");
                 if (es != kv_type_size(p_.type_v)) {
-                    throw state_error("V element size mismatch in layer " + std::to_string(l));
+                    throw state_error("V element size mismatch in layer " + std::to_string(l), state_reject::CONFIG_MISMATCH);
                 }
                 if (ne != p_.n_embd_v[l]) {
                     throw state_error("V n_embd mismatch in layer " + std::to_string(l) + ": state " +
-                                      std::to_string(ne) + ", cache " + std::to_string(p_.n_embd_v[l]));
+                                      std::to_string(ne) + ", cache " + std::to_string(p_.n_embd_v[l]), state_reject::CONFIG_MISMATCH);
                 }
                 st.v_data[l] = rd.take(size_t(es) * ne * cc, "transposed V");
             }
@@ -1612,7 +1633,7 @@ size_t kv_state_read_all(kv_cache * const * caches_p, size_t n_caches, const uin
     if (!then && n_caches == 1 && caches_p[0]->state_direct(parsed[0])) {
         // Whether the cells fit is known before anything changes: no journal to keep or undo.
         if (!caches_p[0]->state_fits(parsed[0])) {
-            throw state_error("failed to restore the sequence state: not enough free cells");
+            throw state_error("failed to restore the sequence state: not enough free cells", state_reject::NO_ROOM);
         }
         caches_p[0]->state_place_direct(parsed[0]);
         caches_p[0]->state_commit(parsed[0]);
@@ -1630,7 +1651,7 @@ size_t kv_state_read_all(kv_cache * const * caches_p, size_t n_caches, const uin
             caches[opened]->txn_begin();
             if (!caches[opened]->state_place(parsed[opened])) {
                 ++opened;
-                throw state_error("failed to restore the sequence state: not enough free cells");
+                throw state_error("failed to restore the sequence state: not enough free cells", state_reject::NO_ROOM);
             }
         }
         if (then) {
@@ -1796,6 +1817,7 @@ bool kv_context::apply() {
                     "are no longer free; call init_batch again");
     }
     cache_->apply_ubatch(slots_[i_cur_], ubatches_[i_cur_]);
+    cache_->count_placed(ubatches_[i_cur_].n_tokens);
     n_kv_    = cache_->get_n_kv(slots_[i_cur_]);
     applied_ = true;
     return true;

@@ -836,7 +836,7 @@ void rs_memory::parse_state(const uint8_t * data, size_t n_data, int32_t seq, pa
     ps.cell_count = rd.read<uint32_t>("cell count");
     if (ps.cell_count > size_) {
         throw state_error("the state has " + std::to_string(ps.cell_count) + " cells, more than the memory size " +
-                          std::to_string(size_));
+                          std::to_string(size_), state_reject::CONFIG_MISMATCH);
     }
     // each cell takes at least 8 bytes (position, id count): refuse a count the bytes cannot
     // hold before sizing anything by it
@@ -869,11 +869,11 @@ void rs_memory::parse_state(const uint8_t * data, size_t n_data, int32_t seq, pa
                 const int32_t x = rd.read<int32_t>("cell metadata");
                 if (x < 0 || x >= n_seq_max_) {
                     throw state_error("cell " + std::to_string(i) + " holds sequence id " + std::to_string(x) +
-                                      ", outside [0, " + std::to_string(n_seq_max_) + ")");
+                                      ", outside [0, " + std::to_string(n_seq_max_) + ")", state_reject::CONFIG_MISMATCH);
                 }
                 if (uint32_t(x) >= size_) {
                     throw state_error("cell " + std::to_string(i) + " holds sequence id " + std::to_string(x) +
-                                      ", which needs a memory of more than " + std::to_string(size_) + " cells");
+                                      ", which needs a memory of more than " + std::to_string(size_) + " cells", state_reject::CONFIG_MISMATCH);
                 }
                 if (seen[size_t(x)]) {
                     throw state_error("sequence id " + std::to_string(x) + " appears twice in the state");
@@ -889,21 +889,21 @@ void rs_memory::parse_state(const uint8_t * data, size_t n_data, int32_t seq, pa
     const uint32_t n_layer = rd.read<uint32_t>("data header");
     if (n_layer != bufs_.n_layer_total) {
         throw state_error("the state has " + std::to_string(n_layer) + " layers, the memory has " +
-                          std::to_string(bufs_.n_layer_total));
+                          std::to_string(bufs_.n_layer_total), state_reject::CONFIG_MISMATCH);
     }
     if (s_trans != 0) {
-        throw state_error("transposed recurrent states (s_trans " + std::to_string(s_trans) + ") are not supported");
+        throw state_error("transposed recurrent states (s_trans " + std::to_string(s_trans) + ") are not supported", state_reject::CONFIG_MISMATCH);
     }
     auto check_layer = [&](const char * kind, size_t l, int32_t own_type, uint64_t own_row) {
         const int32_t  type = rd.read<int32_t>("layer header");
         const uint64_t row  = rd.read<uint64_t>("layer header");
         if (type != own_type) {
             throw state_error(std::string(kind) + " of present layer " + std::to_string(l) + " has type " +
-                              std::to_string(type) + ", the memory uses " + std::to_string(own_type));
+                              std::to_string(type) + ", the memory uses " + std::to_string(own_type), state_reject::CONFIG_MISMATCH);
         }
         if (row != own_row) {
             throw state_error(std::string(kind) + " of present layer " + std::to_string(l) + " has rows of " +
-                              std::to_string(row) + " bytes, the memory's are " + std::to_string(own_row));
+                              std::to_string(row) + " bytes, the memory's are " + std::to_string(own_row), state_reject::CONFIG_MISMATCH);
         }
         return rd.skip_rows(ps.cell_count, row, kind);
     };
@@ -980,7 +980,7 @@ size_t rs_memory::state_read(const uint8_t * data, size_t n_data, int32_t seq, u
             if (!placed) {
                 roll_back();
                 throw state_error("no cell for sequence " + std::to_string(seq) + " (ids must be below mem_size " +
-                                  std::to_string(size_) + ")");
+                                  std::to_string(size_) + ")", state_reject::NO_ROOM);
             }
             set_src(head_, int32_t(head_));
             first = head_;
@@ -1060,6 +1060,7 @@ bool rs_context::apply() {
                     "be applied or iterated again; plan the batch again with init_batch)");
     }
     mem_->find_slot(ubatches_[i_]);  // result ignored, as llama.cpp: prepare() already checked it
+    mem_->count_placed(ubatches_[i_].n_tokens);
     applied_ = true;
     new_ubatch();
     return true;

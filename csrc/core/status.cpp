@@ -47,4 +47,14 @@ const char * batch_reject_name(batch_reject r) {
     return "UNKNOWN";
 }
 
+const char * state_reject_name(state_reject r) {
+    switch (r) {
+        case state_reject::CORRUPT:         return "CORRUPT";
+        case state_reject::NO_ROOM:         return "NO_ROOM";
+        case state_reject::CONFIG_MISMATCH: return "CONFIG_MISMATCH";
+        case state_reject::VERSION:         return "VERSION";
+    }
+    return "CORRUPT";
+}
+
 } // namespace llmem

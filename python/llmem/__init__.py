@@ -8,17 +8,18 @@ from __future__ import annotations
 
 try:
     from . import _core
-except ImportError as exc:  # pragma: no cover - only without a build
+except ImportError as _exc:  # pragma: no cover - only without a build
     raise ImportError(
         "llmem's compiled core (llmem._core) is missing: install the package with "
         "'pip install .' (or 'pip install -e . --no-build-isolation' for development)"
-    ) from exc
+    ) from _exc
 
 from .batch import Batch, BatchAllocator, UBatch
-from .errors import BatchError, LlmemError, StaleContextError, StateError
+from .errors import BatchError, LlmemError, NoRoom, StaleContextError, StateError
 from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, PagedKV, Rope
 from .memory import STATE_HEADER, Memory, MemoryContext
+from .metrics import MemoryStats
 from .recurrent import RecurrentContext, RecurrentMemory
 from .factory import from_gguf, from_hparams
 from .hparams import ModelHParams, read_gguf_hparams
@@ -27,7 +28,7 @@ from .prefix import PrefixCache
 from .status import Status, SWAType, status_combine, status_is_fail
 from ._capi import get_cmake_dir, get_include
 
-__version__: str = _core.__version__
+from ._version import __version__
 
 __all__ = [
     "Batch",
@@ -46,7 +47,9 @@ __all__ = [
     "Memory",
     "MemoryContext",
     "MemoryPlan",
+    "MemoryStats",
     "ModelHParams",
+    "NoRoom",
     "PagedKV",
     "plan_memory",
     "PrefixCache",

@@ -7,6 +7,7 @@ holding ``memory.lock``, so another thread cannot change them halfway through th
 """
 
 import numbers
+from typing import Any
 
 from . import _core
 from ._core import Batch, UBatch
@@ -17,7 +18,7 @@ __all__ = ["Batch", "BatchAllocator", "UBatch"]
 class BatchAllocator(_core.BatchAllocator):
     __doc__ = _core.BatchAllocator.__doc__
 
-    def __init__(self, n_seq_max: int, n_vocab=None, n_embd=None, n_pos_per_embd: int = 1) -> None:
+    def __init__(self, n_seq_max: int, n_vocab: Any = None, n_embd: Any = None, n_pos_per_embd: int = 1) -> None:
         # named TypeErrors instead of pybind11's list of accepted signatures
         for name, value in (("n_seq_max", n_seq_max), ("n_vocab", n_vocab), ("n_embd", n_embd),
                             ("n_pos_per_embd", n_pos_per_embd)):
@@ -28,7 +29,7 @@ class BatchAllocator(_core.BatchAllocator):
         _core.BatchAllocator.__init__(self, int(n_seq_max), None if n_vocab is None else int(n_vocab),
                                       None if n_embd is None else int(n_embd), int(n_pos_per_embd))
 
-    def init(self, batch, memory=None, output_all: bool = False) -> None:
+    def init(self, batch: Any, memory: Any = None, output_all: bool = False) -> None:
         """Validate ``batch`` (positions checked against and filled from ``memory``, read under
         ``memory.lock``); raises BatchError and leaves the allocator as it was."""
         lock = getattr(memory, "_lock", None)

@@ -16,7 +16,7 @@ import argparse
 import dataclasses
 import sys
 import time
-from typing import List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class _Request:
     pending: List[int] = dataclasses.field(default_factory=list)  # tokens still to decode
     n_fed: int = 0
     generated: int = 0
-    outputs: list = dataclasses.field(default_factory=list)        # (history index, logits)
+    outputs: List[Any] = dataclasses.field(default_factory=list)        # (history index, logits)
     comparable_until: Optional[int] = None   # outputs at this index and later are not comparable
     parked: int = 0                           # steps left while its state is saved away
     shifted: bool = False
@@ -119,7 +119,7 @@ class _Progress:
             self.stream.flush()
 
 
-def _new_memory(model: ToyModel, arch: str, n_ctx: int, n_seq_max: int, n_ubatch: int):
+def _new_memory(model: ToyModel, arch: str, n_ctx: int, n_seq_max: int, n_ubatch: int) -> Any:
     if arch == "iswa":
         # a full-size window cache: the K-shift of a context shift needs both caches equal
         return model.new_memory(n_ctx, n_seq_max, swa_full=True, n_ubatch=n_ubatch)
@@ -248,7 +248,7 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
         report.peak_cells = max(report.peak_cells, memory.used)
         if recurrent_part is not None:
             report.peak_recurrent_cells = max(report.peak_recurrent_cells, recurrent_part.used)
-        fed: dict = {}
+        fed: Dict[Any, Any] = {}
         for req, _, _ in entries:
             fed[req.index] = fed.get(req.index, 0) + 1
         with clock:
@@ -299,7 +299,7 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
                     memory.seq_rm(req.seq, -1, -1)
                 req.parked = 3
                 report.save_restore = (f"request {req.index} (seq {req.seq}) at {req.n_fed} tokens: "
-                                       f"{len(req.saved) / 1024:.1f} KiB saved, sequence removed for "
+                                       f"{len(req.saved or b'') / 1024:.1f} KiB saved, sequence removed for "
                                        f"3 steps, restored")
         bar.update(finished, report.steps)
     bar.close()
@@ -342,7 +342,7 @@ def _context_shift(model: ToyModel, cache: PrefixCache, req: _Request, report: D
                        else "; the state has no positions, all outputs verified"))
 
 
-def _verify(model: ToyModel, requests: List[_Request], verify: int, rng, report: DemoReport) -> None:
+def _verify(model: ToyModel, requests: List[_Request], verify: int, rng: Any, report: DemoReport) -> None:
     special = [r for r in requests if r.shifted or r.saved is not None]
     others = [r for r in requests if r not in special]
     picked = special + [others[i] for i in sorted(rng.permutation(len(others))[:max(0, verify)])]

@@ -61,7 +61,7 @@ def from_hparams(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, *,
     raise AssertionError(f"unknown memory kind {kind!r}")  # pragma: no cover
 
 
-def from_gguf(path: Union[str, os.PathLike], n_ctx: int, n_seq_max: int = 1, *,
+def from_gguf(path: Union[str, "os.PathLike[str]"], n_ctx: int, n_seq_max: int = 1, *,
               classes: Optional[Mapping[str, Any]] = None, **plan_kwargs: Any) -> Any:
     """Read ``path``'s hyper-parameters (metadata only) and build its memory; see
     :func:`from_hparams`."""

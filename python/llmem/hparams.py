@@ -62,7 +62,7 @@ _REQUIRED = {
 }
 
 
-def _arr(values: Sequence[Any], n: int, name: str, cast=int) -> Tuple[Any, ...]:
+def _arr(values: Sequence[Any], n: int, name: str, cast: Any = int) -> Tuple[Any, ...]:
     values = tuple(cast(v) for v in values)
     if len(values) != n:
         raise ValueError(f"{name} must have one entry per layer ({n}), got {len(values)}")
@@ -135,7 +135,7 @@ class ModelHParams:
 
         # llama.cpp derives head sizes from layer 0's head count (n_head() without an index),
         # so a hybrid whose layer 0 has no attention needs explicit key/value lengths
-        n_head0 = self.n_head[0]
+        n_head0 = self.n_head[0]  # type: ignore[index]  # fields normalised by __post_init__
         if self.n_embd_head_k is None:
             set_(self, "n_embd_head_k", self.n_embd // n_head0 if n_head0 > 0 else 0)
         if self.n_embd_head_v is None:
@@ -163,7 +163,7 @@ class ModelHParams:
         if swa is None:
             swa = (False,) * n
         set_(self, "swa_layers", tuple(bool(x) for x in _arr(swa, n, "swa_layers", bool)))
-        if any(self.swa_layers) and self.swa_type == SWAType.NONE:
+        if any(self.swa_layers) and self.swa_type == SWAType.NONE:  # type: ignore[arg-type]  # fields normalised by __post_init__
             raise ValueError("swa_layers marks sliding-window layers but swa_type is NONE")
 
     # -- per-layer queries (llama_hparams' vocabulary) -------------------------------------
@@ -175,23 +175,23 @@ class ModelHParams:
 
     def n_head_at(self, il: int) -> int:
         """Query heads of layer ``il``."""
-        return self.n_head[self._check(il)]
+        return self.n_head[self._check(il)]  # type: ignore[index]  # fields normalised by __post_init__
 
     def n_head_kv_at(self, il: int) -> int:
         """KV heads of layer ``il`` (0 for layers without attention)."""
-        return self.n_head_kv[self._check(il)]
+        return self.n_head_kv[self._check(il)]  # type: ignore[index]  # fields normalised by __post_init__
 
     def n_ff_at(self, il: int) -> int:
         """Feed-forward width of layer ``il``."""
-        return self.n_ff[self._check(il)]
+        return self.n_ff[self._check(il)]  # type: ignore[index]  # fields normalised by __post_init__
 
     def n_embd_k_gqa(self, il: int) -> int:
         """K row width of layer ``il``: head size x KV heads (llama_hparams::n_embd_k_gqa)."""
-        return self.n_embd_head_k * self.n_head_kv_at(il)
+        return self.n_embd_head_k * self.n_head_kv_at(il)  # type: ignore[operator]  # fields normalised by __post_init__
 
     def n_embd_v_gqa(self, il: int) -> int:
         """V row width of layer ``il``: head size x KV heads (llama_hparams::n_embd_v_gqa)."""
-        return self.n_embd_head_v * self.n_head_kv_at(il)
+        return self.n_embd_head_v * self.n_head_kv_at(il)  # type: ignore[operator]  # fields normalised by __post_init__
 
     def n_embd_v_gqa_max(self) -> int:
         """Widest V row over *all* model layers; llama.cpp sizes transposed V with it."""
@@ -199,7 +199,7 @@ class ModelHParams:
 
     def is_recurrent(self, il: int) -> bool:
         """Whether layer ``il`` keeps a recurrent state (llama_hparams::is_recurrent)."""
-        return self.recurrent_layers[self._check(il)]
+        return self.recurrent_layers[self._check(il)]  # type: ignore[index]  # fields normalised by __post_init__
 
     def has_attention(self, il: int) -> bool:
         """Whether the attention KV cache allocates rows for layer ``il``.
@@ -208,15 +208,15 @@ class ModelHParams:
         ``not is_recurrent`` for most hybrids, every layer for Falcon-H1 (attention and SSM run
         in parallel), and attention-only layers (no FFN) for Nemotron-H.
         """
-        return self.attention_layers[self._check(il)]
+        return self.attention_layers[self._check(il)]  # type: ignore[index]  # fields normalised by __post_init__
 
     def is_swa_layer(self, il: int) -> bool:
         """Whether layer ``il`` uses sliding-window attention (llama_hparams::is_swa)."""
-        return self.swa_layers[self._check(il)]
+        return self.swa_layers[self._check(il)]  # type: ignore[index]  # fields normalised by __post_init__
 
     def is_swa_any(self) -> bool:
         """Whether any layer slides (llama_hparams::is_swa_any)."""
-        return any(self.swa_layers)
+        return any(self.swa_layers)  # type: ignore[arg-type]  # fields normalised by __post_init__
 
     def n_embd_r(self, il: int) -> int:
         """Width of layer ``il``'s R (convolution / token-shift) state row; 0 if not recurrent.
@@ -248,11 +248,11 @@ class ModelHParams:
 
     def rope_freq_base_at(self, il: int) -> float:
         """RoPE base used to shift layer ``il`` (SWA layers may have their own)."""
-        return self.rope_freq_base_swa if self.is_swa_layer(il) else self.rope_freq_base
+        return self.rope_freq_base_swa if self.is_swa_layer(il) else self.rope_freq_base  # type: ignore[return-value]  # fields normalised by __post_init__
 
     def rope_freq_scale_at(self, il: int) -> float:
         """RoPE frequency scale used to shift layer ``il``."""
-        return self.rope_freq_scale_swa if self.is_swa_layer(il) else self.rope_freq_scale
+        return self.rope_freq_scale_swa if self.is_swa_layer(il) else self.rope_freq_scale  # type: ignore[return-value]  # fields normalised by __post_init__
 
     # -- whole-model facts ------------------------------------------------------------------
     @property
@@ -307,19 +307,19 @@ class ModelHParams:
             base, scale = self.rope_freq_base, self.rope_freq_scale
         else:
             base, scale = self.rope_freq_base_at(il), self.rope_freq_scale_at(il)
-        return {"n_rot": int(self.n_rot), "freq_base": float(base), "freq_scale": float(scale),
+        return {"n_rot": int(self.n_rot), "freq_base": float(base), "freq_scale": float(scale),  # type: ignore[arg-type]  # fields normalised by __post_init__
                 "mode": mode}
 
     def recurrent_layer_ids(self) -> Tuple[int, ...]:
         """Ids of the layers with recurrent state."""
-        return tuple(il for il in range(self.n_layer) if self.recurrent_layers[il])
+        return tuple(il for il in range(self.n_layer) if self.recurrent_layers[il])  # type: ignore[index]  # fields normalised by __post_init__
 
     def attention_layer_ids(self) -> Tuple[int, ...]:
         """Ids of the layers the attention KV cache allocates."""
-        return tuple(il for il in range(self.n_layer) if self.attention_layers[il])
+        return tuple(il for il in range(self.n_layer) if self.attention_layers[il])  # type: ignore[index]  # fields normalised by __post_init__
 
 
-def _default_recurrent_layers(arch: str, n_head_kv, n_ff, n: int) -> Tuple[bool, ...]:
+def _default_recurrent_layers(arch: str, n_head_kv: Any, n_ff: Any, n: int) -> Tuple[bool, ...]:
     # llama.cpp's per-architecture recurrent_layer_arr rules
     if arch in RECURRENT_ARCHS or arch == "falcon-h1":
         return (True,) * n      # pure recurrent; Falcon-H1 runs an SSM in every layer
@@ -333,7 +333,7 @@ def _default_recurrent_layers(arch: str, n_head_kv, n_ff, n: int) -> Tuple[bool,
     return (False,) * n
 
 
-def _default_attention_layers(arch: str, recurrent, n_ff, n: int) -> Tuple[bool, ...]:
+def _default_attention_layers(arch: str, recurrent: Any, n_ff: Any, n: int) -> Tuple[bool, ...]:
     # llama.cpp's attention layer filter in llama_model::create_memory
     if arch in RECURRENT_ARCHS:
         return (False,) * n
@@ -412,7 +412,7 @@ def hparams_from_metadata(kv: Dict[str, Any]) -> ModelHParams:
 
     n_ff = m.key_or_arr("feed_forward_length", n_layer, 0)
     n_head = m.key_or_arr("attention.head_count", n_layer, 0)
-    n_head_kv = m.key_or_arr("attention.head_count_kv", n_layer, None)
+    n_head_kv = m.key_or_arr("attention.head_count_kv", n_layer, None)  # type: ignore[arg-type]  # fields normalised by __post_init__
     if n_head_kv is None:
         n_head_kv = n_head
     n_head0 = n_head if isinstance(n_head, int) else n_head[0]
@@ -500,22 +500,11 @@ def _swa_pattern(n_layer: int, n_pattern: int) -> Tuple[bool, ...]:
     return tuple(il % n_pattern < n_pattern - 1 for il in range(n_layer))
 
 
-def _field_value(f) -> Any:
-    if hasattr(f, "contents"):  # gguf >= 0.11
-        return f.contents()
-    from gguf import GGUFValueType  # older gguf: decode the parts by hand
-
-    vtype = f.types[0] if f.types else None
-    if vtype == GGUFValueType.ARRAY:
-        if f.types[-1] == GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
-        return [f.parts[i].tolist()[0] for i in f.data]
-    if vtype == GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-    return f.parts[f.data[0]].tolist()[0]
+def _field_value(f: Any) -> Any:
+    return f.contents()  # gguf's own decoding of a field (gguf >= 0.11)
 
 
-def read_gguf_metadata(path: Union[str, os.PathLike], prefixes: Optional[Sequence[str]] = None
+def read_gguf_metadata(path: Union[str, "os.PathLike[str]"], prefixes: Optional[Sequence[str]] = None
                        ) -> Dict[str, Any]:
     """Read the key/values of a GGUF file (metadata only; tensors are not loaded).
 
@@ -524,7 +513,7 @@ def read_gguf_metadata(path: Union[str, os.PathLike], prefixes: Optional[Sequenc
     try:
         from gguf import GGUFReader
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("reading GGUF files needs the 'gguf' package: pip install gguf") from exc
+        raise ImportError("reading GGUF files needs the 'gguf' package: pip install llmem[gguf]") from exc
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such GGUF file: {path}")
@@ -542,7 +531,7 @@ def read_gguf_metadata(path: Union[str, os.PathLike], prefixes: Optional[Sequenc
     return out
 
 
-def read_gguf_hparams(path: Union[str, os.PathLike]) -> ModelHParams:
+def read_gguf_hparams(path: Union[str, "os.PathLike[str]"]) -> ModelHParams:
     """Read a model's memory hyper-parameters from a GGUF file's metadata.
 
     Applies llama.cpp's per-architecture rules (which layers are recurrent, which slide, head

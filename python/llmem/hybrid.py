@@ -22,9 +22,9 @@ Unlike llama.cpp, an operation that fails on either side leaves *both* sides exa
 from __future__ import annotations
 
 import operator
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Dict, List, Sequence, Union
 
-from . import _core
+from . import _core, metrics
 from .errors import LlmemError
 from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext, _decode_step_general
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
@@ -43,7 +43,7 @@ _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 LayerPattern = Union[None, Callable[[int], bool], Sequence[bool]]
 
 
-def _int(name: str, value) -> int:
+def _int(name: str, value: Any) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, not bool")
     try:
@@ -59,11 +59,11 @@ class HybridContext(MemoryContext):
     """One plan over both parts. ``attn`` and ``recr`` are the sub-contexts the model's attention
     and recurrent layers read (``ctx.attn.kq_mask()``, ``ctx.recr.get_s(il)``, ...)."""
 
-    __slots__ = ("attn", "recr", "_status", "_i", "_n")
+    __slots__ = ("attn", "recr", "_status", "_i", "_n", "_no_room")
 
     def __init__(self, attn: MemoryContext, recr: RecurrentContext, status: Status) -> None:
-        self.attn = attn
-        self.recr = recr
+        self.attn: MemoryContext = attn
+        self.recr: RecurrentContext = recr
         self._status = Status(status)
         self._i = 0
         self._n = recr.n_ubatches if not status_is_fail(status) else 0
@@ -97,7 +97,7 @@ class HybridContext(MemoryContext):
             self.recr._memory._lock.release()
 
     @property
-    def ubatch(self):
+    def ubatch(self) -> Any:
         return self.recr.ubatch
 
     @property
@@ -166,20 +166,20 @@ class HybridMemory(Memory):
         return self._pattern[il]
 
     @property
-    def _pos_source(self):
+    def _pos_source(self) -> Any:
         return self._positions
 
-    def _attn_caches(self, flags: int) -> list:
+    def _attn_caches(self, flags: int) -> List[Any]:
         return [self._attn._core] if not flags & STATE_PARTIAL_ONLY else []
 
-    def _attn_context(self, base_ctx, swa_ctx) -> MemoryContext:
+    def _attn_context(self, base_ctx: Any, swa_ctx: Any) -> MemoryContext:
         return KVCacheContext(self._attn, base_ctx, self._attn._version)
 
     def _touch(self) -> None:
         self._attn._touch()
         self._recr._touch()
 
-    def _attn_cores(self):
+    def _attn_cores(self) -> Any:
         return self._attn._core, None
 
     # -- batches -----------------------------------------------------------------------------------
@@ -197,8 +197,13 @@ class HybridMemory(Memory):
             base, swa = self._attn_cores()
             status, cb, cs, cr = _core.hybrid_init_batch(balloc, n_ubatch, bool(embd_all), base, swa,
                                                          self._recr._mem)
-            return HybridContext(self._attn_context(cb, cs), RecurrentContext(self._recr, cr, self._recr._version),
-                                 status)
+            ctx = HybridContext(self._attn_context(cb, cs), RecurrentContext(self._recr, cr, self._recr._version),
+                                status)
+            if ctx.status == Status.FAILED_PREPARE:  # no room: ctx.no_room, stats, log
+                caches = ([(self._attn, "kv")] if isinstance(self._attn, KVCache) else
+                          [(self._attn.base, "kv"), (self._attn.swa, "kv_swa")])
+                metrics.plan_failed(self, ctx, balloc, caches)
+            return ctx
         finally:
             self._lock.release()
 
@@ -340,14 +345,14 @@ class HybridMemory(Memory):
         return self._attn.n_seq_max
 
     @locked
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         return {"attn": self._attn.cells(), "recr": self._recr.cells()}
 
     # -- state -------------------------------------------------------------------------------------
 
     _STATE_KIND = 4
 
-    def _state_parts(self):
+    def _state_parts(self) -> Any:
         return self._attn_caches(0), self._recr._mem
 
     @locked
@@ -364,7 +369,7 @@ class HybridMemory(Memory):
         parts.append(self._recr.state_write(seq_id, flags))
         return self._with_state_header(b"".join(parts), seq_id, header_flags)
 
-    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+    def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:
         """Restore bytes of :meth:`state_write` into the whole memory (-1) or one sequence.
         All or nothing: on :class:`~llmem.StateError` neither part has changed."""
         data, flags = self._without_state_header(data, seq_id, flags)
@@ -431,17 +436,18 @@ class HybridISWAMemory(HybridMemory):
 
     _attn_type = KVCacheISWA
 
-    def _attn_caches(self, flags: int) -> list:
-        a = self._attn
+    def _attn_caches(self, flags: int) -> List[Any]:
+        a: KVCacheISWA = self._attn  # type: ignore[assignment]  # _attn_type
         return [a.swa._core] if flags & STATE_PARTIAL_ONLY else [a.base._core, a.swa._core]
 
-    def _attn_context(self, base_ctx, swa_ctx) -> MemoryContext:
-        a = self._attn
+    def _attn_context(self, base_ctx: Any, swa_ctx: Any) -> MemoryContext:
+        a: KVCacheISWA = self._attn  # type: ignore[assignment]  # _attn_type
         return KVCacheISWAContext(a, KVCacheContext(a.base, base_ctx, a.base._version),
                                   KVCacheContext(a.swa, swa_ctx, a.swa._version))
 
-    def _attn_cores(self):
-        return self._attn.base._core, self._attn.swa._core
+    def _attn_cores(self) -> Any:
+        a: KVCacheISWA = self._attn  # type: ignore[assignment]  # _attn_type
+        return a.base._core, a.swa._core
 
     _STATE_KIND = 5
 

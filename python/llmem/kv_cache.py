@@ -14,13 +14,16 @@ Element types are float16, float32 or bfloat16 (stored as uint16 bit patterns).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-from typing import Callable, Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _core
 from .batch import Batch, UBatch
+from . import metrics
 from .errors import LlmemError
 from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
 from .status import Status, SWAType, status_combine
@@ -79,7 +82,7 @@ class Rope:
         return self.mode == "neox"
 
 
-def _as_rope(rope) -> Optional[Rope]:
+def _as_rope(rope: Any) -> Optional[Rope]:
     if rope is None or isinstance(rope, Rope):
         return rope
     if isinstance(rope, dict):
@@ -87,7 +90,7 @@ def _as_rope(rope) -> Optional[Rope]:
     raise TypeError(f"rope must be a llmem.Rope, a dict or None, not {type(rope).__name__}")
 
 
-def _kv_type(dtype, name: str) -> tuple[int, np.dtype]:
+def _kv_type(dtype: Any, name: str) -> tuple[int, np.dtype]:
     """(ggml type id, numpy storage dtype) of a dtype argument."""
     if isinstance(dtype, str) and dtype.lower() in ("bf16", "bfloat16"):
         return _TYPE_BF16, np.dtype(np.uint16)
@@ -120,7 +123,7 @@ def _to_storage(values: np.ndarray, type_id: int, name: str) -> np.ndarray:
     return values
 
 
-def _per_layer(value, n_layer: int, name: str) -> list[int]:
+def _per_layer(value: Any, n_layer: int, name: str) -> list[int]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         vals = [int(value)] * n_layer
     else:
@@ -145,7 +148,7 @@ _SEQ_MAX_LIMIT = 1 << 16
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 
 
-def _check_int(value, name: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
+def _check_int(value: Any, name: str, minimum: int = 0, maximum: int = 2**63 - 1) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -155,7 +158,7 @@ def _check_int(value, name: str, minimum: int = 0, maximum: int = 2**63 - 1) -> 
     return int(value)
 
 
-def _i32(value, name: str) -> int:
+def _i32(value: Any, name: str) -> int:
     """An int32 argument (positions, shifts); TypeError/ValueError naming it otherwise."""
     if type(value) is int and _I32_MIN <= value <= _I32_MAX:
         return value
@@ -175,10 +178,12 @@ class KVCache(Memory):
     __slots__ = ("_core", "_k", "_v", "_layers", "_layer_index", "_type_k", "_type_v", "_rope",
                  "_vt", "_ev", "_own_balloc", "_lock", "_version")
 
-    def __init__(self, n_layer: int, n_embd_k_gqa, n_embd_v_gqa, kv_size: int, n_seq_max: int = 1,
-                 dtype_k=np.float16, dtype_v=np.float16, v_trans: bool = True, unified: bool = True,
-                 n_pad: int = 1, n_swa: int = 0, swa_type=SWAType.NONE,
-                 layer_filter: Optional[Callable[[int], bool]] = None, rope=None,
+    def __init__(self, n_layer: int, n_embd_k_gqa: Union[int, Sequence[int]],
+                 n_embd_v_gqa: Union[int, Sequence[int]], kv_size: int, n_seq_max: int = 1,
+                 dtype_k: "npt.DTypeLike" = np.float16, dtype_v: "npt.DTypeLike" = np.float16,
+                 v_trans: bool = True, unified: bool = True,
+                 n_pad: int = 1, n_swa: int = 0, swa_type: Union[SWAType, int] = SWAType.NONE,
+                 layer_filter: Optional[Callable[[int], bool]] = None, rope: Optional[Rope] = None,
                  n_pos_per_embd: int = 1) -> None:
         n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
         kv_size = _check_int(kv_size, "kv_size", 1)
@@ -227,7 +232,7 @@ class KVCache(Memory):
 
     # -- argument checks -------------------------------------------------------------------------
 
-    def _seq(self, seq_id, name: str = "seq_id", allow_all: bool = False) -> int:
+    def _seq(self, seq_id: Any, name: str = "seq_id", allow_all: bool = False) -> int:
         """A sequence id argument as an int32 (TypeError/ValueError naming it otherwise). Its range
         is llama.cpp's, checked by the core: a unified cache accepts any id below 256 (and answers
         as for an empty sequence), a multi-stream cache ids below n_seq_max; the recorded oracle
@@ -238,7 +243,7 @@ class KVCache(Memory):
 
     # -- buffers -------------------------------------------------------------------------------
 
-    def _layer(self, il) -> int:
+    def _layer(self, il: Any) -> int:
         try:
             return self._layer_index[il]
         except (KeyError, TypeError):
@@ -277,7 +282,7 @@ class KVCache(Memory):
     # -- Memory interface ------------------------------------------------------------------------
 
     @property
-    def _pos_source(self):
+    def _pos_source(self) -> Any:
         return self._core
 
     def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int,
@@ -290,7 +295,10 @@ class KVCache(Memory):
         self._lock.acquire()
         try:
             balloc = self._allocator_for(balloc_or_batch)
-            return KVCacheContext(self, self._core.init_batch(balloc, n_ubatch), self._version)
+            ctx = KVCacheContext(self, self._core.init_batch(balloc, n_ubatch), self._version)
+            if ctx._ctx.status == Status.FAILED_PREPARE:  # no room: ctx.no_room, stats, log
+                metrics.plan_failed(self, ctx, balloc, [(self, "kv")])
+            return ctx
         finally:
             self._lock.release()
 
@@ -394,13 +402,13 @@ class KVCache(Memory):
 
     # The position queries are the most frequent calls of a server's loop (one per sequence per
     # step): the lock is taken inline rather than through @locked, which costs them a third.
-    def _position(self, query, seq_id) -> int:
+    def _position(self, query: Any, seq_id: Any) -> int:
         if type(seq_id) is not int or not _I32_MIN <= seq_id <= _I32_MAX:
             seq_id = self._seq(seq_id)
         lock = self._lock
         lock.acquire()
         try:
-            return query(seq_id)
+            return query(seq_id)  # type: ignore[no-any-return]
         finally:
             lock.release()
 
@@ -446,7 +454,7 @@ class KVCache(Memory):
         return self._core.n_seq_max
 
     @locked
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         """Snapshot of the cell metadata: ``pos`` and ``shift`` ``[n_stream, size]``, ``n_seq``
         (sequences per cell), ``seq_ids`` (per stream, the ids of its cells concatenated in cell
         order), ``seqs`` (per stream, a list of per-cell tuples), ``head`` (per stream)."""
@@ -468,10 +476,10 @@ class KVCache(Memory):
 
     _STATE_KIND = 1
 
-    def _state_parts(self):
+    def _state_parts(self) -> Any:
         return [self._core], None
 
-    def _state_seq(self, seq_id, flags) -> int:
+    def _state_seq(self, seq_id: Any, flags: Any) -> int:
         """The checked sequence id of a state call (and its flags checked): for the state calls,
         which take the lock themselves rather than through @locked."""
         if type(flags) is not int or flags:
@@ -500,7 +508,7 @@ class KVCache(Memory):
         seq = self._state_seq(seq_id, flags)
         return self._header_size(seq, flags) + self._core.state_size(seq)
 
-    def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
+    def state_write_into(self, buffer: Any, seq_id: int = -1, flags: int = 0) -> int:
         """``state_write(seq_id, flags)``'s bytes written straight into the start of ``buffer`` (a
         bytearray, numpy uint8 array, mmap, shared memory...; reused, nothing allocated); returns
         their number. TypeError for a read-only or non-contiguous buffer; ValueError naming both
@@ -516,7 +524,7 @@ class KVCache(Memory):
         finally:
             lock.release()
 
-    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+    def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:
         """Restore bytes of ``state_write`` (whole cache, or one sequence into ``seq_id``) from any
         bytes-like object, read in place. On any failure raises :class:`StateError` and leaves
         cells and K/V buffers unchanged."""
@@ -551,12 +559,12 @@ class KVCacheContext(MemoryContext):
     ``kq_cells`` the same visibility as per-token cell lists.
     """
 
-    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version")
+    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version", "_no_room")
 
-    def __init__(self, cache: KVCache, ctx, version: Optional[int] = None) -> None:
+    def __init__(self, cache: KVCache, ctx: _core.KVContext, version: Optional[int] = None) -> None:
         self._cache = cache
         self._ctx = ctx
-        self._kidx = None
+        self._kidx: Optional[np.ndarray] = None
         self._kidx_at = -1
         # the cache's version the plan is valid for (None: a full context, valid at any time)
         self._version = version
@@ -646,7 +654,7 @@ class KVCacheContext(MemoryContext):
         if self._kidx_at != i:
             self._kidx = self._ctx.k_idxs()
             self._kidx_at = i
-        return self._kidx
+        return self._kidx  # type: ignore[return-value]  # set above
 
     def v_idxs(self, out=None) -> np.ndarray:
         """V destinations: as ``k_idxs`` without ``v_trans``; with it, the flat element index of
@@ -707,7 +715,7 @@ class KVCacheContext(MemoryContext):
         finally:
             self._cache._lock.release()
 
-    def cpy_k(self, il: int, k_cur) -> None:
+    def cpy_k(self, il: int, k_cur: "npt.ArrayLike") -> None:
         """Store the current micro-batch's K rows (``[n_tokens, n_embd_k]`` or
         ``[n_tokens, n_head, head_dim]``) of model layer ``il`` into its cells."""
         c = self._cache
@@ -720,7 +728,7 @@ class KVCacheContext(MemoryContext):
         finally:
             c._lock.release()
 
-    def cpy_v(self, il: int, v_cur) -> None:
+    def cpy_v(self, il: int, v_cur: "npt.ArrayLike") -> None:
         """Store the current micro-batch's V rows (``[n_tokens, n_embd_v]``) of model layer ``il``."""
         c = self._cache
         c._lock.acquire()
@@ -847,8 +855,12 @@ class KVUpdateContext(MemoryContext):
             # Check every cache first so a refused shift changes none of them.
             self._check_apply()
             for c in self._caches:
+                shifted = metrics.logger.isEnabledFor(logging.INFO) and c.get_has_shift()
                 c._core.update()
                 c._version += 1
+                if shifted:
+                    metrics.logger.info("K-shift applied: shifted positions of %s re-rotated (%d cells in use)",
+                                        type(c).__name__, c.used)
             return True
         finally:
             self._caches[0]._lock.release()
@@ -858,7 +870,7 @@ class KVUpdateContext(MemoryContext):
         return None
 
 
-def _rows(values, n_tokens: int, width: int, name: str) -> np.ndarray:
+def _rows(values: Any, n_tokens: int, width: int, name: str) -> np.ndarray:
     a = np.asarray(values)
     if a.ndim < 2 or a.shape[0] != n_tokens or a.size != n_tokens * width:
         raise ValueError(f"{name} must have shape [n_tokens={n_tokens}, {width}] "
@@ -921,12 +933,15 @@ class KVCacheISWA(Memory):
 
     __slots__ = ("base", "swa", "_own_balloc", "_lock")
 
-    def __init__(self, n_layer: int, n_embd_k_gqa, n_embd_v_gqa, kv_size: int, n_seq_max: int = 1,
-                 dtype_k=np.float16, dtype_v=np.float16, v_trans: bool = True, unified: bool = True,
-                 n_pad: int = 1, n_swa: int = 0, swa_type=SWAType.STANDARD, swa_full: bool = False,
+    def __init__(self, n_layer: int, n_embd_k_gqa: Union[int, Sequence[int]],
+                 n_embd_v_gqa: Union[int, Sequence[int]], kv_size: int, n_seq_max: int = 1,
+                 dtype_k: "npt.DTypeLike" = np.float16, dtype_v: "npt.DTypeLike" = np.float16,
+                 v_trans: bool = True, unified: bool = True, n_pad: int = 1, n_swa: int = 0,
+                 swa_type: Union[SWAType, int] = SWAType.STANDARD, swa_full: bool = False,
                  is_swa_layer: Union[Callable[[int], bool], Sequence[bool], None] = None,
                  n_ubatch: int = 512, layer_filter: Optional[Callable[[int], bool]] = None,
-                 rope=None, rope_swa=None, n_pos_per_embd: int = 1) -> None:
+                 rope: Optional[Rope] = None, rope_swa: Optional[Rope] = None,
+                 n_pos_per_embd: int = 1) -> None:
         n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
         kv_size = _check_int(kv_size, "kv_size", 1)
         n_seq_max = _check_int(n_seq_max, "n_seq_max", 1, _SEQ_MAX_LIMIT)
@@ -951,17 +966,18 @@ class KVCacheISWA(Memory):
         else:
             size_swa = min(kv_size, n_swa * (n_seq_max if unified else 1) + n_ubatch)
             size_swa = (size_swa + 255) // 256 * 256
-        common = dict(n_seq_max=n_seq_max, dtype_k=dtype_k, dtype_v=dtype_v, v_trans=v_trans,
-                      unified=unified, n_pad=n_pad, n_pos_per_embd=n_pos_per_embd)
+        common: Dict[str, Any] = dict(n_seq_max=n_seq_max, dtype_k=dtype_k, dtype_v=dtype_v,
+                                      v_trans=v_trans, unified=unified, n_pad=n_pad,
+                                      n_pos_per_embd=n_pos_per_embd)
         self._own_balloc = None
-        self.base = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, kv_size,
+        self.base: KVCache = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, kv_size,
                             layer_filter=lambda il: not flags[il] and keep(il), rope=rope, **common)
-        self.swa = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
+        self.swa: KVCache = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
                            swa_type=swa_type, layer_filter=lambda il: flags[il] and keep(il),
                            rope=rope if rope_swa is None else rope_swa, **common)
         self._share_lock(_core.MemoryLock())
 
-    def _share_lock(self, lock) -> None:
+    def _share_lock(self, lock: Any) -> None:
         self._lock = lock
         self.base._share_lock(lock)
         self.swa._share_lock(lock)
@@ -989,7 +1005,7 @@ class KVCacheISWA(Memory):
         return self._cache_of(il).v(il)
 
     @property
-    def _pos_source(self):
+    def _pos_source(self) -> Any:
         return self.swa._core
 
     def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int,
@@ -1002,8 +1018,11 @@ class KVCacheISWA(Memory):
         try:
             balloc = self._allocator_for(balloc_or_batch)
             cb, cs = _core.kv_iswa_init_batch(self.base._core, self.swa._core, balloc, n_ubatch)
-            return KVCacheISWAContext(self, KVCacheContext(self.base, cb, self.base._version),
-                                      KVCacheContext(self.swa, cs, self.swa._version))
+            ctx = KVCacheISWAContext(self, KVCacheContext(self.base, cb, self.base._version),
+                                     KVCacheContext(self.swa, cs, self.swa._version))
+            if cb.status == Status.FAILED_PREPARE:  # no room: ctx.no_room, stats, log
+                metrics.plan_failed(self, ctx, balloc, [(self.base, "kv"), (self.swa, "kv_swa")])
+            return ctx
         finally:
             self._lock.release()
 
@@ -1125,12 +1144,12 @@ class KVCacheISWA(Memory):
         return self.base.n_seq_max
 
     @locked
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         return {"base": self.base.cells(), "swa": self.swa.cells()}
 
     _STATE_KIND = 2
 
-    def _state_parts(self):
+    def _state_parts(self) -> Any:
         return [self.base._core, self.swa._core], None
 
     @locked
@@ -1148,27 +1167,27 @@ class KVCacheISWA(Memory):
         """Bytes ``state_write(seq_id, flags)`` returns now (counted, not written)."""
         flags = _check_int(flags, "flags")
         seq = self.base._seq(seq_id, allow_all=True)
-        return self._header_size(seq, flags) + sum(c.state_size(seq) for c in self._state_cores(flags))
+        return self._header_size(seq, flags) + sum(int(c.state_size(seq)) for c in self._state_cores(flags))
 
     @locked
-    def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
+    def state_write_into(self, buffer: Any, seq_id: int = -1, flags: int = 0) -> int:
         """``state_write(seq_id, flags)``'s bytes written straight into the start of ``buffer``;
         returns their number (errors as :meth:`KVCache.state_write_into`)."""
         flags = _check_int(flags, "flags")
         seq = self.base._seq(seq_id, allow_all=True)
         cores = self._state_cores(flags)
 
-        def sections(view):
+        def sections(view: Any) -> Any:
             at = 0
             for core in cores:
                 at += core.state_write_into(view[at:], seq)
             return at
         return self._write_into(buffer, seq, flags, sum(c.state_size(seq) for c in cores), sections)
 
-    def _state_cores(self, flags: int) -> list:
+    def _state_cores(self, flags: int) -> List[Any]:
         return [self.swa._core] if flags & STATE_PARTIAL_ONLY else [self.base._core, self.swa._core]
 
-    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+    def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:
         """All or nothing across both sections (llama.cpp keeps a restored base when the swa
         section fails)."""
         flags = _check_int(flags, "flags")
@@ -1190,12 +1209,12 @@ class KVCacheISWA(Memory):
 class KVCacheISWAContext(MemoryContext):
     """Two plans over the same micro-batches: ``base`` (full attention) and ``swa``."""
 
-    __slots__ = ("_mem", "base", "swa")
+    __slots__ = ("_mem", "base", "swa", "_no_room")
 
     def __init__(self, mem: KVCacheISWA, base: KVCacheContext, swa: KVCacheContext) -> None:
         self._mem = mem
-        self.base = base
-        self.swa = swa
+        self.base: KVCacheContext = base
+        self.swa: KVCacheContext = swa
 
     @property
     def status(self) -> Status:
@@ -1235,10 +1254,10 @@ class KVCacheISWAContext(MemoryContext):
     def _ctx_of(self, il: int) -> KVCacheContext:
         return self.base if self._mem._cache_of(il) is self._mem.base else self.swa
 
-    def cpy_k(self, il: int, k_cur) -> None:
+    def cpy_k(self, il: int, k_cur: "npt.ArrayLike") -> None:
         self._ctx_of(il).cpy_k(il, k_cur)
 
-    def cpy_v(self, il: int, v_cur) -> None:
+    def cpy_v(self, il: int, v_cur: "npt.ArrayLike") -> None:
         self._ctx_of(il).cpy_v(il, v_cur)
 
     def get_k(self, il: int) -> np.ndarray:

@@ -13,15 +13,17 @@ commits the micro-batches one at a time with ``apply()``, exactly like llama.cpp
 from __future__ import annotations
 
 import abc
+import contextlib
 import functools
 import operator
 import os
 import tempfile
-from typing import Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union, cast
 
 from . import _core
 from .batch import Batch, BatchAllocator, UBatch
-from .errors import LlmemError, StaleContextError
+from .errors import LlmemError, NoRoom, StaleContextError, StateError
+from . import metrics
 from .status import Status, status_is_fail
 
 __all__ = ["Memory", "MemoryContext", "STATE_HEADER"]
@@ -37,7 +39,7 @@ STATE_HEADER: int = _core.STATE_HEADER
 STATE_FILE_MAGIC: bytes = _core.STATE_FILE_MAGIC
 
 
-def _wants_header(flags) -> bool:
+def _wants_header(flags: Any) -> bool:
     """Whether ``flags`` asks for the header; other flag checks stay with each memory."""
     if isinstance(flags, bool):
         return False
@@ -47,14 +49,17 @@ def _wants_header(flags) -> bool:
         return False
 
 
-def locked(method):
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def locked(method: _F) -> _F:
     """Run ``method`` holding ``self._lock``: the call is atomic with respect to every other
     locked call on the same memory (and on the memories sharing its lock)."""
 
     # acquire/release rather than `with`: in CPython 3.11 the with-statement costs a lock about
     # 0.15 us more, and the decode path takes the lock twice per micro-batch
     @functools.wraps(method)
-    def run_locked(self, *args, **kwargs):
+    def run_locked(self: Any, *args: Any, **kwargs: Any) -> Any:
         lock = self._lock
         lock.acquire()
         try:
@@ -62,14 +67,17 @@ def locked(method):
         finally:
             lock.release()
 
-    return run_locked
+    return cast(_F, run_locked)
 
 
 def stale_context_error(what: str) -> StaleContextError:
     return StaleContextError(
-        f"{what}: the memory changed after this context was planned (another call modified it "
-        "between init_batch and this call); nothing was changed. Hold `memory.lock` for the whole "
-        "decode (init_batch, every apply and K/V write) when several threads share the memory")
+        f"{what}: this plan is stale: the memory changed after init_batch made it (another "
+        "plan was applied, or a seq_*/state/clear call ran, in this thread or another); nothing "
+        "was changed. Plans cannot be interleaved: apply every micro-batch of one plan before "
+        "planning the next, then plan again (to plan step N+1 while step N's model runs, plan it "
+        "after step N's last apply). When threads share the memory, hold `memory.lock` for the "
+        "whole decode (init_batch, every apply and K/V write)")
 
 
 class MemoryContext(abc.ABC):
@@ -115,6 +123,12 @@ class MemoryContext(abc.ABC):
 
     def __deepcopy__(self, memo):
         raise TypeError(f"a {type(self).__name__} cannot be copied: plan the batch again with init_batch")
+    @property
+    def no_room(self) -> Optional[NoRoom]:
+        """Why this plan failed for lack of cells: the sequences that could not be placed and
+        how many cells were missing (:class:`~llmem.NoRoom`); None when the plan succeeded or
+        failed for another reason (a batch that cannot be split for this memory)."""
+        return getattr(self, "_no_room", None)
 
     def __iter__(self) -> Iterator[UBatch]:
         """Apply each micro-batch in turn and yield it (llama.cpp's apply/next loop)."""
@@ -130,7 +144,7 @@ class MemoryContext(abc.ABC):
         while True:
             if not self.apply():
                 raise LlmemError("the memory refused to apply a micro-batch")
-            yield self.ubatch
+            yield self.ubatch  # type: ignore[misc]  # not None while applying
             if not self.next():
                 return
 
@@ -138,7 +152,7 @@ class MemoryContext(abc.ABC):
 BatchOrAllocator = Union[Batch, BatchAllocator]
 
 
-def as_byte_view(data) -> memoryview:
+def as_byte_view(data: Any) -> memoryview:
     """``data`` (bytes, bytearray, memoryview, a numpy uint8 array...) as a flat byte view, not
     copied; TypeError for objects without a buffer (str included) or a non-contiguous one,
     ValueError for a buffer of wider items (a float array is not state bytes)."""
@@ -159,7 +173,7 @@ def as_byte_view(data) -> memoryview:
     return view
 
 
-def as_writable_byte_view(buffer) -> memoryview:
+def as_writable_byte_view(buffer: Any) -> memoryview:
     """``buffer`` (bytearray, numpy uint8 array, mmap, shared memory...) as a flat writable byte
     view; TypeError for an object without a buffer, a read-only or a non-contiguous one,
     ValueError for a buffer of wider items."""
@@ -181,6 +195,80 @@ def _too_small(have: int, need: int) -> ValueError:
     return ValueError(f"buffer holds {have} bytes, the state needs {need}")
 
 
+_NO_LOCK = contextlib.nullcontext()
+
+
+def _lock_of(memory: Any) -> Any:
+    """The memory's lock; none for a Memory subclass of the user's that has none."""
+    return getattr(memory, "_lock", None) or _NO_LOCK
+
+
+def _counted_write(method: Any) -> Any:
+    @functools.wraps(method)
+    def state_write(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _lock_of(self):  # the depth and the totals are shared by the memory's threads
+            c = metrics.counters(self)
+            c.depth += 1
+            try:
+                data = method(self, *args, **kwargs)
+            finally:
+                c.depth -= 1
+            if c.depth == 0:
+                c.state_bytes_written += len(data)
+            return data
+
+    state_write._llmem_counted = True  # type: ignore[attr-defined]
+    return state_write
+
+
+def _counted_write_into(method: Any) -> Any:
+    @functools.wraps(method)
+    def state_write_into(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with _lock_of(self):
+            c = metrics.counters(self)
+            c.depth += 1
+            try:
+                n = method(self, *args, **kwargs)
+            finally:
+                c.depth -= 1
+            if c.depth == 0:
+                c.state_bytes_written += n
+            return n
+
+    state_write_into._llmem_counted = True  # type: ignore[attr-defined]
+    return state_write_into
+
+
+def _counted_read(method: Any) -> Any:
+    @functools.wraps(method)
+    def state_read(self: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+        with _lock_of(self):
+            c = metrics.counters(self)
+            c.depth += 1
+            try:
+                out = method(self, data, *args, **kwargs)
+            except StateError as exc:
+                c.depth -= 1
+                if c.depth == 0:
+                    c.state_reads_refused += 1
+                    metrics.logger.warning("state restore refused by %s (%s): %s",
+                                           type(self).__name__, exc.reason, exc)
+                raise
+            except BaseException:
+                c.depth -= 1
+                raise
+            c.depth -= 1
+            if c.depth == 0:
+                try:
+                    c.state_bytes_read += memoryview(data).nbytes
+                except TypeError:
+                    pass
+            return out
+
+    state_read._llmem_counted = True  # type: ignore[attr-defined]
+    return state_read
+
+
 class Memory(abc.ABC):
     """Common interface of KVCache, KVCacheISWA, RecurrentMemory, HybridMemory and
     HybridISWAMemory; method names and semantics follow llama.cpp's ``llama_memory_i``.
@@ -194,6 +282,24 @@ class Memory(abc.ABC):
     applied after another call changed the memory raises :class:`StaleContextError`.
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # count the state bytes and log refused restores (metrics.py) around each memory's own
+        # state methods, so that none of them has to
+        for name, wrap in (("state_write", _counted_write), ("state_write_into", _counted_write_into),
+                           ("state_read", _counted_read)):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_llmem_counted", False):
+                setattr(cls, name, wrap(method))
+
+    def stats(self) -> "metrics.MemoryStats":
+        """A snapshot of this memory's use and running totals (:class:`llmem.MemoryStats`):
+        cells used (per stream), sequences, tokens placed, plans failed for lack of room, state
+        bytes written and read, restores refused, K-shifts. A few microseconds: cheap enough to
+        call every step (examples/prometheus_exporter.py exports it)."""
+        with _lock_of(self):
+            return metrics.memory_stats(self)
+
     @property
     def lock(self) -> "_core.MemoryLock":
         """The re-entrant lock every call of this memory takes (shared with the parts of an iSWA
@@ -205,7 +311,7 @@ class Memory(abc.ABC):
         """
         return self._lock
 
-    def _share_lock(self, lock) -> None:
+    def _share_lock(self, lock: "threading.RLock") -> None:
         """Make this memory (and its parts) take ``lock``: used by the memories built on it."""
         self._lock = lock
 
@@ -300,7 +406,7 @@ class Memory(abc.ABC):
         """Number of sequence ids the memory accepts."""
 
     @abc.abstractmethod
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         """A snapshot of the cell metadata (numpy arrays) for inspection and tests."""
 
     # -- state ---------------------------------------------------------------------------------
@@ -321,7 +427,7 @@ class Memory(abc.ABC):
         the state to measure it."""
         return len(self.state_write(seq_id, flags))
 
-    def state_write_into(self, buffer, seq_id: int = -1, flags: int = 0) -> int:
+    def state_write_into(self, buffer: Any, seq_id: int = -1, flags: int = 0) -> int:
         """Write ``state_write(seq_id, flags)``'s bytes at the start of ``buffer`` (any writable,
         C-contiguous bytes-like object: a bytearray, a numpy uint8 array, an mmap, a shared
         memory block) and return their number; bytes after them are left as they were.
@@ -341,8 +447,10 @@ class Memory(abc.ABC):
     # state methods (no re-entry into a memory's entry point).
 
     _STATE_KIND: int = 0  # llmem::memory_kind of the subclass
+    _own_balloc: Optional[_core.BatchAllocator]  # the allocator init_batch(Batch) reuses
+    _lock: threading.RLock
 
-    def _state_parts(self) -> Tuple[list, object]:
+    def _state_parts(self) -> Tuple[List[Any], Any]:
         """The compiled attention caches (state order) and recurrent core (or None)."""
         raise NotImplementedError
 
@@ -351,7 +459,8 @@ class Memory(abc.ABC):
         if not _wants_header(flags):
             return payload
         caches, recr = self._state_parts()
-        return _core.state_header(self._STATE_KIND, caches, recr, seq_id, flags, payload) + payload
+        header: bytes = _core.state_header(self._STATE_KIND, caches, recr, seq_id, flags, payload)
+        return header + payload
 
     def _header_size(self, seq_id: int, flags: int) -> int:
         """Bytes of the header a write with ``flags`` puts first (its length does not depend on
@@ -361,7 +470,8 @@ class Memory(abc.ABC):
         caches, recr = self._state_parts()
         return len(_core.state_header(self._STATE_KIND, caches, recr, seq_id, flags, b""))
 
-    def _write_into(self, buffer, seq_id: int, flags: int, payload_size: int, write_payload) -> int:
+    def _write_into(self, buffer: Any, seq_id: int, flags: int, payload_size: int,
+                    write_payload: Callable[[memoryview], int]) -> int:
         """state_write_into around ``write_payload(view) -> bytes written``: the room is checked
         first (nothing written when short), then the payload goes after the header's room and
         the header, computed over it, goes first."""
@@ -375,7 +485,7 @@ class Memory(abc.ABC):
             view[:head] = _core.state_header(self._STATE_KIND, caches, recr, seq_id, flags, view[head:head + n])
         return head + n
 
-    def _without_state_header(self, data, seq_id: int, flags):
+    def _without_state_header(self, data: Any, seq_id: int, flags: int) -> Tuple[Any, int]:
         """(payload, flags without STATE_HEADER) of a read: the header, when asked for, is
         checked against this memory (StateError naming the mismatch; nothing changes)."""
         if not _wants_header(flags):
@@ -385,7 +495,7 @@ class Memory(abc.ABC):
         offset = _core.state_header_check(self._STATE_KIND, caches, recr, view, seq_id, flags)
         return view[offset:], operator.index(flags) & ~STATE_HEADER
 
-    def save(self, path: Union[str, os.PathLike], seq_id: int = -1, flags: int = STATE_HEADER) -> None:
+    def save(self, path: Union[str, "os.PathLike[str]"], seq_id: int = -1, flags: int = STATE_HEADER) -> None:
         """Write ``state_write(seq_id, flags)`` to a file, atomically (a crash leaves the old
         file). By default the file starts with the versioned header (``STATE_HEADER``), so
         :meth:`load` can check it belongs to this memory; ``flags=0`` writes llama.cpp's raw
@@ -405,7 +515,7 @@ class Memory(abc.ABC):
                 os.unlink(tmp)
             raise
 
-    def load(self, path: Union[str, os.PathLike], seq_id: int = -1, flags: int = 0) -> None:
+    def load(self, path: Union[str, "os.PathLike[str]"], seq_id: int = -1, flags: int = 0) -> None:
         """Read a file written by :meth:`save` into the whole memory (-1) or one sequence.
 
         A file that starts with the header's magic is read with ``STATE_HEADER`` (its kind,
@@ -432,7 +542,7 @@ class Memory(abc.ABC):
                 balloc = _core.BatchAllocator(self.n_seq_max)
                 self._own_balloc = balloc
             balloc.init(balloc_or_batch, self)
-            return balloc
+            return balloc  # type: ignore[return-value]  # the compiled allocator, as the callers need
         raise TypeError(
             f"balloc_or_batch must be a llmem.Batch or llmem.BatchAllocator, "
             f"not {type(balloc_or_batch).__name__}")

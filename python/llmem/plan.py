@@ -85,7 +85,7 @@ def numpy_dtype(name: str) -> Any:
     if name == "f16":
         return np.dtype(np.float16)
     try:  # numpy has no bfloat16; ml_dtypes provides one when installed
-        import ml_dtypes
+        import ml_dtypes  # type: ignore[import-not-found, unused-ignore]
 
         return np.dtype(ml_dtypes.bfloat16)
     except ImportError:
@@ -101,7 +101,7 @@ def _mib_f32(nbytes: int) -> float:
     return float(np.float32(nbytes) / np.float32(_MIB))
 
 
-class LayerSet(list):
+class LayerSet(List[int]):
     """The model layers a memory component holds, ascending; also callable as the memories'
     ``layer_filter`` (``il -> bool``)."""
 
@@ -231,7 +231,7 @@ class MemoryPlan:
             return True
         if not self.hparams.can_shift:
             return False
-        if self.kv_swa is not None:
+        if self.kv_swa is not None and self.kv is not None:
             return self.kv.kv_size == self.kv_swa.kv_size
         return True
 
@@ -273,7 +273,7 @@ class MemoryPlan:
         include backend alignment).
         """
         lines: List[str] = []
-        if self.kv_swa is not None:
+        if self.kv_swa is not None and self.kv is not None:
             lines.append("llama_kv_cache_iswa: creating non-SWA KV cache, size = %u cells"
                          % self.kv.kv_size)
             lines.append(self.kv.log_line())
@@ -326,6 +326,7 @@ class MemoryPlan:
     def _iswa_kwargs(self) -> Dict[str, Any]:
         hp = self.hparams
         attn = [il for il in range(hp.n_layer) if hp.has_attention(il)]
+        assert self.kv is not None  # an iSWA plan has both caches
         base = self._kv_kwargs(self.kv)
         attn_set = set(attn)
         base.update(
@@ -358,7 +359,7 @@ class MemoryPlan:
         (``plan.kv_swa.kv_size`` holds the result).
         """
         out: Dict[str, Dict[str, Any]] = {}
-        if self.kind in ("kv", "hybrid"):
+        if self.kind in ("kv", "hybrid") and self.kv is not None:
             out["kv"] = self._kv_kwargs(self.kv)
         if self.kind in ("iswa", "hybrid_iswa"):
             out["iswa"] = self._iswa_kwargs()
@@ -400,11 +401,11 @@ class MemoryPlan:
 def _check_int(value: Any, name: str, lo: int, hi: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
+    number = int(value)
+    if number < lo or (hi is not None and number > hi):
         bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
+        raise ValueError(f"{name} must be {bound}, got {number}")
+    return number
 
 
 def _kv_plan(hp: ModelHParams, role: str, layers: List[int], kv_size: int, n_seq_max: int,

@@ -18,7 +18,7 @@ decisions; the decode loop looks like this::
 from __future__ import annotations
 
 import operator
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -40,7 +40,7 @@ _TYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 LayerFilter = Union[None, Callable[[int], bool], Sequence[bool]]
 
 
-def _int(name: str, value, lo: int = _I32_MIN, hi: int = _I32_MAX) -> int:
+def _int(name: str, value: Any, lo: int = _I32_MIN, hi: int = _I32_MAX) -> int:
     """``value`` as a Python int in [lo, hi]; TypeError/ValueError naming ``name`` otherwise."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, not bool")
@@ -53,17 +53,17 @@ def _int(name: str, value, lo: int = _I32_MIN, hi: int = _I32_MAX) -> int:
     return v
 
 
-def _dtype(name: str, value) -> np.dtype:
+def _dtype(name: str, value: Any) -> np.dtype:
     try:
         dt = np.dtype(value)
     except TypeError:
         raise TypeError(f"{name} must be a numpy dtype, not {value!r}") from None
     if dt not in _TYPE_IDS:
         raise TypeError(f"{name} must be float32 or float16, not {dt}")
-    return dt
+    return dt  # type: ignore[no-any-return]
 
 
-def _widths(name: str, value, n_layer: int) -> list[int]:
+def _widths(name: str, value: Any, n_layer: int) -> list[int]:
     """A row width for every layer: one int for all, or a sequence of n_layer ints."""
     if isinstance(value, (list, tuple, np.ndarray)):
         if len(value) != n_layer:
@@ -110,6 +110,8 @@ class RecurrentMemory(Memory):
         None (every layer has a state), a callable ``il -> bool`` or a sequence of n_layer bools.
         Layers filtered out have no arrays.
 
+    Notes
+    -----
     Sequence operations follow llama.cpp exactly, including its refusals: ``seq_rm`` returns
     False for ``seq_id = -1`` and for a cut into the end of a sequence that cannot be rolled back.
     A failed :meth:`state_read` raises :class:`~llmem.StateError` and changes nothing.
@@ -120,7 +122,7 @@ class RecurrentMemory(Memory):
                  "_staging", "_lock", "_version", "_checkpoints")
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
-                 mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r=np.float32, dtype_s=np.float32,
+                 mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r: Any = np.float32, dtype_s: Any = np.float32,
                  layer_filter: LayerFilter = None) -> None:
         n_layer = _int("n_layer", n_layer, 1, MAX_LAYERS)
         widths_r = _widths("n_embd_r", n_embd_r, n_layer)
@@ -189,11 +191,12 @@ class RecurrentMemory(Memory):
         staging = self._staging.get(key)
         if staging is None:
             src = (self._s if kind else self._r)[il]
+            assert src is not None  # staging is asked only for layers with a state
             staging = np.empty((self.size, src.shape[1]), src.dtype)
             self._staging[key] = staging
         return staging
 
-    def _layer_array(self, arrays: list, kind: str, il: int) -> np.ndarray:
+    def _layer_array(self, arrays: List[Optional[np.ndarray]], kind: str, il: int) -> np.ndarray:
         il = _int("il", il, 0, self._n_layer - 1)
         a = arrays[il]
         if a is None:
@@ -234,7 +237,7 @@ class RecurrentMemory(Memory):
         self._version += 1
 
     @property
-    def _pos_source(self):
+    def _pos_source(self) -> Any:
         """The compiled memory, read by the batch allocator without Python calls."""
         return self._mem
 
@@ -402,7 +405,7 @@ class RecurrentMemory(Memory):
         return self._dtype_s
 
     @locked
-    def cells(self) -> dict:
+    def cells(self) -> Dict[str, Any]:
         """Snapshot of the cell metadata: int32 arrays ``pos``, ``src``, ``src0`` and ``tail``
         (``tail[s]`` is the cell of sequence ``s``, -1 if none) and ``seq_ids``, a list with the
         ascending tuple of sequence ids of each cell."""
@@ -412,7 +415,7 @@ class RecurrentMemory(Memory):
 
     _STATE_KIND = 3
 
-    def _state_parts(self):
+    def _state_parts(self) -> Any:
         return [], self._mem
 
     @locked
@@ -428,7 +431,7 @@ class RecurrentMemory(Memory):
         return self._with_state_header(self._mem.state_write(seq_id, _int("flags", payload_flags, 0)), seq_id, flags)
 
     @locked
-    def state_read(self, data, seq_id: int = -1, flags: int = 0) -> None:
+    def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:
         """Restore a block written by :meth:`state_write` (or llama.cpp) into the whole memory
         (-1) or into sequence ``seq_id`` (which may differ from the one written).
 
@@ -527,7 +530,7 @@ class RecurrentContext(MemoryContext):
 
     __slots__ = ("_ctx", "_memory", "_gathered", "_version")
 
-    def __init__(self, memory: RecurrentMemory, ctx, version: Optional[int] = None) -> None:
+    def __init__(self, memory: RecurrentMemory, ctx: _core.rs_context, version: Optional[int] = None) -> None:
         self._memory = memory
         self._ctx = ctx
         self._gathered: dict[int, np.ndarray] = {}
@@ -575,7 +578,7 @@ class RecurrentContext(MemoryContext):
             memory._lock.release()
 
     @property
-    def ubatch(self):
+    def ubatch(self) -> Any:
         """The current micro-batch (None for full and update contexts)."""
         return self._ctx.ubatch
 
@@ -664,7 +667,7 @@ class RecurrentContext(MemoryContext):
         finally:
             memory._lock.release()
 
-    def _store(self, kind: int, il: int, new) -> None:
+    def _store(self, kind: int, il: int, new: Any) -> None:
         memory = self._memory
         layer, dtype = memory._array_slot(kind, il)
         name = "new " + "rs"[kind]

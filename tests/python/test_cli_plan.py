@@ -18,7 +18,7 @@ def run(capsys, *argv):
 
 def test_plan_text_kv(tmp_path, capsys):
     path = write_gguf(tmp_path, "llama32_1b")
-    code, out, _ = run(capsys, "plan", str(path), "--ctx", "8192", "--parallel", "1")
+    code, out, _ = run(capsys, "plan", str(path), "--ctx", "8192", "--parallel", "1", "--table", "-kvu")
     assert code == 0
     assert "llama, 16 layers -> kv memory" in out
     assert "n_ctx 8192, n_ctx_seq 8192, 1 seq(s), unified" in out
@@ -31,7 +31,7 @@ def test_plan_text_kv(tmp_path, capsys):
 def test_plan_text_iswa_and_options(tmp_path, capsys):
     path = write_gguf(tmp_path, "gemma3_1b")
     code, out, _ = run(capsys, "plan", str(path), "--ctx", "32768", "--parallel", "2",
-                       "--no-unified", "--type-k", "f32", "--ubatch", "256", "--flash-attn")
+                       "--no-unified", "--type-k", "f32", "--ubatch", "256", "--flash-attn", "--table")
     assert code == 0
     assert "one stream per seq" in out and "v_trans 0" in out
     rows = [line.split() for line in out.splitlines()]
@@ -50,7 +50,7 @@ def test_plan_swa_full(tmp_path, capsys):
 
 def test_plan_json_hybrid(tmp_path, capsys):
     path = write_gguf(tmp_path, "jamba_v01")
-    code, out, _ = run(capsys, "plan", str(path), "--ctx", "4096", "--parallel", "3", "--json")
+    code, out, _ = run(capsys, "plan", str(path), "--ctx", "4096", "--parallel", "3", "-kvu", "--json")
     assert code == 0
     d = json.loads(out)
     assert d["arch"] == "jamba" and d["kind"] == "hybrid" and d["n_seq_max"] == 3
@@ -98,3 +98,40 @@ def test_plan_console_entry(tmp_path):
     out = subprocess.run([sys.executable, "-m", "llmem.cli", "plan", str(path), "--ctx", "2048",
                           "--json"], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)["kind"] == "hybrid"
+
+
+def test_plan_default_output_is_llama_cpp_log_lines(tmp_path, capsys):
+    path = write_gguf(tmp_path, "llama32_1b")
+    code, out, _ = run(capsys, "plan", str(path), "-c", "8192", "-np", "2", "-kvu")
+    assert code == 0
+    lines = out.splitlines()
+    assert "llama_context: n_ctx         = 8192" in lines
+    assert "llama_context: n_seq_max     = 2" in lines
+    assert "llama_context: kv_unified    = true" in lines
+    assert lines[-1] == ("llama_kv_cache: size =  256.00 MiB (  8192 cells,  16 layers,  2/1 seqs), "
+                         "K (f16):  128.00 MiB, V (f16):  128.00 MiB")
+
+
+def test_plan_takes_llama_cpp_flags(tmp_path, capsys):
+    path = str(write_gguf(tmp_path, "gemma3_1b"))
+    short = run(capsys, "plan", path, "-c", "32768", "-np", "2", "-ctk", "f32", "-ctv", "f16",
+                "-ub", "256", "-b", "1024", "-fa", "on", "--swa-full", "--json")
+    long_ = run(capsys, "plan", path, "--ctx-size", "32768", "--parallel", "2", "--cache-type-k", "f32",
+                "--cache-type-v", "f16", "--ubatch-size", "256", "--batch-size", "1024", "--flash-attn", "on",
+                "--swa-full", "--json")
+    assert short == long_ and short[0] == 0
+    d = json.loads(short[1])
+    assert d["n_ubatch"] == 256 and d["n_batch"] == 1024 and d["v_trans"] is False
+    assert d["unified"] is False  # llama.cpp's default: one stream per sequence without -kvu
+    assert [c["buffers"][0]["dtype"] for c in d["components"]] == ["f32", "f32"]
+    # -fa off transposes V; auto counts as on
+    assert json.loads(run(capsys, "plan", path, "-fa", "off", "--json")[1])["v_trans"] is True
+    assert json.loads(run(capsys, "plan", path, "-fa", "auto", "--json")[1])["v_trans"] is False
+
+
+def test_plan_without_gguf_names_the_extra(tmp_path, capsys, monkeypatch):
+    path = write_gguf(tmp_path, "llama32_1b")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as on a plain install
+    code, out, err = run(capsys, "plan", str(path))
+    assert code == 2 and out == ""
+    assert "pip install llmem[gguf]" in err and "Traceback" not in err

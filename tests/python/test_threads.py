@@ -172,7 +172,7 @@ def test_stale_plan_is_refused_and_changes_nothing():
     for ubatch in other:
         write_rows(mem, other, ubatch)
     before = snapshot(mem)
-    with pytest.raises(StaleContextError, match="changed after this context was planned"):
+    with pytest.raises(StaleContextError, match="the memory changed after init_batch made it"):
         ctx.apply()
     assert snapshot(mem) == before
     with pytest.raises(StaleContextError):

@@ -43,10 +43,25 @@ private:
     batch_reject reason_;
 };
 
+/// Why state bytes were refused, so that a caller can act on it (Python: ``StateError.reason``).
+enum class state_reject {
+    CORRUPT,          // truncated, malformed or failing a checksum: the bytes are unusable
+    NO_ROOM,          // well-formed, but this memory has no free cells for them now
+    CONFIG_MISMATCH,  // written by a memory of another kind or configuration (layers, types, sizes, ids)
+    VERSION,          // a state file format this llmem does not read
+};
+
+const char * state_reject_name(state_reject r);
+
 /// State bytes that cannot be read into a memory (Python: StateError, a ValueError).
 class state_error : public error {
 public:
-    using error::error;
+    explicit state_error(const std::string & msg, state_reject reason = state_reject::CORRUPT)
+        : error(msg), reason_(reason) {}
+    state_reject reason() const { return reason_; }
+
+private:
+    state_reject reason_;
 };
 
 } // namespace llmem

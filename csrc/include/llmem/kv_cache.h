@@ -216,6 +216,23 @@ public:
     void txn_commit();
     void txn_rollback();
 
+    // -- metrics (Python: stats()) -------------------------------------------------------------
+
+    /// Running totals, bumped where the work is done (a few adds per decode step).
+    struct counters_t {
+        uint64_t tokens_placed = 0;  // tokens of the micro-batches applied (kv_context::apply)
+        uint64_t k_shifts      = 0;  // update() calls that re-rotated K
+    };
+    const counters_t & counters() const { return counters_; }
+    void count_placed(uint32_t n_tokens) { counters_.tokens_placed += n_tokens; }
+    /// Cells in use in one stream.
+    uint32_t used_in_stream(uint32_t stream) const { return cells_.at(stream).used_count(); }
+    /// Number of sequence ids that hold at least one cell.
+    uint32_t n_seqs_present() const;
+    /// Cells a slot search may take in one stream now: the empty ones and, in a sliding-window
+    /// cache, those whose single sequence has moved past their window (find_slot's test).
+    uint32_t usable_in_stream(uint32_t stream) const;
+
 private:
     // Writes state_write_size(seq) bytes at out (the caller checked the room).
     void write_state(uint8_t * out, int32_t seq) const;
@@ -264,6 +281,8 @@ private:
     std::vector<int32_t>  max_rm_seqs_;
     mutable std::vector<float>    scratch_f_;
     std::vector<int32_t>          scratch_positions_;  // state reads: positions of the cells placed
+
+    counters_t counters_;
 };
 
 /// The plan for one batch: its ubatches and their slots; apply() commits them one at a time.

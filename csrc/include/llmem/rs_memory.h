@@ -157,6 +157,11 @@ public:
     /// Throws std::invalid_argument (nothing changed) for seq outside [0, min(size, n_seq_max)),
     /// a sequence that already holds a state, or no free cell.
     uint32_t seq_place(int32_t seq, int32_t pos);
+    // -- metrics (Python: stats()) -------------------------------------------------------------
+
+    /// Tokens of the micro-batches applied so far (rs_context::apply).
+    uint64_t tokens_placed() const { return tokens_placed_; }
+    void     count_placed(uint32_t n_tokens) { tokens_placed_ += n_tokens; }
 
 private:
     /// The cell whose position seq_add/seq_div move: seq's tail cell when it holds seq at a
@@ -219,6 +224,8 @@ private:
     std::shared_ptr<ubatch_data> read_ubatch_;  // reused by single-sequence state_read
 
     rs_buffers bufs_;
+
+    uint64_t tokens_placed_ = 0;
 };
 
 /// The plan for one batch (or the full memory, or the empty update) of a recurrent memory.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class ToyConfig:
     """Sizes of a toy model. ``layer_kinds`` names each layer's mixer (``"attn"``, ``"swa"`` or
     ``"ssm"``); attention sizes matter for attention layers, ``ssm_*``/``d_*`` for SSM layers."""
 
-    layer_kinds: tuple = (ATTN, ATTN)
+    layer_kinds: Tuple[Any, ...] = (ATTN, ATTN)
     n_vocab: int = 96
     n_embd: int = 48
     n_ff: int = 96
@@ -103,32 +103,32 @@ class DecodeClock:
     __slots__ = ("llmem", "model", "_t0")
 
     def __init__(self) -> None:
-        self.llmem = 0.0
-        self.model = 0.0
+        self.llmem: float = 0.0
+        self.model: float = 0.0
         self._t0 = 0.0
 
     def __enter__(self) -> "DecodeClock":
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.llmem += time.perf_counter() - self._t0
 
     def reset(self) -> None:
         self.llmem = self.model = 0.0
 
 
-def _init_weights(cfg: ToyConfig, seed: int) -> dict:
+def _init_weights(cfg: ToyConfig, seed: int) -> Dict[str, Any]:
     rng = np.random.default_rng(seed)
 
     def dense(n_in: int, n_out: int) -> np.ndarray:
         # scaled so that activations stay of order one through the stack
-        return (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)
+        return (rng.standard_normal((n_in, n_out)) / np.sqrt(n_in)).astype(np.float32)  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w: dict = {
+    w: Dict[str, Any] = {
         "tok_embd": rng.standard_normal((cfg.n_vocab, cfg.n_embd)).astype(np.float32),
         "out_norm": norm(cfg.n_embd),
         "output": dense(cfg.n_embd, cfg.n_vocab),
@@ -174,24 +174,24 @@ class ToyModel:
     def __init__(self, config: ToyConfig, seed: int = 0) -> None:
         self.config = config
         self.seed = seed
-        self.weights = _init_weights(config, seed)
-        self.clock = DecodeClock()
+        self.weights: Dict[str, Any] = _init_weights(config, seed)
+        self.clock: DecodeClock = DecodeClock()
 
     # -- the memory ------------------------------------------------------------------------------
 
-    def new_memory(self, n_ctx: int, n_seq_max: int = 1, **options):
+    def new_memory(self, n_ctx: int, n_seq_max: int = 1, **options: Any) -> Any:
         """The llmem memory this model decodes with (see the subclasses)."""
         raise NotImplementedError
 
-    def _attn_ctx(self, ctx):
+    def _attn_ctx(self, ctx: Any) -> Any:
         """The KV part of a context (the context itself for a plain KV memory)."""
         return ctx
 
-    def _recr_ctx(self, ctx):
+    def _recr_ctx(self, ctx: Any) -> Any:
         """The recurrent part of a context (the context itself for a recurrent memory)."""
         return ctx
 
-    def _rollback_depth(self, memory) -> int:
+    def _rollback_depth(self, memory: Any) -> int:
         """``n_rs_seq`` of the memory's recurrent part: how many snapshot planes it keeps."""
         return 0
 
@@ -201,12 +201,12 @@ class ToyModel:
         """Logits ``[n_tokens, n_vocab]`` of one sequence computed from scratch: every token at
         ``pos`` (default ``0, 1, ...``), attention causal by position, SSM states from zero."""
         cfg = self.config
-        tokens = np.asarray(tokens, dtype=np.int64)
-        pos = np.arange(len(tokens), dtype=np.int64) if pos is None else np.asarray(pos, np.int64)
-        if pos.shape != tokens.shape:
-            raise ValueError(f"pos has shape {pos.shape}, tokens {tokens.shape}")
+        tokens = np.asarray(tokens, dtype=np.int64)  # type: ignore[assignment]  # the sequences are re-bound as arrays
+        pos = np.arange(len(tokens), dtype=np.int64) if pos is None else np.asarray(pos, np.int64)  # type: ignore[assignment]  # the sequences are re-bound as arrays
+        if pos.shape != tokens.shape:  # type: ignore[attr-defined, union-attr]  # the sequences are re-bound as arrays
+            raise ValueError(f"pos has shape {pos.shape}, tokens {tokens.shape}")  # type: ignore[attr-defined, union-attr]  # the sequences are re-bound as arrays
         x = self.weights["tok_embd"][tokens]
-        delta = pos[:, None] - pos[None, :]  # query position minus key position
+        delta = pos[:, None] - pos[None, :]  # type: ignore[call-overload, index]  # query position minus key position
         causal = np.where(delta >= 0, 0.0, -np.inf).astype(np.float32)
         windowed = np.where((delta >= 0) & (delta < max(cfg.n_swa, 1)), 0.0, -np.inf).astype(np.float32)
         for il, kind in enumerate(cfg.layer_kinds):
@@ -218,7 +218,7 @@ class ToyModel:
                 y, _, _ = self._ssm(lw, h[None], zeros_r, zeros_s)
                 x = x + y[0]
             else:
-                q, k, v = self._qkv(lw, h, pos)
+                q, k, v = self._qkv(lw, h, pos)  # type: ignore[arg-type]  # the sequences are re-bound as arrays
                 mask = windowed if kind == SWA else causal
                 x = x + L.attention(q, k, v.reshape(k.shape), mask) @ lw["wo"]
             x = x + self._ffn(lw, x)
@@ -226,7 +226,7 @@ class ToyModel:
 
     # -- one batch through the memory ------------------------------------------------------------
 
-    def decode(self, batch: Batch, memory, n_ubatch: int = 512) -> np.ndarray:
+    def decode(self, batch: Batch, memory: Any, n_ubatch: int = 512) -> np.ndarray:
         """Decode ``batch`` through ``memory``; the logits ``[n_outputs, n_vocab]`` of the tokens
         the batch marks as outputs, in batch order (llama.cpp's ``llama_decode`` followed by
         ``llama_get_logits``). Raises :class:`NoSlotError` when the memory has no room (nothing
@@ -264,7 +264,7 @@ class ToyModel:
         clock.model += (time.perf_counter() - t_start) - (clock.llmem - llmem_before)
         return result
 
-    def _forward_ubatch(self, ub, ctx, n_rs_seq: int) -> np.ndarray:
+    def _forward_ubatch(self, ub: Any, ctx: Any, n_rs_seq: int) -> np.ndarray:
         cfg, clock = self.config, self.clock
         with clock:
             tokens = np.asarray(ub.token, dtype=np.int64)
@@ -287,7 +287,7 @@ class ToyModel:
 
     # -- layer math ------------------------------------------------------------------------------
 
-    def _qkv(self, lw: dict, h: np.ndarray, pos: np.ndarray):
+    def _qkv(self, lw: Dict[str, Any], h: np.ndarray, pos: np.ndarray) -> Any:
         cfg = self.config
         n = h.shape[0]
         q = L.rope((h @ lw["wq"]).reshape(n, cfg.n_head, cfg.head_dim), pos, cfg.rope_base)
@@ -295,7 +295,7 @@ class ToyModel:
         v = h @ lw["wv"]
         return q, k, v
 
-    def _attention_cached(self, il: int, lw: dict, h: np.ndarray, pos: np.ndarray, ctx) -> np.ndarray:
+    def _attention_cached(self, il: int, lw: Dict[str, Any], h: np.ndarray, pos: np.ndarray, ctx: Any) -> np.ndarray:
         cfg, clock = self.config, self.clock
         q, k, v = self._qkv(lw, h, pos)
         # an iSWA context holds a base and a swa sub-context; the layer's cache decides
@@ -317,12 +317,12 @@ class ToyModel:
         keys = keys.astype(np.float32, copy=False).reshape(-1, n_kv, cfg.n_head_kv, cfg.head_dim)
         values = values.astype(np.float32, copy=False).reshape(-1, n_kv, cfg.n_head_kv, cfg.head_dim)
         if keys.shape[0] > 1:
-            keys, values = keys[stream], values[stream]
+            keys, values = keys[stream], values[stream]  # pyright: ignore[reportPossiblyUnboundVariable]  # set above when keys.shape[0] > 1
         else:
             keys, values = keys[0], values[0]
-        return L.attention(q, keys, values, mask) @ lw["wo"]
+        return L.attention(q, keys, values, mask) @ lw["wo"]  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
-    def _ssm(self, lw: dict, h: np.ndarray, r_prev: np.ndarray, s_prev: np.ndarray):
+    def _ssm(self, lw: Dict[str, Any], h: np.ndarray, r_prev: np.ndarray, s_prev: np.ndarray) -> Any:
         """Mamba-2 mixer over ``h`` ``[n_seqs, n_steps, n_embd]`` from conv windows ``r_prev``
         ``[n_seqs, d_conv - 1, channels]`` and states ``s_prev``. Returns the output, the full
         conv window ``[n_seqs, d_conv - 1 + n_steps, channels]`` and every SSM state."""
@@ -342,7 +342,7 @@ class ToyModel:
         y = y.reshape(n_seqs, n_steps, cfg.d_inner) * L.silu(z)
         return y @ lw["out_proj"], window, states
 
-    def _ssm_cached(self, il: int, lw: dict, h: np.ndarray, ctx, n_rs_seq: int) -> np.ndarray:
+    def _ssm_cached(self, il: int, lw: Dict[str, Any], h: np.ndarray, ctx: Any, n_rs_seq: int) -> np.ndarray:
         cfg, clock = self.config, self.clock
         n_seqs, n_steps, _ = h.shape
         with clock:
@@ -362,11 +362,11 @@ class ToyModel:
         with clock:
             ctx.store_r(il, new_r if n_planes > 1 else new_r[0])
             ctx.store_s(il, new_s if n_planes > 1 else new_s[0])
-        return y
+        return y  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
-    def _ffn(self, lw: dict, x: np.ndarray) -> np.ndarray:
+    def _ffn(self, lw: Dict[str, Any], x: np.ndarray) -> np.ndarray:
         h = L.rms_norm(x, lw["ffn_norm"], self.config.norm_eps)
         return L.swiglu(h, lw["ffn_gate"], lw["ffn_up"], lw["ffn_down"])
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        return L.rms_norm(x, self.weights["out_norm"], self.config.norm_eps) @ self.weights["output"]
+        return L.rms_norm(x, self.weights["out_norm"], self.config.norm_eps) @ self.weights["output"]  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -26,7 +26,7 @@ class ToyHybrid(ToyModel):
         if kinds != {SSM, ATTN}:
             raise ValueError("a ToyHybrid has both 'ssm' and 'attn' layers and no others")
 
-    def new_memory(self, n_ctx: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype=np.float32,
+    def new_memory(self, n_ctx: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype: Any = np.float32,  # type: ignore[override]  # each toy's memory has its own options
                    unified: bool = True, v_trans: bool = True) -> HybridMemory:
         """A :class:`llmem.HybridMemory`: a KV cache of ``n_ctx`` cells holding the attention
         layers and a recurrent memory of ``max(1, n_seq_max)`` cells holding the SSM layers."""
@@ -42,11 +42,11 @@ class ToyHybrid(ToyModel):
                                layer_filter=recurrent)
         return HybridMemory(attn=attn, recr=recr, is_recurrent_layer=recurrent)
 
-    def _attn_ctx(self, ctx):
+    def _attn_ctx(self, ctx: Any) -> Any:
         return ctx.attn
 
-    def _recr_ctx(self, ctx):
+    def _recr_ctx(self, ctx: Any) -> Any:
         return ctx.recr
 
-    def _rollback_depth(self, memory) -> int:
-        return memory.mem_recr.n_rs_seq
+    def _rollback_depth(self, memory: Any) -> int:
+        return memory.mem_recr.n_rs_seq  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any

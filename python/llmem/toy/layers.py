@@ -15,7 +15,7 @@ __all__ = ["rms_norm", "rope", "silu", "softplus", "swiglu", "attention", "causa
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Root-mean-square normalisation over the last axis, scaled by ``weight``."""
     ms = np.mean(x * x, axis=-1, keepdims=True)
-    return (x / np.sqrt(ms + np.float32(eps))) * weight
+    return (x / np.sqrt(ms + np.float32(eps))) * weight  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
 
 def rope(x: np.ndarray, pos: np.ndarray, freq_base: float = 10000.0) -> np.ndarray:
@@ -37,16 +37,16 @@ def rope(x: np.ndarray, pos: np.ndarray, freq_base: float = 10000.0) -> np.ndarr
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1) + np.exp(-x))
+    return x / (np.float32(1) + np.exp(-x))  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
-    return np.logaddexp(np.float32(0), x)
+    return np.logaddexp(np.float32(0), x)  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
 
 def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
     """The gated feed-forward block: ``(silu(x W_gate) * x W_up) W_down``."""
-    return (silu(x @ w_gate) * (x @ w_up)) @ w_down
+    return (silu(x @ w_gate) * (x @ w_up)) @ w_down  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -69,7 +69,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> 
     weights = np.exp(scores)
     weights /= weights.sum(axis=-1, keepdims=True)
     out = np.einsum("tcgk,tkcd->tcgd" if per_token else "tcgk,kcd->tcgd", weights, v)
-    return out.reshape(n_tokens, n_head * head_dim)
+    return out.reshape(n_tokens, n_head * head_dim)  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
 
 def causal_conv(window: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -84,7 +84,7 @@ def causal_conv(window: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.
     out = np.zeros((window.shape[0], n_steps, window.shape[2]), np.float32)
     for j in range(d_conv):  # over the kernel taps, not over tokens
         out += window[:, j:j + n_steps] * weight[j]
-    return out + bias
+    return out + bias  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
 
 def ssm_scan(state: np.ndarray, x: np.ndarray, b: np.ndarray, c: np.ndarray, dt: np.ndarray,

@@ -8,7 +8,7 @@ window); a selective state-space recurrence with one scalar decay per head keeps
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -26,8 +26,8 @@ class ToyRecurrent(ToyModel):
         if any(k != SSM for k in self.config.layer_kinds):
             raise ValueError("a ToyRecurrent has state-space layers only")
 
-    def new_memory(self, n_ctx: int = 0, n_seq_max: int = 1, n_rs_seq: int = 0,
-                   dtype=np.float32, mem_size: Optional[int] = None) -> RecurrentMemory:
+    def new_memory(self, n_ctx: int = 0, n_seq_max: int = 1, n_rs_seq: int = 0,  # type: ignore[override]  # each toy's memory has its own options
+                   dtype: Any = np.float32, mem_size: Optional[int] = None) -> RecurrentMemory:
         """A :class:`llmem.RecurrentMemory` with ``mem_size`` cells (llama.cpp's
         ``max(1, n_seq_max)`` by default) and ``n_rs_seq`` rollback snapshots. ``n_ctx`` is
         accepted for a uniform signature: the state does not grow with the context."""
@@ -36,5 +36,5 @@ class ToyRecurrent(ToyModel):
                                mem_size=mem_size or max(1, n_seq_max), n_seq_max=n_seq_max,
                                n_rs_seq=n_rs_seq, dtype_r=dtype, dtype_s=dtype)
 
-    def _rollback_depth(self, memory) -> int:
-        return memory.n_rs_seq
+    def _rollback_depth(self, memory: Any) -> int:
+        return memory.n_rs_seq  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any

@@ -4,7 +4,7 @@ its variant with sliding-window layers on :class:`llmem.KVCacheISWA`."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -42,12 +42,12 @@ class ToyTransformer(ToyModel):
     def has_swa(self) -> bool:
         return SWA in self.config.layer_kinds
 
-    def new_memory(self, n_ctx: int, n_seq_max: int = 1, dtype=np.float32, unified: bool = True,
-                   v_trans: bool = True, swa_full: bool = False, n_ubatch: int = 512):
+    def new_memory(self, n_ctx: int, n_seq_max: int = 1, dtype: Any = np.float32, unified: bool = True,  # type: ignore[override]  # each toy's memory has its own options
+                   v_trans: bool = True, swa_full: bool = False, n_ubatch: int = 512) -> Any:
         """A :class:`llmem.KVCache` of ``n_ctx`` cells (a :class:`llmem.KVCacheISWA` when the model
         has window layers; ``n_ubatch`` sizes its window cache) with the model's RoPE for K-shift."""
         cfg = self.config
-        common = dict(n_layer=cfg.n_layer, n_embd_k_gqa=cfg.n_embd_k, n_embd_v_gqa=cfg.n_embd_k,
+        common: Dict[str, Any] = dict(n_layer=cfg.n_layer, n_embd_k_gqa=cfg.n_embd_k, n_embd_v_gqa=cfg.n_embd_k,
                       kv_size=n_ctx, n_seq_max=n_seq_max, dtype_k=dtype, dtype_v=dtype,
                       v_trans=v_trans, unified=unified, rope=model_rope(cfg))
         if not self.has_swa:
