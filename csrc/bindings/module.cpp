@@ -11,4 +11,5 @@ PYBIND11_MODULE(_core, m) {
     llmem::bind::register_recurrent(m);
     llmem::bind::register_hybrid(m);
     llmem::bind::register_state_file(m);
+    llmem::bind::register_quant(m);
 }

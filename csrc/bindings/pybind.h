@@ -22,6 +22,7 @@ void register_kv_cache(py::module_ & m);
 void register_recurrent(py::module_ & m);
 void register_hybrid(py::module_ & m);
 void register_state_file(py::module_ & m);
+void register_quant(py::module_ & m);
 
 /// A read-only 1-D numpy view of `n` elements at `ptr`, kept alive by `owner`.
 template <typename T>

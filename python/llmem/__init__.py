@@ -15,12 +15,14 @@ except ImportError as exc:  # pragma: no cover - only without a build
     ) from exc
 
 from .batch import Batch, BatchAllocator, UBatch
+from .compat import Compat
 from .errors import BatchError, LlmemError, StaleContextError, StateError
 from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, Rope
 from .memory import STATE_HEADER, Memory, MemoryContext
 from .recurrent import RecurrentContext, RecurrentMemory
 from .factory import from_gguf, from_hparams
+from .ggml_types import GGML_TYPES, GGMLType, dequantize, quantize
 from .hparams import ModelHParams, read_gguf_hparams
 from .plan import MemoryPlan, plan_memory
 from .status import Status, SWAType, status_combine, status_is_fail
@@ -31,6 +33,8 @@ __all__ = [
     "Batch",
     "BatchAllocator",
     "BatchError",
+    "Compat",
+    "dequantize",
     "from_gguf",
     "from_hparams",
     "HybridContext",
@@ -39,10 +43,13 @@ __all__ = [
     "KVCache",
     "KVCacheISWA",
     "LlmemError",
+    "GGML_TYPES",
+    "GGMLType",
     "Memory",
     "MemoryContext",
     "MemoryPlan",
     "ModelHParams",
+    "quantize",
     "plan_memory",
     "read_gguf_hparams",
     "RecurrentContext",
