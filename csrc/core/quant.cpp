@@ -182,11 +182,13 @@ void dequant_q5_1(const uint8_t * y, float * x) {
     }
 }
 
-// roundf (halfway cases away from zero) for the bounded values of q8_0, |v| < 2^31: a
-// truncation plus a correction, which the compiler can vectorise, unlike the libm call.
+// roundf (halfway cases away from zero) for the bounded values of q8_0, |v| < 2^31: the
+// truncation (exact) plus one where the exact remainder is at least a half. Written as arithmetic
+// on the comparison rather than a branch: the compiler vectorises it, and a branch taken at random
+// half the time made q8_0 ten times slower than this.
 inline float round_half_away(float v) {
     const float t = float(int32_t(v));
-    return std::fabs(v - t) >= 0.5f ? t + std::copysign(1.0f, v) : t;
+    return t + float(std::fabs(v - t) >= 0.5f) * std::copysign(1.0f, v);
 }
 
 // -- q8_0: d = amax / 127, q = roundf(x / d)
@@ -198,9 +200,10 @@ void quant_q8_0(const float * x, uint8_t * y) {
     const float d  = amax / 127;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     put_f16(y, d);
-    int8_t * q = reinterpret_cast<int8_t *>(y + 2);
+    // built in a local block (stores through y could alias x and keep the loop scalar)
+    int8_t q[QK];
     if (std::isfinite(id)) {
-        // |x * id| <= 127 (and a little rounding): a branch-free loop the compiler vectorises
+        // |x * id| <= 127 (and a little rounding)
         for (uint32_t j = 0; j < QK; ++j) {
             q[j] = int8_t(int32_t(round_half_away(x[j] * id)));
         }
@@ -210,6 +213,7 @@ void quant_q8_0(const float * x, uint8_t * y) {
             q[j] = int8_t(to_i8(x[j] * id));
         }
     }
+    std::memcpy(y + 2, q, QK);
 }
 
 void dequant_q8_0(const uint8_t * y, float * x) {
