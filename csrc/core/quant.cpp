@@ -8,6 +8,11 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define LLMEM_QUANT_SSE2 1
+#endif
+
 // Written from ggml's reference quantizers (ggml-quants.c, quantize_row_*_ref, and the
 // dequantize_row_* functions) so that every block comes out bit for bit as ggml writes it. This
 // file is built with -ffp-contract=off: each product and sum rounds on its own, as in the
@@ -191,8 +196,53 @@ inline float round_half_away(float v) {
     return t + float(std::fabs(v - t) >= 0.5f) * std::copysign(1.0f, v);
 }
 
+#if defined(LLMEM_QUANT_SSE2)
+// q8_0 with SSE2 (every x86-64 CPU): the same operations on four values at a time, so the same
+// bits as the scalar code below (max of magnitudes, one product, truncation plus the half test).
+bool quant_q8_0_sse2(const float * x, uint8_t * y) {
+    const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    __m128       m        = _mm_setzero_ps();
+    for (uint32_t j = 0; j < QK; j += 4) {
+        m = _mm_max_ps(m, _mm_and_ps(_mm_loadu_ps(x + j), abs_mask));
+    }
+    float lanes[4];
+    _mm_storeu_ps(lanes, m);
+    const float amax = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+    const float d    = amax / 127;
+    const float id   = d != 0.0f ? 1.0f / d : 0.0f;
+    if (!std::isfinite(id) || !std::isfinite(amax)) {
+        return false;  // the scalar code handles infinite products
+    }
+    put_f16(y, d);
+    const __m128  vid  = _mm_set1_ps(id);
+    const __m128  half = _mm_set1_ps(0.5f);
+    const __m128  one  = _mm_set1_ps(1.0f);
+    const __m128  sign = _mm_castsi128_ps(_mm_set1_epi32(int32_t(0x80000000u)));
+    __m128i       q32[QK / 4];
+    for (uint32_t j = 0; j < QK; j += 4) {
+        const __m128 v   = _mm_mul_ps(_mm_loadu_ps(x + j), vid);
+        const __m128 t   = _mm_cvtepi32_ps(_mm_cvttps_epi32(v));
+        const __m128 up  = _mm_cmpge_ps(_mm_and_ps(_mm_sub_ps(v, t), abs_mask), half);
+        const __m128 inc = _mm_and_ps(up, _mm_or_ps(one, _mm_and_ps(v, sign)));  // +-1 where rounding away
+        q32[j / 4]       = _mm_cvttps_epi32(_mm_add_ps(t, inc));
+    }
+    // |q| <= 127: the saturating packs keep every value
+    for (uint32_t k = 0; k < QK / 16; ++k) {
+        const __m128i lo = _mm_packs_epi32(q32[4 * k], q32[4 * k + 1]);
+        const __m128i hi = _mm_packs_epi32(q32[4 * k + 2], q32[4 * k + 3]);
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(y + 2 + 16 * k), _mm_packs_epi16(lo, hi));
+    }
+    return true;
+}
+#endif
+
 // -- q8_0: d = amax / 127, q = roundf(x / d)
 void quant_q8_0(const float * x, uint8_t * y) {
+#if defined(LLMEM_QUANT_SSE2)
+    if (kernels_detail::simd_enabled() && quant_q8_0_sse2(x, y)) {
+        return;
+    }
+#endif
     float amax = 0.0f;
     for (uint32_t j = 0; j < QK; ++j) {
         amax = std::max(amax, std::fabs(x[j]));

@@ -157,3 +157,25 @@ TEST(QuantCache, KShiftRotatesThroughF32) {
         EXPECT_TRUE(std::equal(want.begin(), want.end(), k.begin() + i * 68)) << "row " << i;
     }
 }
+
+TEST(Quant, Q8_0VectorPathGivesThePortableBits) {
+    std::mt19937                          rng(9);
+    std::normal_distribution<float>       nd;
+    std::uniform_int_distribution<int>    scale(-30, 30);
+    std::vector<float>                    x(32 * 512);
+    for (size_t b = 0; b < 512; ++b) {
+        const float s = std::ldexp(1.0f, scale(rng));
+        for (size_t j = 0; j < 32; ++j) {
+            // every fourth block holds exact halves of the step: rounding ties
+            x[b * 32 + j] = b % 4 == 0 ? float(int(nd(rng) * 8)) / 2 * s : nd(rng) * s;
+        }
+    }
+    std::fill(x.begin() + 64, x.begin() + 96, 0.0f);
+    std::vector<uint8_t> a(row_size(Q8_0, x.size())), b(a.size());
+    row_from_float(Q8_0, x.data(), a.data(), x.size());
+    const bool was = kernels_detail::simd_enabled();
+    kernels_detail::set_simd_enabled(false);
+    row_from_float(Q8_0, x.data(), b.data(), x.size());
+    kernels_detail::set_simd_enabled(was);
+    EXPECT_EQ(a, b);
+}
