@@ -13,4 +13,5 @@ PYBIND11_MODULE(_core, m) {
     llmem::bind::register_hybrid(m);
     llmem::bind::register_state_file(m);
     llmem::bind::register_capi(m);
+    llmem::bind::register_quant(m);
 }

@@ -145,7 +145,8 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
         .def(py::init([](int64_t kv_size, int64_t n_seq_max, bool unified, int64_t n_pad, int64_t n_swa,
                          int32_t swa, int64_t n_pos_per_embd, int32_t type_k, int32_t type_v, bool v_trans,
                          std::vector<int32_t> layer_il, std::vector<int64_t> n_embd_k,
-                         std::vector<int64_t> n_embd_v, int64_t n_embd_v_max, py::object rope) {
+                         std::vector<int64_t> n_embd_v, int64_t n_embd_v_max, py::object rope, int64_t n_rot_k,
+                         int64_t n_rot_v, int64_t state_format, bool cell_tokens) {
                  kv_cache_params p;
                  p.kv_size        = to_count(kv_size, "kv_size");
                  p.n_seq_max      = to_i32(n_seq_max, "n_seq_max");
@@ -165,6 +166,10 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
                  p.n_embd_v       = to_u32_list(n_embd_v, "n_embd_v");
                  p.n_embd_v_max   = to_count(n_embd_v_max, "n_embd_v_max");
                  p.rope           = rope_from(rope);
+                 p.n_rot_k        = to_count(n_rot_k, "n_rot_k");
+                 p.n_rot_v        = to_count(n_rot_v, "n_rot_v");
+                 p.state_format   = to_count(state_format, "state_format");
+                 p.cell_tokens    = cell_tokens;
                  return new kv_cache(p);
              }),
              py::arg("kv_size"), py::arg("n_seq_max") = 1, py::arg("unified") = true, py::arg("n_pad") = 1,
@@ -172,8 +177,13 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
              py::arg("type_k") = 1, py::arg("type_v") = 1, py::arg("v_trans") = true,
              py::arg("layer_il") = std::vector<int32_t>{}, py::arg("n_embd_k") = std::vector<int64_t>{},
              py::arg("n_embd_v") = std::vector<int64_t>{}, py::arg("n_embd_v_max") = 0,
-             py::arg("rope") = py::none())
+             py::arg("rope") = py::none(), py::arg("n_rot_k") = 0, py::arg("n_rot_v") = 0,
+             py::arg("state_format") = int64_t(KV_STATE_FORMAT_B11549), py::arg("cell_tokens") = false)
+        .def("seq_pos_tok_le", &kv_cache::seq_pos_tok_le, py::arg("seq_id"), py::arg("pos"))
         .def_property_readonly("size", &kv_cache::size)
+        .def_property_readonly("state_format", [](const kv_cache & c) { return c.params().state_format; })
+        .def_property_readonly("n_rot_k", [](const kv_cache & c) { return c.params().n_rot_k; })
+        .def_property_readonly("n_rot_v", [](const kv_cache & c) { return c.params().n_rot_v; })
         .def_property_readonly("n_stream", &kv_cache::n_stream)
         .def_property_readonly("n_seq_max", &kv_cache::n_seq_max)
         .def_property_readonly("n_seq_ids", &kv_cache::n_seq_ids)

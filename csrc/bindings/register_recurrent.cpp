@@ -260,6 +260,9 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
         .def_property_readonly("size", &llmem::rs_memory::size)
         .def_property_readonly("n_seq_max", &llmem::rs_memory::n_seq_max)
         .def_property_readonly("n_rs_seq", &llmem::rs_memory::n_rs_seq)
+        .def("set_b11549_rules", &llmem::rs_memory::set_b11549_rules, py::arg("on"), py::arg("no_layers"),
+             "seq_rm as llama.cpp b11549 (shared-cell rollback refused; a layerless memory moves the position only).")
+        .def_property_readonly("b11549_rules", &llmem::rs_memory::b11549_rules)
         .def_property_readonly("head", &llmem::rs_memory::head)
         .def_property_readonly("used", &llmem::rs_memory::used)
         .def_property_readonly("tokens_placed", &llmem::rs_memory::tokens_placed)

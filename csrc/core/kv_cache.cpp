@@ -2,6 +2,7 @@
 
 #include "llmem/batch.h"
 #include "llmem/errors.h"
+#include "llmem/quant.h"
 
 #include <algorithm>
 #include <cmath>
@@ -17,14 +18,12 @@ namespace llmem {
 // -- free helpers -------------------------------------------------------------------------------
 
 size_t kv_type_size(int32_t type) {
-    switch (type) {
-        case int32_t(kv_type::F32):  return 4;
-        case int32_t(kv_type::F16):  return 2;
-        case int32_t(kv_type::BF16): return 2;
-        default: break;
+    const type_traits * t = find_type(type);
+    if (!t || t->quantized) {
+        throw std::invalid_argument("K/V type id " + std::to_string(type) + " has no element size (llmem stores f32 = 0, "
+                                    "f16 = 1, bf16 = 30 element-wise; the block types by row)");
     }
-    throw std::invalid_argument("unsupported K/V type id " + std::to_string(type) +
-                                " (llmem stores f32 = 0, f16 = 1, bf16 = 30)");
+    return t->type_size;
 }
 
 bool is_masked_swa(uint32_t n_swa, swa_type type, int32_t p0, int32_t p1) {
@@ -111,6 +110,52 @@ struct reader {
 
 // -- construction -------------------------------------------------------------------------------
 
+namespace {
+
+// The K/V types llama.cpp accepts for its cache, with its rule for V: a block type cannot be
+// stored transposed (one element per cell in a column), so llama.cpp refuses a quantized V
+// cache without flash attention, which is what stores V untransposed.
+void check_kv_types(const kv_cache_params & p) {
+    row_size(p.type_k, 0);  // throws std::invalid_argument naming the supported ids
+    row_size(p.type_v, 0);
+    if (is_quantized(p.type_v) && p.v_trans) {
+        bad_arg(std::string("a quantized V cache (") + find_type(p.type_v)->name +
+                ") needs v_trans = false: llama.cpp requires flash attention for V cache quantization, and "
+                "a block type cannot be stored transposed");
+    }
+}
+
+// Bytes of one element of transposed V (0 without transposition, where V may hold blocks).
+size_t v_elem_bytes(const kv_cache_params & p) {
+    return p.v_trans ? kv_type_size(p.type_v) : 0;
+}
+
+// Rotate n_rows K rows of any type by a K-shift. Float types are rotated in place; a block type
+// the way llama.cpp's K-shift graph treats a quantized cache: dequantize to f32, rotate, quantize
+// again (in chunks of rows, so the rotation runs over many rows at a time).
+void rotate_k_rows(uint8_t * rows, size_t n_rows, size_t row_stride, int32_t type, uint32_t n_embd,
+                   const rope_params & r, const float * cs, const float * sn, std::vector<float> & buf) {
+    if (!is_quantized(type)) {
+        rope_rotate_rows(rows, n_rows, row_stride, type, n_embd, r, cs, sn);
+        return;
+    }
+    constexpr size_t chunk = 64;
+    buf.resize(chunk * size_t(n_embd));
+    for (size_t a = 0; a < n_rows; a += chunk) {
+        const size_t m = std::min(chunk, n_rows - a);
+        for (size_t i = 0; i < m; ++i) {
+            row_to_float(type, rows + (a + i) * row_stride, buf.data() + i * n_embd, n_embd);
+        }
+        rope_rotate_rows(reinterpret_cast<uint8_t *>(buf.data()), m, size_t(n_embd) * sizeof(float),
+                         int32_t(kv_type::F32), n_embd, r, cs, sn);
+        for (size_t i = 0; i < m; ++i) {
+            row_from_float(type, buf.data() + i * n_embd, rows + (a + i) * row_stride, n_embd);
+        }
+    }
+}
+
+} // namespace
+
 kv_cache::kv_cache(const kv_cache_params & params) : p_(params) {
     if (p_.kv_size == 0) {
         bad_arg("kv_size must be positive");
@@ -137,12 +182,17 @@ kv_cache::kv_cache(const kv_cache_params & params) : p_(params) {
     if (p_.n_embd_k.size() != nl || p_.n_embd_v.size() != nl) {
         bad_arg("layer_il, n_embd_k and n_embd_v must have the same length");
     }
-    kv_type_size(p_.type_k);
-    kv_type_size(p_.type_v);
+    check_kv_types(p_);
+    if (p_.state_format != KV_STATE_FORMAT_B11312 && p_.state_format != KV_STATE_FORMAT_B11549) {
+        bad_arg("state_format must be 3 (llama.cpp b11312) or 4 (b11549), got " + std::to_string(p_.state_format));
+    }
     for (size_t l = 0; l < nl; ++l) {
         if (p_.n_embd_k[l] == 0 || p_.n_embd_v[l] == 0) {
             bad_arg("n_embd_k and n_embd_v must be positive (layer " + std::to_string(p_.layer_il[l]) + ")");
         }
+        // a block type stores whole blocks per row (ggml_row_size asserts the same)
+        row_size(p_.type_k, p_.n_embd_k[l]);
+        row_size(p_.type_v, p_.n_embd_v[l]);
         p_.n_embd_v_max = std::max(p_.n_embd_v_max, p_.n_embd_v[l]);
     }
     if (p_.rope.enabled) {
@@ -168,7 +218,7 @@ kv_cache::kv_cache(const kv_cache_params & params) : p_(params) {
     }
     n_stream_  = p_.unified ? 1u : uint32_t(p_.n_seq_max);
     n_seq_ids_ = p_.unified ? std::max<int32_t>(256, p_.n_seq_max) : p_.n_seq_max;
-    with_ext_  = p_.n_pos_per_embd > 1;
+    with_ext_  = p_.n_pos_per_embd > 1 || p_.cell_tokens;
 
     cells_.reserve(n_stream_);
     for (uint32_t s = 0; s < n_stream_; ++s) {
@@ -180,6 +230,17 @@ kv_cache::kv_cache(const kv_cache_params & params) : p_(params) {
     k_.assign(nl, nullptr);
     v_.assign(nl, nullptr);
     max_rm_.assign(size_t(p_.n_seq_max), -1);
+}
+
+int32_t kv_cache::seq_pos_tok_le(int32_t seq, int32_t p) const {
+    check_seq(seq, "seq_pos_tok_le");
+    if (!with_ext_) {
+        throw error("seq_pos_tok_le: this cache keeps no tokens in its cells (build it with cell_tokens)");
+    }
+    if (seq >= p_.n_seq_max) {
+        return -1;  // an id a unified cache accepts but no cell can hold
+    }
+    return cells_[seq_to_stream(seq)].seq_pos_tok_le(seq, p);
 }
 
 uint32_t kv_cache::seq_to_stream(int32_t seq) const {
@@ -214,8 +275,8 @@ uint32_t kv_cache::n_seqs_present() const {
     return n;
 }
 
-size_t kv_cache::k_row_bytes(uint32_t l) const { return kv_type_size(p_.type_k) * p_.n_embd_k.at(l); }
-size_t kv_cache::v_row_bytes(uint32_t l) const { return kv_type_size(p_.type_v) * p_.n_embd_v.at(l); }
+size_t kv_cache::k_row_bytes(uint32_t l) const { return row_size(p_.type_k, p_.n_embd_k.at(l)); }
+size_t kv_cache::v_row_bytes(uint32_t l) const { return row_size(p_.type_v, p_.n_embd_v.at(l)); }
 
 size_t kv_cache::k_buffer_bytes(uint32_t l) const { return size_t(n_stream_) * p_.kv_size * k_row_bytes(l); }
 
@@ -801,7 +862,7 @@ void kv_cache::apply_k_shift() {
     // tables built once per run.
     const auto &       r           = p_.rope;
     int32_t            table_delta = 0;
-    std::vector<float> cs, sn;
+    std::vector<float> cs, sn, buf;
     for (uint32_t s = 0; s < n_stream_; ++s) {
         const kv_cells & T = cells_[s];
         uint32_t         i = T.next_used(0);
@@ -818,8 +879,8 @@ void kv_cache::apply_k_shift() {
                 }
                 for (uint32_t l = 0; l < n_layer(); ++l) {
                     if (uint8_t * row = k_row_mut(l, s, i)) {
-                        rope_rotate_rows(row, end - i, k_row_bytes(l), p_.type_k, p_.n_embd_k[l], r,
-                                         cs.data(), sn.data());
+                        rotate_k_rows(row, end - i, k_row_bytes(l), p_.type_k, p_.n_embd_k[l], r, cs.data(),
+                                      sn.data(), buf);
                     }
                 }
             }
@@ -837,6 +898,12 @@ void kv_cache::update() {
         if (!p_.rope.enabled) {
             throw error("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but the cache was "
                         "built without a rope description");
+        }
+        if (p_.n_rot_k != 0 && is_quantized(p_.type_k)) {
+            // llama.cpp undoes the model's Hadamard rotation of K around the RoPE of the shift; llmem
+            // does not implement that rotation, and shifting without it would corrupt K
+            throw error("cannot apply a K-shift: the cache records a Hadamard attention rotation of K (n_rot_k " +
+                        std::to_string(p_.n_rot_k) + "), which llmem's K-shift does not undo");
         }
     }
     for (const auto & c : pending_) {
@@ -1055,13 +1122,41 @@ size_t kv_cache::state_stream_bytes(size_t n_cells, size_t n_ids) const {
     }
     size_t b = n_cells * (2 * sizeof(int32_t) + (with_ext_ ? 3 * sizeof(int32_t) : 0)) + n_ids * sizeof(int32_t);
     b += 2 * sizeof(uint32_t);
-    const size_t es = kv_type_size(p_.type_v);
+    if (p_.state_format >= KV_STATE_FORMAT_B11549) {
+        b += 2 * sizeof(uint32_t);  // n_rot_k, n_rot_v
+    }
+    const size_t es = v_elem_bytes(p_);
     for (uint32_t l = 0; l < n_layer(); ++l) {
         b += sizeof(int32_t) + sizeof(uint64_t) + k_row_bytes(l) * n_cells;
         b += sizeof(int32_t) + (p_.v_trans ? 2 * sizeof(uint32_t) + es * p_.n_embd_v[l] * n_cells
                                            : sizeof(uint64_t) + v_row_bytes(l) * n_cells);
     }
     return b;
+}
+
+uint32_t kv_cache::stream_section_format(const uint8_t * data, size_t n, size_t off, uint32_t n_lay) const {
+    if (n_lay == 0 || n_layer() == 0) {
+        return p_.state_format;  // no layer follows to tell the formats apart
+    }
+    // After n_layer, format 3 goes on with layer 0's K type and row size, format 4 with n_rot_k
+    // and n_rot_v first. Whichever layout finds this cache's K type and row size there is the
+    // format; when both do (possible only for an f32 K with tiny rows), the configured one.
+    const auto k_header_at = [&](size_t at) {
+        if (n - off < at + 12) {
+            return false;
+        }
+        int32_t  type;
+        uint64_t rb;
+        std::memcpy(&type, data + off + at, 4);
+        std::memcpy(&rb, data + off + at + 4, 8);
+        return type == p_.type_k && rb == k_row_bytes(0);
+    };
+    const bool v3 = k_header_at(0);
+    const bool v4 = k_header_at(8);
+    if (v3 != v4) {
+        return v4 ? KV_STATE_FORMAT_B11549 : KV_STATE_FORMAT_B11312;
+    }
+    return p_.state_format;
 }
 
 size_t kv_cache::state_write_size(int32_t seq) const {
@@ -1126,7 +1221,7 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
     const bool              rotate = p_.rope.enabled && get_can_shift();
     std::vector<cell_run> & runs   = scratch_runs();
     std::vector<float>      cs, sn, buf;
-    const size_t            es     = kv_type_size(p_.type_v);
+    const size_t            es     = v_elem_bytes(p_);
     byte_writer             out{ dst };
 
     out.put(uint32_t(n_stream_));
@@ -1164,6 +1259,10 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
         }
         out.put(uint32_t(p_.v_trans ? 1u : 0u));
         out.put(uint32_t(n_layer()));
+        if (p_.state_format >= KV_STATE_FORMAT_B11549) {
+            out.put(uint32_t(p_.n_rot_k));
+            out.put(uint32_t(p_.n_rot_v));
+        }
         for (uint32_t l = 0; l < n_layer(); ++l) {
             const size_t rb = k_row_bytes(l);
             out.put(int32_t(p_.type_k));
@@ -1184,7 +1283,8 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
                             // A pending shift is saved as if applied: the positions written are
                             // the shifted ones, so the K rows must match them.
                             rope_tables(p_.rope, d, cs, sn);
-                            rotate_row(w + (r.first + k) * rb, p_.type_k, p_.n_embd_k[l], p_.rope, cs, sn, buf);
+                            rotate_k_rows(w + (r.first + k) * rb, 1, rb, p_.type_k, p_.n_embd_k[l], p_.rope,
+                                          cs.data(), sn.data(), buf);
                         }
                     }
                 }
@@ -1339,6 +1439,15 @@ std::unique_ptr<kv_cache::parsed_state> kv_cache::state_parse(const uint8_t * da
         if (v_trans > 1 || (v_trans != 0) != p_.v_trans) {
             throw state_error("v_trans mismatch: the state has " + std::to_string(v_trans) + ", the cache " +
                               std::to_string(p_.v_trans ? 1 : 0), state_reject::CONFIG_MISMATCH);
+        }
+        if (stream_section_format(data, n, off, n_lay) >= KV_STATE_FORMAT_B11549) {
+            const uint32_t rot_k = rd.get<uint32_t>("n_rot_k");
+            const uint32_t rot_v = rd.get<uint32_t>("n_rot_v");
+            if (rot_k != p_.n_rot_k || rot_v != p_.n_rot_v) {
+                throw state_error("incompatible attention rotation: the state has n_rot_k " + std::to_string(rot_k) +
+                                  ", n_rot_v " + std::to_string(rot_v) + ", the cache " + std::to_string(p_.n_rot_k) +
+                                  ", " + std::to_string(p_.n_rot_v));
+            }
         }
         st.k_data.resize(n_lay);
         st.v_data.resize(n_lay);
@@ -1512,7 +1621,7 @@ void kv_cache::state_place_direct(parsed_state & ps) {
 }
 
 void kv_cache::state_commit(parsed_state & ps) {
-    const size_t es_v = kv_type_size(p_.type_v);
+    const size_t es_v = v_elem_bytes(p_);
     if (ps.seq == -1) {
         pending_.clear();  // every stream's bytes are replaced: earlier copies are moot
         clear(true);
@@ -1671,7 +1780,7 @@ size_t kv_state_read_all(kv_cache * const * caches_p, size_t n_caches, const uin
 }
 
 void kv_cache::zero_cells(uint32_t stream, const std::vector<uint32_t> & idxs) {
-    const size_t es_v = kv_type_size(p_.type_v);
+    const size_t es_v = v_elem_bytes(p_);
     for (uint32_t l = 0; l < n_layer(); ++l) {
         for (const uint32_t c : idxs) {
             if (uint8_t * row = k_row_mut(l, stream, c)) {

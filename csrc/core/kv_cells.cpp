@@ -782,4 +782,14 @@ bool kv_cells::check_invariants() const {
     return indexed == memberships;
 }
 
+int32_t kv_cells::seq_pos_tok_le(int32_t s, int32_t p) const {
+    const std::vector<uint64_t> & idx = seq_index(s);
+    // the first key past (p, any cell): the one before it is the last cell at a position <= p
+    const auto it = std::upper_bound(idx.begin(), idx.end(), key(p, std::numeric_limits<uint32_t>::max()));
+    if (it == idx.begin()) {
+        return -1;
+    }
+    return ext_get(key_cell(*(it - 1))).tok;
+}
+
 } // namespace llmem

@@ -341,6 +341,15 @@ bool rs_memory::seq_rm(int32_t seq, int32_t p0, int32_t p1) {
     const int32_t  pos = cells_[ti].pos;
     if (r.p0 > 0 && r.contains(pos)) {
         // a cut into the end of the sequence: only possible as a rollback
+        if (b11549_rules_) {
+            if (cells_[ti].ids.size() > 1) {
+                return false;  // the other sequences of the cell would move back too
+            }
+            if (no_layers_) {
+                mut_cell(ti).pos = r.p0 - 1;  // no state to restore: only the position moves
+                return true;
+            }
+        }
         const int64_t n_back = int64_t(pos) - r.p0 + 1;
         if (rs_idx_[uint32_t(seq)] == 0 && n_back >= 1 && n_back <= int64_t(n_rs_seq_)) {
             rs_idx_[uint32_t(seq)] = uint32_t(n_back);

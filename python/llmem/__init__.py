@@ -15,6 +15,7 @@ except ImportError as _exc:  # pragma: no cover - only without a build
     ) from _exc
 
 from .batch import Batch, BatchAllocator, UBatch
+from .compat import Compat
 from .errors import BatchError, LlmemError, NoRoom, StaleContextError, StateError
 from .hybrid import HybridContext, HybridISWAMemory, HybridMemory
 from .kv_cache import KVCache, KVCacheISWA, PagedKV, Rope
@@ -22,6 +23,7 @@ from .memory import STATE_HEADER, Memory, MemoryContext
 from .metrics import MemoryStats
 from .recurrent import RecurrentContext, RecurrentMemory
 from .factory import from_gguf, from_hparams
+from .ggml_types import GGML_TYPES, GGMLType, dequantize, quantize
 from .hparams import ModelHParams, read_gguf_hparams
 from .plan import MemoryPlan, plan_memory
 from .prefix import PrefixCache
@@ -34,6 +36,8 @@ __all__ = [
     "Batch",
     "BatchAllocator",
     "BatchError",
+    "Compat",
+    "dequantize",
     "from_gguf",
     "from_hparams",
     "get_cmake_dir",
@@ -44,6 +48,8 @@ __all__ = [
     "KVCache",
     "KVCacheISWA",
     "LlmemError",
+    "GGML_TYPES",
+    "GGMLType",
     "Memory",
     "MemoryContext",
     "MemoryPlan",
@@ -51,6 +57,7 @@ __all__ = [
     "ModelHParams",
     "NoRoom",
     "PagedKV",
+    "quantize",
     "plan_memory",
     "PrefixCache",
     "read_gguf_hparams",

@@ -29,13 +29,15 @@ RECURRENT_ARCHS = frozenset({"mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", 
 # llama.cpp's llm_arch_is_hybrid() restricted to the architectures llmem can read.
 HYBRID_ARCHS = frozenset({"jamba", "falcon-h1", "granitehybrid", "nemotron_h", "lfm2",
                           "qwen3next"})
-_ATTENTION_ARCHS = frozenset({"llama", "gemma2", "gemma3"})
+_ATTENTION_ARCHS = frozenset({"llama", "gemma2", "gemma3", "gemma3n"})
+# architectures whose later layers read an earlier layer's K/V (llama_model::create_memory)
+_LAYER_REUSE_ARCHS = frozenset({"gemma3n", "gemma4"})
 SUPPORTED_ARCHS = tuple(sorted(_ATTENTION_ARCHS | RECURRENT_ARCHS | HYBRID_ARCHS))
 
 # llama.cpp's llama_model_rope_type() for the supported architectures ("none": no RoPE at all).
 _ROPE_TYPE = {
     "llama": "norm", "granitehybrid": "norm",
-    "gemma2": "neox", "gemma3": "neox", "falcon-h1": "neox", "lfm2": "neox", "qwen3next": "neox",
+    "gemma2": "neox", "gemma3": "neox", "gemma3n": "neox", "gemma4": "neox", "falcon-h1": "neox", "lfm2": "neox", "qwen3next": "neox",
     "mamba": "none", "mamba2": "none", "jamba": "none", "nemotron_h": "none",
     "rwkv6": "none", "rwkv6qwen2": "none", "rwkv7": "none", "arwkv7": "none",
 }
@@ -53,6 +55,7 @@ _REQUIRED = {
     "qwen3next": _SSM_KEYS + ("ssm.group_count",),
     "lfm2": ("shortconv.l_cache",),
     "gemma3": (),
+    "gemma3n": (),
     "gemma2": (),
     "llama": (),
     "rwkv6": ("wkv.head_size",),
@@ -112,6 +115,9 @@ class ModelHParams:
     rope_freq_base_swa: Optional[float] = None
     rope_freq_scale_swa: Optional[float] = None
     n_ctx_orig_yarn: Optional[int] = None
+    # llama_hparams::n_layer_kv_from_start: layers from here on have no K/V of their own and
+    # read an earlier layer's (Gemma3n, Gemma4); -1: every layer has its own
+    n_layer_kv_from_start: int = -1
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -209,6 +215,20 @@ class ModelHParams:
         in parallel), and attention-only layers (no FFN) for Nemotron-H.
         """
         return self.attention_layers[self._check(il)]  # type: ignore[index]  # fields normalised by __post_init__
+
+    def has_kv(self, il: int) -> bool:
+        """Whether layer ``il`` has K/V of its own (llama_hparams::has_kv)."""
+        il = self._check(il)
+        return self.n_layer_kv_from_start < 0 or il < self.n_layer_kv_from_start
+
+    def layer_reuse(self, il: int) -> int:
+        """The layer whose K/V layer ``il`` reads, or -1 (llama.cpp's layer_reuse_cb): Gemma3n and
+        Gemma4 layers from ``n_layer_kv_from_start`` on read the last sliding-window layer before
+        it (sliding layers) or the last layer before it (full layers)."""
+        il = self._check(il)
+        if self.arch not in _LAYER_REUSE_ARCHS or self.has_kv(il):
+            return -1
+        return self.n_layer_kv_from_start - (2 if self.is_swa_layer(il) else 1)
 
     def is_swa_layer(self, il: int) -> bool:
         """Whether layer ``il`` uses sliding-window attention (llama_hparams::is_swa)."""
@@ -467,6 +487,18 @@ def hparams_from_metadata(kv: Dict[str, Any]) -> ModelHParams:
             args.update(rope_freq_base_swa=10000.0, rope_freq_scale_swa=1.0)
         else:
             n_swa = 0
+    elif arch == "gemma3n":
+        # gemma3n: the pattern array, else 4 sliding layers then 1 full; layers from 20 on read
+        # the K/V of layer 18 (sliding) or 19 (full)
+        n_swa = int(m.scalar("attention.sliding_window", required=True))
+        swa_type = SWAType.STANDARD
+        pattern = m.get("attention.sliding_window_pattern")
+        if isinstance(pattern, (list, tuple)):
+            swa_layers = _arr(pattern, n_layer, m.key("attention.sliding_window_pattern"), bool)
+        else:
+            swa_layers = _swa_pattern(n_layer, int(pattern) if pattern is not None else 5)
+        args.update(n_layer_kv_from_start=20,
+                     rope_freq_base_swa=float(m.scalar("rope.freq_base_swa", freq_base)))
     elif arch == "lfm2":
         # lfm2: a positive window makes every attention layer slide (hybrid iSWA)
         n_swa = int(m.scalar("attention.sliding_window", 0))

@@ -8,7 +8,10 @@ decisions. The K and V tensors are numpy arrays owned by the Python objects:
 * ``v(il)``: ``[n_stream, kv_size, n_embd_v]``, or with ``v_trans`` (the default, as llama.cpp without
   flash attention) ``[n_stream, n_embd_v_max, kv_size]``.
 
-Element types are float16, float32 or bfloat16 (stored as uint16 bit patterns).
+Element types are float16, float32 or bfloat16 (stored as uint16 bit patterns), or one of the
+block types llama.cpp offers for its cache (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``,
+``iq4_nl``), stored as ggml's blocks in ``uint8`` rows: ``k(il)`` is then
+``[n_stream, kv_size, row_bytes]``. A quantized V needs ``v_trans=False`` (llama.cpp: flash attention).
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import numpy.typing as npt
 from . import _core
 from .batch import Batch, UBatch
 from . import metrics
+from .compat import resolve_compat, resolve_state_format
 from .errors import LlmemError
+from .ggml_types import GGMLType, dequantize, ggml_type
 from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
 from .status import Status, SWAType, status_combine
 
@@ -91,20 +96,17 @@ def _as_rope(rope: Any) -> Optional[Rope]:
 
 
 def _kv_type(dtype: Any, name: str) -> tuple[int, np.dtype]:
-    """(ggml type id, numpy storage dtype) of a dtype argument."""
-    if isinstance(dtype, str) and dtype.lower() in ("bf16", "bfloat16"):
-        return _TYPE_BF16, np.dtype(np.uint16)
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"{name} must be a numpy dtype or 'bf16', got {dtype!r}") from None
-    if dt == np.float32:
-        return _TYPE_F32, dt
-    if dt == np.float16:
-        return _TYPE_F16, dt
-    if dt == np.uint16:  # bfloat16 bit patterns
-        return _TYPE_BF16, dt
-    raise ValueError(f"{name} must be float16, float32 or bf16, got {dt}")
+    """(ggml type id, numpy storage dtype) of a dtype argument: a numpy float dtype, or a ggml type
+    name of the one table in :mod:`llmem.ggml_types` (``"bf16"``, ``"q8_0"``, ``"q4_0"``...)."""
+    t = ggml_type(dtype, name)
+    return t.id, t.storage
+
+
+def _float_rows(values: np.ndarray, name: str) -> np.ndarray:
+    """Model rows as C-contiguous float32, the input of the quantizers."""
+    if values.dtype.kind != "f":
+        raise TypeError(f"{name} must hold floats, got {values.dtype}")
+    return np.ascontiguousarray(values, dtype=np.float32)
 
 
 def _to_storage(values: np.ndarray, type_id: int, name: str) -> np.ndarray:
@@ -165,6 +167,36 @@ def _i32(value: Any, name: str) -> int:
     return _check_int(value, name, _I32_MIN, _I32_MAX)
 
 
+def _layer_reuse_map(reuse, n_layer: int, kept: list[int]) -> dict[int, int]:
+    """{layer: the layer whose K/V it reads} for the kept layers that reuse another (llama.cpp's
+    layer_reuse_cb: il -> il_src, or a negative value for a layer with its own K/V)."""
+    if reuse is None:
+        return {}
+    if callable(reuse):
+        srcs = [reuse(il) for il in range(n_layer)]
+    elif isinstance(reuse, (list, tuple, np.ndarray)):
+        srcs = list(reuse)
+        if len(srcs) != n_layer:
+            raise ValueError(f"layer_reuse has {len(srcs)} entries, expected n_layer = {n_layer}")
+    else:
+        raise TypeError(f"layer_reuse must be a callable il -> il_src, a list of ints or None, got "
+                        f"{type(reuse).__name__}")
+    kept_set = set(kept)
+    out = {}
+    for il, src in enumerate(srcs):
+        src = _check_int(src, f"layer_reuse({il})", -(2**31), n_layer - 1)
+        if src < 0 or il not in kept_set:
+            continue
+        if src == il:
+            raise ValueError(f"layer_reuse: layer {il} cannot reuse itself")
+        out[il] = src
+    for il, src in out.items():
+        if src in out:
+            raise ValueError(f"layer_reuse: layer {il} reuses layer {src}, which reuses layer {out[src]}: "
+                             "a reused layer must have its own K/V")
+    return out
+
+
 class KVCache(Memory):
     """llama.cpp's attention KV cache with numpy K/V buffers.
 
@@ -173,10 +205,21 @@ class KVCache(Memory):
     the model layers this cache stores; ``rope`` (a :class:`Rope`) enables the K-shift applied by
     ``init_update().apply()`` after ``seq_add``/``seq_div``. ``n_pos_per_embd > 1`` marks an
     M-RoPE model (cells keep 2-D coordinates; positions cannot be shifted).
+
+    ``dtype_k``/``dtype_v`` take numpy float dtypes or ggml type names (``"q8_0"``, ``"q4_0"``,
+    ``"q4_1"``, ``"q5_0"``, ``"q5_1"``, ``"iq4_nl"``, ``"f16"``, ``"bf16"``, ``"f32"``); a quantized V
+    needs ``v_trans=False``. ``compat`` (``"b11549"``, the default, or ``"b11312"``) picks the
+    llama.cpp build whose state bytes ``state_write`` produces (``state_format`` 4 or 3 overrides
+    it); ``n_rot_k``/``n_rot_v`` are b11549's attention rotation sizes recorded in format 4.
+    ``layer_reuse`` (llama.cpp's ``layer_reuse_cb``, Gemma3n/Gemma4: ``il -> source layer``, or a
+    negative value) lets a layer read another layer's K/V: it gets no buffers, ``k(il)``/``v(il)``
+    and the context reads return the source's, and it writes nothing. ``cell_tokens`` keeps each
+    cell's token (in the state bytes too, as llama.cpp's cell ext of n-gram embedding models) for
+    :meth:`seq_pos_tok_le`.
     """
 
     __slots__ = ("_core", "_k", "_v", "_layers", "_layer_index", "_type_k", "_type_v", "_rope",
-                 "_vt", "_ev", "_own_balloc", "_lock", "_version")
+                 "_vt", "_ev", "_own_balloc", "_lock", "_version", "_ek", "_reuse")
 
     def __init__(self, n_layer: int, n_embd_k_gqa: Union[int, Sequence[int]],
                  n_embd_v_gqa: Union[int, Sequence[int]], kv_size: int, n_seq_max: int = 1,
@@ -184,8 +227,15 @@ class KVCache(Memory):
                  v_trans: bool = True, unified: bool = True,
                  n_pad: int = 1, n_swa: int = 0, swa_type: Union[SWAType, int] = SWAType.NONE,
                  layer_filter: Optional[Callable[[int], bool]] = None, rope: Optional[Rope] = None,
-                 n_pos_per_embd: int = 1) -> None:
+                 n_pos_per_embd: int = 1, compat: Any = None, state_format: Optional[int] = None,
+                 n_rot_k: int = 0, n_rot_v: int = 0,
+                 layer_reuse: Union[Callable[[int], int], Sequence[int], None] = None,
+                 cell_tokens: bool = False) -> None:
         n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
+        compat = resolve_compat(compat)
+        state_format = resolve_state_format(state_format, compat)
+        n_rot_k = _check_int(n_rot_k, "n_rot_k", 0, 1 << 16)
+        n_rot_v = _check_int(n_rot_v, "n_rot_v", 0, 1 << 16)
         kv_size = _check_int(kv_size, "kv_size", 1)
         n_seq_max = _check_int(n_seq_max, "n_seq_max", 1, _SEQ_MAX_LIMIT)
         n_pad = _check_int(n_pad, "n_pad", 1)
@@ -199,8 +249,15 @@ class KVCache(Memory):
         self._type_k, dt_k = _kv_type(dtype_k, "dtype_k")
         self._type_v, dt_v = _kv_type(dtype_v, "dtype_v")
         self._rope = _as_rope(rope)
-        self._layers = [il for il in range(n_layer) if layer_filter is None or layer_filter(il)]
+        kept = [il for il in range(n_layer) if layer_filter is None or layer_filter(il)]
+        self._reuse = _layer_reuse_map(layer_reuse, n_layer, kept)
+        self._layers = [il for il in kept if il not in self._reuse]
         self._layer_index = {il: l for l, il in enumerate(self._layers)}
+        for il, src in self._reuse.items():
+            if src not in self._layer_index:
+                raise ValueError(f"layer_reuse: layer {il} reuses layer {src}, which this cache does not "
+                                 f"store (stored: {self._layers})")
+            self._layer_index[il] = self._layer_index[src]
         # layers the cache does not hold may have no K/V (recurrent or MLP-only layers of a hybrid
         # model); they still count for the transposed V width
         for il in self._layers:
@@ -210,6 +267,7 @@ class KVCache(Memory):
         e_vmax = max(ev) if ev else 0
         self._vt = bool(v_trans)
         self._ev = [ev[il] for il in self._layers]
+        self._ek = [ek[il] for il in self._layers]
         self._own_balloc = None
         self._lock = _core.MemoryLock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
@@ -217,15 +275,18 @@ class KVCache(Memory):
         self._core = _core.KVCache(
             kv_size, n_seq_max, bool(unified), n_pad, n_swa, int(swa_type), n_pos_per_embd,
             self._type_k, self._type_v, bool(v_trans), self._layers,
-            [ek[il] for il in self._layers], [ev[il] for il in self._layers], e_vmax, self._rope)
+            [ek[il] for il in self._layers], [ev[il] for il in self._layers], e_vmax, self._rope,
+            n_rot_k, n_rot_v, state_format, bool(cell_tokens))
         n_stream = self._core.n_stream
         self._k, self._v = [], []
+        tk, tv = self.ggml_type_k, self.ggml_type_v
         for l, il in enumerate(self._layers):
-            k = np.zeros((n_stream, kv_size, ek[il]), dtype=dt_k)
+            # a block type: one uint8 row of ggml blocks per cell
+            k = np.zeros((n_stream, kv_size, tk.row_size(ek[il]) if tk.quantized else ek[il]), dtype=dt_k)
             if v_trans:
                 v = np.zeros((n_stream, e_vmax, kv_size), dtype=dt_v)
             else:
-                v = np.zeros((n_stream, kv_size, ev[il]), dtype=dt_v)
+                v = np.zeros((n_stream, kv_size, tv.row_size(ev[il]) if tv.quantized else ev[il]), dtype=dt_v)
             self._core.set_layer_buffers(l, k, v)
             self._k.append(k)
             self._v.append(v)
@@ -260,8 +321,19 @@ class KVCache(Memory):
 
     @property
     def layers(self) -> list[int]:
-        """Model layer ids stored in this cache, in cache order."""
+        """Model layer ids stored in this cache, in cache order (not the layers that reuse them)."""
         return list(self._layers)
+
+    @property
+    def reused_layers(self) -> dict[int, int]:
+        """``{layer: source layer}`` of the layers that read another layer's K/V (``layer_reuse``);
+        they have no buffers and are not in the state bytes."""
+        return dict(self._reuse)
+
+    def _check_writes(self, il: int) -> None:
+        if il in self._reuse:
+            raise ValueError(f"layer {il} reuses the K/V of layer {self._reuse[il]} and stores none; "
+                             f"write them through layer {self._reuse[il]}")
 
     @property
     def v_trans(self) -> bool:
@@ -270,6 +342,42 @@ class KVCache(Memory):
 
     def _n_embd_v(self, il: int) -> int:
         return self._ev[self._layer(il)]
+
+    @property
+    def ggml_type_k(self) -> GGMLType:
+        """The element or block type of K (:class:`llmem.ggml_types.GGMLType`)."""
+        return ggml_type(self._type_k)
+
+    @property
+    def ggml_type_v(self) -> GGMLType:
+        return ggml_type(self._type_v)
+
+    @property
+    def state_format(self) -> int:
+        """The KV state format ``state_write`` produces: 3 (llama.cpp b11312) or 4 (b11549);
+        ``state_read`` reads both."""
+        return self._core.state_format
+
+    @property
+    def n_rot_k(self) -> int:
+        """Size of the model's Hadamard rotation of K (llama.cpp b11549's ``n_rot_k``; 0: none)."""
+        return self._core.n_rot_k
+
+    @property
+    def n_rot_v(self) -> int:
+        return self._core.n_rot_v
+
+    @property
+    def type_k(self) -> str:
+        """ggml's name of K's type (``"f16"``, ``"q8_0"``...), as llama.cpp's -ctk takes it."""
+        return ggml_type(self._type_k).name
+
+    @property
+    def type_v(self) -> str:
+        return ggml_type(self._type_v).name
+
+    def _n_embd_k(self, il: int) -> int:
+        return self._ek[self._layer(il)]
 
     @property
     def n_stream(self) -> int:
@@ -420,6 +528,14 @@ class KVCache(Memory):
 
     def get_can_shift(self) -> bool:
         return self._core.get_can_shift()
+
+    def seq_pos_tok_le(self, seq_id: int, pos: int) -> int:
+        """The token of ``seq_id``'s cell at the largest position <= ``pos`` (the highest cell
+        among cells at that position), or -1 (``LLAMA_TOKEN_NULL``) when the sequence has none:
+        llama.cpp's lookup of the tokens before a micro-batch for n-gram embeddings. The cells keep
+        tokens only with ``cell_tokens=True`` (or M-RoPE); otherwise ``LlmemError``."""
+        p = _i32(pos, "pos")
+        return self._position(lambda s: self._core.seq_pos_tok_le(s, p), seq_id)
 
     @locked
     def get_has_shift(self) -> bool:
@@ -721,8 +837,14 @@ class KVCacheContext(MemoryContext):
         c = self._cache
         c._lock.acquire()
         try:
+            c._check_writes(il)
             K = c.k(il)
             idx = self.k_idxs()
+            tk = c.ggml_type_k
+            if tk.quantized:  # rows quantized straight into their cells (ggml's reference quantizer)
+                vals = _float_rows(_rows(k_cur, len(idx), c._n_embd_k(il), "k_cur"), "k_cur")
+                _core.quantize_scatter(tk.id, K.reshape(-1, K.shape[2]), vals, idx)
+                return
             vals = _to_storage(_rows(k_cur, len(idx), K.shape[2], "k_cur"), c._type_k, "k_cur")
             K.reshape(-1, K.shape[2])[idx] = vals
         finally:
@@ -733,9 +855,15 @@ class KVCacheContext(MemoryContext):
         c = self._cache
         c._lock.acquire()
         try:
+            c._check_writes(il)
             V = c.v(il)
             idx = self.k_idxs()
             ne = c._n_embd_v(il)
+            tv = c.ggml_type_v
+            if tv.quantized:  # never transposed (the constructor refuses it)
+                vals = _float_rows(_rows(v_cur, len(idx), ne, "v_cur"), "v_cur")
+                _core.quantize_scatter(tv.id, V.reshape(-1, V.shape[2]), vals, idx)
+                return
             vals = _to_storage(_rows(v_cur, len(idx), ne, "v_cur"), c._type_v, "v_cur")
             if c._vt:
                 vals = np.ascontiguousarray(vals, dtype=V.dtype)
@@ -762,6 +890,29 @@ class KVCacheContext(MemoryContext):
         if self._cache._vt:
             return V[s, :, :self.n_kv]
         return V[s, :self.n_kv]
+
+    def get_k_float(self, il: int) -> np.ndarray:
+        """K of the first ``n_kv`` cells as float32 ``[n_streams, n_kv, n_embd_k]``, whatever the
+        cache stores (block types dequantized as ggml does; a new array)."""
+        c = self._cache
+        c._lock.acquire()
+        try:
+            return dequantize(self.get_k(il), c.ggml_type_k, c._n_embd_k(il))
+        finally:
+            c._lock.release()
+
+    def get_v_float(self, il: int) -> np.ndarray:
+        """V of the first ``n_kv`` cells as float32: ``[n_streams, n_kv, n_embd_v]``, or
+        ``[n_streams, n_embd_v_max, n_kv]`` when ``v_trans`` (float types only)."""
+        c = self._cache
+        c._lock.acquire()
+        try:
+            V = self.get_v(il)
+            if c._vt:
+                return dequantize(V, c.ggml_type_v)
+            return dequantize(V, c.ggml_type_v, c._n_embd_v(il))
+        finally:
+            c._lock.release()
 
 
 def _mask_f16(dtype) -> bool:
@@ -941,7 +1092,9 @@ class KVCacheISWA(Memory):
                  is_swa_layer: Union[Callable[[int], bool], Sequence[bool], None] = None,
                  n_ubatch: int = 512, layer_filter: Optional[Callable[[int], bool]] = None,
                  rope: Optional[Rope] = None, rope_swa: Optional[Rope] = None,
-                 n_pos_per_embd: int = 1) -> None:
+                 n_pos_per_embd: int = 1, compat: Any = None,
+                 state_format: Optional[int] = None, n_rot_k: int = 0, n_rot_v: int = 0,
+                 layer_reuse: Union[Callable[[int], int], Sequence[int], None] = None) -> None:
         n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
         kv_size = _check_int(kv_size, "kv_size", 1)
         n_seq_max = _check_int(n_seq_max, "n_seq_max", 1, _SEQ_MAX_LIMIT)
@@ -968,7 +1121,9 @@ class KVCacheISWA(Memory):
             size_swa = (size_swa + 255) // 256 * 256
         common: Dict[str, Any] = dict(n_seq_max=n_seq_max, dtype_k=dtype_k, dtype_v=dtype_v,
                                       v_trans=v_trans, unified=unified, n_pad=n_pad,
-                                      n_pos_per_embd=n_pos_per_embd)
+                                      n_pos_per_embd=n_pos_per_embd, compat=compat,
+                                      state_format=state_format, n_rot_k=n_rot_k, n_rot_v=n_rot_v,
+                                      layer_reuse=layer_reuse)
         self._own_balloc = None
         self.base: KVCache = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, kv_size,
                             layer_filter=lambda il: not flags[il] and keep(il), rope=rope, **common)
@@ -1265,6 +1420,12 @@ class KVCacheISWAContext(MemoryContext):
 
     def get_v(self, il: int) -> np.ndarray:
         return self._ctx_of(il).get_v(il)
+
+    def get_k_float(self, il: int) -> np.ndarray:
+        return self._ctx_of(il).get_k_float(il)
+
+    def get_v_float(self, il: int) -> np.ndarray:
+        return self._ctx_of(il).get_v_float(il)
 
     def kq_mask(self, il: int, causal: bool = True, out=None, dtype=np.float32, pad: int = 1) -> np.ndarray:
         """The mask for the layer's cache (base: no window; swa: with it); arguments as

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
+from .compat import Compat, resolve_compat
+from .ggml_types import GGML_TYPES, ggml_type
 from .hparams import ModelHParams
 from .status import SWAType
 
@@ -34,62 +36,58 @@ MAX_SEQ = 256
 CTX_PAD = 256
 _MIB = 1024 * 1024
 
-# ggml type name -> (type id, bytes per element); only non-block types are supported because
-# llmem's buffers are numpy arrays (and transposed V needs a block size of 1)
-_GGML_TYPES = {"f32": (0, 4), "f16": (1, 2), "bf16": (30, 2)}
-_TYPE_BY_ID = {tid: name for name, (tid, _) in _GGML_TYPES.items()}
-
 DTypeLike = Union[str, int, np.dtype, type]
 
 
 def resolve_dtype(dtype: DTypeLike, what: str = "dtype") -> str:
-    """Normalise a buffer element type to a ggml type name: ``"f32"``, ``"f16"`` or ``"bf16"``.
+    """Normalise a buffer type to a ggml type name of the one table (:data:`llmem.GGML_TYPES`):
+    ``"f32"``, ``"f16"``, ``"bf16"`` or a block type llama.cpp offers for its cache (``"q8_0"``,
+    ``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"``, ``"iq4_nl"``).
 
-    Accepts those names (also ``"float32"``, ``"float16"``, ``"bfloat16"``), the ggml type ids 0,
-    1 and 30, and numpy dtypes (``np.float32``, ``np.float16``, an ``ml_dtypes.bfloat16``).
-    Raises ``ValueError`` naming ``what`` otherwise.
+    Accepts those names (also ``"float32"``, ``"float16"``, ``"bfloat16"``), the ggml type ids,
+    and numpy dtypes (``np.float32``, ``np.float16``, an ``ml_dtypes.bfloat16``). Raises
+    ``ValueError`` naming ``what`` otherwise.
     """
-    if isinstance(dtype, (bool, np.bool_)):
-        raise ValueError(f"{what}: unsupported type {dtype!r}")
-    if isinstance(dtype, (int, np.integer)):
-        name = _TYPE_BY_ID.get(int(dtype))
-        if name is None:
-            raise ValueError(f"{what}: unsupported ggml type id {int(dtype)} "
-                             f"(supported: 0 = f32, 1 = f16, 30 = bf16)")
-        return name
-    if isinstance(dtype, str):
-        key = dtype.strip().lower()
-        aliases = {"float32": "f32", "float16": "f16", "half": "f16", "bfloat16": "bf16"}
-        key = aliases.get(key, key)
-        if key in _GGML_TYPES:
-            return key
-        raise ValueError(f"{what}: unsupported type {dtype!r} (supported: f32, f16, bf16)")
     try:
-        npd = np.dtype(dtype)
-    except TypeError:
-        raise ValueError(f"{what}: unsupported type {dtype!r} "
-                         "(supported: f32, f16, bf16)") from None
-    if npd == np.float32:
-        return "f32"
-    if npd == np.float16:
-        return "f16"
-    if npd.name == "bfloat16":
-        return "bf16"
-    raise ValueError(f"{what}: unsupported type {npd} (supported: f32, f16, bf16)")
+        return ggml_type(dtype, what).name
+    except TypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def numpy_dtype(name: str) -> Any:
-    """The numpy dtype for a ggml type name; ``bf16`` needs ``ml_dtypes`` (else the name)."""
+    """The dtype argument of llmem's memories for a ggml type name: numpy's float32/float16,
+    bf16 as an ``ml_dtypes.bfloat16`` when installed (else the name), block types by name."""
     if name == "f32":
         return np.dtype(np.float32)
     if name == "f16":
         return np.dtype(np.float16)
+    if name != "bf16":
+        return name
     try:  # numpy has no bfloat16; ml_dtypes provides one when installed
         import ml_dtypes  # type: ignore[import-not-found, unused-ignore]
 
         return np.dtype(ml_dtypes.bfloat16)
     except ImportError:
         return "bf16"
+
+
+def attn_rot_sizes(hp: ModelHParams, layers: List[int], type_k: str, type_v: str) -> Tuple[int, int]:
+    """llama.cpp b11549's attention rotation sizes ``(n_rot_k, n_rot_v)`` of a KV cache holding
+    ``layers``: a quantized K gets a Hadamard rotation of 64 values, doubled while the (common)
+    head size holds twice as many; a quantized V one of 64; 0 when the type is not quantized, the
+    head size is not a multiple of 64 or the cache holds no layer. (b11312 applies the same
+    rotation but does not record it in the state bytes.)"""
+    if not layers:
+        return 0, 0
+    head_k, head_v = hp.n_embd_head_k, hp.n_embd_head_v
+    n_rot_k = n_rot_v = 0
+    if GGML_TYPES[type_k].quantized and head_k > 0 and head_k % 64 == 0:
+        n_rot_k = 64
+        while head_k % (2 * n_rot_k) == 0:
+            n_rot_k *= 2
+    if GGML_TYPES[type_v].quantized and head_v > 0 and head_v % 64 == 0:
+        n_rot_v = 64
+    return n_rot_k, n_rot_v
 
 
 def _pad(x: int, n: int) -> int:
@@ -140,6 +138,9 @@ class KVCachePlan:
     v_trans: bool
     k: BufferPlan
     v: BufferPlan
+    n_rot_k: int = 0          # b11549's attention rotation sizes (state format 4 records them)
+    n_rot_v: int = 0
+    reuse: Tuple[Tuple[int, int], ...] = ()  # (layer, source layer): layers reading another's K/V
 
     @property
     def nbytes(self) -> int:
@@ -210,6 +211,7 @@ class MemoryPlan:
     kv: Optional[KVCachePlan]            # the single / base KV cache
     kv_swa: Optional[KVCachePlan]        # the SWA half of an iSWA pair
     recurrent: Optional[RecurrentPlan]
+    compat: Compat = Compat.B11549       # the llama.cpp build the memories follow
 
     @property
     def arch(self) -> str:
@@ -305,8 +307,12 @@ class MemoryPlan:
             n_pad=1,
             n_swa=c.n_swa,
             swa_type=c.swa_type,
-            layer_filter=LayerSet(c.layers),
+            layer_filter=LayerSet(sorted(c.layers + tuple(il for il, _ in c.reuse))),
             rope=rope,
+            compat=self.compat,
+            layer_reuse=self._layer_reuse(),
+            n_rot_k=c.n_rot_k,
+            n_rot_v=c.n_rot_v,
         )
 
     def _recr_kwargs(self, r: RecurrentPlan) -> Dict[str, Any]:
@@ -321,7 +327,14 @@ class MemoryPlan:
             dtype_r=numpy_dtype(r.r.dtype),
             dtype_s=numpy_dtype(r.s.dtype),
             layer_filter=LayerSet(r.layers),
+            compat=self.compat,
         )
+
+    def _layer_reuse(self) -> Optional[List[int]]:
+        """llama.cpp's layer_reuse_cb as a list (None for models without it)."""
+        hp = self.hparams
+        reuse = [hp.layer_reuse(il) for il in range(hp.n_layer)]
+        return reuse if any(r >= 0 for r in reuse) else None
 
     def _iswa_kwargs(self) -> Dict[str, Any]:
         hp = self.hparams
@@ -412,24 +425,43 @@ def _kv_plan(hp: ModelHParams, role: str, layers: List[int], kv_size: int, n_seq
              unified: bool, n_swa: int, swa_type: SWAType, v_trans: bool, type_k: str,
              type_v: str) -> KVCachePlan:
     n_stream = 1 if unified else n_seq_max
+    # layers without K/V of their own read another layer's (layer_reuse) and allocate nothing
+    reuse = tuple((il, hp.layer_reuse(il)) for il in layers if hp.layer_reuse(il) >= 0)
+    layers = [il for il in layers if hp.has_kv(il)]
     k_rows = tuple(hp.n_embd_k_gqa(il) for il in layers)
     # transposed V is padded to the widest V row of the whole model (llama.cpp's
     # TAG_V_CACHE_VARIABLE); without transposition each layer keeps its own width
     v_max = hp.n_embd_v_gqa_max()
     v_rows = tuple(v_max if v_trans else hp.n_embd_v_gqa(il) for il in layers)
-    tk_id, tk_size = _GGML_TYPES[type_k]
-    tv_id, tv_size = _GGML_TYPES[type_v]
-    k = BufferPlan("K", type_k, tk_id, sum(k_rows) * kv_size * n_stream * tk_size, k_rows)
-    v = BufferPlan("V", type_v, tv_id, sum(v_rows) * kv_size * n_stream * tv_size, v_rows)
+    tk, tv = GGML_TYPES[type_k], GGML_TYPES[type_v]
+    # ggml_row_size per layer: a block type stores whole blocks of each row
+    k = BufferPlan("K", type_k, tk.id, sum(tk.row_size(e) for e in k_rows) * kv_size * n_stream, k_rows)
+    v = BufferPlan("V", type_v, tv.id, sum(tv.row_size(e) for e in v_rows) * kv_size * n_stream, v_rows)
+    n_rot_k, n_rot_v = attn_rot_sizes(hp, layers, type_k, type_v)
     return KVCachePlan(role=role, kv_size=kv_size, n_stream=n_stream, n_seq_max=n_seq_max,
                        unified=unified, layers=tuple(layers), n_swa=n_swa, swa_type=swa_type,
-                       v_trans=v_trans, k=k, v=v)
+                       v_trans=v_trans, k=k, v=v, n_rot_k=n_rot_k, n_rot_v=n_rot_v, reuse=reuse)
+
+
+def _check_cache_types(hp: ModelHParams, type_k: str, type_v: str, flash_attn: bool) -> None:
+    """llama.cpp's context checks of the cache types (llama_init_from_model)."""
+    tk, tv = GGML_TYPES[type_k], GGML_TYPES[type_v]
+    if tv.quantized and not flash_attn:
+        raise ValueError(f"type_v {type_v}: a quantized V cache requires flash_attn (llama.cpp: "
+                         "'quantized V cache requires flash_attn to be enabled')")
+    if tk.quantized and hp.n_embd_head_k % tk.block_size:
+        raise ValueError(f"type_k {type_k} with block size {tk.block_size} does not divide "
+                         f"n_embd_head_k={hp.n_embd_head_k}")
+    if tv.quantized and hp.n_embd_head_v % tv.block_size:
+        raise ValueError(f"type_v {type_v} with block size {tv.block_size} does not divide "
+                         f"n_embd_head_v={hp.n_embd_head_v}")
 
 
 def plan_memory(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, unified: bool = True,
                 type_k: DTypeLike = "f16", type_v: DTypeLike = "f16", type_r: DTypeLike = "f32",
                 type_s: DTypeLike = "f32", swa_full: bool = False, n_ubatch: int = 512,
-                flash_attn: bool = False, n_batch: int = 2048, n_rs_seq: int = 0) -> MemoryPlan:
+                flash_attn: bool = False, n_batch: int = 2048, n_rs_seq: int = 0,
+                compat=None) -> MemoryPlan:
     """Compute the memory llama.cpp allocates for ``hparams`` with these context settings.
 
     Reproduces ``llama_context``'s sizes and ``llama_model::create_memory``'s choices:
@@ -446,6 +478,11 @@ def plan_memory(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, unified: 
 
     ``n_rs_seq`` is llama.cpp's rollback snapshot count (R/S rows are multiplied by
     ``1 + n_rs_seq``); llama.cpp forces it to 0 for architectures without rollback support.
+
+    ``type_k``/``type_v`` take ggml's names, block types included (``"q8_0"``...: sizes are
+    ggml's row sizes); a quantized V needs ``flash_attn`` and a block size that divides the head
+    size, as llama.cpp checks. ``compat`` (``"b11549"`` default, or ``"b11312"``) is the llama.cpp
+    build the memories follow (state bytes, recurrent rules; :mod:`llmem.compat`).
     """
     if not isinstance(hparams, ModelHParams):
         raise TypeError(f"hparams must be a ModelHParams, got {type(hparams).__name__}")
@@ -461,6 +498,10 @@ def plan_memory(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, unified: 
     tv = resolve_dtype(type_v, "type_v")
     tr = resolve_dtype(type_r, "type_r")
     ts = resolve_dtype(type_s, "type_s")
+    for what, name in (("type_r", tr), ("type_s", ts)):
+        if GGML_TYPES[name].quantized:
+            raise ValueError(f"{what}: the recurrent state is stored element-wise (f32, f16, bf16), got {name}")
+    compat = resolve_compat(compat)
 
     if n_ctx_req == 0:
         n_ctx_req = hparams.n_ctx_train
@@ -482,6 +523,8 @@ def plan_memory(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, unified: 
     v_trans = not flash_attn
     kv = kv_swa = recr = None
     attn_layers = list(hp.attention_layer_ids())
+    if kind != "recurrent":
+        _check_cache_types(hp, tk, tv, flash_attn)
 
     if kind in ("kv", "hybrid"):
         kv = _kv_plan(hp, "kv", attn_layers, n_ctx_seq, n_seq_max, unified, hp.n_swa,
@@ -504,8 +547,8 @@ def plan_memory(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, unified: 
         rows = mem_size * (1 + n_rs_seq)
         r_rows = tuple(hp.n_embd_r(il) for il in layers)
         s_rows = tuple(hp.n_embd_s(il) for il in layers)
-        tr_id, tr_size = _GGML_TYPES[tr]
-        ts_id, ts_size = _GGML_TYPES[ts]
+        tr_id, tr_size = GGML_TYPES[tr].id, GGML_TYPES[tr].type_size
+        ts_id, ts_size = GGML_TYPES[ts].id, GGML_TYPES[ts].type_size
         recr = RecurrentPlan(
             mem_size=mem_size, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, n_layer=hp.n_layer,
             layers=tuple(layers),
@@ -515,4 +558,4 @@ def plan_memory(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, unified: 
     return MemoryPlan(hparams=hp, kind=kind, n_ctx=n_ctx_total, n_ctx_seq=n_ctx_seq,
                       n_seq_max=n_seq_max, unified=unified, n_batch=n_batch, n_ubatch=n_ubatch,
                       swa_full=swa_full, flash_attn=flash_attn, kv=kv, kv_swa=kv_swa,
-                      recurrent=recr)
+                      recurrent=recr, compat=compat)

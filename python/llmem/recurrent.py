@@ -24,6 +24,7 @@ import numpy as np
 
 from . import _core
 from .errors import LlmemError
+from .compat import Compat, resolve_compat
 from .kv_cache import MAX_LAYERS
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
                      stale_context_error)
@@ -109,6 +110,11 @@ class RecurrentMemory(Memory):
     layer_filter:
         None (every layer has a state), a callable ``il -> bool`` or a sequence of n_layer bools.
         Layers filtered out have no arrays.
+    compat:
+        The llama.cpp build whose rules ``seq_rm`` follows (:mod:`llmem.compat`): ``"b11549"``
+        (default) refuses to roll back a cell shared by several sequences (False, nothing
+        changed) and, for a memory that keeps no layer, forces ``n_rs_seq = 0`` and rolls back by
+        moving the position only; ``"b11312"`` rewinds a shared cell for all its sequences.
 
     Notes
     -----
@@ -123,8 +129,9 @@ class RecurrentMemory(Memory):
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
                  mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r: Any = np.float32, dtype_s: Any = np.float32,
-                 layer_filter: LayerFilter = None) -> None:
+                 layer_filter: LayerFilter = None, compat: Any = None) -> None:
         n_layer = _int("n_layer", n_layer, 1, MAX_LAYERS)
+        compat = resolve_compat(compat)
         widths_r = _widths("n_embd_r", n_embd_r, n_layer)
         widths_s = _widths("n_embd_s", n_embd_s, n_layer)
         mem_size = _int("mem_size", mem_size, 1)
@@ -133,8 +140,12 @@ class RecurrentMemory(Memory):
         self._dtype_r = _dtype("dtype_r", dtype_r)
         self._dtype_s = _dtype("dtype_s", dtype_s)
         present = _present_layers(layer_filter, n_layer)
+        no_layers = not any(present)
+        if compat is Compat.B11549 and no_layers:
+            n_rs_seq = 0  # b11549: no rollback snapshots for a memory that keeps no layer
 
         self._mem = _core.rs_memory(mem_size, n_seq_max, n_rs_seq)  # checks the sizes
+        self._mem.set_b11549_rules(compat is Compat.B11549, no_layers)
         rows = mem_size * (1 + n_rs_seq)
         self._n_layer = n_layer
         self._r: list[Optional[np.ndarray]] = [

@@ -70,6 +70,9 @@ inline kv_cache_params params(uint32_t size, int32_t n_seq_max = 1, bool unified
     p.layer_il  = { 0 };
     p.n_embd_k  = { 4 };
     p.n_embd_v  = { 4 };
+    // the byte layouts these tests spell out are llama.cpp b11312's (test_kv_state_format.cpp
+    // covers format 4)
+    p.state_format = KV_STATE_FORMAT_B11312;
     return p;
 }
 

@@ -60,7 +60,7 @@ from oracle_replay import N_VOCAB, Case, Step, expand_decode
 STATE_SEQ_MAGIC = 0xAF143CD8
 PARTIAL_ONLY = 1
 
-_DTYPES = {"f16": np.float16, "f32": np.float32, "bf16": "bf16"}
+_DTYPES = {"f16": np.float16, "f32": np.float32, "bf16": "bf16", **{q: q for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")}}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,6 +105,9 @@ _LFM2_R = (3 - 1) * 32                                    # (l_cache - 1) * n_em
 MODELS: Dict[str, ModelShape] = {
     # 2 layers, n_embd 64, 4 heads, 2 KV heads of 16: n_embd_k_gqa 32 (K row 64 bytes in f16)
     "llama": ModelShape("llama", "kv", 2, attn_layers=(0, 1), n_embd_k_gqa=32, n_embd_v_gqa=32, head_dim=16),
+    # llmem's extra model for quantized caches (scripts/oracle/make_models.py): n_embd 128, 4 heads,
+    # 2 KV heads of 32, so a block of 32 values is one head: n_embd_k_gqa 64
+    "llama_hd32": ModelShape("llama", "kv", 2, attn_layers=(0, 1), n_embd_k_gqa=64, n_embd_v_gqa=64, head_dim=32),
     # as llama; layer 0 SWA (window 16), layer 1 full; gemma2 ropes in neox mode
     "gemma2": ModelShape("gemma2", "iswa", 2, attn_layers=(0, 1), swa_layers=(0,), n_embd_k_gqa=32,
                          n_embd_v_gqa=32, head_dim=16, rope_mode="neox", n_swa=16),
@@ -151,6 +154,11 @@ def context_sizes(case: Case) -> Dict[str, int]:
 # building the memory llama.cpp built
 # ----------------------------------------------------------------------------------------------
 
+#: The llama.cpp build the recordings were made with (llama-cpp-python 0.3.36): the memories of
+#: the replay follow it where builds differ (state format 3, recurrent seq_rm rules).
+ORACLE_COMPAT = "b11312"
+
+
 class HybridUnavailable(AssertionError):
     """The hybrid memory classes are not in this llmem build yet."""
 
@@ -165,6 +173,8 @@ def _kv_kwargs(case: Case, shape: ModelShape) -> Dict[str, Any]:
         dtype_k=_DTYPES[c["type_k"]], dtype_v=_DTYPES[c["type_v"]],
         v_trans=c["flash_attn"] == "off", unified=bool(c["kv_unified"]), n_pad=1,
         rope=llmem.Rope(n_rot=shape.head_dim, freq_base=10000.0, mode=shape.rope_mode),
+        # the recordings come from llama.cpp b11312 (llama-cpp-python 0.3.36): its state bytes
+        compat=ORACLE_COMPAT,
     )
 
 
@@ -184,7 +194,8 @@ def _recurrent(case: Case, shape: ModelShape) -> "llmem.RecurrentMemory":
         mem_size=max(1, n_seq_max), n_seq_max=n_seq_max,
         n_rs_seq=int(case.context["n_rs_seq"]) if shape.rollback else 0,
         dtype_r=np.float32, dtype_s=np.float32,
-        layer_filter=None if len(rec) == shape.n_layer else [il in rec for il in range(shape.n_layer)])
+        layer_filter=None if len(rec) == shape.n_layer else [il in rec for il in range(shape.n_layer)],
+        compat=ORACLE_COMPAT)
 
 
 def build_memory(case: Case):

@@ -92,7 +92,7 @@ for name, bad, exc, words in [
         ("n_embd_v_gqa", [8, "x"], TypeError, ("n_embd_v_gqa[1]", "x")),
         ("n_embd_v_gqa", -3, ValueError, ("n_embd_v_gqa", "-3")),
         ("dtype_k", np.int8, ValueError, ("dtype_k", "int8")),
-        ("dtype_k", "foo", TypeError, ("dtype_k", "foo")),
+        ("dtype_k", "foo", ValueError, ("dtype_k", "foo")),  # a name, but of no ggml type
         ("dtype_v", np.float64, ValueError, ("dtype_v", "float64")),
         ("n_pad", 0, ValueError, ("n_pad", "0")),
         ("n_pad", HUGE, ValueError, ("n_pad", str(HUGE))),

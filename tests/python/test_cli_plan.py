@@ -80,7 +80,7 @@ def test_plan_errors(tmp_path, capsys):
     assert code == 2 and out == "" and "unsupported model architecture 'bert'" in err
     code, _, err = run(capsys, "plan", str(tmp_path / "none.gguf"))
     assert code == 2 and "no such GGUF file" in err
-    code, _, err = run(capsys, "plan", str(write_gguf(tmp_path, "llama32_1b")), "--type-k", "q4_0")
+    code, _, err = run(capsys, "plan", str(write_gguf(tmp_path, "llama32_1b")), "--type-k", "q3_k")
     assert code == 2 and "type_k" in err
     missing = write_gguf(tmp_path, "mamba2_130m", drop=("ssm.inner_size",))
     code, _, err = run(capsys, "plan", str(missing))

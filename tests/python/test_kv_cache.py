@@ -66,7 +66,7 @@ def test_buffers_shapes_and_dtypes():
     (dict(kv_size=10, n_pad=4), ValueError),
     (dict(n_seq_max=0), ValueError),
     (dict(dtype_k=np.int32), ValueError),
-    (dict(dtype_k="q4_0"), TypeError),
+    (dict(dtype_k="q3_k"), ValueError),  # a ggml type llama.cpp's cache does not offer
     (dict(n_embd_k_gqa=[8, 8, 8]), ValueError),
     (dict(swa_type=SWAType.STANDARD, n_swa=0), ValueError),
     (dict(rope=dict(n_rot=4, head_dim=3)), ValueError),  # Rope() itself refuses it too
@@ -271,8 +271,9 @@ def test_cross_stream_copy_moves_bytes_at_update():
 # -- state bytes ----------------------------------------------------------------------------------
 
 def test_seq_blob_layout_matches_llama_cpp():
-    """The oracle's decoded example: 2 layers, n_embd_k_gqa 32, f16, v_trans, 2 cells of seq 0."""
-    c = KVCache(2, 32, 32, 256)
+    """The oracle's decoded example (llama.cpp b11312, state format 3): 2 layers, n_embd_k_gqa 32,
+    f16, v_trans, 2 cells of seq 0."""
+    c = KVCache(2, 32, 32, 256, compat="b11312")
     decode(c, [0, 0], [0, 1])
     blob = c.state_write(0)
     assert len(blob) == 608 - 8  # without the 8-byte sequence header of llama_state_seq_get_data

@@ -20,6 +20,7 @@ from llmem import (Batch, BatchAllocator, BatchError, KVCache, KVCacheISWA, Rope
                    Status, SWAType)
 from llmem.kv_cache import STATE_PARTIAL_ONLY
 
+from oracle_llmem import MODELS as MODEL_SHAPES
 from oracle_replay import kv_cells, load_cases, meta_parts
 
 SEQ_MAGIC = 0xAF143CD8
@@ -30,10 +31,12 @@ def make_memory(case):
     info, ctx = case.info, case.context
     flash = ctx.get("flash_attn") == "on"
     common = dict(n_seq_max=info["n_seq_max"], unified=bool(ctx["kv_unified"]),
-                  dtype_k=np.float32 if ctx["type_k"] == "f32" else np.float16,
-                  dtype_v=np.float16, v_trans=not flash)
+                  dtype_k=ctx.get("type_k", "f16"), dtype_v=ctx.get("type_v", "f16"), v_trans=not flash,
+                  compat="b11312")  # recorded with llama.cpp b11312: its state bytes (format 3)
     if case.kind == "kv":
-        return KVCache(2, 32, 32, info["n_ctx_seq"], rope=Rope(16), **common)
+        shape = MODEL_SHAPES[case.model]
+        return KVCache(2, shape.n_embd_k_gqa, shape.n_embd_v_gqa, info["n_ctx_seq"], rope=Rope(shape.head_dim),
+                       **common)
     return KVCacheISWA(2, 32, 32, info["n_ctx_seq"], n_swa=info["n_swa"], swa_type=SWAType.STANDARD,
                        swa_full=bool(ctx["swa_full"]), is_swa_layer=[True, False],
                        n_ubatch=info["n_ubatch"], rope=Rope(16, mode="neox"), **common)

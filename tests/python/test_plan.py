@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from gguf_models import MODELS, NEMOTRON_H_8B_PATTERN, write_gguf
-from llmem import ModelHParams, SWAType, from_gguf, from_hparams, plan_memory, read_gguf_hparams
+from llmem import Compat, ModelHParams, SWAType, from_gguf, from_hparams, plan_memory, read_gguf_hparams
 from llmem.plan import resolve_dtype
 
 MiB = 1024 * 1024
@@ -232,7 +232,7 @@ def test_resolve_dtype(value, name):
     assert resolve_dtype(value) == name
 
 
-@pytest.mark.parametrize("value", ["q4_0", 2, np.int32, True, "x"])
+@pytest.mark.parametrize("value", ["q3_k", 12, np.int32, True, "x"])
 def test_resolve_dtype_rejects(value):
     with pytest.raises(ValueError, match="type_k"):
         resolve_dtype(value, "type_k")
@@ -274,7 +274,8 @@ def test_constructor_kwargs_kv(tmp_path):
                       v_trans=False, unified=False, n_pad=1, n_swa=0, swa_type=SWAType.NONE,
                       layer_filter=list(range(16)),
                       rope={"n_rot": 64, "freq_base": 500000.0, "freq_scale": 1.0,
-                            "mode": "normal"})
+                            "mode": "normal"},
+                      compat=Compat.B11549, n_rot_k=0, n_rot_v=0, layer_reuse=None)
 
 
 def test_constructor_kwargs_iswa(tmp_path):
@@ -301,7 +302,8 @@ def test_constructor_kwargs_recurrent(tmp_path):
     assert kw["recurrent"] == dict(n_layer=24, n_embd_r=[3 * (1536 + 256)] * 24,
                                    n_embd_s=[128 * 1536] * 24, mem_size=4, n_seq_max=4,
                                    n_rs_seq=0, dtype_r=np.dtype(np.float32),
-                                   dtype_s=np.dtype(np.float32), layer_filter=list(range(24)))
+                                   dtype_s=np.dtype(np.float32), layer_filter=list(range(24)),
+                                   compat=Compat.B11549)
 
 
 def test_constructor_kwargs_hybrid(tmp_path):

@@ -44,6 +44,8 @@ def cell_ids(mem):
 
 
 def memory(size=4, n_seq_max=4, n_rs_seq=0, n_layer=1, n_embd_r=2, n_embd_s=3, **kw):
+    # the spec's cases are llama.cpp b11312's (test_compat.py covers b11549's rules)
+    kw.setdefault("compat", "b11312")
     return RecurrentMemory(n_layer, n_embd_r, n_embd_s, mem_size=size, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq,
                            **kw)
 

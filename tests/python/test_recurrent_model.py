@@ -44,10 +44,11 @@ def ubatch_sets(ub) -> list[tuple[list[int], int, int]]:
 
 
 class RecurrentMachine(RuleBasedStateMachine):
-    @initialize(size=st.integers(1, 6), n_seq_max=st.integers(1, 6), n_rs_seq=st.integers(0, 2))
-    def setup(self, size, n_seq_max, n_rs_seq):
-        self.mem = RecurrentMemory(1, 1, 2, mem_size=size, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq)
-        self.ref = RefRecurrent(size, n_seq_max, n_rs_seq)
+    @initialize(size=st.integers(1, 6), n_seq_max=st.integers(1, 6), n_rs_seq=st.integers(0, 2),
+                compat=st.sampled_from(["b11312", "b11549"]))
+    def setup(self, size, n_seq_max, n_rs_seq, compat):
+        self.mem = RecurrentMemory(1, 1, 2, mem_size=size, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, compat=compat)
+        self.ref = RefRecurrent(size, n_seq_max, n_rs_seq, compat=compat)
         self.n_seq_max = n_seq_max
 
     def seq_ids(self):

@@ -76,7 +76,8 @@ class Replay:
         r_row, s_row = MODEL_ROWS[case.model]
         n_rs_seq = case.context["n_rs_seq"] if self.arch in ROLLBACK_ARCHS else 0
         self.mem = RecurrentMemory(2, r_row // 4, s_row // 4, mem_size=max(1, self.n_seq_max),
-                                   n_seq_max=self.n_seq_max, n_rs_seq=n_rs_seq)
+                                   n_seq_max=self.n_seq_max, n_rs_seq=n_rs_seq,
+                                   compat="b11312")  # recorded with llama.cpp b11312
         rng = np.random.default_rng(7)
         self.emb = rng.standard_normal((self.n_vocab, s_row // 4)).astype(np.float32)
         self.blobs: dict[int, bytes] = {}

@@ -268,7 +268,7 @@ def test_tricky_45_cell_without_ids():
 
 
 def test_state_write_refusals_change_nothing():
-    mem = two_layer(mem_size=3, n_seq_max=3, n_rs_seq=2)
+    mem = two_layer(mem_size=3, n_seq_max=3, n_rs_seq=2, compat="b11312")  # b11549 refuses this rollback
     run(mem, 1, 0, 4)
     mem.seq_cp(1, 0)
     assert mem.seq_rm(1, 3, -1)

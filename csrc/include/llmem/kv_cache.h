@@ -34,6 +34,9 @@ struct kv_cache_params {
     uint32_t n_swa          = 0;
     swa_type swa            = swa_type::NONE;
     uint32_t n_pos_per_embd = 1;  // > 1: M-RoPE model (cells carry ext, no shifting)
+    // cells keep their token (ext data, saved in the state bytes): llama.cpp's has_cell_ext() of
+    // models with per-layer n-gram embeddings; seq_pos_tok_le needs it
+    bool     cell_tokens    = false;
     int32_t  type_k         = int32_t(kv_type::F16);
     int32_t  type_v         = int32_t(kv_type::F16);
     bool     v_trans        = true;
@@ -42,7 +45,19 @@ struct kv_cache_params {
     std::vector<uint32_t> n_embd_v;  // V row width of each cache layer
     uint32_t n_embd_v_max = 0;       // transposed V height: max V width over all model layers
     rope_params rope;
+    // llama.cpp b11549's attention rotation sizes (a Hadamard transform over blocks of n_rot_k /
+    // n_rot_v values that the model applies to quantized K / V; 0 = none). They are recorded in
+    // state format 4 and must match on read there.
+    uint32_t n_rot_k      = 0;
+    uint32_t n_rot_v      = 0;
+    // The state bytes written: 3 = llama.cpp b11312 (llama-cpp-python 0.3.36), 4 = b11549 (n_rot_k
+    // and n_rot_v after n_layer in every stream section). Reading accepts both.
+    uint32_t state_format = 4;
 };
+
+/// The state formats kv_cache writes and reads (LLAMA_STATE_SEQ_VERSION of each llama.cpp build).
+constexpr uint32_t KV_STATE_FORMAT_B11312 = 3;
+constexpr uint32_t KV_STATE_FORMAT_B11549 = 4;
 
 /// Where the tokens of one ubatch go: one group per stream touched (all tokens for a single
 /// stream); token k of group g goes to cell idxs[g * n_per_group + k] of stream strm[g].
@@ -125,6 +140,10 @@ public:
     void check_seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) const;
     int32_t seq_pos_min(int32_t seq) const override;
     int32_t seq_pos_max(int32_t seq) const override;
+    /// The token of seq's cell at the largest position <= p, -1 if none (llama.cpp's
+    /// seq_pos_tok_le, used for n-gram embeddings). Throws llmem::error when the cells keep no
+    /// tokens (neither cell_tokens nor M-RoPE).
+    int32_t seq_pos_tok_le(int32_t seq, int32_t p) const;
 
     bool get_can_shift() const { return p_.n_pos_per_embd <= 1; }
     bool get_has_shift() const;
@@ -238,6 +257,8 @@ private:
     void write_state(uint8_t * out, int32_t seq) const;
     size_t state_cells(uint32_t s, int32_t seq, std::vector<detail::cell_run> & runs) const;
     size_t state_stream_bytes(size_t n_cells, size_t n_ids) const;
+    // The format (3 or 4) of a stream section whose n_layer was just read (data[off] follows it).
+    uint32_t stream_section_format(const uint8_t * data, size_t n, size_t off, uint32_t n_lay) const;
     void check_seq(int32_t seq, const char * what) const;
     void check_ubatch(const ubatch & ub) const;
     void lower_head(uint32_t stream, uint32_t lowest);

@@ -62,6 +62,10 @@ public:
     }
     /// Number of cells holding s.
     uint32_t seq_n_cells(int32_t s) const;
+    /// The token of s's cell at the largest position <= p (the highest cell index among cells at
+    /// that position), or -1 (LLAMA_TOKEN_NULL) when s has no cell at or before p
+    /// (llama_kv_cells::seq_pos_tok_le). Tokens are kept only with ext data (with_ext).
+    int32_t seq_pos_tok_le(int32_t s, int32_t p) const;
 
     /// Keys of the cells of s in (pos, cell) order; decode with key_pos / key_cell.
     const std::vector<uint64_t> & seq_index(int32_t s) const { return in_range(s) ? ix(s) : empty_index_; }

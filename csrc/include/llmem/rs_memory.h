@@ -136,6 +136,15 @@ public:
     uint32_t size()      const { return size_; }
     int32_t  n_seq_max() const { return n_seq_max_; }
     uint32_t n_rs_seq()  const { return n_rs_seq_; }
+
+    /// llama.cpp b11549's seq_rm rules (b11312 when off, the default here): a rollback of a cell
+    /// shared by several sequences returns false instead of rewinding it for all of them, and a
+    /// memory that keeps no layer (`no_layers`) rolls back by moving the position only.
+    void set_b11549_rules(bool on, bool no_layers) {
+        b11549_rules_ = on;
+        no_layers_    = no_layers;
+    }
+    bool b11549_rules() const { return b11549_rules_; }
     uint32_t head()      const { return head_; }
     uint32_t used()      const { return used_; }
     uint32_t n()         const { return n_; }
@@ -197,6 +206,8 @@ private:
     uint32_t size_;
     int32_t  n_seq_max_;
     uint32_t n_rs_seq_;
+    bool     b11549_rules_ = false;
+    bool     no_layers_    = false;
 
     uint32_t head_ = 0;
     uint32_t used_ = 0;      // llama.cpp's counter (it can drift, see seq_add)

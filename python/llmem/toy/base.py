@@ -305,6 +305,10 @@ class ToyModel:
             sub.cpy_v(il, v)
             keys = sub.get_k(il)      # [n_stream, n_kv, n_embd_k]
             values = sub.get_v(il)    # [n_stream, n_embd_v_max, n_kv] when V is transposed
+            if sub.cache.ggml_type_k.quantized:  # block types (q8_0...): the dequantized rows
+                keys = sub.get_k_float(il)
+            if sub.cache.ggml_type_v.quantized:
+                values = sub.get_v_float(il)
             mask = sub.kq_mask()
             v_trans = sub.cache.v_trans
             if keys.shape[0] > 1:

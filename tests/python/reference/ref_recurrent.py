@@ -31,9 +31,11 @@ class Cell:
 
 
 class RefRecurrent:
-    def __init__(self, size: int, n_seq_max: int, n_rs_seq: int = 0) -> None:
+    def __init__(self, size: int, n_seq_max: int, n_rs_seq: int = 0, compat: str = "b11312") -> None:
         self.size = size
         self.n_seq_max = n_seq_max
+        # llama.cpp b11549 refuses to roll back a cell shared by several sequences
+        self.refuse_shared_rollback = compat == "b11549"
         self.n_rs_seq = n_rs_seq
         self.cells = [Cell() for _ in range(size)]
         self.head = 0
@@ -66,6 +68,8 @@ class RefRecurrent:
         if t >= 0:
             c = self.cells[t]
             if 0 < p0 <= c.pos < p1:
+                if self.refuse_shared_rollback and len(c.ids) > 1:
+                    return False
                 r = c.pos - p0 + 1
                 if self.rs_idx[seq] == 0 and 1 <= r <= self.n_rs_seq:
                     self.rs_idx[seq] = r
