@@ -11,7 +11,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'hybrid_init_batch', 'hybrid_state_read', 'kv_is_masked_swa', 'kv_iswa_init_batch', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
+__all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'CAPI_VERSION', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'MemoryLock', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'dequantize', 'ggml_types', 'hybrid_init_batch', 'hybrid_state_read', 'kv_decode_step', 'kv_is_masked_swa', 'kv_iswa_decode_step', 'kv_iswa_init_batch', 'kv_k_idxs', 'kv_kq_cells', 'kv_kq_mask', 'kv_paged', 'kv_paged_sizes', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'kv_v_idxs', 'quantize', 'quantize_scatter', 'row_size', 'rs_checkpoints', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
 class Status(enum.IntEnum):
     """
     Outcome of preparing a memory context (llama.cpp numbering).
@@ -229,6 +229,9 @@ class KVContext:
     def slot_streams(self) -> list[int]:
         ...
     @property
+    def applied(self) -> bool:
+        ...
+    @property
     def has_ubatch(self) -> bool:
         ...
     @property
@@ -260,13 +263,23 @@ class KVCache(seq_pos_source):
     The compiled KV cache (cells, slot search, sequence operations, masks, state bytes). The K/V bytes
     live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which owns them.
     """
-    def __init__(self, kv_size: typing.SupportsInt | typing.SupportsIndex, n_seq_max: typing.SupportsInt | typing.SupportsIndex = 1, unified: bool = True, n_pad: typing.SupportsInt | typing.SupportsIndex = 1, n_swa: typing.SupportsInt | typing.SupportsIndex = 0, swa_type: typing.SupportsInt | typing.SupportsIndex = 0, n_pos_per_embd: typing.SupportsInt | typing.SupportsIndex = 1, type_k: typing.SupportsInt | typing.SupportsIndex = 1, type_v: typing.SupportsInt | typing.SupportsIndex = 1, v_trans: bool = True, layer_il: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], n_embd_k: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], n_embd_v: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], n_embd_v_max: typing.SupportsInt | typing.SupportsIndex = 0, rope: typing.Any = None) -> None:
+    def __init__(self, kv_size: typing.SupportsInt | typing.SupportsIndex, n_seq_max: typing.SupportsInt | typing.SupportsIndex = 1, unified: bool = True, n_pad: typing.SupportsInt | typing.SupportsIndex = 1, n_swa: typing.SupportsInt | typing.SupportsIndex = 0, swa_type: typing.SupportsInt | typing.SupportsIndex = 0, n_pos_per_embd: typing.SupportsInt | typing.SupportsIndex = 1, type_k: typing.SupportsInt | typing.SupportsIndex = 1, type_v: typing.SupportsInt | typing.SupportsIndex = 1, v_trans: bool = True, layer_il: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], n_embd_k: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], n_embd_v: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], n_embd_v_max: typing.SupportsInt | typing.SupportsIndex = 0, rope: typing.Any = None, n_rot_k: typing.SupportsInt | typing.SupportsIndex = 0, n_rot_v: typing.SupportsInt | typing.SupportsIndex = 0, state_format: typing.SupportsInt | typing.SupportsIndex = 4, cell_tokens: bool = False) -> None:
         ...
     def cells(self, stream: typing.SupportsInt | typing.SupportsIndex = 0) -> dict[str, typing.Any]:
         """
         Copy of one stream's cells: pos, shift, n_seq (per cell) and seq_ids (concatenated).
         """
     def check_invariants(self) -> bool:
+        ...
+    def check_seq_add(self, seq_id: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex, shift: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def check_seq_cp(self, seq_id_src: typing.SupportsInt | typing.SupportsIndex, seq_id_dst: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex = -1, p1: typing.SupportsInt | typing.SupportsIndex = -1) -> None:
+        ...
+    def check_seq_div(self, seq_id: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex, d: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def check_seq_keep(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def check_seq_rm(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def clear(self, data: bool = True) -> None:
         ...
@@ -297,6 +310,8 @@ class KVCache(seq_pos_source):
     def seq_pos_max(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> int:
         ...
     def seq_pos_min(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def seq_pos_tok_le(self, seq_id: typing.SupportsInt | typing.SupportsIndex, pos: typing.SupportsInt | typing.SupportsIndex) -> int:
         ...
     def seq_rm(self, seq_id: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex = -1, p1: typing.SupportsInt | typing.SupportsIndex = -1) -> bool:
         ...
@@ -345,6 +360,12 @@ class KVCache(seq_pos_source):
     def n_layer(self) -> int:
         ...
     @property
+    def n_rot_k(self) -> int:
+        ...
+    @property
+    def n_rot_v(self) -> int:
+        ...
+    @property
     def n_seq_ids(self) -> int:
         ...
     @property
@@ -358,6 +379,9 @@ class KVCache(seq_pos_source):
         ...
     @property
     def size(self) -> int:
+        ...
+    @property
+    def state_format(self) -> int:
         ...
     @property
     def used(self) -> int:
@@ -419,6 +443,14 @@ class rs_memory(seq_pos_source):
         """
     def cells(self) -> dict[str, typing.Any]:
         ...
+    def check_seq_add(self, seq: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex, shift: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Raise what seq_add would raise; changes nothing.
+        """
+    def check_seq_div(self, seq: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex, d: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        Raise what seq_div would raise; changes nothing.
+        """
     def clear(self, data: bool) -> None:
         ...
     def init_batch(self, balloc: BatchAllocator, n_ubatch: typing.SupportsInt | typing.SupportsIndex, embd_all: bool) -> typing.Any:
@@ -443,11 +475,18 @@ class rs_memory(seq_pos_source):
         ...
     def seq_rm(self, seq: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
+    def set_b11549_rules(self, on: bool, no_layers: bool) -> None:
+        """
+        seq_rm as llama.cpp b11549 (shared-cell rollback refused; a layerless memory moves the position only).
+        """
     def state_read(self, data: typing_extensions.Buffer, seq: typing.SupportsInt | typing.SupportsIndex, flags: typing.SupportsInt | typing.SupportsIndex, offset: typing.SupportsInt | typing.SupportsIndex = 0, whole_buffer: bool = True) -> int:
         """
         Read a recurrent block at `offset`; returns the bytes used. Raises StateError, unchanged.
         """
     def state_write(self, seq: typing.SupportsInt | typing.SupportsIndex, flags: typing.SupportsInt | typing.SupportsIndex) -> bytes:
+        ...
+    @property
+    def b11549_rules(self) -> bool:
         ...
     @property
     def head(self) -> int:
@@ -478,6 +517,43 @@ class rs_memory(seq_pos_source):
     @property
     def used(self) -> int:
         ...
+class rs_checkpoints:
+    """
+    A bounded pool of recurrent-state checkpoints (private; use RecurrentMemory.checkpoint_*).
+    """
+    def __init__(self, mem: rs_memory, max_count: typing.SupportsInt | typing.SupportsIndex, max_bytes: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def clear(self) -> None:
+        ...
+    def contains(self, id: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def drop(self, id: typing.SupportsInt | typing.SupportsIndex) -> bool:
+        ...
+    def has_room(self) -> bool:
+        ...
+    def pos(self, id: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def restore(self, mem: rs_memory, id: typing.SupportsInt | typing.SupportsIndex, seq: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    def save(self, mem: rs_memory, seq: typing.SupportsInt | typing.SupportsIndex) -> int:
+        ...
+    def set_limits(self, max_count: typing.SupportsInt | typing.SupportsIndex, max_bytes: typing.SupportsInt | typing.SupportsIndex) -> None:
+        ...
+    @property
+    def bytes_used(self) -> int:
+        ...
+    @property
+    def checkpoint_bytes(self) -> int:
+        ...
+    @property
+    def count(self) -> int:
+        ...
+    @property
+    def max_bytes(self) -> int:
+        ...
+    @property
+    def max_count(self) -> int:
+        ...
 class HybridPositions(seq_pos_source):
     """
     Positions of a hybrid memory: max of the minima, min of the maxima.
@@ -488,6 +564,57 @@ class HybridPositions(seq_pos_source):
         ...
     def seq_pos_min(self, seq_id: typing.SupportsInt | typing.SupportsIndex) -> int:
         ...
+class MemoryLock:
+    """
+    The re-entrant lock of an llmem memory (memory.lock), shared with the C API.
+    
+    Used like threading.RLock (acquire/release/with); C code reaches the same mutex through llmem._core._C_API without the GIL.
+    """
+    @staticmethod
+    def __enter__(*args, **kwargs):
+        ...
+    @staticmethod
+    def __exit__(*args, **kwargs):
+        ...
+    @staticmethod
+    def __new__(type, *args, **kwargs):
+        """
+        Create and return a new object.  See help(type) for accurate signature.
+        """
+    @staticmethod
+    def _is_owned(*args, **kwargs):
+        """
+        Whether the calling thread holds the lock.
+        """
+    @staticmethod
+    def acquire(blocking = True, timeout = -1) -> ...:
+        ...
+    @staticmethod
+    def locked(*args, **kwargs):
+        """
+        Whether any thread holds the lock.
+        """
+    @staticmethod
+    def release(*args, **kwargs):
+        """
+        Release the lock once (RuntimeError if not held by this thread).
+        """
+    def __repr__(self):
+        """
+        Return repr(self).
+        """
+def _time_core(memory: typing.Any, op: str, seqs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], p0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> float:
+    """
+    Bench only: nanoseconds per call of op (seq_pos_max, seq_rm_tail, decode_step) on a KVCache's core.
+    """
+def dequantize(type: typing.SupportsInt | typing.SupportsIndex, src: numpy.ndarray[typing.Any, numpy.dtype[typing.Any]], n: typing.SupportsInt | typing.SupportsIndex, out: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> None:
+    """
+    Rows of `type` (the last axis one contiguous row; up to two outer axes of any stride) to float32.
+    """
+def ggml_types() -> list[typing.Any]:
+    """
+    The K/V types of the compiled core: (ggml id, name, block size, block bytes, quantized).
+    """
 def hybrid_init_batch(balloc: BatchAllocator, n_ubatch: typing.SupportsInt | typing.SupportsIndex, embd_all: bool, base: KVCache, swa: KVCache, recr: typing.Any) -> tuple[typing.Any, ...]:
     """
     Split once and prepare the recurrent memory and the attention cache(s): (status, base context, swa context or None, recurrent context).
@@ -496,11 +623,35 @@ def hybrid_state_read(caches: collections.abc.Sequence[KVCache], recr: typing.An
     """
     Read attention sections then the recurrent section, all or nothing (StateError).
     """
+def kv_decode_step(cache: typing.Any, seq_ids: typing.Any, tokens: typing.Any = None) -> typing.Any:
+    """
+    One token per sequence planned and applied in one call (see llmem.KVCache.decode_step).
+    """
 def kv_is_masked_swa(n_swa: typing.SupportsInt | typing.SupportsIndex, swa_type: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex) -> bool:
+    ...
+def kv_iswa_decode_step(base: typing.Any, swa: typing.Any, seq_ids: typing.Any, tokens: typing.Any = None) -> typing.Any:
     ...
 def kv_iswa_init_batch(base: KVCache, swa: KVCache, balloc: BatchAllocator, n_ubatch: typing.SupportsInt | typing.SupportsIndex) -> tuple[typing.Any, typing.Any]:
     """
     init_batch of an iSWA pair: (base context, swa context).
+    """
+def kv_k_idxs(ctx: KVContext, out: typing.Any = None) -> typing.Any:
+    ...
+def kv_kq_cells(ctx: KVContext, causal: bool = True, offsets: typing.Any = None, cells: typing.Any = None) -> tuple[typing.Any, ...]:
+    """
+    Per-token visible cells: (offsets int64[n_tokens + 1], cells int32[...]), into buffers when given.
+    """
+def kv_kq_mask(ctx: KVContext, causal: bool = True, out: typing.Any = None, f16: bool = False, pad: typing.SupportsInt | typing.SupportsIndex = 1) -> typing.Any:
+    """
+    Dense KQ mask of the current micro-batch into out (or a new array): [n_groups * rows, n_kv].
+    """
+def kv_paged(ctx: KVContext, causal: bool = True, out: typing.Any = None) -> tuple[typing.Any, ...]:
+    """
+    Paged-attention form of the current micro-batch: 9 int32 arrays (see llmem.PagedKV).
+    """
+def kv_paged_sizes(ctx: KVContext, causal: bool = True) -> tuple[int, int, int]:
+    """
+    (n_tokens, n_seqs, n_pages) of the paged form.
     """
 def kv_scatter_v_trans(v: typing.Any, values: typing.Any, k_idxs: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], kv_size: typing.SupportsInt | typing.SupportsIndex, n_stream: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
@@ -513,6 +664,20 @@ def kv_state_read(caches: collections.abc.Sequence[KVCache], data: typing.Any, s
 def kv_state_read_partial(caches: collections.abc.Sequence[KVCache], data: typing.Any, offset: typing.SupportsInt | typing.SupportsIndex, seq_id: typing.SupportsInt | typing.SupportsIndex = -1) -> int:
     """
     As kv_state_read from `offset`, allowing bytes after the sections; returns the end offset.
+    """
+def kv_v_idxs(ctx: KVContext, out: typing.Any = None) -> typing.Any:
+    ...
+def quantize(type: typing.SupportsInt | typing.SupportsIndex, src: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], out: numpy.ndarray[typing.Any, numpy.dtype[typing.Any]]) -> None:
+    """
+    Rows of float32 (last axis) to rows of `type` written into `out` (uint8, C-contiguous).
+    """
+def quantize_scatter(type: typing.SupportsInt | typing.SupportsIndex, dst: numpy.ndarray[typing.Any, numpy.dtype[typing.Any]], src: typing.Annotated[numpy.typing.ArrayLike, numpy.float32], rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> None:
+    """
+    dst row rows[t] = src row t converted to `type` (the cpy_k / cpy_v of a block-typed buffer).
+    """
+def row_size(type: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """
+    ggml_row_size: bytes of a row of n elements of `type`.
     """
 def state_config(kind: typing.SupportsInt | typing.SupportsIndex, caches: collections.abc.Sequence[KVCache], recr: typing.Any) -> list[typing.Any]:
     """
@@ -534,9 +699,11 @@ def status_is_fail(status: Status) -> bool:
     """
     True for FAILED_PREPARE and FAILED_COMPUTE.
     """
+CAPI_VERSION: int = 1
 POS_OPEN: int = 2147483647
 SEQ_MAX_LIMIT: int = 65536
 STATE_FILE_MAGIC: bytes
 STATE_FILE_VERSION: int = 1
 STATE_HEADER: int = 2147483648
+_C_API: typing.Any
 __version__: str = '0.1.0'
