@@ -49,14 +49,12 @@ def read_state_header(data: bytes) -> Dict[str, Any]:
 
 
 def _dtype_of(type_id: int) -> Any:
-    from .kv_cache import _kv_type
+    from .ggml_types import ggml_type
 
-    for name in ("f16", "f32", "bf16", "float16", "float32"):
-        try:
-            if _kv_type(name, "type")[0] == type_id:
-                return "bf16" if name == "bf16" else np.dtype(name)
-        except (TypeError, ValueError):
-            continue
+    try:
+        return ggml_type(int(type_id)).name  # the cache takes ggml type names (f16, q8_0, ...)
+    except (TypeError, ValueError):
+        pass
     raise StateError(f"state of an unknown K/V type id {type_id}", "CONFIG_MISMATCH")
 
 

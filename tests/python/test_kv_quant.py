@@ -217,7 +217,7 @@ def test_plan_and_cli_with_quantized_cache_types(tmp_path, capsys) -> None:
     assert (mem.type_k, mem.type_v, mem.v_trans) == ("q5_1", "iq4_nl", False)
     assert mem.k(0).shape == (1, 256, 512 // 32 * 24)
     assert cli.main(["plan", str(path), "--ctx", "8192", "--type-k", "q8_0", "--type-v", "q8_0",
-                     "--flash-attn"]) == 0
+                     "--flash-attn", "--table"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     assert ["kv", "K", "q8_0", "8192", "1", "16", "68.00"] in rows
     assert cli.main(["plan", str(path), "--type-v", "q4_0"]) == 2
