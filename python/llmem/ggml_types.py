@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["GGMLType", "GGML_TYPES", "ggml_type", "row_size", "quantize", "dequantize"]
 
@@ -62,7 +63,11 @@ _ALIASES = {"float32": "f32", "float16": "f16", "half": "f16", "bfloat16": "bf16
 _SUPPORTED = ", ".join(GGML_TYPES)
 
 
-def ggml_type(value: Union[str, int, np.dtype, type, GGMLType], what: str = "type") -> GGMLType:
+#: What names a ggml type: its name, its id, a numpy dtype or scalar type, or the :class:`GGMLType`.
+GGMLTypeLike = Union[str, int, np.dtype, type, GGMLType]
+
+
+def ggml_type(value: GGMLTypeLike, what: str = "type") -> GGMLType:
     """The :class:`GGMLType` of a name (``"q8_0"``, ``"F16"``, ``"bfloat16"``...), a ggml type id,
     a numpy dtype (``float32``, ``float16``; ``uint16`` and an ``ml_dtypes.bfloat16`` mean bf16)
     or a GGMLType. ``ValueError``/``TypeError`` naming ``what`` otherwise."""
@@ -96,12 +101,12 @@ def ggml_type(value: Union[str, int, np.dtype, type, GGMLType], what: str = "typ
     raise ValueError(f"{what}: unsupported type {dt} (supported: {_SUPPORTED})")
 
 
-def row_size(type_, n: int) -> int:
+def row_size(type_: GGMLTypeLike, n: int) -> int:
     """Bytes of a row of ``n`` values of ``type_``."""
     return ggml_type(type_).row_size(int(n))
 
 
-def quantize(values, type_, out: Optional[np.ndarray] = None) -> np.ndarray:
+def quantize(values: npt.ArrayLike, type_: GGMLTypeLike, out: Optional[np.ndarray] = None) -> np.ndarray:
     """Float rows (the last axis) to rows of ``type_``: a block type gives ``uint8`` rows of
     ``row_size`` bytes laid out as ggml's blocks, bit for bit what ggml's reference quantizer
     writes; ``f16``/``bf16``/``f32`` give their elements (bf16 as uint16 bits). ``out`` (C-contiguous,
@@ -125,7 +130,8 @@ def quantize(values, type_, out: Optional[np.ndarray] = None) -> np.ndarray:
     return out
 
 
-def dequantize(data, type_, n: Optional[int] = None, out: Optional[np.ndarray] = None) -> np.ndarray:
+def dequantize(data: npt.ArrayLike, type_: GGMLTypeLike, n: Optional[int] = None,
+               out: Optional[np.ndarray] = None) -> np.ndarray:
     """Rows of ``type_`` back to float32 (ggml's dequantizer): ``data`` ``[..., row bytes]``
     (``uint8``) for a block type, ``[..., n]`` of the storage dtype for a float type; up to two
     outer axes of any stride (a view over some cells is fine). Returns ``[..., n]`` float32."""

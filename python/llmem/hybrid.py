@@ -22,11 +22,11 @@ Unlike llama.cpp, an operation that fails on either side leaves *both* sides exa
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union, cast
 
 from . import _core, metrics
 from .errors import LlmemError
-from .kv_cache import KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext, _decode_step_general
+from .kv_cache import IntsLike, KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext, _decode_step_general
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
                      stale_context_error)
 from .recurrent import RecurrentContext, RecurrentMemory
@@ -207,14 +207,14 @@ class HybridMemory(Memory):
         finally:
             self._lock.release()
 
-    def decode_step(self, seq_ids, tokens=None) -> HybridContext:
+    def decode_step(self, seq_ids: IntsLike, tokens: Optional[IntsLike] = None) -> HybridContext:
         """One token for each of ``seq_ids`` (distinct) at its next position, every token an
         output, planned and applied in one call, as :meth:`KVCache.decode_step`. A hybrid has no
         compiled step yet: this is ``init_batch`` + ``apply`` (the same decisions, the general
         path's cost). Raises :class:`LlmemError` when it does not fit, changing nothing."""
         self._lock.acquire()
         try:
-            return _decode_step_general(self, seq_ids, tokens)
+            return cast(HybridContext, _decode_step_general(self, seq_ids, tokens))
         finally:
             self._lock.release()
 
@@ -238,23 +238,23 @@ class HybridMemory(Memory):
 
     # Every operation runs both parts' checks (an iSWA attention side checks both its caches)
     # before either part changes, so a refusal leaves the whole memory as it was.
-    def _check_seq_rm(self, *args) -> None:
+    def _check_seq_rm(self, *args: int) -> None:
         self._attn._check_seq_rm(*args)
         self._recr._check_seq_rm(*args)
 
-    def _check_seq_cp(self, *args) -> None:
+    def _check_seq_cp(self, *args: int) -> None:
         self._attn._check_seq_cp(*args)
         self._recr._check_seq_cp(*args)
 
-    def _check_seq_keep(self, *args) -> None:
+    def _check_seq_keep(self, *args: int) -> None:
         self._attn._check_seq_keep(*args)
         self._recr._check_seq_keep(*args)
 
-    def _check_seq_add(self, *args) -> None:
+    def _check_seq_add(self, *args: int) -> None:
         self._attn._check_seq_add(*args)
         self._recr._check_seq_add(*args)
 
-    def _check_seq_div(self, *args) -> None:
+    def _check_seq_div(self, *args: int) -> None:
         self._attn._check_seq_div(*args)
         self._recr._check_seq_div(*args)
 
@@ -389,7 +389,7 @@ class HybridMemory(Memory):
     # The attention side needs no checkpoint: its cells are shared with seq_cp. A restore hands
     # the recurrent side the state of a position the attention side must already end at.
 
-    def set_checkpoint_limits(self, max_count=None, max_bytes=None) -> None:
+    def set_checkpoint_limits(self, max_count: Optional[int] = None, max_bytes: Optional[int] = None) -> None:
         """See :meth:`RecurrentMemory.set_checkpoint_limits`."""
         self._recr.set_checkpoint_limits(max_count, max_bytes)
 
@@ -422,7 +422,7 @@ class HybridMemory(Memory):
     def checkpoint_has_room(self) -> bool:
         return self._recr.checkpoint_has_room()
 
-    def checkpoint_stats(self) -> dict:
+    def checkpoint_stats(self) -> Dict[str, int]:
         return self._recr.checkpoint_stats()
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -30,8 +30,13 @@ from . import metrics
 from .compat import resolve_compat, resolve_state_format
 from .errors import LlmemError
 from .ggml_types import GGMLType, dequantize, ggml_type
-from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, stale_context_error
+from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, new_lock, stale_context_error
 from .status import Status, SWAType, status_combine
+
+#: Sequence ids or token ids of a decode step: a list of ints or a 1-D integer array.
+IntsLike = Union[Sequence[int], "npt.NDArray[np.integer[Any]]"]
+#: A writable C-contiguous buffer passed as ``out=``: an array, or raw bytes of its size.
+WritableBuffer = Union["npt.NDArray[Any]", bytearray, memoryview]
 
 __all__ = ["Rope", "KVCache", "KVCacheISWA", "KVCacheContext", "KVCacheISWAContext",
            "STATE_PARTIAL_ONLY", "PagedKV"]
@@ -167,7 +172,8 @@ def _i32(value: Any, name: str) -> int:
     return _check_int(value, name, _I32_MIN, _I32_MAX)
 
 
-def _layer_reuse_map(reuse, n_layer: int, kept: list[int]) -> dict[int, int]:
+def _layer_reuse_map(reuse: Union[Callable[[int], int], Sequence[int], None], n_layer: int,
+                     kept: list[int]) -> dict[int, int]:
     """{layer: the layer whose K/V it reads} for the kept layers that reuse another (llama.cpp's
     layer_reuse_cb: il -> il_src, or a negative value for a layer with its own K/V)."""
     if reuse is None:
@@ -182,7 +188,7 @@ def _layer_reuse_map(reuse, n_layer: int, kept: list[int]) -> dict[int, int]:
         raise TypeError(f"layer_reuse must be a callable il -> il_src, a list of ints or None, got "
                         f"{type(reuse).__name__}")
     kept_set = set(kept)
-    out = {}
+    out: dict[int, int] = {}
     for il, src in enumerate(srcs):
         src = _check_int(src, f"layer_reuse({il})", -(2**31), n_layer - 1)
         if src < 0 or il not in kept_set:
@@ -269,7 +275,7 @@ class KVCache(Memory):
         self._ev = [ev[il] for il in self._layers]
         self._ek = [ek[il] for il in self._layers]
         self._own_balloc = None
-        self._lock = _core.MemoryLock()  # an RLock that C callers can take too (docs/capi.md)
+        self._lock = new_lock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
         self._version = 0
         self._core = _core.KVCache(
@@ -410,7 +416,7 @@ class KVCache(Memory):
         finally:
             self._lock.release()
 
-    def decode_step(self, seq_ids, tokens=None) -> "KVCacheContext":
+    def decode_step(self, seq_ids: IntsLike, tokens: Optional[IntsLike] = None) -> "KVCacheContext":
         """The decode step in one call: one token for each of ``seq_ids`` (distinct ids; a list of
         ints or an int32 array), at position ``seq_pos_max + 1`` of its sequence, every token an
         output; ``tokens`` (same length) or None. Plans and applies exactly as
@@ -426,7 +432,7 @@ class KVCache(Memory):
         with self._lock:
             ctx = _core.kv_decode_step(self._core, seq_ids, tokens)
             if ctx is None:
-                return _decode_step_general(self, seq_ids, tokens)
+                return cast(KVCacheContext, _decode_step_general(self, seq_ids, tokens))
             self._version = version = self._version + 1
             return KVCacheContext(self, ctx, version)
 
@@ -491,21 +497,21 @@ class KVCache(Memory):
 
     # What each sequence operation would raise, raised without changing anything: the composite
     # memories (KVCacheISWA, the hybrids) run every part's check before any part changes.
-    def _check_seq_rm(self, seq_id, p0=-1, p1=-1) -> None:
+    def _check_seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> None:
         _i32(p0, "p0"), _i32(p1, "p1")
         self._core.check_seq_rm(self._seq(seq_id, allow_all=True))
 
-    def _check_seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1) -> None:
+    def _check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         self._core.check_seq_cp(self._seq(seq_id_src, "seq_id_src"), self._seq(seq_id_dst, "seq_id_dst"),
                                 _i32(p0, "p0"), _i32(p1, "p1"))
 
-    def _check_seq_keep(self, seq_id) -> None:
+    def _check_seq_keep(self, seq_id: int) -> None:
         self._core.check_seq_keep(self._seq(seq_id))
 
-    def _check_seq_add(self, seq_id, p0, p1, shift) -> None:
+    def _check_seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         self._core.check_seq_add(self._seq(seq_id), _i32(p0, "p0"), _i32(p1, "p1"), _i32(shift, "shift"))
 
-    def _check_seq_div(self, seq_id, p0, p1, d) -> None:
+    def _check_seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         self._core.check_seq_div(self._seq(seq_id), _i32(p0, "p0"), _i32(p1, "p1"), _i32(d, "d"))
 
     # The position queries are the most frequent calls of a server's loop (one per sequence per
@@ -757,7 +763,7 @@ class KVCacheContext(MemoryContext):
         self._check_fresh("slot_cells")
         return self._ctx.slot_cells()
 
-    def k_idxs(self, out=None) -> np.ndarray:
+    def k_idxs(self, out: Optional[WritableBuffer] = None) -> np.ndarray:
         """int64 row of each token in the stacked ``[n_stream * kv_size]`` K rows. With ``out``
         (a writable C-contiguous int64 buffer of ``n_tokens`` values) the rows are written there
         and ``out`` is returned; without, the array is cached per micro-batch."""
@@ -765,14 +771,14 @@ class KVCacheContext(MemoryContext):
             raise stale_context_error("k_idxs")
         self._check_applied()
         if out is not None:
-            return _core.kv_k_idxs(self._ctx, out)
+            return cast(np.ndarray, _core.kv_k_idxs(self._ctx, out))
         i = self._ctx.i_cur
         if self._kidx_at != i:
             self._kidx = self._ctx.k_idxs()
             self._kidx_at = i
         return self._kidx  # type: ignore[return-value]  # set above
 
-    def v_idxs(self, out=None) -> np.ndarray:
+    def v_idxs(self, out: Optional[WritableBuffer] = None) -> np.ndarray:
         """V destinations: as ``k_idxs`` without ``v_trans``; with it, the flat element index of
         (token, feature j < n_embd_v_max) in the stacked ``[n_stream, n_embd_v_max, kv_size]`` V,
         token-major (length ``n_tokens * n_embd_v_max``). ``out``: an int64 buffer of that length."""
@@ -780,9 +786,10 @@ class KVCacheContext(MemoryContext):
             return self.k_idxs()
         self._check_fresh("v_idxs")
         self._check_applied()
-        return _core.kv_v_idxs(self._ctx, out)
+        return cast(np.ndarray, _core.kv_v_idxs(self._ctx, out))
 
-    def kq_mask(self, causal: bool = True, out=None, dtype=np.float32, pad: int = 1) -> np.ndarray:
+    def kq_mask(self, causal: bool = True, out: Optional[WritableBuffer] = None, dtype: npt.DTypeLike = np.float32,
+                pad: int = 1) -> np.ndarray:
         """llama.cpp's KQ mask of the current micro-batch: 0 where a token attends a cell, -inf
         elsewhere, shape ``[n_groups * rows, n_kv]`` (``n_groups``: 1 for a unified cache, else the
         micro-batch's sequences, one stream each; ``rows``: the tokens of a group, rounded up to a
@@ -795,11 +802,13 @@ class KVCacheContext(MemoryContext):
         self._cache._lock.acquire()
         try:
             self._check_fresh("kq_mask")
-            return _core.kv_kq_mask(self._ctx, bool(causal), out, f16, _check_int(pad, "pad", 1, _I32_MAX))
+            return cast(np.ndarray, _core.kv_kq_mask(self._ctx, bool(causal), out, f16,
+                                                     _check_int(pad, "pad", 1, _I32_MAX)))
         finally:
             self._cache._lock.release()
 
-    def kq_cells(self, causal: bool = True, out=None) -> tuple[np.ndarray, np.ndarray]:
+    def kq_cells(self, causal: bool = True,
+                 out: Optional[Sequence[WritableBuffer]] = None) -> tuple[np.ndarray, np.ndarray]:
         """The mask as lists: token ``t`` attends cells ``cells[offsets[t]:offsets[t+1]]``
         (ascending, within the token's stream). Returns ``(offsets int64[n_tokens+1], cells int32)``.
         ``out=(offsets, cells)``: buffers to fill, ``offsets`` of exactly ``n_tokens + 1`` int64,
@@ -815,7 +824,8 @@ class KVCacheContext(MemoryContext):
         self._cache._lock.acquire()
         try:
             self._check_fresh("kq_cells")
-            return _core.kv_kq_cells(self._ctx, bool(causal), offs_buf, cells_buf)
+            return cast("tuple[np.ndarray, np.ndarray]",
+                        _core.kv_kq_cells(self._ctx, bool(causal), offs_buf, cells_buf))
         finally:
             self._cache._lock.release()
 
@@ -915,7 +925,7 @@ class KVCacheContext(MemoryContext):
             c._lock.release()
 
 
-def _mask_f16(dtype) -> bool:
+def _mask_f16(dtype: npt.DTypeLike) -> bool:
     """Whether a mask dtype argument asks for float16 (TypeError for anything but float32/16)."""
     try:
         dt = np.dtype(dtype)
@@ -972,7 +982,7 @@ class PagedKV(NamedTuple):
         t = _check_int(max_tokens, "max_tokens")
         s = _check_int(max_seqs, "max_seqs")
         p = _check_int(max_pages, "max_pages")
-        z = lambda n: np.zeros(n, np.int32)  # noqa: E731
+        z: Callable[[int], np.ndarray] = lambda n: np.zeros(n, np.int32)  # noqa: E731
         return cls(z(s), z(t), z(s + 1), z(t), z(s + 1), z(p), z(s), z(t), z(t))
 
 
@@ -1029,14 +1039,15 @@ def _rows(values: Any, n_tokens: int, width: int, name: str) -> np.ndarray:
     return a.reshape(n_tokens, width)
 
 
-def _no_room(seq_ids) -> LlmemError:
+def _no_room(seq_ids: IntsLike) -> LlmemError:
     return LlmemError(f"decode_step: no room for one token of each of the {len(seq_ids)} sequences; "
                       "the memory is unchanged (free cells with seq_rm, or use a larger cache)")
 
 
-def _decode_step_args(seq_ids, tokens, n_seq_max: int):
+def _decode_step_args(seq_ids: IntsLike, tokens: Optional[IntsLike],
+                      n_seq_max: int) -> "tuple[npt.NDArray[np.int32], Optional[npt.NDArray[np.int32]]]":
     """decode_step's arguments as int32 arrays, checked as the compiled step checks them."""
-    def as_ids(value, name):
+    def as_ids(value: IntsLike, name: str) -> "npt.NDArray[np.int32]":
         a = np.asarray(value)
         if a.ndim != 1 or (a.size and a.dtype.kind not in "iu") or a.dtype == np.bool_:
             raise TypeError(f"{name} must be a 1-D sequence of ints, got {value!r}")
@@ -1062,7 +1073,7 @@ def _decode_step_args(seq_ids, tokens, n_seq_max: int):
     return ids, tok
 
 
-def _decode_step_general(mem, seq_ids, tokens):
+def _decode_step_general(mem: Memory, seq_ids: IntsLike, tokens: Optional[IntsLike]) -> MemoryContext:
     """decode_step through init_batch + apply: where llama.cpp's split gives several micro-batches,
     and for memories without a compiled step (the hybrids)."""
     ids, tok = _decode_step_args(seq_ids, tokens, mem.n_seq_max)
@@ -1130,7 +1141,7 @@ class KVCacheISWA(Memory):
         self.swa: KVCache = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
                            swa_type=swa_type, layer_filter=lambda il: flags[il] and keep(il),
                            rope=rope if rope_swa is None else rope_swa, **common)
-        self._share_lock(_core.MemoryLock())
+        self._share_lock(new_lock())
 
     def _share_lock(self, lock: Any) -> None:
         self._lock = lock
@@ -1181,14 +1192,14 @@ class KVCacheISWA(Memory):
         finally:
             self._lock.release()
 
-    def decode_step(self, seq_ids, tokens=None) -> "KVCacheISWAContext":
+    def decode_step(self, seq_ids: IntsLike, tokens: Optional[IntsLike] = None) -> "KVCacheISWAContext":
         """The decode step in one call on both caches, as :meth:`KVCache.decode_step` (the same
         decisions as ``init_batch`` + ``apply``, llama.cpp's order of split attempts)."""
         self._lock.acquire()
         try:
             pair = _core.kv_iswa_decode_step(self.base._core, self.swa._core, seq_ids, tokens)
             if pair is None:
-                return _decode_step_general(self, seq_ids, tokens)
+                return cast(KVCacheISWAContext, _decode_step_general(self, seq_ids, tokens))
             self.base._version += 1
             self.swa._version += 1
             return KVCacheISWAContext(self, KVCacheContext(self.base, pair[0], self.base._version),
@@ -1212,23 +1223,23 @@ class KVCacheISWA(Memory):
     # Every operation runs both caches' checks before either changes: the caches can hold
     # different positions for a sequence (after a PARTIAL_ONLY read), so a shift may overflow in
     # one only, and the smaller swa cache has the stricter cross-stream seq_cp rule.
-    def _check_seq_rm(self, *args) -> None:
+    def _check_seq_rm(self, *args: int) -> None:
         self.base._check_seq_rm(*args)
         self.swa._check_seq_rm(*args)
 
-    def _check_seq_cp(self, *args) -> None:
+    def _check_seq_cp(self, *args: int) -> None:
         self.base._check_seq_cp(*args)
         self.swa._check_seq_cp(*args)
 
-    def _check_seq_keep(self, *args) -> None:
+    def _check_seq_keep(self, *args: int) -> None:
         self.base._check_seq_keep(*args)
         self.swa._check_seq_keep(*args)
 
-    def _check_seq_add(self, *args) -> None:
+    def _check_seq_add(self, *args: int) -> None:
         self.base._check_seq_add(*args)
         self.swa._check_seq_add(*args)
 
-    def _check_seq_div(self, *args) -> None:
+    def _check_seq_div(self, *args: int) -> None:
         self.base._check_seq_div(*args)
         self.swa._check_seq_div(*args)
 
@@ -1427,12 +1438,14 @@ class KVCacheISWAContext(MemoryContext):
     def get_v_float(self, il: int) -> np.ndarray:
         return self._ctx_of(il).get_v_float(il)
 
-    def kq_mask(self, il: int, causal: bool = True, out=None, dtype=np.float32, pad: int = 1) -> np.ndarray:
+    def kq_mask(self, il: int, causal: bool = True, out: Optional[WritableBuffer] = None,
+                dtype: npt.DTypeLike = np.float32, pad: int = 1) -> np.ndarray:
         """The mask for the layer's cache (base: no window; swa: with it); arguments as
         :meth:`KVCacheContext.kq_mask`."""
         return self._ctx_of(il).kq_mask(causal, out=out, dtype=dtype, pad=pad)
 
-    def kq_cells(self, il: int, causal: bool = True, out=None) -> tuple[np.ndarray, np.ndarray]:
+    def kq_cells(self, il: int, causal: bool = True,
+                 out: Optional[Sequence[WritableBuffer]] = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-token visible cells of the layer's cache (:meth:`KVCacheContext.kq_cells`)."""
         return self._ctx_of(il).kq_cells(causal, out=out)
 

@@ -18,7 +18,7 @@ import functools
 import operator
 import os
 import tempfile
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union, cast
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Protocol, Tuple, TypeVar, Union, cast
 
 from . import _core
 from .batch import Batch, BatchAllocator, UBatch
@@ -70,6 +70,33 @@ def locked(method: _F) -> _F:
     return cast(_F, run_locked)
 
 
+class LockLike(Protocol):
+    """The type :attr:`Memory.lock` is annotated with: the object is a
+    :class:`~llmem._core.MemoryLock`, a re-entrant lock used like ``threading.RLock`` (its C type
+    declares no signatures the generated stubs could carry, so its protocol is spelled out here)."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool:
+        """Take the lock (re-entrant), as ``RLock.acquire``."""
+        ...
+
+    def release(self) -> None:
+        """Release the lock once (RuntimeError if not held by this thread)."""
+        ...
+
+    def locked(self) -> bool:
+        """Whether any thread holds the lock."""
+        ...
+
+    def __enter__(self) -> bool: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def new_lock() -> LockLike:
+    """A new :class:`~llmem._core.MemoryLock`."""
+    return cast("Callable[[], LockLike]", _core.MemoryLock)()
+
+
 def stale_context_error(what: str) -> StaleContextError:
     return StaleContextError(
         f"{what}: this plan is stale: the memory changed after init_batch made it (another "
@@ -117,11 +144,11 @@ class MemoryContext(abc.ABC):
         if not self._is_fresh():
             raise stale_context_error("apply")
 
-    def __copy__(self):
+    def __copy__(self) -> NoReturn:
         # a shallow copy would share the compiled plan (and its position in it) with the original
         raise TypeError(f"a {type(self).__name__} cannot be copied: plan the batch again with init_batch")
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: Dict[int, Any]) -> NoReturn:
         raise TypeError(f"a {type(self).__name__} cannot be copied: plan the batch again with init_batch")
     @property
     def no_room(self) -> Optional[NoRoom]:
@@ -301,7 +328,7 @@ class Memory(abc.ABC):
             return metrics.memory_stats(self)
 
     @property
-    def lock(self) -> "_core.MemoryLock":
+    def lock(self) -> LockLike:
         """The re-entrant lock every call of this memory takes (shared with the parts of an iSWA
         or hybrid memory). Hold it to make several calls one atomic step::
 
@@ -311,18 +338,18 @@ class Memory(abc.ABC):
         """
         return self._lock
 
-    def _share_lock(self, lock: "threading.RLock") -> None:
+    def _share_lock(self, lock: LockLike) -> None:
         """Make this memory (and its parts) take ``lock``: used by the memories built on it."""
         self._lock = lock
 
     # A shallow copy would share the compiled core, the buffers and the lock but keep its own
     # modification counter, so changes through it would not make the original's contexts stale.
     # A real copy is a state round trip into a new memory of the same configuration.
-    def __copy__(self):
+    def __copy__(self) -> NoReturn:
         raise TypeError(f"a {type(self).__name__} cannot be copied: build a new one and "
                         "state_read(memory.state_write()) into it")
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: Dict[int, Any]) -> NoReturn:
         raise TypeError(f"a {type(self).__name__} cannot be copied: build a new one and "
                         "state_read(memory.state_write()) into it")
 
@@ -448,7 +475,7 @@ class Memory(abc.ABC):
 
     _STATE_KIND: int = 0  # llmem::memory_kind of the subclass
     _own_balloc: Optional[_core.BatchAllocator]  # the allocator init_batch(Batch) reuses
-    _lock: threading.RLock
+    _lock: LockLike
 
     def _state_parts(self) -> Tuple[List[Any], Any]:
         """The compiled attention caches (state order) and recurrent core (or None)."""

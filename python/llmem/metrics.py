@@ -16,13 +16,16 @@ snapshot costs a few microseconds and can be taken every step.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, TypedDict
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Type, TypedDict
 
 
 from .errors import NoRoom
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .hybrid import HybridMemory as _HybridMemory
+    from .kv_cache import KVCache as _KVCache, KVCacheISWA as _KVCacheISWA
     from .memory import Memory, MemoryContext
+    from .recurrent import RecurrentMemory as _RecurrentMemory
 
 __all__ = ["MemoryStats", "logger"]
 
@@ -168,10 +171,11 @@ def _combine(kind: str, memory: Any, parts: Dict[str, MemoryStats], sequences: i
                   sum(p["k_shifts"] for p in parts.values()), memory, parts)
 
 
-_CLASSES: Optional[Tuple[Any, Any, Any, Any]] = None
+_Classes = Tuple["Type[_KVCache]", "Type[_RecurrentMemory]", "Type[_KVCacheISWA]", "Type[_HybridMemory]"]
+_CLASSES: Optional[_Classes] = None
 
 
-def _classes() -> Tuple[Any, Any, Any, Any]:
+def _classes() -> _Classes:
     """The memory classes (imported once: this module is below them)."""
     global _CLASSES
     if _CLASSES is None:

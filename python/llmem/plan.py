@@ -11,7 +11,7 @@ memory classes (see :mod:`llmem.factory`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, cast
 
 import numpy as np
 
@@ -79,7 +79,8 @@ def attn_rot_sizes(hp: ModelHParams, layers: List[int], type_k: str, type_v: str
     rotation but does not record it in the state bytes.)"""
     if not layers:
         return 0, 0
-    head_k, head_v = hp.n_embd_head_k, hp.n_embd_head_v
+    # set by ModelHParams.__post_init__
+    head_k, head_v = cast(int, hp.n_embd_head_k), cast(int, hp.n_embd_head_v)
     n_rot_k = n_rot_v = 0
     if GGML_TYPES[type_k].quantized and head_k > 0 and head_k % 64 == 0:
         n_rot_k = 64
@@ -449,10 +450,10 @@ def _check_cache_types(hp: ModelHParams, type_k: str, type_v: str, flash_attn: b
     if tv.quantized and not flash_attn:
         raise ValueError(f"type_v {type_v}: a quantized V cache requires flash_attn (llama.cpp: "
                          "'quantized V cache requires flash_attn to be enabled')")
-    if tk.quantized and hp.n_embd_head_k % tk.block_size:
+    if tk.quantized and cast(int, hp.n_embd_head_k) % tk.block_size:
         raise ValueError(f"type_k {type_k} with block size {tk.block_size} does not divide "
                          f"n_embd_head_k={hp.n_embd_head_k}")
-    if tv.quantized and hp.n_embd_head_v % tv.block_size:
+    if tv.quantized and cast(int, hp.n_embd_head_v) % tv.block_size:
         raise ValueError(f"type_v {type_v} with block size {tv.block_size} does not divide "
                          f"n_embd_head_v={hp.n_embd_head_v}")
 
@@ -461,7 +462,7 @@ def plan_memory(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, unified: 
                 type_k: DTypeLike = "f16", type_v: DTypeLike = "f16", type_r: DTypeLike = "f32",
                 type_s: DTypeLike = "f32", swa_full: bool = False, n_ubatch: int = 512,
                 flash_attn: bool = False, n_batch: int = 2048, n_rs_seq: int = 0,
-                compat=None) -> MemoryPlan:
+                compat: Union[str, Compat, None] = None) -> MemoryPlan:
     """Compute the memory llama.cpp allocates for ``hparams`` with these context settings.
 
     Reproduces ``llama_context``'s sizes and ``llama_model::create_memory``'s choices:

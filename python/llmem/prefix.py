@@ -43,19 +43,40 @@ from __future__ import annotations
 import heapq
 import itertools
 import operator
-from typing import Hashable, Iterable, List, Optional, Tuple
+from typing import (AbstractSet, Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Set, Tuple,
+                    TypedDict, Union, cast)
 
 import numpy as np
 
 from . import _core
 from .errors import LlmemError
 from .hybrid import HybridMemory
-from .kv_cache import KVCache, KVCacheISWA
-from .memory import STATE_HEADER
+from .kv_cache import IntsLike, KVCache, KVCacheISWA
+from .memory import STATE_HEADER, BatchOrAllocator, MemoryContext
 from .recurrent import RecurrentMemory
 from .status import Status, SWAType
 
 __all__ = ["PrefixCache"]
+
+#: The memories a prefix cache serves (a HybridISWAMemory is a HybridMemory).
+PrefixMemory = Union[KVCache, KVCacheISWA, RecurrentMemory, HybridMemory]
+
+
+class PrefixStats(TypedDict):
+    """What :meth:`PrefixCache.stats` returns."""
+
+    requests: int
+    prompt_tokens: int
+    hit_tokens: int
+    hit_rate: float
+    evictions: int
+    evicted_tokens: int
+    checkpoints_saved: int
+    cached_tokens: int
+    nodes: int
+    checkpoints: int
+    checkpoint_bytes: int
+    live: int
 
 
 class _Node:
@@ -65,15 +86,15 @@ class _Node:
     __slots__ = ("parent", "children", "tokens", "start", "holder", "ckpts", "last_used", "lockers", "key",
                  "alive")
 
-    def __init__(self, parent: Optional["_Node"], tokens: np.ndarray, start: int, holder: int, key) -> None:
+    def __init__(self, parent: Optional["_Node"], tokens: np.ndarray, start: int, holder: int, key: Hashable) -> None:
         self.parent = parent
-        self.children: dict = {}
+        self.children: Dict[int, _Node] = {}
         self.tokens = tokens
         self.start = start
         self.holder = holder
-        self.ckpts: dict = {}
+        self.ckpts: Dict[int, int] = {}
         self.last_used = 0
-        self.lockers: set = set()
+        self.lockers: Set[int] = set()
         self.key = key
         self.alive = True
 
@@ -88,7 +109,7 @@ class _Live:
 
     __slots__ = ("seq", "key", "tokens", "n", "path", "branch", "transient", "indexed", "shared", "leaf")
 
-    def __init__(self, seq: int, key, tokens: np.ndarray, n: int, branch: int) -> None:
+    def __init__(self, seq: int, key: Hashable, tokens: np.ndarray, n: int, branch: int) -> None:
         self.seq = seq
         self.key = key
         self.tokens = tokens   # grows by doubling; the first n are held by the memory
@@ -98,10 +119,10 @@ class _Live:
         self.transient = -1    # checkpoint of the last one-token commit (replaced by the next)
         self.indexed = True    # False once the request's history is no longer a plain prefix
         self.shared = n        # its cells below this position may be shared with the cache
-        self.leaf = None       # the node it created last (it grows in place)
+        self.leaf: Optional[_Node] = None  # the node it created last (it grows in place)
 
 
-def _as_tokens(tokens, name: str = "tokens") -> np.ndarray:
+def _as_tokens(tokens: IntsLike, name: str = "tokens") -> np.ndarray:
     arr = np.asarray(tokens)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {arr.shape}")
@@ -110,7 +131,7 @@ def _as_tokens(tokens, name: str = "tokens") -> np.ndarray:
     return arr.astype(np.int32, copy=False)
 
 
-def _int(name: str, value, lo: int, hi: int) -> int:
+def _int(name: str, value: Any, lo: int, hi: int) -> int:
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be an int, not bool")
     try:
@@ -163,9 +184,11 @@ class PrefixCache:
         The recurrent checkpoint pool's limits (None: the memory's current ones).
     """
 
-    def __init__(self, memory, n_requests: Optional[int] = None, *, max_cached_tokens: Optional[int] = None,
-                 checkpoint_interval: int = 0, max_checkpoints: Optional[int] = None,
-                 max_checkpoint_bytes: Optional[int] = None) -> None:
+    def __init__(self, memory: PrefixMemory, n_requests: Optional[int] = None, *,
+                 max_cached_tokens: Optional[int] = None, checkpoint_interval: int = 0,
+                 max_checkpoints: Optional[int] = None, max_checkpoint_bytes: Optional[int] = None) -> None:
+        kv: Optional[Union[KVCache, KVCacheISWA]]
+        recr: Optional[RecurrentMemory]
         if isinstance(memory, HybridMemory):
             kv, recr = memory.mem_attn, memory.mem_recr
         elif isinstance(memory, RecurrentMemory):
@@ -199,33 +222,33 @@ class PrefixCache:
         self._interval = _int("checkpoint_interval", checkpoint_interval, 0, 2**31 - 1)
         if recr is not None and (max_checkpoints is not None or max_checkpoint_bytes is not None):
             recr.set_checkpoint_limits(max_checkpoints, max_checkpoint_bytes)
-        self._roots: dict = {}
+        self._roots: Dict[Hashable, _Node] = {}
         self._free_seqs = list(range(n_requests - 1, -1, -1))        # popped from the end: 0 first
         self._free_holders = list(range(n_seq_max - 1, n_requests - 1, -1)) if kv is not None else []
-        self._live: dict = {}
+        self._live: Dict[int, _Live] = {}
         self._clock = itertools.count(1)
         # eviction candidates: (last_used, tick, node) pushed whenever a node may have become an
         # unlocked leaf; entries are checked when popped (no scan of the tree per eviction)
-        self._heap: list = []
+        self._heap: List[Tuple[int, int, _Node]] = []
         self._tick = itertools.count()
         self._n_nodes = 0
         self._cached_tokens = 0
         self._n_ckpts = 0
-        self._ckpt_node: dict = {}  # checkpoint id -> the node listing it
-        self._stats = {"requests": 0, "prompt_tokens": 0, "hit_tokens": 0, "evictions": 0,
+        self._ckpt_node: Dict[int, _Node] = {}  # checkpoint id -> the node listing it
+        self._stats: Dict[str, int] = {"requests": 0, "prompt_tokens": 0, "hit_tokens": 0, "evictions": 0,
                        "evicted_tokens": 0, "checkpoints_saved": 0}
 
     # -- queries -----------------------------------------------------------------------------------
 
     @property
-    def memory(self):
+    def memory(self) -> PrefixMemory:
         return self._memory
 
     @property
     def n_requests(self) -> int:
         return self._n_requests
 
-    def live_sequences(self) -> list:
+    def live_sequences(self) -> List[int]:
         """Sequence ids of the requests being served, ascending."""
         with self._lock:
             return sorted(self._live)
@@ -236,13 +259,13 @@ class PrefixCache:
             live = self._live_of(seq_id)
             return live.tokens[:live.n].copy()
 
-    def stats(self) -> dict:
+    def stats(self) -> PrefixStats:
         """Counters a server exports: ``requests`` admitted, ``prompt_tokens`` they brought,
         ``hit_tokens`` found cached, ``hit_rate`` (hit / prompt tokens), ``evictions`` (nodes)
         and ``evicted_tokens``, ``cached_tokens`` and ``nodes`` held now, ``checkpoints`` and
         ``checkpoint_bytes`` held now, ``live`` requests."""
         with self._lock:
-            out = dict(self._stats)
+            out = cast(PrefixStats, dict(self._stats))  # the keys below complete it
             out["hit_rate"] = out["hit_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
             out["cached_tokens"] = self._cached_tokens
             out["nodes"] = self._n_nodes
@@ -252,7 +275,7 @@ class PrefixCache:
             out["live"] = len(self._live)
             return out
 
-    def match(self, tokens, key: Hashable = None) -> int:
+    def match(self, tokens: IntsLike, key: Hashable = None) -> int:
         """Tokens :meth:`admit` would find cached for ``tokens`` now (changes nothing)."""
         tokens = _as_tokens(tokens)
         with self._lock:
@@ -260,7 +283,7 @@ class PrefixCache:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    def admit(self, tokens, seq_id: Optional[int] = None, key: Hashable = None) -> Tuple[int, int]:
+    def admit(self, tokens: IntsLike, seq_id: Optional[int] = None, key: Hashable = None) -> Tuple[int, int]:
         """Start a request for ``tokens`` (its whole prompt); ``key`` separates caches that must
         not mix (a LoRA adapter, an image hash). Returns ``(seq_id, n_cached)``: the request's
         sequence (a free one, or ``seq_id``, which must be free and hold nothing) now holds the
@@ -294,6 +317,7 @@ class PrefixCache:
                     if p1 > node.start:
                         self._share(node.holder, seq, node.start, p1, n_hit)
             if ckpt is not None:
+                assert self._recr is not None  # a checkpoint is planned only with a recurrent part
                 try:
                     self._recr.checkpoint_restore(ckpt, seq)
                 except BaseException:
@@ -317,7 +341,7 @@ class PrefixCache:
             self._stats["hit_tokens"] += n_hit
             return seq, n_hit
 
-    def prefill_chunks(self, seq_id: int, tokens, n_batch: int) -> List[np.ndarray]:
+    def prefill_chunks(self, seq_id: int, tokens: IntsLike, n_batch: int) -> List[np.ndarray]:
         """``tokens`` (what the request decodes next) cut into chunks of at most ``n_batch``
         whose ends, as lengths of the request's history, fall on multiples of
         ``checkpoint_interval`` where one lies inside: decode and :meth:`commit` them one by one
@@ -330,7 +354,7 @@ class PrefixCache:
         # with a recurrent part, a chunk also ends where the prompt leaves the cached tokens
         # (the next request branching there then finds a checkpoint) and on interval multiples
         recurrent = self._recr is not None
-        chunks = []
+        chunks: List[np.ndarray] = []
         pos, n = 0, len(tokens)
         while pos < n:
             end = min(pos + n_batch, n)
@@ -345,7 +369,7 @@ class PrefixCache:
             pos = end
         return chunks
 
-    def commit(self, seq_id: int, tokens, index: bool = True) -> None:
+    def commit(self, seq_id: int, tokens: IntsLike, index: bool = True) -> None:
         """Record ``tokens`` as decoded into the request's sequence (after its last position):
         they are indexed at once, so other requests can reuse them, and a recurrent part's
         state is checkpointed at the new length. Call it after each decode of the request.
@@ -412,7 +436,7 @@ class PrefixCache:
 
     # -- room ----------------------------------------------------------------------------------------
 
-    def init_batch(self, balloc_or_batch, n_ubatch: int, embd_all: bool = False):
+    def init_batch(self, balloc_or_batch: BatchOrAllocator, n_ubatch: int, embd_all: bool = False) -> MemoryContext:
         """``memory.init_batch``; when it finds no room, evict cached content (least recently
         used leaves first, never a live request's) just until the plan succeeds or nothing is
         left to evict. A server calls this instead of ``memory.init_batch``: one call, and the
@@ -447,14 +471,14 @@ class PrefixCache:
 
     # -- internals: the tree -------------------------------------------------------------------------
 
-    def _live_of(self, seq_id) -> _Live:
+    def _live_of(self, seq_id: int) -> _Live:
         seq = _int("seq_id", seq_id, -(2**31), 2**31 - 1)
         live = self._live.get(seq)
         if live is None:
             raise ValueError(f"sequence {seq} is not serving a request of this prefix cache")
         return live
 
-    def _nodes(self):
+    def _nodes(self) -> Iterator[_Node]:
         stack = [r for r in self._roots.values()]
         while stack:
             node = stack.pop()
@@ -462,7 +486,7 @@ class PrefixCache:
             if node.parent is not None:
                 yield node
 
-    def _walk(self, tokens: np.ndarray, n: int, key) -> Tuple[List[_Node], int]:
+    def _walk(self, tokens: np.ndarray, n: int, key: Hashable) -> Tuple[List[_Node], int]:
         """Nodes matching ``tokens[:n]`` from the root of ``key`` and the length matched; the
         last node may match only partly (the length then ends inside it)."""
         node = self._roots.get(key)
@@ -485,7 +509,7 @@ class PrefixCache:
             node = child
         return path, i
 
-    def _plan_hit(self, tokens: np.ndarray, key):
+    def _plan_hit(self, tokens: np.ndarray, key: Hashable) -> Tuple[int, List[_Node], Optional[int]]:
         """(tokens reusable, nodes to share them from, checkpoint to restore or None)."""
         n_max = len(tokens) - 1
         if n_max <= 0:
@@ -520,6 +544,7 @@ class PrefixCache:
     def _window_ok(self, path: List[_Node], length: int) -> bool:
         lo = max(0, length - self._window)
         swa = self._swa
+        assert swa is not None  # asked only of a memory with a window cache
         for node in path:
             if node.start >= length:
                 break
@@ -536,10 +561,13 @@ class PrefixCache:
         window before ``end`` (the positions the token at ``end`` sees). Cells a window cache
         shares between two sequences are never reused for the window sliding on, so sharing
         more than the window would fill it."""
+        kv = self._kv
+        assert kv is not None  # shared only by a memory with a KV part
         if self._swa is None:
-            self._kv.seq_cp(src, dst, p0, p1)
+            kv.seq_cp(src, dst, p0, p1)
             return
-        self._kv.base.seq_cp(src, dst, p0, p1)
+        assert isinstance(kv, KVCacheISWA)  # the window cache is its swa part
+        kv.base.seq_cp(src, dst, p0, p1)
         w0 = max(p0, end - self._window)
         if w0 < p1:
             self._swa.seq_cp(src, dst, w0, p1)
@@ -569,7 +597,7 @@ class PrefixCache:
             self._evict_tokens(1, protect=set(map(id, protect)))
         return self._free_holders.pop() if self._free_holders else -1
 
-    def _split(self, node: _Node, at: int, protect, seq: int) -> Optional[_Node]:
+    def _split(self, node: _Node, at: int, protect: Iterable[_Node], seq: int) -> Optional[_Node]:
         """Cut ``node`` at position ``at`` (start < at < end): a new upper node takes
         ``[start, at)`` and becomes the parent of ``node``. None when no holder is free. With a
         window cache the upper node's window is taken from ``seq``, the request leaving the
@@ -589,6 +617,7 @@ class PrefixCache:
         node.ckpts = {length: ck for length, ck in node.ckpts.items() if length > at}
         for ck in upper.ckpts.values():
             self._ckpt_node[ck] = upper
+        assert node.parent is not None  # a node of a path, never a root
         node.parent.children[int(upper.tokens[0])] = upper
         node.tokens = node.tokens[cut:]
         node.start = at
@@ -620,6 +649,7 @@ class PrefixCache:
         shared by two sequences are never reused by the window sliding on, so keeping more
         would fill the window cache). A hit in a window cache therefore ends at a node's end;
         checkpoints are placed at node ends there (see _insert)."""
+        assert self._swa is not None  # called only with a window cache
         if node.end - self._window > node.start:
             self._swa.seq_rm(node.holder, node.start, node.end - self._window)
 
@@ -691,10 +721,11 @@ class PrefixCache:
             if previous >= 0 and previous != ck:
                 self._drop_checkpoint(previous)
 
-    def _checkpoint(self, node: _Node, length: int, seq: int, protect) -> Optional[int]:
+    def _checkpoint(self, node: _Node, length: int, seq: int, protect: Iterable[_Node]) -> Optional[int]:
         if length in node.ckpts:
             return None
         recr = self._recr
+        assert recr is not None  # checkpoints are taken only with a recurrent part
         if not recr.checkpoint_has_room():
             self._free_checkpoint(protect)
             if not recr.checkpoint_has_room():
@@ -712,10 +743,11 @@ class PrefixCache:
         for length, c in list(node.ckpts.items()):
             if c == ck:
                 del node.ckpts[length]
+        assert self._recr is not None  # a checkpoint exists only with a recurrent part
         self._recr.checkpoint_drop(ck)
         self._n_ckpts -= 1
 
-    def _free_checkpoint(self, protect) -> None:
+    def _free_checkpoint(self, protect: Iterable[_Node]) -> None:
         """Room for one checkpoint: evict an unlocked leaf holding one, else drop the least
         recently used checkpoint of a node not in ``protect``."""
         keep = set(map(id, protect))
@@ -730,7 +762,7 @@ class PrefixCache:
 
     # -- internals: eviction -------------------------------------------------------------------------
 
-    def _evict_tokens(self, n_tokens: int, protect=frozenset()) -> int:
+    def _evict_tokens(self, n_tokens: int, protect: AbstractSet[int] = frozenset()) -> int:
         start = self._stats["evicted_tokens"]
         holders = len(self._free_holders)
         if n_tokens <= 0:
@@ -742,14 +774,14 @@ class PrefixCache:
             self._evict(lambda: self._stats["evicted_tokens"] - start >= n_tokens, protect)
         return self._stats["evicted_tokens"] - start
 
-    def _evict(self, done, protect) -> None:
+    def _evict(self, done: Callable[[], bool], protect: AbstractSet[int]) -> None:
         """Evict unlocked leaves, least recently used first, until ``done()``."""
         heap = self._heap
         if len(heap) > 2 * self._n_nodes + 1024:
             # stale entries dominate: start again from the nodes that are candidates now
             heap[:] = [(n.last_used, next(self._tick), n) for n in self._nodes() if not n.children and not n.lockers]
             heapq.heapify(heap)
-        kept = []
+        kept: List[Tuple[int, int, _Node]] = []
         while heap and not done():
             entry = heapq.heappop(heap)
             last_used, _, node = entry
@@ -769,10 +801,12 @@ class PrefixCache:
             self._kv.seq_rm(node.holder, -1, -1)
             self._free_holders.append(node.holder)
         for ck in node.ckpts.values():
+            assert self._recr is not None  # a checkpoint exists only with a recurrent part
             self._recr.checkpoint_drop(ck)
             del self._ckpt_node[ck]
         self._n_ckpts -= len(node.ckpts)
-        parent = node.parent
+        parent: Optional[_Node] = node.parent
+        assert parent is not None  # an eviction candidate is never a root (_offer)
         del parent.children[int(node.tokens[0])]
         node.alive = False
         self._n_nodes -= 1
@@ -791,10 +825,11 @@ class PrefixCache:
         positions, every checkpoint exists at its length, every holder id and request id is
         accounted for, the counters match. AssertionError naming the first disagreement."""
         with self._lock:
-            seen_holders = set()
+            seen_holders: Set[int] = set()
             total = ckpts = 0
             for node in self._nodes():
                 assert len(node.tokens) > 0, "an empty node"
+                assert node.parent is not None  # _nodes() yields no root
                 assert node.parent.children.get(int(node.tokens[0])) is node, "a node its parent does not list"
                 assert node.start == (node.parent.end if node.parent.parent is not None else 0), "a gap"
                 total += len(node.tokens)
@@ -802,7 +837,8 @@ class PrefixCache:
                     h = node.holder
                     assert self._n_requests <= h < self._memory.n_seq_max and h not in seen_holders, h
                     seen_holders.add(h)
-                    base = self._kv.base if self._swa is not None else self._kv
+                    kv = self._kv
+                    base = kv.base if isinstance(kv, KVCacheISWA) else kv
                     assert base.seq_pos_min(h) == node.start and base.seq_pos_max(h) == node.end - 1, \
                         f"holder {h} holds [{base.seq_pos_min(h)}, {base.seq_pos_max(h)}], node [{node.start}, {node.end})"
                     if self._swa is not None and self._swa.seq_pos_max(h) >= 0:
@@ -813,7 +849,7 @@ class PrefixCache:
                         assert self._swa.seq_pos_max(h) == node.end - 1
                 for length, ck in node.ckpts.items():
                     assert node.start < length <= node.end
-                    assert self._recr.checkpoint_pos(ck) == length - 1
+                    assert self._recr is not None and self._recr.checkpoint_pos(ck) == length - 1
                     assert self._ckpt_node[ck] is node
                     ckpts += 1
                 for seq in node.lockers:

@@ -27,7 +27,7 @@ from .errors import LlmemError
 from .compat import Compat, resolve_compat
 from .kv_cache import MAX_LAYERS
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
-                     stale_context_error)
+                     new_lock, stale_context_error)
 from .status import Status, status_is_fail
 
 __all__ = ["RecurrentMemory", "RecurrentContext"]
@@ -153,11 +153,11 @@ class RecurrentMemory(Memory):
         self._s: list[Optional[np.ndarray]] = [
             np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
         self._own_balloc = None
-        self._lock = _core.MemoryLock()  # an RLock that C callers can take too (docs/capi.md)
+        self._lock = new_lock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
         self._version = 0
         self._staging: dict[int, np.ndarray] = {}
-        self._checkpoints = None  # the checkpoint pool, made at first use
+        self._checkpoints: Optional[_core.rs_checkpoints] = None  # the checkpoint pool, made at first use
         self._present_index = []
         for il in range(n_layer):
             self._present_index.append(sum(present[:il]) if present[il] else -1)
@@ -321,19 +321,19 @@ class RecurrentMemory(Memory):
 
     # What each sequence operation would raise, without the change (the hybrids check both parts
     # before changing either); seq_rm, seq_cp and seq_keep refuse only bad argument types.
-    def _check_seq_rm(self, seq_id, p0=-1, p1=-1) -> None:
+    def _check_seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> None:
         _int("seq_id", seq_id), _int("p0", p0), _int("p1", p1)
 
-    def _check_seq_cp(self, seq_id_src, seq_id_dst, p0=-1, p1=-1) -> None:
+    def _check_seq_cp(self, seq_id_src: int, seq_id_dst: int, p0: int = -1, p1: int = -1) -> None:
         _int("seq_id_src", seq_id_src), _int("seq_id_dst", seq_id_dst), _int("p0", p0), _int("p1", p1)
 
-    def _check_seq_keep(self, seq_id) -> None:
+    def _check_seq_keep(self, seq_id: int) -> None:
         _int("seq_id", seq_id)
 
-    def _check_seq_add(self, seq_id, p0, p1, shift) -> None:
+    def _check_seq_add(self, seq_id: int, p0: int, p1: int, shift: int) -> None:
         self._mem.check_seq_add(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("shift", shift))
 
-    def _check_seq_div(self, seq_id, p0, p1, d) -> None:
+    def _check_seq_div(self, seq_id: int, p0: int, p1: int, d: int) -> None:
         self._mem.check_seq_div(_int("seq_id", seq_id), _int("p0", p0), _int("p1", p1), _int("d", d))
 
     @locked
@@ -464,7 +464,7 @@ class RecurrentMemory(Memory):
     DEFAULT_CHECKPOINT_COUNT = 256
     DEFAULT_CHECKPOINT_BYTES = 1 << 30
 
-    def _pool(self):
+    def _pool(self) -> _core.rs_checkpoints:
         pool = self._checkpoints
         if pool is None:
             pool = self._checkpoints = _core.rs_checkpoints(self._mem, self.DEFAULT_CHECKPOINT_COUNT,
@@ -521,7 +521,7 @@ class RecurrentMemory(Memory):
         return self._pool().has_room()
 
     @locked
-    def checkpoint_stats(self) -> dict:
+    def checkpoint_stats(self) -> Dict[str, int]:
         """``count``, ``bytes`` (held), ``max_count``, ``max_bytes`` and ``checkpoint_bytes``
         (one checkpoint) of the pool."""
         pool = self._pool()
