@@ -30,6 +30,22 @@ text = re.sub(r"-> list:", "-> list[typing.Any]:", text)
 text = re.sub(r"-> dict:", "-> dict[str, typing.Any]:", text)
 text = re.sub(r"-> tuple:", "-> tuple[typing.Any, ...]:", text)
 text = re.sub(r"([\[ ])(list|dict)([,\]])", r"\1\2[typing.Any]\3", text).replace("dict[typing.Any]", "dict[str, typing.Any]")
+# MemoryLock is a C type (csrc/capi/memory_lock.cpp) without signatures: its RLock protocol, typed
+ml = (
+    "class MemoryLock:\n"
+    '    """\n    The re-entrant lock of an llmem memory (memory.lock), shared with the C API.\n    \n'
+    "    Used like threading.RLock (acquire/release/with); C code reaches the same mutex through "
+    'llmem._core._C_API without the GIL.\n    """\n'
+    "    def __init__(self) -> None:\n        ...\n"
+    "    def __enter__(self) -> bool:\n        ...\n"
+    "    def __exit__(self, *args: object) -> None:\n        ...\n"
+    '    def _is_owned(self) -> bool:\n        """\n        Whether the calling thread holds the lock.\n        """\n'
+    "    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:\n        ...\n"
+    '    def locked(self) -> bool:\n        """\n        Whether any thread holds the lock.\n        """\n'
+    '    def release(self) -> None:\n        """\n        Release the lock once (RuntimeError if not held by this thread).\n        """\n'
+)
+text, n = re.subn(r"^class MemoryLock:\n(?:(?:    .*)?\n)*", ml, text, count=1, flags=re.M)
+assert n == 1, "gen_stubs: no MemoryLock class in the stubs"
 open(path, "w").write(text)
 PYEOF
 kept="$root/python/llmem/_core.pyi"

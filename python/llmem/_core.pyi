@@ -570,38 +570,25 @@ class MemoryLock:
     
     Used like threading.RLock (acquire/release/with); C code reaches the same mutex through llmem._core._C_API without the GIL.
     """
-    @staticmethod
-    def __enter__(*args, **kwargs):
+    def __init__(self) -> None:
         ...
-    @staticmethod
-    def __exit__(*args, **kwargs):
+    def __enter__(self) -> bool:
         ...
-    @staticmethod
-    def __new__(type, *args, **kwargs):
-        """
-        Create and return a new object.  See help(type) for accurate signature.
-        """
-    @staticmethod
-    def _is_owned(*args, **kwargs):
+    def __exit__(self, *args: object) -> None:
+        ...
+    def _is_owned(self) -> bool:
         """
         Whether the calling thread holds the lock.
         """
-    @staticmethod
-    def acquire(blocking = True, timeout = -1) -> ...:
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         ...
-    @staticmethod
-    def locked(*args, **kwargs):
+    def locked(self) -> bool:
         """
         Whether any thread holds the lock.
         """
-    @staticmethod
-    def release(*args, **kwargs):
+    def release(self) -> None:
         """
         Release the lock once (RuntimeError if not held by this thread).
-        """
-    def __repr__(self):
-        """
-        Return repr(self).
         """
 def _time_core(memory: typing.Any, op: str, seqs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], p0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> float:
     """
