@@ -95,7 +95,8 @@ def filled_kv(n_cells: int, n_seqs: int) -> tuple[KVCache, int]:
     placed sequence after sequence, and one spare sequence id (n_seqs) for seq_cp to copy into.
     Returns (cache, tokens per sequence)."""
     kv = KVCache(1, llama_baseline.N_EMBD, llama_baseline.N_EMBD, n_cells, n_seq_max=n_seqs + 1,
-                 v_trans=False, rope=Rope(llama_baseline.N_EMBD, head_dim=llama_baseline.N_EMBD))
+                 v_trans=False, rope=Rope(llama_baseline.N_EMBD, head_dim=llama_baseline.N_EMBD),
+                 compat="b11312")  # llama-cpp-python 0.3.36 reads state format 3
     per_seq = n_cells // 2 // n_seqs
     n = per_seq * n_seqs
     rng = np.random.default_rng(1)
@@ -441,7 +442,7 @@ def twin_caches(layout: str, n_cells: int, n_seqs: int, cfg: Config, n_seq_max: 
     kv = None
     if with_llmem:
         kv = KVCache(1, llama_baseline.N_EMBD, llama_baseline.N_EMBD, kv_size, n_seq_max=n_seq_max,
-                     unified=unified, v_trans=v_trans)
+                     unified=unified, v_trans=v_trans, compat="b11312")
         for _ in kv.init_batch(Batch(token=np.zeros(n, np.int32), seq_id=seq_of, pos=pos_of,
                                      output=np.zeros(n, bool)), n):
             pass
