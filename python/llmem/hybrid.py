@@ -21,7 +21,6 @@ Unlike llama.cpp, an operation that fails on either side leaves *both* sides exa
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union, cast
 
 from . import _core, metrics
@@ -29,7 +28,7 @@ from .errors import LlmemError
 from .kv_cache import IntsLike, KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext, _decode_step_general
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
                      stale_context_error)
-from .recurrent import RecurrentContext, RecurrentMemory
+from .recurrent import RecurrentContext, RecurrentMemory, _int
 from .status import Status, status_combine, status_is_fail
 
 __all__ = ["HybridMemory", "HybridISWAMemory", "HybridContext", "STATE_PARTIAL_ONLY"]
@@ -43,16 +42,6 @@ _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
 LayerPattern = Union[None, Callable[[int], bool], Sequence[bool]]
 
 
-def _int(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-    if not _I32_MIN <= v <= _I32_MAX:
-        raise ValueError(f"{name}={v} is outside int32")
-    return v
 
 
 class HybridContext(MemoryContext):

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import operator
 from typing import (AbstractSet, Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Set, Tuple,
                     TypedDict, Union, cast)
 
@@ -53,7 +52,7 @@ from .errors import LlmemError
 from .hybrid import HybridMemory
 from .kv_cache import IntsLike, KVCache, KVCacheISWA
 from .memory import STATE_HEADER, BatchOrAllocator, MemoryContext
-from .recurrent import RecurrentMemory
+from .recurrent import RecurrentMemory, _int
 from .status import Status, SWAType
 
 __all__ = ["PrefixCache"]
@@ -131,16 +130,6 @@ def _as_tokens(tokens: IntsLike, name: str = "tokens") -> np.ndarray:
     return arr.astype(np.int32, copy=False)
 
 
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be an int, not bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-    if not lo <= v <= hi:
-        raise ValueError(f"{name}={v} is outside [{lo}, {hi}]")
-    return v
 
 
 def _window_of(cache: KVCache) -> int:
