@@ -63,7 +63,7 @@ echo "wheel_check: built $(basename "$raw") in $(( $(date +%s) - start )) s"
 # the best manylinux tag auditwheel grants this wheel, then the repair to it
 "$tools/bin/auditwheel" show "$raw" | tee "$house/auditwheel-show.txt"
 plat="$(tr '\n' ' ' < "$house/auditwheel-show.txt" | grep -o 'consistent with the *following platform tag: *"[a-z0-9_]*"' \
-        | grep -o 'manylinux_[0-9]*_[0-9]*_[a-z0-9_]*' | head -1)"
+        | grep -o 'manylinux_[0-9]*_[0-9]*_[a-z0-9_]*' | sed -n 1p)"
 [ -n "$plat" ] || { echo "wheel_check: auditwheel found no manylinux tag" >&2; exit 1; }
 PATH="$tools/bin:$PATH" "$tools/bin/auditwheel" repair --plat "$plat" -w "$house" "$raw"
 whl="$(ls "$house"/llmem-*.whl)"
@@ -72,8 +72,11 @@ if [ "$toolchain" = zig ]; then  # glibc 2.28 or older: installs wherever manyli
     minor="$(echo "$plat" | sed 's/manylinux_2_\([0-9]*\)_.*/\1/')"
     [ "$minor" -le 28 ] || { echo "wheel_check: $plat is newer than manylinux_2_28" >&2; exit 1; }
 fi
-unzip -l "$whl" | grep -q 'dist-info/licenses/LICENSE' || { echo "wheel_check: LICENSE missing from the wheel" >&2; exit 1; }
-unzip -l "$whl" | grep -q 'llmem.libs/libz' && echo "wheel_check: zlib bundled (the state CRC-32 is zlib's)"
+# the listing goes to a file first: `unzip | grep -q` under pipefail fails when grep
+# exits at its first match and unzip then dies of SIGPIPE
+unzip -Z1 "$whl" > "$house/contents.txt"
+grep -q 'dist-info/licenses/LICENSE$' "$house/contents.txt" || { echo "wheel_check: LICENSE missing from the wheel" >&2; exit 1; }
+if grep -q 'llmem.libs/libz' "$house/contents.txt"; then echo "wheel_check: zlib bundled (the state CRC-32 is zlib's)"; fi
 
 # a fresh venv of that Python; no compiler on PATH or in CC/CXX, binaries only
 rm -rf "$smoke"
