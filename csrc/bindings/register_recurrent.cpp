@@ -46,9 +46,12 @@ uint64_t check_state_array(const py::array & a, const char * kind, size_t layer,
 }
 
 void attach(py_rs_memory & mem, uint32_t n_layer_total, std::vector<py::array> r,
-            std::vector<py::array> s, int32_t type_r, int32_t type_s) {
+            std::vector<py::array> s, int32_t type_r, int32_t type_s, std::vector<py::object> p) {
     if (r.size() != s.size()) {
         throw std::invalid_argument("r and s must list the same present layers");
+    }
+    if (!p.empty() && p.size() != r.size()) {
+        throw std::invalid_argument("p must be empty or list every present layer (None where it has no P array)");
     }
     const uint64_t rows = (uint64_t(mem.n_rs_seq()) + 1) * mem.size();
     llmem::rs_buffers b;
@@ -61,9 +64,26 @@ void attach(py_rs_memory & mem, uint32_t n_layer_total, std::vector<py::array> r
         b.r.push_back(static_cast<uint8_t *>(r[l].mutable_data()));
         b.s.push_back(static_cast<uint8_t *>(s[l].mutable_data()));
     }
+    std::vector<py::array> keep_p;
+    for (size_t l = 0; l < p.size(); ++l) {
+        if (p[l].is_none()) {
+            b.p_row_bytes.push_back(0);
+            b.p.push_back(nullptr);
+            continue;
+        }
+        py::array a = p[l].cast<py::array>();
+        const uint64_t rb = check_state_array(a, "p", l, type_r, rows);
+        if (rb == 0) {
+            throw std::invalid_argument("p array of present layer " + std::to_string(l) + " has rows of 0 bytes");
+        }
+        b.p_row_bytes.push_back(rb);
+        b.p.push_back(static_cast<uint8_t *>(a.mutable_data()));
+        keep_p.push_back(a);
+    }
     mem.attach_buffers(b);
     std::vector<py::array> keep(r);
     keep.insert(keep.end(), s.begin(), s.end());
+    keep.insert(keep.end(), keep_p.begin(), keep_p.end());
     mem.arrays = std::move(keep);
 }
 
@@ -146,7 +166,7 @@ void store_states(llmem::rs_context & ctx, int kind, size_t layer, const py::arr
     const uint64_t rb = ctx.row_bytes(kind, layer);
     const py::ssize_t n_seqs = py::ssize_t(ctx.get_ubatch().n_seqs);
     const py::ssize_t width = py::ssize_t(rb / uint64_t(rows.itemsize()));
-    const char * name = kind == 0 ? "r" : "s";
+    const char * name = kind == 0 ? "r" : kind == 1 ? "s" : "p";
     if (!(rows.flags() & py::array::c_style)) {
         throw std::invalid_argument(std::string("new ") + name + " states must be a C-contiguous array");
     }
@@ -219,7 +239,8 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
 )doc")
         .def(py::init<uint32_t, int32_t, uint32_t>(), py::arg("size"), py::arg("n_seq_max"), py::arg("n_rs_seq"))
         .def("attach_buffers", &attach, py::arg("n_layer_total"), py::arg("r"), py::arg("s"), py::arg("type_r"),
-             py::arg("type_s"), "Use these numpy arrays (one r and one s per present layer) as the state.")
+             py::arg("type_s"), py::arg("p") = std::vector<py::object>(),
+             "Use these numpy arrays (one r and one s per present layer, and optionally one p or None each) as the state.")
         .def("clear", [](py_rs_memory & mem, bool data) {
                  py::gil_scoped_release release;
                  mem.clear(data);

@@ -945,8 +945,8 @@ int ctx_rs_slot(llmem_context * cp, llmem_rs_slot * slot, int32_t * s_copy, size
 }
 
 int check_kind(int32_t kind) {
-    if (kind != 0 && kind != 1) {
-        fail(LLMEM_ERR_INVALID, "kind must be 0 (r) or 1 (s), got " + std::to_string(kind));
+    if (kind < 0 || kind >= llmem::RS_KINDS) {
+        fail(LLMEM_ERR_INVALID, "kind must be 0 (r), 1 (s) or 2 (p), got " + std::to_string(kind));
     }
     return kind;
 }

@@ -19,11 +19,15 @@ rs_checkpoints::rs_checkpoints(const rs_memory & mem, uint64_t max_count, uint64
     for (uint64_t sb : s_row_bytes_) {
         bytes_ += sb;
     }
+    p_row_bytes_ = b.p_row_bytes;
+    for (uint64_t pb : p_row_bytes_) {
+        bytes_ += pb;
+    }
 }
 
 bool rs_checkpoints::same_layout(const rs_memory & mem) const {
     const rs_buffers & b = mem.buffers();
-    return b.r_row_bytes == r_row_bytes_ && b.s_row_bytes == s_row_bytes_;
+    return b.r_row_bytes == r_row_bytes_ && b.s_row_bytes == s_row_bytes_ && b.p_row_bytes == p_row_bytes_;
 }
 
 bool rs_checkpoints::has_room() const {
@@ -86,6 +90,12 @@ int64_t rs_checkpoints::save(const rs_memory & mem, int32_t seq) {
         std::memcpy(out, b.s[l] + uint64_t(row) * s_row_bytes_[l], size_t(s_row_bytes_[l]));
         out += s_row_bytes_[l];
     }
+    for (size_t l = 0; l < p_row_bytes_.size(); ++l) {
+        if (p_row_bytes_[l] != 0) {
+            std::memcpy(out, b.p[l] + uint64_t(row) * p_row_bytes_[l], size_t(p_row_bytes_[l]));
+            out += p_row_bytes_[l];
+        }
+    }
     s.id = next_id_++;
     s.pos = mem.seq_pos_min(seq);
     index_.emplace(s.id, k);
@@ -108,6 +118,12 @@ void rs_checkpoints::restore(rs_memory & mem, int64_t id, int32_t seq) const {
     for (size_t l = 0; l < b.s.size(); ++l) {
         std::memcpy(b.s[l] + row * s_row_bytes_[l], in, size_t(s_row_bytes_[l]));
         in += s_row_bytes_[l];
+    }
+    for (size_t l = 0; l < p_row_bytes_.size(); ++l) {
+        if (p_row_bytes_[l] != 0) {
+            std::memcpy(b.p[l] + row * p_row_bytes_[l], in, size_t(p_row_bytes_[l]));
+            in += p_row_bytes_[l];
+        }
     }
 }
 

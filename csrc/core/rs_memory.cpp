@@ -91,6 +91,7 @@ struct rs_memory::parsed_state {
     std::vector<int32_t>  ids;
     std::vector<size_t>   r_rows;  // per present layer: offset of its first R row in the block
     std::vector<size_t>   s_rows;
+    std::vector<size_t>   p_rows;  // per present layer with a P array (else unused)
     size_t                consumed = 0;
 };
 
@@ -133,6 +134,17 @@ void rs_memory::attach_buffers(const rs_buffers & bufs) {
         if ((bufs.r[l] == nullptr && bufs.r_row_bytes[l] != 0) ||
             (bufs.s[l] == nullptr && bufs.s_row_bytes[l] != 0)) {
             throw std::invalid_argument("rs_buffers: a present layer has no array");
+        }
+    }
+    if (!bufs.p.empty() || !bufs.p_row_bytes.empty()) {
+        if (bufs.p.size() != n_present || bufs.p_row_bytes.size() != n_present) {
+            throw std::invalid_argument("rs_buffers: p and its row sizes must be empty or have one entry per present layer");
+        }
+        for (size_t l = 0; l < n_present; ++l) {
+            if ((bufs.p[l] == nullptr) != (bufs.p_row_bytes[l] == 0)) {
+                throw std::invalid_argument("rs_buffers: a P array of present layer " + std::to_string(l) +
+                                            " without rows, or rows without an array");
+            }
         }
     }
     bufs_ = bufs;
@@ -780,6 +792,9 @@ size_t rs_memory::state_write_size(int32_t seq, uint32_t flags) const {
     for (size_t l = 0; l < bufs_.r.size(); ++l) {
         data += 12 + n_cells * bufs_.r_row_bytes[l];
         data += 12 + n_cells * bufs_.s_row_bytes[l];
+        if (bufs_.p_bytes(l) != 0) {
+            data += 8 + n_cells * bufs_.p_bytes(l);  // row size, rows (the type is R's)
+        }
     }
     return size_t(meta + data);
 }
@@ -830,6 +845,11 @@ void rs_memory::state_write(uint8_t * out, size_t n_out, int32_t seq, uint32_t f
         w.write<int32_t>(bufs_.type_r);
         w.write<uint64_t>(bufs_.r_row_bytes[l]);
         write_rows(bufs_.r[l], bufs_.r_row_bytes[l]);
+        // llama.cpp writes a layer's P rows (row size, then the rows) right after its R rows
+        if (bufs_.p_bytes(l) != 0) {
+            w.write<uint64_t>(bufs_.p_bytes(l));
+            write_rows(bufs_.p[l], bufs_.p_bytes(l));
+        }
     }
     for (size_t l = 0; l < bufs_.s.size(); ++l) {
         w.write<int32_t>(bufs_.type_s);
@@ -918,8 +938,19 @@ void rs_memory::parse_state(const uint8_t * data, size_t n_data, int32_t seq, pa
     };
     ps.r_rows.resize(bufs_.r.size());
     ps.s_rows.resize(bufs_.s.size());
+    ps.p_rows.assign(bufs_.r.size(), 0);
     for (size_t l = 0; l < bufs_.r.size(); ++l) {
         ps.r_rows[l] = check_layer("r", l, bufs_.type_r, bufs_.r_row_bytes[l]);
+        const uint64_t own_p = bufs_.p_bytes(l);
+        if (own_p != 0) {
+            const uint64_t row = rd.read<uint64_t>("p header");
+            if (row != own_p) {
+                throw state_error("p (conv history) of present layer " + std::to_string(l) + " has rows of " +
+                                  std::to_string(row) + " bytes, the memory's are " + std::to_string(own_p),
+                                  state_reject::CONFIG_MISMATCH);
+            }
+            ps.p_rows[l] = rd.skip_rows(ps.cell_count, row, "p");
+        }
     }
     for (size_t l = 0; l < bufs_.s.size(); ++l) {
         ps.s_rows[l] = check_layer("s", l, bufs_.type_s, bufs_.s_row_bytes[l]);
@@ -1003,6 +1034,10 @@ size_t rs_memory::state_read(const uint8_t * data, size_t n_data, int32_t seq, u
         if (rb != 0 && ps.cell_count != 0) {
             std::memcpy(bufs_.r[l] + uint64_t(first) * rb, data + ps.r_rows[l], size_t(ps.cell_count * rb));
         }
+        const uint64_t pb = bufs_.p_bytes(l);
+        if (pb != 0 && ps.cell_count != 0) {
+            std::memcpy(bufs_.p[l] + uint64_t(first) * pb, data + ps.p_rows[l], size_t(ps.cell_count * pb));
+        }
     }
     for (size_t l = 0; l < bufs_.s.size(); ++l) {
         const uint64_t sb = bufs_.s_row_bytes[l];
@@ -1021,6 +1056,9 @@ void rs_memory::zero_buffers() {
         }
         if (bufs_.s_row_bytes[l] != 0) {
             std::memset(bufs_.s[l], 0, size_t(rows * bufs_.s_row_bytes[l]));
+        }
+        if (bufs_.p_bytes(l) != 0) {
+            std::memset(bufs_.p[l], 0, size_t(rows * bufs_.p_bytes(l)));
         }
     }
 }
@@ -1104,21 +1142,21 @@ namespace llmem {
 
 uint8_t * rs_context::array_base(int kind, size_t layer) const {
     const rs_buffers & b = mem_->buffers();
-    if ((kind != 0 && kind != 1) || layer >= b.r.size()) {
+    if (kind < 0 || kind >= RS_KINDS || layer >= b.r.size() || (kind == 2 && b.p_bytes(layer) == 0)) {
         throw std::invalid_argument("no state array " + std::to_string(kind) + " for present layer " +
                                     std::to_string(layer));
     }
-    return kind == 0 ? b.r[layer] : b.s[layer];
+    return kind == 0 ? b.r[layer] : kind == 1 ? b.s[layer] : b.p[layer];
 }
 
 uint64_t rs_context::row_bytes(int kind, size_t layer) const {
     array_base(kind, layer);
     const rs_buffers & b = mem_->buffers();
-    return kind == 0 ? b.r_row_bytes[layer] : b.s_row_bytes[layer];
+    return kind == 0 ? b.r_row_bytes[layer] : kind == 1 ? b.s_row_bytes[layer] : b.p_bytes(layer);
 }
 
 bool rs_context::gathered(int kind, size_t layer) const {
-    const size_t k = 2 * layer + size_t(kind);
+    const size_t k = RS_KINDS * layer + size_t(kind);
     return k < gathered_.size() && gathered_[k];
 }
 
@@ -1129,8 +1167,8 @@ void rs_context::gather(int kind, size_t layer, uint8_t * out) {
         throw error("states are gathered per micro-batch: this context has none");
     }
     const std::vector<int32_t> & copies = s_copy_all();  // throws before apply()
-    gathered_.resize(2 * mem_->buffers().r.size(), 0);
-    uint8_t & done = gathered_[2 * layer + size_t(kind)];
+    gathered_.resize(RS_KINDS * mem_->buffers().r.size(), 0);
+    uint8_t & done = gathered_[RS_KINDS * layer + size_t(kind)];
     if (done) {
         throw error("the input states of this array were already gathered for this micro-batch");
     }

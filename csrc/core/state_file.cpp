@@ -126,6 +126,9 @@ void describe_recurrent(std::vector<state_config_field> & out, const rs_memory &
         const std::string layer = "layer[" + std::to_string(l) + "].";
         add(layer + "r_row_bytes", int64_t(b.r_row_bytes[l]));
         add(layer + "s_row_bytes", int64_t(b.s_row_bytes[l]));
+        if (b.p_bytes(l) != 0) {  // only layers with a P array: other memories' headers stay as they were
+            add(layer + "p_row_bytes", int64_t(b.p_bytes(l)));
+        }
     }
 }
 

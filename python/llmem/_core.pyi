@@ -437,9 +437,9 @@ class rs_memory(seq_pos_source):
     """
     def __init__(self, size: typing.SupportsInt | typing.SupportsIndex, n_seq_max: typing.SupportsInt | typing.SupportsIndex, n_rs_seq: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
-    def attach_buffers(self, n_layer_total: typing.SupportsInt | typing.SupportsIndex, r: collections.abc.Sequence[numpy.ndarray[typing.Any, numpy.dtype[typing.Any]]], s: collections.abc.Sequence[numpy.ndarray[typing.Any, numpy.dtype[typing.Any]]], type_r: typing.SupportsInt | typing.SupportsIndex, type_s: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def attach_buffers(self, n_layer_total: typing.SupportsInt | typing.SupportsIndex, r: collections.abc.Sequence[numpy.ndarray[typing.Any, numpy.dtype[typing.Any]]], s: collections.abc.Sequence[numpy.ndarray[typing.Any, numpy.dtype[typing.Any]]], type_r: typing.SupportsInt | typing.SupportsIndex, type_s: typing.SupportsInt | typing.SupportsIndex, p: collections.abc.Sequence[typing.Any] = []) -> None:
         """
-        Use these numpy arrays (one r and one s per present layer) as the state.
+        Use these numpy arrays (one r and one s per present layer, and optionally one p or None each) as the state.
         """
     def cells(self) -> dict[str, typing.Any]:
         ...

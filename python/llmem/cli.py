@@ -139,7 +139,7 @@ def _format_plan(plan: Any) -> str:
             if comp.swa_type != SWAType.NONE:
                 label += f" (swa {comp.n_swa})"
         else:
-            cells, streams, bufs, label = comp.mem_size, 1, (comp.r, comp.s), name
+            cells, streams, bufs, label = comp.mem_size, 1, comp.bufs, name
         for b in bufs:
             rows.append([label, b.name, b.dtype, str(cells), str(streams),
                          str(len(comp.layers)), f"{b.mib:.2f}"])

@@ -118,6 +118,14 @@ class ModelHParams:
     # llama_hparams::n_layer_kv_from_start: layers from here on have no K/V of their own and
     # read an earlier layer's (Gemma3n, Gemma4); -1: every layer has its own
     n_layer_kv_from_start: int = -1
+    # the per-layer-embedding (PLE) module's convolution history, the recurrent memory's third
+    # array (llama_hparams::ple_conv_state/is_ple; set by qwen4exp in llama.cpp): ple_layers marks
+    # the layers that have one (None: none), hc_mult is llama.cpp's dsv4_hc_mult
+    ple_layers: Optional[Tuple[bool, ...]] = None
+    ple_ngram_size: int = 0
+    ple_heads_per_ngram: int = 0
+    ple_conv_kernel: int = 0
+    hc_mult: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -171,6 +179,17 @@ class ModelHParams:
         set_(self, "swa_layers", tuple(bool(x) for x in _arr(swa, n, "swa_layers", bool)))
         if any(self.swa_layers) and self.swa_type == SWAType.NONE:  # type: ignore[arg-type]  # fields normalised by __post_init__
             raise ValueError("swa_layers marks sliding-window layers but swa_type is NONE")
+        ple = self.ple_layers
+        set_(self, "ple_layers", (False,) * n if ple is None else _arr(ple, n, "ple_layers", bool))
+        for name in ("ple_ngram_size", "ple_heads_per_ngram", "ple_conv_kernel", "hc_mult"):
+            value = int(getattr(self, name))
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+            set_(self, name, value)
+        for il in range(n):
+            # llama.cpp (qwen4exp): the history is a row of the recurrent memory
+            if self.ple_layers[il] and not self.recurrent_layers[il]:  # type: ignore[index]  # fields normalised by __post_init__
+                raise ValueError(f"PLE layer {il} is not a recurrent layer")
 
     # -- per-layer queries (llama_hparams' vocabulary) -------------------------------------
     def _check(self, il: int) -> int:
@@ -265,6 +284,28 @@ class ModelHParams:
         if self.wkv_head_size != 0:
             return self.n_embd * self.wkv_head_size
         return self.ssm_d_state * self.ssm_d_inner
+
+    @property
+    def ple_n_heads(self) -> int:
+        """PLE hash heads: ``(ple_ngram_size - 1) * ple_heads_per_ngram`` (0 without PLE)."""
+        return max(self.ple_ngram_size - 1, 0) * self.ple_heads_per_ngram
+
+    def ple_conv_state(self) -> int:
+        """Width of a PLE conv history row (llama_hparams::ple_conv_state): ``(ple_conv_kernel -
+        1) * ple_ngram_size * hc_mult * n_embd`` (the convolution is dilated by the n-gram size
+        over ``hc_mult`` streams), 0 without a PLE module (no heads or no kernel)."""
+        if self.ple_n_heads == 0 or self.ple_conv_kernel == 0:
+            return 0
+        return (self.ple_conv_kernel - 1) * self.ple_ngram_size * self.hc_mult * self.n_embd
+
+    def is_ple(self, il: int) -> bool:
+        """Whether layer ``il`` runs the PLE module (llama_hparams::is_ple)."""
+        return self.ple_layers[self._check(il)]  # type: ignore[index]  # fields normalised by __post_init__
+
+    def n_embd_p(self, il: int) -> int:
+        """Width of layer ``il``'s P row, the recurrent memory's third array (llama.cpp's
+        ``cache_ple_r_l``): :meth:`ple_conv_state` for a PLE layer, else 0."""
+        return self.ple_conv_state() if self.is_ple(il) else 0
 
     def rope_freq_base_at(self, il: int) -> float:
         """RoPE base used to shift layer ``il`` (SWA layers may have their own)."""

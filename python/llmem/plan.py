@@ -172,11 +172,18 @@ class RecurrentPlan:
     layers: Tuple[int, ...]   # layers with a state
     r: BufferPlan
     s: BufferPlan
+    # the PLE conv history (llama.cpp's p_l), type R; None when no layer has one
+    p: Optional[BufferPlan] = None
+
+    @property
+    def bufs(self) -> Tuple[BufferPlan, ...]:
+        """The buffers: R and S, and P when some layer has one."""
+        return (self.r, self.s) if self.p is None else (self.r, self.s, self.p)
 
     @property
     def nbytes(self) -> int:
-        """R + S bytes."""
-        return self.r.nbytes + self.s.nbytes
+        """R + S (+ P) bytes."""
+        return sum(b.nbytes for b in self.bufs)
 
     @property
     def mib(self) -> float:
@@ -187,12 +194,14 @@ class RecurrentPlan:
         """The line ``llama_memory_recurrent`` logs after allocating.
 
         The layer count is the model's, not the number of layers with a state (reference
-        behaviour); the P buffer (a second convolution history some models have) is empty here.
+        behaviour); P (the PLE conv history, type R) is printed as 0.00 MiB when no layer has one,
+        as llama.cpp does. The total is summed in bytes, then converted.
         """
+        p_mib = self.p.mib if self.p is not None else 0.0
         return ("llama_memory_recurrent: size = %7.2f MiB (%6u cells, %3d layers, %2u seqs "
                 "%2u rs_seq), R (%s): %7.2f MiB, S (%s): %7.2f MiB, P (%s): %7.2f MiB"
                 % (self.mib, self.mem_size, self.n_layer, self.n_seq_max, self.n_rs_seq,
-                   self.r.dtype, self.r.mib, self.s.dtype, self.s.mib, self.r.dtype, 0.0))
+                   self.r.dtype, self.r.mib, self.s.dtype, self.s.mib, self.r.dtype, p_mib))
 
 
 @dataclass(frozen=True)
@@ -250,10 +259,10 @@ class MemoryPlan:
         return out
 
     def buffers(self) -> Dict[str, int]:
-        """Bytes per buffer, keyed ``"<component>.<K|V|R|S>"``."""
+        """Bytes per buffer, keyed ``"<component>.<K|V|R|S|P>"`` (P only where some layer has one)."""
         out: Dict[str, int] = {}
         for name, comp in self.components():
-            bufs = (comp.k, comp.v) if isinstance(comp, KVCachePlan) else (comp.r, comp.s)
+            bufs = (comp.k, comp.v) if isinstance(comp, KVCachePlan) else comp.bufs
             for b in bufs:
                 out[f"{name}.{b.name}"] = b.nbytes
         return out
@@ -318,6 +327,9 @@ class MemoryPlan:
 
     def _recr_kwargs(self, r: RecurrentPlan) -> Dict[str, Any]:
         hp = self.hparams
+        extra: Dict[str, Any] = {}
+        if r.p is not None:
+            extra["n_embd_p"] = [hp.n_embd_p(il) for il in range(hp.n_layer)]
         return dict(
             n_layer=hp.n_layer,
             n_embd_r=[hp.n_embd_r(il) for il in range(hp.n_layer)],
@@ -329,6 +341,7 @@ class MemoryPlan:
             dtype_s=numpy_dtype(r.s.dtype),
             layer_filter=LayerSet(r.layers),
             compat=self.compat,
+            **extra,
         )
 
     def _layer_reuse(self) -> Optional[List[int]]:
@@ -395,10 +408,10 @@ class MemoryPlan:
             if isinstance(c, KVCachePlan):
                 d.update(cells=c.kv_size, n_stream=c.n_stream, n_swa=c.n_swa,
                          swa_type=SWAType(c.swa_type).name, v_trans=c.v_trans)
-                bufs = (c.k, c.v)
+                bufs: Tuple[BufferPlan, ...] = (c.k, c.v)
             else:
                 d.update(cells=c.mem_size, n_rs_seq=c.n_rs_seq)
-                bufs = (c.r, c.s)
+                bufs = c.bufs
             d["buffers"] = [{"name": b.name, "dtype": b.dtype, "type_id": b.type_id,
                              "bytes": b.nbytes, "mib": round(b.mib, 2)} for b in bufs]
             comps.append(d)
@@ -548,13 +561,18 @@ def plan_memory(hparams: ModelHParams, n_ctx: int, n_seq_max: int = 1, unified: 
         rows = mem_size * (1 + n_rs_seq)
         r_rows = tuple(hp.n_embd_r(il) for il in layers)
         s_rows = tuple(hp.n_embd_s(il) for il in layers)
+        p_rows = tuple(hp.n_embd_p(il) for il in layers)
         tr_id, tr_size = GGML_TYPES[tr].id, GGML_TYPES[tr].type_size
         ts_id, ts_size = GGML_TYPES[ts].id, GGML_TYPES[ts].type_size
+        # the PLE conv history rows, type R, where a held layer has one (llama.cpp's p_l)
+        p_plan = (BufferPlan("P", tr, tr_id, sum(p_rows) * rows * tr_size, p_rows)
+                  if any(p_rows) else None)
         recr = RecurrentPlan(
             mem_size=mem_size, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, n_layer=hp.n_layer,
             layers=tuple(layers),
             r=BufferPlan("R", tr, tr_id, sum(r_rows) * rows * tr_size, r_rows),
-            s=BufferPlan("S", ts, ts_id, sum(s_rows) * rows * ts_size, s_rows))
+            s=BufferPlan("S", ts, ts_id, sum(s_rows) * rows * ts_size, s_rows),
+            p=p_plan)
 
     return MemoryPlan(hparams=hp, kind=kind, n_ctx=n_ctx_total, n_ctx_seq=n_ctx_seq,
                       n_seq_max=n_seq_max, unified=unified, n_batch=n_batch, n_ubatch=n_ubatch,

@@ -39,6 +39,12 @@ _I32_MAX = 2**31 - 1
 _TYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 
 LayerFilter = Union[None, Callable[[int], bool], Sequence[bool]]
+# the P width argument: none, one width for every layer, one per layer, or il -> width
+PWidths = Union[None, int, Sequence[int], Callable[[int], int]]
+
+# state arrays per layer, in the order of the compiled core's kinds: 0 r, 1 s, 2 p
+_KINDS = "rsp"
+_N_KINDS = 3
 
 
 def _int(name: str, value: Any, lo: int = _I32_MIN, hi: int = _I32_MAX) -> int:
@@ -72,6 +78,15 @@ def _widths(name: str, value: Any, n_layer: int) -> list[int]:
         return [_int(f"{name}[{il}]", w, 0) for il, w in enumerate(value)]
     w = _int(name, value, 0)
     return [w] * n_layer
+
+
+def _p_widths(value: PWidths, n_layer: int) -> list[int]:
+    """The P row width of every layer (0: no P array); see RecurrentMemory's n_embd_p."""
+    if value is None:
+        return [0] * n_layer
+    if callable(value):
+        return [_int(f"n_embd_p({il})", value(il), 0) for il in range(n_layer)]
+    return _widths("n_embd_p", value, n_layer)
 
 
 def _present_layers(layer_filter: LayerFilter, n_layer: int) -> list[bool]:
@@ -110,6 +125,15 @@ class RecurrentMemory(Memory):
     layer_filter:
         None (every layer has a state), a callable ``il -> bool`` or a sequence of n_layer bools.
         Layers filtered out have no arrays.
+    n_embd_p:
+        Elements per row of the third per-layer array, ``p(il)`` (llama.cpp's ``p_l``,
+        "cache_ple_r_l": the convolution history of a per-layer-embedding module, allocated for
+        the layers where ``hparams.is_ple(il)`` and ``ple_conv_state() > 0``): None (default: no
+        layer has one), one int for every layer, one per layer, or a callable ``il -> int``. A
+        width of 0 means no P array for that layer; layers filtered out have none either. P has
+        ``dtype_r`` and as many rows as r; it is gathered and stored like r (``get_p`` /
+        ``store_p``, the same copies, rollback planes and checkpoints) and travels in the state
+        bytes right after each layer's r rows.
     compat:
         The llama.cpp build whose rules ``seq_rm`` follows (:mod:`llmem.compat`): ``"b11549"``
         (default) refuses to roll back a cell shared by several sequences (False, nothing
@@ -124,16 +148,17 @@ class RecurrentMemory(Memory):
     Every call takes :attr:`lock` (see ``docs/threading.md``).
     """
 
-    __slots__ = ("_mem", "_r", "_s", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index",
+    __slots__ = ("_mem", "_r", "_s", "_p", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index",
                  "_staging", "_lock", "_version", "_checkpoints")
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
                  mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r: Any = np.float32, dtype_s: Any = np.float32,
-                 layer_filter: LayerFilter = None, compat: Any = None) -> None:
+                 layer_filter: LayerFilter = None, compat: Any = None, n_embd_p: PWidths = None) -> None:
         n_layer = _int("n_layer", n_layer, 1, MAX_LAYERS)
         compat = resolve_compat(compat)
         widths_r = _widths("n_embd_r", n_embd_r, n_layer)
         widths_s = _widths("n_embd_s", n_embd_s, n_layer)
+        widths_p = _p_widths(n_embd_p, n_layer)
         mem_size = _int("mem_size", mem_size, 1)
         n_seq_max = _int("n_seq_max", n_seq_max, 1)
         n_rs_seq = _int("n_rs_seq", n_rs_seq, 0)
@@ -152,6 +177,9 @@ class RecurrentMemory(Memory):
             np.zeros((rows, widths_r[il]), self._dtype_r) if present[il] else None for il in range(n_layer)]
         self._s: list[Optional[np.ndarray]] = [
             np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
+        self._p: list[Optional[np.ndarray]] = [
+            np.zeros((rows, widths_p[il]), self._dtype_r) if present[il] and widths_p[il] > 0 else None
+            for il in range(n_layer)]
         self._own_balloc = None
         self._lock = new_lock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
@@ -167,6 +195,8 @@ class RecurrentMemory(Memory):
             [a for a in self._s if a is not None],
             _TYPE_IDS[self._dtype_r],
             _TYPE_IDS[self._dtype_s],
+            # P arrays (type r), one entry per present layer, only when some layer has one
+            [self._p[il] for il in range(n_layer) if present[il]] if any(a is not None for a in self._p) else [],
         )
 
     def __repr__(self) -> str:
@@ -183,25 +213,39 @@ class RecurrentMemory(Memory):
         """The s state array of layer ``il``: ``[mem_size * (1 + n_rs_seq), n_embd_s]``."""
         return self._layer_array(self._s, "s", il)
 
+    def p(self, il: int) -> np.ndarray:
+        """The p array of layer ``il`` (see ``n_embd_p``): ``[mem_size * (1 + n_rs_seq), n_embd_p]``.
+        ValueError for a layer without one."""
+        return self._layer_array(self._p, "p", il)
+
+    def has_p(self, il: int) -> bool:
+        """Whether layer ``il`` has a p array."""
+        il = _int("il", il, 0, self._n_layer - 1)
+        return self._p[il] is not None
+
     def has_layer(self, il: int) -> bool:
         """Whether layer ``il`` has state arrays (it passed ``layer_filter``)."""
         il = _int("il", il, 0, self._n_layer - 1)
         return self._r[il] is not None
 
+    def _arrays(self, kind: int) -> List[Optional[np.ndarray]]:
+        return self._r if kind == 0 else self._s if kind == 1 else self._p
+
     def _array_slot(self, kind: int, il: int) -> tuple[int, np.dtype]:
-        """(index among the present layers, dtype) of array ``kind`` (0: r, 1: s) of layer il."""
-        dtype = self._dtype_s if kind else self._dtype_r
-        if type(il) is int and 0 <= il < self._n_layer and self._present_index[il] >= 0:
+        """(index among the present layers, dtype) of array ``kind`` (0: r, 1: s, 2: p) of layer il."""
+        dtype = self._dtype_s if kind == 1 else self._dtype_r
+        if type(il) is int and 0 <= il < self._n_layer and self._present_index[il] >= 0 and \
+                (kind != 2 or self._p[il] is not None):
             return self._present_index[il], dtype
-        self._layer_array(self._s if kind else self._r, "rs"[kind], il)  # raises for a bad il
+        self._layer_array(self._arrays(kind), _KINDS[kind], il)  # raises for a bad il
         return self._present_index[operator.index(il)], dtype
 
     def _staging_for(self, kind: int, layer: int, il: int) -> np.ndarray:
-        """The reused array get_r/get_s gather into: as many rows as cells, allocated once."""
-        key = 2 * layer + kind
+        """The reused array get_r/get_s/get_p gather into: as many rows as cells, allocated once."""
+        key = _N_KINDS * layer + kind
         staging = self._staging.get(key)
         if staging is None:
-            src = (self._s if kind else self._r)[il]
+            src = self._arrays(kind)[il]
             assert src is not None  # staging is asked only for layers with a state
             staging = np.empty((self.size, src.shape[1]), src.dtype)
             self._staging[key] = staging
@@ -211,7 +255,9 @@ class RecurrentMemory(Memory):
         il = _int("il", il, 0, self._n_layer - 1)
         a = arrays[il]
         if a is None:
-            raise ValueError(f"layer il={il} has no {kind} state (it was left out by layer_filter)")
+            left_out = self._r[il] is None
+            why = "it was left out by layer_filter" if left_out else "its n_embd_p is 0"
+            raise ValueError(f"layer il={il} has no {kind} state ({why})")
         return a
 
     # -- batches ----------------------------------------------------------------------------------
@@ -359,11 +405,15 @@ class RecurrentMemory(Memory):
         return True
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes of the r and s arrays (all planes, all present layers)."""
-        return {
+        """Bytes of the r and s arrays (all planes, all present layers), and of the p arrays
+        (key ``"p"``) when some layer has one."""
+        out = {
             "r": sum(a.nbytes for a in self._r if a is not None),
             "s": sum(a.nbytes for a in self._s if a is not None),
         }
+        if any(a is not None for a in self._p):
+            out["p"] = sum(a.nbytes for a in self._p if a is not None)
+        return out
 
     @property
     def size(self) -> int:
@@ -455,7 +505,7 @@ class RecurrentMemory(Memory):
         self._version += 1
 
     # -- checkpoints ------------------------------------------------------------------------------
-    # A checkpoint is a copy of one sequence's state (its r and s row of every present layer) at
+    # A checkpoint is a copy of one sequence's state (its r, s and p rows of every present layer) at
     # its current position, kept in host memory by a bounded pool: it outlives the sequence and
     # restores into any sequence that holds no state. The rows are copied in the compiled core
     # without the GIL; the prefix cache (llmem.PrefixCache) takes one after every decode.
@@ -534,7 +584,8 @@ class RecurrentContext(MemoryContext):
 
     After ``apply()``, ``get_r(il)``/``get_s(il)`` return the states the model graph starts the
     micro-batch from, ``[n_seqs, n_embd]``, and ``store_r``/``store_s`` write the new states back.
-    Call ``get_*`` or ``store_*`` for every present layer once per micro-batch, as the graph does:
+    Call ``get_*`` or ``store_*`` for every present layer once per micro-batch (``get_p``/``store_p``
+    too for the layers with a p array), as the graph does:
     the first call for an array also zeroes row ``rs_z`` and moves the states of the slot's other
     cells (llama.cpp's ``s_copy_extra``).
     """
@@ -660,13 +711,24 @@ class RecurrentContext(MemoryContext):
         """Write the new s states; shapes as :meth:`store_r`."""
         self._store(1, il, new)
 
+    def get_p(self, il: int) -> np.ndarray:
+        """Input p states (the layer's third array, see ``RecurrentMemory(n_embd_p=...)``),
+        ``[n_seqs, n_embd_p]``: read through ``s_copy`` like :meth:`get_r`. ValueError for a
+        layer without a p array."""
+        return self._gather(2, il)
+
+    def store_p(self, il: int, new: np.ndarray) -> None:
+        """Write the new p states; shapes as :meth:`store_r` (``k`` planes for the rollback
+        snapshots, as llama.cpp keeps one per rollback slot)."""
+        self._store(2, il, new)
+
     def _gather(self, kind: int, il: int) -> np.ndarray:
         memory = self._memory
         layer, _ = memory._array_slot(kind, il)
-        key = 2 * layer + kind
+        key = _N_KINDS * layer + kind
         memory._lock.acquire()
         try:
-            self._check_fresh("get_" + "rs"[kind])
+            self._check_fresh("get_" + _KINDS[kind])
             out = self._gathered.get(key)
             if out is None:
                 staging = memory._staging_for(kind, layer, il)
@@ -681,14 +743,14 @@ class RecurrentContext(MemoryContext):
     def _store(self, kind: int, il: int, new: Any) -> None:
         memory = self._memory
         layer, dtype = memory._array_slot(kind, il)
-        name = "new " + "rs"[kind]
+        name = "new " + _KINDS[kind]
         if not isinstance(new, np.ndarray):
             raise TypeError(f"{name} states must be a numpy array, not {type(new).__name__}")
         if new.dtype != dtype:
             raise TypeError(f"{name} states of layer {il} must be {dtype}, not {new.dtype}")
         memory._lock.acquire()
         try:
-            self._check_fresh("store_" + "rs"[kind])
+            self._check_fresh("store_" + _KINDS[kind])
             self._ctx.store(kind, layer, new, memory._mem.n_rs_seq + 1)
         finally:
             memory._lock.release()

@@ -98,16 +98,17 @@ def _recurrent(cfg: Dict[str, int], attn_layers: List[int]) -> Any:
     sizes = {0: 4, 1: 2}
     if cfg["recr.type_r"] not in sizes or cfg["recr.type_s"] not in sizes:
         raise StateError("recurrent state of an unknown type", "CONFIG_MISMATCH")
-    er, es = [0] * n_layer, [0] * n_layer
+    er, es, ep = [0] * n_layer, [0] * n_layer, [0] * n_layer
     for l, i in enumerate(present):
         er[i] = cfg[f"recr.layer[{l}].r_row_bytes"] // sizes[cfg["recr.type_r"]]
         es[i] = cfg[f"recr.layer[{l}].s_row_bytes"] // sizes[cfg["recr.type_s"]]
+        ep[i] = cfg.get(f"recr.layer[{l}].p_row_bytes", 0) // sizes[cfg["recr.type_r"]]  # recorded where there is a P array
     keep = set(present)
     return RecurrentMemory(n_layer=n_layer, n_embd_r=er, n_embd_s=es, mem_size=cfg["recr.size"],
                            n_seq_max=cfg["recr.n_seq_max"], n_rs_seq=cfg["recr.n_rs_seq"],
                            dtype_r=np.float32 if cfg["recr.type_r"] == 0 else np.float16,
                            dtype_s=np.float32 if cfg["recr.type_s"] == 0 else np.float16,
-                           layer_filter=lambda i: i in keep)
+                           layer_filter=lambda i: i in keep, n_embd_p=ep if any(ep) else None)
 
 
 def _iswa(cfg: Dict[str, int]) -> Any:

@@ -158,3 +158,29 @@ def test_recurrent_without_layers(compat: str) -> None:
     else:
         assert mem.n_rs_seq == 2
         assert not mem.seq_rm(0, 2, -1) and mem.seq_pos_max(0) == 5
+
+
+@pytest.mark.parametrize("compat", ["b11312", "b11549"])
+def test_p_array_in_both_builds(compat: str) -> None:
+    """Case 8: b11312 and b11549 write a layer's P rows (u64 row size, rows) right after its r rows."""
+    mem = RecurrentMemory(2, 2, 1, mem_size=1, n_seq_max=1, n_embd_p=[3, 0], compat=compat)
+    batch = llmem.Batch(token=np.arange(2, dtype=np.int32), seq_id=np.zeros(2, np.int32))
+    ctx = mem.init_batch(batch, n_ubatch=2)
+    for _ub in ctx:
+        for il in (0, 1):
+            ctx.store_r(il, np.full((1, 2), 1.0 + il, np.float32))
+            ctx.store_s(il, np.full((1, 1), -1.0 - il, np.float32))
+        ctx.store_p(0, np.array([[7.0, 8.0, 9.0]], np.float32))
+    blob = mem.state_write(0)
+    # cell count, pos, n_ids, s_trans, n_layer | layer 0: type, 8, r row, 12, P row | layer 1: type, 8, r row | s...
+    assert struct.unpack_from("<IiIII", blob, 0) == (1, 1, 0, 0, 2)
+    assert struct.unpack_from("<iqff", blob, 20) == (0, 8, 1.0, 1.0)
+    assert struct.unpack_from("<qfff", blob, 40) == (12, 7.0, 8.0, 9.0)
+    assert struct.unpack_from("<iqff", blob, 60) == (0, 8, 2.0, 2.0)
+    assert len(blob) == 80 + 2 * (12 + 4)
+    other = RecurrentMemory(2, 2, 1, mem_size=1, n_seq_max=1, n_embd_p=[3, 0],
+                            compat="b11549" if compat == "b11312" else "b11312")
+    other.state_read(blob, 0)
+    assert other.state_write(0) == blob
+    with pytest.raises(StateError):
+        RecurrentMemory(2, 2, 1, mem_size=1, n_seq_max=1, n_embd_p=[4, 0], compat=compat).state_read(blob, 0)

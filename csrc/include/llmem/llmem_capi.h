@@ -212,7 +212,7 @@ typedef struct llmem_capi {
     /* Recurrent slot and s_copy (cap >= n_rs entries, may be NULL) of the applied micro-batch. */
     int (*ctx_rs_slot)(llmem_context * ctx, llmem_rs_slot * slot, int32_t * s_copy, size_t cap, char * err,
                        size_t err_len);
-    /* Input states (kind 0: r, 1: s) of model layer il for the micro-batch's n_seqs sets, into
+    /* Input states (kind 0: r, 1: s, 2: p where the layer has a P array) of model layer il for the micro-batch's n_seqs sets, into
      * out[cap] (n_seqs rows); once per array per micro-batch (RecurrentContext.get_r/get_s). */
     int (*ctx_rs_gather)(llmem_context * ctx, int32_t kind, int32_t il, void * out, size_t cap, char * err,
                          size_t err_len);

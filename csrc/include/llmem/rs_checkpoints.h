@@ -64,6 +64,7 @@ private:
 
     std::vector<uint64_t> r_row_bytes_;
     std::vector<uint64_t> s_row_bytes_;
+    std::vector<uint64_t> p_row_bytes_;  // empty when no layer has a P array
     uint64_t bytes_ = 0;
     uint64_t max_count_;
     uint64_t max_bytes_;

@@ -25,6 +25,9 @@ constexpr int32_t RS_TYPE_F16 = 1;
 constexpr uint32_t RS_STATE_PARTIAL_ONLY = 1;
 constexpr uint32_t RS_STATE_ON_DEVICE    = 2;
 
+/// State arrays per layer a context gathers and stores: 0 r, 1 s, 2 p (where the layer has one).
+constexpr int RS_KINDS = 3;
+
 /// One recurrent state cell. `ids` is kept ascending; a cell is empty when it has no ids.
 struct rs_cell {
     int32_t pos  = -1;  // last position of the sequences held
@@ -40,6 +43,10 @@ struct rs_cell {
 
 /// The caller-owned state arrays of a recurrent memory. Every present layer has an R and an S
 /// array of (1 + n_rs_seq) * size rows, row-major; a row width may be 0.
+///
+/// Some layers also keep a P array (llama.cpp's p_l, "cache_ple_r_l": the conv history of a
+/// per-layer-embedding module), of type_r and with as many rows. `p` and `p_row_bytes` are either
+/// empty (no layer has one) or list every present layer, 0 bytes / null for layers without.
 struct rs_buffers {
     uint32_t n_layer_total = 0;          // the model's layer count, present or not
     int32_t  type_r = RS_TYPE_F32;
@@ -48,6 +55,11 @@ struct rs_buffers {
     std::vector<uint64_t>  s_row_bytes;
     std::vector<uint8_t *> r;            // row 0 of each present layer's R array
     std::vector<uint8_t *> s;
+    std::vector<uint64_t>  p_row_bytes;  // per present layer (or empty): 0 where there is no P
+    std::vector<uint8_t *> p;
+
+    /// Bytes of a P row of present layer `l`; 0 when it has no P array.
+    uint64_t p_bytes(size_t l) const { return l < p_row_bytes.size() ? p_row_bytes[l] : 0; }
 };
 
 /// llama.cpp's recurrent-state memory (llama_memory_recurrent): one cell per sequence holding
@@ -266,7 +278,7 @@ public:
     /// Throws llmem::error before apply().
     const std::vector<int32_t> & s_copy_all();
 
-    /// The graph's input step for state array `kind` (0: r, 1: s) of present layer `layer`:
+    /// The graph's input step for state array `kind` (0: r, 1: s, 2: p) of present layer `layer`:
     /// zero row rs_z, copy the n_seqs input rows (s_copy) into `out` (may be null), then move
     /// the states of the slot's other cells into place. Once per array per applied ubatch;
     /// throws llmem::error on a repeat, before apply() or without a ubatch.
@@ -287,7 +299,7 @@ private:
     bool                 applied_ = false;
     bool                 copies_valid_ = false;
     std::vector<int32_t> copies_;
-    std::vector<uint8_t> gathered_;  // [2 * present layers]: gather() done for this ubatch
+    std::vector<uint8_t> gathered_;  // [RS_KINDS * present layers]: gather() done for this ubatch
     std::vector<uint8_t> scratch_;   // rows of the slot's other cells while they move
 
     void new_ubatch();
