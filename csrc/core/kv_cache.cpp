@@ -4,6 +4,10 @@
 #include "llmem/errors.h"
 #include "llmem/quant.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -130,26 +134,106 @@ size_t v_elem_bytes(const kv_cache_params & p) {
     return p.v_trans ? kv_type_size(p.type_v) : 0;
 }
 
-// Rotate n_rows K rows of any type by a K-shift. Float types are rotated in place; a block type
-// the way llama.cpp's K-shift graph treats a quantized cache: dequantize to f32, rotate, quantize
-// again (in chunks of rows, so the rotation runs over many rows at a time).
+// The Walsh-Hadamard transform, unscaled (Sylvester order, the matrix of ggml_gen_hadamard times
+// sqrt(n)), of every chunk of n values of x[0, n_total), n a power of two >= 4: the attention
+// rotation llama.cpp b11549 applies to a quantized K over chunks of n_rot_k values is this divided
+// by sqrt(n), and its own inverse. A butterfly, O(n log n) per chunk: the first two stages as one
+// pass over groups of four, the others over contiguous halves, four values at a time with SSE2.
+void hadamard_chunks(float * x, size_t n_total, uint32_t n) {
+    for (size_t c = 0; c + n <= n_total; c += n) {
+        float * v = x + c;
+#if defined(__SSE2__)
+        const __m128 neg_odd  = _mm_castsi128_ps(_mm_set_epi32(int32_t(0x80000000u), 0, int32_t(0x80000000u), 0));
+        const __m128 neg_high = _mm_castsi128_ps(_mm_set_epi32(int32_t(0x80000000u), int32_t(0x80000000u), 0, 0));
+        for (uint32_t i = 0; i < n; i += 4) {
+            const __m128 a = _mm_loadu_ps(v + i);                                       // x0 x1 x2 x3
+            const __m128 p = _mm_add_ps(_mm_xor_ps(a, neg_odd), _mm_shuffle_ps(a, a, _MM_SHUFFLE(2, 3, 0, 1)));
+            // p = x0+x1, x0-x1, x2+x3, x2-x3
+            _mm_storeu_ps(v + i, _mm_add_ps(_mm_xor_ps(p, neg_high), _mm_shuffle_ps(p, p, _MM_SHUFFLE(1, 0, 3, 2))));
+        }
+        for (uint32_t len = 4; len < n; len <<= 1) {
+            for (uint32_t i = 0; i < n; i += 2 * len) {
+                for (uint32_t j = i; j < i + len; j += 4) {
+                    const __m128 a = _mm_loadu_ps(v + j);
+                    const __m128 b = _mm_loadu_ps(v + j + len);
+                    _mm_storeu_ps(v + j, _mm_add_ps(a, b));
+                    _mm_storeu_ps(v + j + len, _mm_sub_ps(a, b));
+                }
+            }
+        }
+#else
+        for (uint32_t len = 1; len < n; len <<= 1) {
+            for (uint32_t i = 0; i < n; i += 2 * len) {
+                for (uint32_t j = i; j < i + len; ++j) {
+                    const float a = v[j];
+                    const float b = v[j + len];
+                    v[j]          = a + b;
+                    v[j + len]    = a - b;
+                }
+            }
+        }
+#endif
+    }
+}
+
+// Rotate n_rows K rows of any type by a K-shift. Float types are rotated in place. A block type
+// the way llama.cpp's K-shift graph treats a quantized cache: dequantize to f32, rotate,
+// quantize again, one row at a time through `buf` (a row stays in L1; `buf` is reused, so a
+// warm shift allocates nothing).
+//
+// Without an attention rotation (n_rot_k == 0) only the blocks holding the first n_rot values of
+// each head are converted (llama.cpp's shift views exactly those values): the other blocks keep
+// their bytes, and a partial RoPE (n_rot 64 of head_dim 128) converts half the row. With one
+// (n_rot_k > 0, a power of two dividing head_dim) the whole row is converted: the rotation is
+// undone over each chunk of n_rot_k values, the RoPE applied, the rotation applied again.
 void rotate_k_rows(uint8_t * rows, size_t n_rows, size_t row_stride, int32_t type, uint32_t n_embd,
-                   const rope_params & r, const float * cs, const float * sn, std::vector<float> & buf) {
+                   const rope_params & r, uint32_t n_rot_k, const float * cs, const float * sn,
+                   std::vector<float> & buf) {
     if (!is_quantized(type)) {
         rope_rotate_rows(rows, n_rows, row_stride, type, n_embd, r, cs, sn);
         return;
     }
-    constexpr size_t chunk = 64;
-    buf.resize(chunk * size_t(n_embd));
-    for (size_t a = 0; a < n_rows; a += chunk) {
-        const size_t m = std::min(chunk, n_rows - a);
-        for (size_t i = 0; i < m; ++i) {
-            row_to_float(type, rows + (a + i) * row_stride, buf.data() + i * n_embd, n_embd);
+    if (r.n_rot == 0 || r.head_dim == 0 || n_rows == 0) {
+        return;
+    }
+    const type_traits & t      = *find_type(type);
+    const uint32_t      n_head = n_embd / r.head_dim;
+    if (n_rot_k != 0 || r.head_dim % t.blck_size != 0) {
+        buf.resize(n_embd);
+        for (size_t i = 0; i < n_rows; ++i) {
+            uint8_t * row = rows + i * row_stride;
+            row_to_float(type, row, buf.data(), n_embd);
+            if (n_rot_k != 0) {
+                hadamard_chunks(buf.data(), n_embd, n_rot_k);
+            }
+            rope_rotate_rows(reinterpret_cast<uint8_t *>(buf.data()), 1, 0, int32_t(kv_type::F32), n_embd, r, cs, sn);
+            if (n_rot_k != 0) {
+                // both transforms' 1/sqrt(n) at once: 1/n, a power of two, scales exactly
+                hadamard_chunks(buf.data(), n_embd, n_rot_k);
+                const float inv_n = 1.0f / float(n_rot_k);
+                for (uint32_t j = 0; j < n_embd; ++j) {
+                    buf[j] *= inv_n;
+                }
+            }
+            row_from_float(type, buf.data(), row, n_embd);
         }
-        rope_rotate_rows(reinterpret_cast<uint8_t *>(buf.data()), m, size_t(n_embd) * sizeof(float),
-                         int32_t(kv_type::F32), n_embd, r, cs, sn);
-        for (size_t i = 0; i < m; ++i) {
-            row_from_float(type, buf.data() + i * n_embd, rows + (a + i) * row_stride, n_embd);
+        return;
+    }
+    // the rotated values of each head, in whole blocks, gathered as heads of `span` values
+    const uint32_t span       = std::min(r.head_dim, (r.n_rot + t.blck_size - 1) / t.blck_size * t.blck_size);
+    const size_t   head_bytes = size_t(r.head_dim / t.blck_size) * t.type_size;
+    rope_params    rs         = r;
+    rs.head_dim               = span;
+    buf.resize(size_t(n_head) * span);
+    for (size_t i = 0; i < n_rows; ++i) {
+        uint8_t * row = rows + i * row_stride;
+        for (uint32_t h = 0; h < n_head; ++h) {
+            row_to_float(type, row + h * head_bytes, buf.data() + size_t(h) * span, span);
+        }
+        rope_rotate_rows(reinterpret_cast<uint8_t *>(buf.data()), 1, 0, int32_t(kv_type::F32), n_head * span, rs, cs,
+                         sn);
+        for (uint32_t h = 0; h < n_head; ++h) {
+            row_from_float(type, buf.data() + size_t(h) * span, row + h * head_bytes, span);
         }
     }
 }
@@ -879,13 +963,28 @@ void kv_cache::apply_k_shift() {
                 }
                 for (uint32_t l = 0; l < n_layer(); ++l) {
                     if (uint8_t * row = k_row_mut(l, s, i)) {
-                        rotate_k_rows(row, end - i, k_row_bytes(l), p_.type_k, p_.n_embd_k[l], r, cs.data(),
-                                      sn.data(), buf);
+                        rotate_k_rows(row, end - i, k_row_bytes(l), p_.type_k, p_.n_embd_k[l], r, p_.n_rot_k,
+                                      cs.data(), sn.data(), buf);
                     }
                 }
             }
             i = end < p_.kv_size ? T.next_used(end) : p_.kv_size;
         }
+    }
+}
+
+// A quantized K with an attention rotation is shifted by undoing the rotation over chunks of
+// n_rot_k values of each head: the size must be a power of two dividing the head size (llama.cpp's
+// always is; a caller's n_rot_k may be anything, and would otherwise shift K silently wrong).
+void kv_cache::check_k_shift_rotation() const {
+    const uint32_t n = p_.n_rot_k;
+    if (n == 0 || !is_quantized(p_.type_k)) {
+        return;
+    }
+    if (n < 4 || (n & (n - 1)) != 0 || p_.rope.head_dim == 0 || p_.rope.head_dim % n != 0) {
+        throw error("cannot apply a K-shift: the attention rotation size n_rot_k " + std::to_string(n) +
+                    " must be a power of two (at least 4) dividing the head size " +
+                    std::to_string(p_.rope.head_dim));
     }
 }
 
@@ -899,12 +998,7 @@ void kv_cache::update() {
             throw error("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but the cache was "
                         "built without a rope description");
         }
-        if (p_.n_rot_k != 0 && is_quantized(p_.type_k)) {
-            // llama.cpp undoes the model's Hadamard rotation of K around the RoPE of the shift; llmem
-            // does not implement that rotation, and shifting without it would corrupt K
-            throw error("cannot apply a K-shift: the cache records a Hadamard attention rotation of K (n_rot_k " +
-                        std::to_string(p_.n_rot_k) + "), which llmem's K-shift does not undo");
-        }
+        check_k_shift_rotation();
     }
     for (const auto & c : pending_) {
         copy_stream(c.src, c.dst);
@@ -1219,6 +1313,9 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
         check_seq(seq, "state_write");
     }
     const bool              rotate = p_.rope.enabled && get_can_shift();
+    if (rotate && get_has_shift()) {
+        check_k_shift_rotation();  // before any byte is written
+    }
     std::vector<cell_run> & runs   = scratch_runs();
     std::vector<float>      cs, sn, buf;
     const size_t            es     = v_elem_bytes(p_);
@@ -1284,7 +1381,7 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
                             // the shifted ones, so the K rows must match them.
                             rope_tables(p_.rope, d, cs, sn);
                             rotate_k_rows(w + (r.first + k) * rb, 1, rb, p_.type_k, p_.n_embd_k[l], p_.rope,
-                                          cs.data(), sn.data(), buf);
+                                          p_.n_rot_k, cs.data(), sn.data(), buf);
                         }
                     }
                 }

@@ -79,8 +79,67 @@ inline void min_max(const float * x, float & mn, float & mx) {
     }
 }
 
+#if defined(LLMEM_QUANT_SSE2)
+// q4_0 with SSE2: the scalar code's operations on four values at a time (one product, one sum,
+// truncation, the min with 15), so the same bits. Blocks holding an infinity or a NaN, or whose
+// scale has no finite inverse, go to the scalar code (false).
+bool quant_q4_0_sse2(const float * x, uint8_t * y) {
+    const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    const __m128 zero     = _mm_setzero_ps();
+    __m128       m        = zero;
+    __m128       nonfinite = zero;  // x * 0 is NaN exactly for an infinite or NaN x
+    for (uint32_t j = 0; j < QK; j += 4) {
+        const __m128 v = _mm_loadu_ps(x + j);
+        m              = _mm_max_ps(m, _mm_and_ps(v, abs_mask));
+        nonfinite      = _mm_add_ps(nonfinite, _mm_mul_ps(v, zero));
+    }
+    float lanes[4], bad[4];
+    _mm_storeu_ps(lanes, m);
+    _mm_storeu_ps(bad, nonfinite);
+    if (!(bad[0] == 0.0f && bad[1] == 0.0f && bad[2] == 0.0f && bad[3] == 0.0f)) {
+        return false;
+    }
+    const float amax = std::max(std::max(lanes[0], lanes[1]), std::max(lanes[2], lanes[3]));
+    float       max  = 0.0f;  // the scalar code's: the first value of largest magnitude, +0 for none
+    if (amax > 0.0f) {
+        for (uint32_t j = 0; j < QK; ++j) {
+            if (std::fabs(x[j]) == amax) {
+                max = x[j];
+                break;
+            }
+        }
+    }
+    const float d  = max / -8;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    if (!std::isfinite(id)) {
+        return false;
+    }
+    put_f16(y, d);
+    const __m128  vid     = _mm_set1_ps(id);
+    const __m128  half8   = _mm_set1_ps(8.5f);
+    const __m128i fifteen = _mm_set1_epi16(15);
+    __m128i       q[8];  // int32 lanes of x[0..31] * id + 8.5, truncated: in [0, 16]
+    for (uint32_t k = 0; k < 8; ++k) {
+        q[k] = _mm_cvttps_epi32(_mm_add_ps(_mm_mul_ps(_mm_loadu_ps(x + 4 * k), vid), half8));
+    }
+    const __m128i a0 = _mm_min_epi16(_mm_packs_epi32(q[0], q[1]), fifteen);  // j 0..7
+    const __m128i a1 = _mm_min_epi16(_mm_packs_epi32(q[2], q[3]), fifteen);  // j 8..15
+    const __m128i b0 = _mm_min_epi16(_mm_packs_epi32(q[4], q[5]), fifteen);  // j 16..23
+    const __m128i b1 = _mm_min_epi16(_mm_packs_epi32(q[6], q[7]), fifteen);  // j 24..31
+    const __m128i lo = _mm_or_si128(a0, _mm_slli_epi16(b0, 4));
+    const __m128i hi = _mm_or_si128(a1, _mm_slli_epi16(b1, 4));
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(y + 2), _mm_packus_epi16(lo, hi));
+    return true;
+}
+#endif
+
 // -- q4_0: d = max / -8, q = min(15, int8(x / d + 8.5)), 16 bytes of nibble pairs (j, j + 16)
 void quant_q4_0(const float * x, uint8_t * y) {
+#if defined(LLMEM_QUANT_SSE2)
+    if (kernels_detail::simd_enabled() && quant_q4_0_sse2(x, y)) {
+        return;
+    }
+#endif
     const float d  = signed_absmax(x) / -8;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     put_f16(y, d);

@@ -127,16 +127,7 @@ def test_k_shift_dequantizes_rotates_requantizes(qt: str) -> None:
     np.testing.assert_array_equal(after[2:], want)
 
 
-def test_k_shift_refused_with_hadamard_rotation() -> None:
-    cache = KVCache(1, 64, 64, kv_size=8, dtype_k="q8_0", dtype_v="q8_0", v_trans=False,
-                    rope=Rope(64), n_rot_k=64, n_rot_v=64)
-    _fill(cache, 4)
-    before = cache.k(0).copy()
-    cache.seq_add(0, 0, -1, 2)
-    with pytest.raises(llmem.LlmemError, match="Hadamard"):
-        cache.init_update().apply()
-    np.testing.assert_array_equal(cache.k(0), before)
-    assert cache.get_has_shift()
+# the K-shift with b11549's attention rotation (n_rot_k > 0): test_kv_quant_shift.py
 
 
 # -- a toy transformer through a q8_0 cache ---------------------------------------------------

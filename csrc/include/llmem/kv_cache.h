@@ -264,6 +264,7 @@ private:
     void lower_head(uint32_t stream, uint32_t lowest);
     void copy_stream(uint32_t src, uint32_t dst);
     void apply_k_shift();
+    void check_k_shift_rotation() const;
     void zero_cells(uint32_t stream, const std::vector<uint32_t> & idxs);
     const uint8_t * k_row(uint32_t l, uint32_t stream, uint32_t cell) const;
     uint8_t *       k_row_mut(uint32_t l, uint32_t stream, uint32_t cell);
