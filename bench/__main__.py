@@ -35,6 +35,7 @@ from ._timing import Progress, host_probe_ms  # noqa: E402
 from .workloads import SEQ_OP_NAMES, Config, plan  # noqa: E402
 
 GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix", "capi")
+GROUPS += ("quant",)  # quantized caches: bench_quant.py prints its own table
 
 
 def machine_info() -> dict:
@@ -278,6 +279,10 @@ def main(argv=None) -> int:
         from . import bench_prefix  # its own tables: the prefix cache and the checkpoints
         bench_prefix.run(quick=not args.full)
         return 0
+    if args.only == ["quant"]:
+        from . import bench_quant
+        bench_quant.run(quick=not args.full)
+        return 0
 
     cfg = Config(quick=not args.full, use_llama=not args.no_llama)
     if cfg.use_llama and not llama_driver.available():
@@ -331,6 +336,9 @@ def main(argv=None) -> int:
     if not args.only or "prefix" in args.only:
         from . import bench_prefix  # its own tables: the prefix cache and the checkpoints
         bench_prefix.run(quick=cfg.quick)
+    if not args.only or "quant" in args.only:
+        from . import bench_quant  # its own table: quantized caches against f16 and a copy
+        bench_quant.run(quick=cfg.quick)
     return 0
 
 
