@@ -333,6 +333,23 @@ def test_recurrent_states_through_the_c_api(drv):
     assert e.value.rc == -1
 
 
+def test_p_states_through_the_c_api(drv):
+    # kind 2: the third per-layer array (RecurrentMemory(n_embd_p=...)), where a layer has one
+    mem = RecurrentMemory(n_layer=2, n_embd_r=4, n_embd_s=6, mem_size=N_SEQ, n_seq_max=N_SEQ, n_embd_p=[3, 0])
+    handle = drv.Memory(mem)
+    info, _rows, _pos, ctx = handle.decode_step([0, 1])
+    assert info["status"] == 0
+    ctx.rs_gather(2, 0, np.empty((2, 3), np.float32))
+    new = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ctx.rs_store(2, 0, new)
+    for kind, il in ((2, 1), (3, 0)):  # layer 1 has no P; kind 3 does not exist
+        with pytest.raises(drv.CapiError) as e:
+            ctx.rs_gather(kind, il, np.empty((2, 3), np.float32))
+        assert e.value.rc == -1
+    ctx.free()
+    np.testing.assert_array_equal(mem.p(0)[mem.cells()["tail"][1]], new[1])
+
+
 def test_layer_buffers_are_the_python_arrays(drv):
     mem = kv_iswa()
     handle = drv.Memory(mem)
