@@ -6,6 +6,7 @@
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include <algorithm>
@@ -139,6 +140,29 @@ size_t v_elem_bytes(const kv_cache_params & p) {
 // rotation llama.cpp b11549 applies to a quantized K over chunks of n_rot_k values is this divided
 // by sqrt(n), and its own inverse. A butterfly, O(n log n) per chunk: the first two stages as one
 // pass over groups of four, the others over contiguous halves, four values at a time with SSE2.
+#if defined(__SSE2__) && (defined(__x86_64__) || defined(__i386__))
+// The butterfly stages from 4 on of one chunk of n >= 16 values (the first two done): the stage of
+// 4 with SSE, the others with AVX2, on CPUs that have it (kernels_detail::simd_enabled).
+__attribute__((target("avx2"))) void hadamard_stages_avx2(float * v, uint32_t n) {
+    for (uint32_t i = 0; i < n; i += 8) {
+        const __m128 a = _mm_loadu_ps(v + i);
+        const __m128 b = _mm_loadu_ps(v + i + 4);
+        _mm_storeu_ps(v + i, _mm_add_ps(a, b));
+        _mm_storeu_ps(v + i + 4, _mm_sub_ps(a, b));
+    }
+    for (uint32_t len = 8; len < n; len <<= 1) {
+        for (uint32_t i = 0; i < n; i += 2 * len) {
+            for (uint32_t j = i; j < i + len; j += 8) {
+                const __m256 a = _mm256_loadu_ps(v + j);
+                const __m256 b = _mm256_loadu_ps(v + j + len);
+                _mm256_storeu_ps(v + j, _mm256_add_ps(a, b));
+                _mm256_storeu_ps(v + j + len, _mm256_sub_ps(a, b));
+            }
+        }
+    }
+}
+#endif
+
 void hadamard_chunks(float * x, size_t n_total, uint32_t n) {
     for (size_t c = 0; c + n <= n_total; c += n) {
         float * v = x + c;
@@ -151,7 +175,15 @@ void hadamard_chunks(float * x, size_t n_total, uint32_t n) {
             // p = x0+x1, x0-x1, x2+x3, x2-x3
             _mm_storeu_ps(v + i, _mm_add_ps(_mm_xor_ps(p, neg_high), _mm_shuffle_ps(p, p, _MM_SHUFFLE(1, 0, 3, 2))));
         }
-        for (uint32_t len = 4; len < n; len <<= 1) {
+        uint32_t len = 4;
+#if defined(__x86_64__) || defined(__i386__)
+        if (kernels_detail::simd_enabled() && n >= 16) {
+            // stage 4 as below, then the stages of 8 and more eight values at a time
+            hadamard_stages_avx2(v, n);
+            continue;
+        }
+#endif
+        for (; len < n; len <<= 1) {
             for (uint32_t i = 0; i < n; i += 2 * len) {
                 for (uint32_t j = i; j < i + len; j += 4) {
                     const __m128 a = _mm_loadu_ps(v + j);
