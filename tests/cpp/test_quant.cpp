@@ -8,6 +8,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -178,4 +179,114 @@ TEST(Quant, Q8_0VectorPathGivesThePortableBits) {
     row_from_float(Q8_0, x.data(), b.data(), x.size());
     kernels_detail::set_simd_enabled(was);
     EXPECT_EQ(a, b);
+}
+
+TEST(Quant, Q4_0VectorPathGivesThePortableBits) {
+    // scales from tiny (subnormal steps: the scalar fallback) to huge, ties, zeros, -0, and
+    // blocks whose largest magnitude appears with both signs (the first one sets the scale)
+    std::mt19937                       rng(11);
+    std::normal_distribution<float>    nd;
+    std::uniform_int_distribution<int> scale(-140, 60);
+    std::vector<float>                 x(32 * 1024);
+    for (size_t b = 0; b < 1024; ++b) {
+        const float s = std::ldexp(1.0f, scale(rng));
+        for (size_t j = 0; j < 32; ++j) {
+            x[b * 32 + j] = b % 4 == 0 ? float(int(nd(rng) * 16)) / 2 * s : nd(rng) * s;
+        }
+        if (b % 5 == 1) {
+            x[b * 32 + 3]  = 9.0f * s;
+            x[b * 32 + 17] = -9.0f * s;
+        }
+    }
+    std::fill(x.begin() + 64, x.begin() + 96, 0.0f);
+    std::fill(x.begin() + 96, x.begin() + 128, -0.0f);
+    std::vector<uint8_t> a(row_size(Q4_0, x.size())), b(a.size());
+    row_from_float(Q4_0, x.data(), a.data(), x.size());
+    const bool was = kernels_detail::simd_enabled();
+    kernels_detail::set_simd_enabled(false);
+    row_from_float(Q4_0, x.data(), b.data(), x.size());
+    kernels_detail::set_simd_enabled(was);
+    EXPECT_EQ(a, b);
+}
+
+TEST(QuantCache, KShiftUndoesAndRedoesTheAttentionRotation) {
+    // q8_0 K of two heads of 64 with n_rot_k 64: a shifted row is H RoPE(H x) of its dequantized
+    // values (H the orthonormal Hadamard matrix), up to one quantization step; the vector and the
+    // portable paths write the same bytes
+    kv_cache_params p = params(4);
+    p.n_embd_k      = { 128 };
+    p.n_embd_v      = { 32 };
+    p.type_k        = Q8_0;
+    p.rope.enabled  = true;
+    p.rope.n_rot    = 64;
+    p.rope.head_dim = 64;
+    p.n_rot_k       = 64;
+    std::mt19937                    rng(5);
+    std::normal_distribution<float> nd;
+    std::vector<float>              rows(4 * 128);
+    for (float & x : rows) {
+        x = nd(rng);
+    }
+    std::vector<std::vector<uint8_t>> results;
+    std::vector<uint8_t>              before(4 * 136);
+    for (uint32_t i = 0; i < 4; ++i) {
+        row_from_float(Q8_0, rows.data() + i * 128, before.data() + i * 136, 128);
+    }
+    const bool was = kernels_detail::simd_enabled();
+    for (bool simd : { true, false }) {
+        kernels_detail::set_simd_enabled(simd);
+        kv_cache             c(p);
+        std::vector<uint8_t> k = before, v(c.v_buffer_bytes(0));
+        c.set_layer_buffers(0, k.data(), v.data());
+        ASSERT_EQ(place(c, { make_ub(run(0, 0, 4)) }).size(), 1u);
+        c.seq_add(0, 1, -1, 5);
+        c.update();
+        results.push_back(k);
+    }
+    kernels_detail::set_simd_enabled(was);
+    EXPECT_EQ(results[0], results[1]);
+    const std::vector<uint8_t> & k = results[0];
+    EXPECT_TRUE(std::equal(k.begin(), k.begin() + 136, before.begin()));  // row 0 was not shifted
+    // the reference: the Hadamard matrix as ggml_gen_hadamard builds it, in double
+    std::vector<double> h(64 * 64);
+    h[0] = 1.0 / 8.0;
+    for (uint32_t s = 1; s < 64; s *= 2) {
+        for (uint32_t i = 0; i < s; ++i) {
+            for (uint32_t j = 0; j < s; ++j) {
+                h[(i + s) * 64 + j]     = h[i * 64 + j];
+                h[i * 64 + j + s]       = h[i * 64 + j];
+                h[(i + s) * 64 + j + s] = -h[i * 64 + j];
+            }
+        }
+    }
+    auto apply_h = [&](std::vector<float> & x) {
+        for (uint32_t c0 = 0; c0 < 128; c0 += 64) {
+            std::vector<double> y(64, 0.0);
+            for (uint32_t i = 0; i < 64; ++i) {
+                for (uint32_t j = 0; j < 64; ++j) {
+                    y[i] += h[i * 64 + j] * double(x[c0 + j]);
+                }
+            }
+            for (uint32_t i = 0; i < 64; ++i) {
+                x[c0 + i] = float(y[i]);
+            }
+        }
+    };
+    std::vector<float> cs, sn, f(128), got(128);
+    rope_tables(p.rope, 5, cs, sn);
+    for (uint32_t r = 1; r < 4; ++r) {
+        row_to_float(Q8_0, before.data() + r * 136, f.data(), 128);
+        apply_h(f);
+        rope_rotate_rows(reinterpret_cast<uint8_t *>(f.data()), 1, 512, int32_t(kv_type::F32), 128, p.rope, cs.data(),
+                         sn.data());
+        apply_h(f);
+        row_to_float(Q8_0, k.data() + r * 136, got.data(), 128);
+        for (uint32_t j = 0; j < 128; ++j) {
+            float amax = 0.0f;
+            for (uint32_t t = j / 32 * 32; t < j / 32 * 32 + 32; ++t) {
+                amax = std::max(amax, std::fabs(f[t]));
+            }
+            EXPECT_LE(std::fabs(got[j] - f[j]), amax / 127.0f * 1.01f) << "row " << r << " value " << j;
+        }
+    }
 }
