@@ -34,7 +34,7 @@ from . import llama_baseline, llama_driver  # noqa: E402
 from ._timing import Progress, host_probe_ms  # noqa: E402
 from .workloads import SEQ_OP_NAMES, Config, plan  # noqa: E402
 
-GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix", "capi")
+GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix", "capi", "store")
 
 
 def machine_info() -> dict:
@@ -278,6 +278,10 @@ def main(argv=None) -> int:
         from . import bench_prefix  # its own tables: the prefix cache and the checkpoints
         bench_prefix.run(quick=not args.full)
         return 0
+    if args.only == ["store"]:
+        from . import bench_store  # its own tables: the state store against raw Redis
+        bench_store.run(quick=not args.full)
+        return 0
 
     cfg = Config(quick=not args.full, use_llama=not args.no_llama)
     if cfg.use_llama and not llama_driver.available():
@@ -331,6 +335,9 @@ def main(argv=None) -> int:
     if not args.only or "prefix" in args.only:
         from . import bench_prefix  # its own tables: the prefix cache and the checkpoints
         bench_prefix.run(quick=cfg.quick)
+    if not args.only or "store" in args.only:
+        from . import bench_store  # its own tables: the state store against raw Redis
+        bench_store.run(quick=cfg.quick)
     return 0
 
 
