@@ -23,14 +23,14 @@ import hashlib
 import logging
 import struct
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple, TypedDict
+from typing import Dict, List, Optional, Sequence, Tuple, TypedDict, cast
 
 from ..errors import StateError
 from ..memory import STATE_HEADER, Memory, as_byte_view
 
 __all__ = ["StateStore", "StoreStats", "ENVELOPE_MAGIC", "pack_value", "unpack_value"]
 
-log = logging.getLogger("llmem")
+log: logging.Logger = logging.getLogger("llmem")
 
 ENVELOPE_MAGIC = b"LLMSTORE"
 _ENVELOPE = struct.Struct("<8sIIQ16s")
@@ -208,7 +208,7 @@ class StateStore(abc.ABC):
         with self._stats_lock:
             out: Dict[str, int] = dict(self._counts)
         out["held_bytes"], out["held_values"] = self._held()
-        return StoreStats(**out)  # type: ignore[typeddict-item]
+        return cast(StoreStats, out)
 
     def close(self) -> None:
         """Release the backend's resources (connections); the store is unusable afterwards."""
@@ -248,7 +248,7 @@ class StateStore(abc.ABC):
         """:meth:`get_sequence` for a value already fetched."""
         try:
             n_tokens, state = unpack_value(key, value)
-            memory.state_read(state, seq_id, STATE_HEADER)
+            memory.state_read(state, seq_id, STATE_HEADER)  # type: ignore[arg-type]  # any bytes-like object
         except StateError as exc:
             self.refuse(key, exc)
             return None

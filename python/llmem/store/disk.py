@@ -36,10 +36,10 @@ class DiskStore(StateStore):
         super().__init__()
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
-        self.path = os.fspath(path)
+        self.path: str = os.fspath(path)
         os.makedirs(self.path, exist_ok=True)
-        self.max_bytes = max_bytes
-        self.fsync = bool(fsync)
+        self.max_bytes: int = max_bytes
+        self.fsync: bool = bool(fsync)
         self._lock = threading.Lock()
         now = time.time()
         for entry in os.scandir(self.path):

@@ -72,16 +72,16 @@ class PrefixKeys:
             raise ValueError(f"block_size must be an integer in [1, 1048576], got {block_size!r}")
         if not isinstance(memory, Memory):
             raise TypeError(f"memory must be an llmem memory, not {type(memory).__name__}")
-        self.model_id = model_id
-        self.block_size = int(block_size)
-        self.config_digest = memory_config_digest(memory)
+        self.model_id: str = model_id
+        self.block_size: int = int(block_size)
+        self.config_digest: bytes = memory_config_digest(memory)
         h = hashlib.blake2b(digest_size=_DIGEST)
         h.update(b"llmem-prefix-v1\0" + model_id.encode("utf-8") + b"\0")
         h.update(self.config_digest + struct.pack("<I", self.block_size))
         self._root = h.digest()
         #: the part of every key naming model, configuration and block size (a Redis SCAN
         #: pattern ``llmem:<namespace>:*`` lists one deployment's prefixes)
-        self.namespace = self._root[:8].hex()
+        self.namespace: str = self._root[:8].hex()
 
     def __repr__(self) -> str:
         return f"PrefixKeys(model_id={self.model_id!r}, block_size={self.block_size}, namespace={self.namespace})"

@@ -23,7 +23,7 @@ class MemoryStore(StateStore):
         super().__init__()
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
-        self.max_bytes = max_bytes
+        self.max_bytes: int = max_bytes
         self._values: "OrderedDict[str, bytes]" = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()

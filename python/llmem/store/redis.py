@@ -32,7 +32,7 @@ from .base import StateStore
 
 __all__ = ["RedisStore"]
 
-log = logging.getLogger("llmem")
+log: logging.Logger = logging.getLogger("llmem")
 
 
 class RedisStore(StateStore):
@@ -74,17 +74,17 @@ class RedisStore(StateStore):
                 client = redis_module.Redis(unix_socket_path=unix_socket_path, db=db, **common)
             else:
                 client = redis_module.Redis(host=host, port=port, db=db, **common)
-        self.client = client
-        self.ttl_ms = None if ttl is None else max(1, int(ttl * 1000))
-        self.chunk_bytes = chunk_bytes
-        self.max_value_bytes = max_value_bytes
-        self.temp_ttl_ms = max(1, int(temp_ttl * 1000))
-        self.backoff = float(backoff)
-        self.max_backoff = float(max_backoff)
+        self.client: Any = client
+        self.ttl_ms: Optional[int] = None if ttl is None else max(1, int(ttl * 1000))
+        self.chunk_bytes: int = chunk_bytes
+        self.max_value_bytes: int = max_value_bytes
+        self.temp_ttl_ms: int = max(1, int(temp_ttl * 1000))
+        self.backoff: float = float(backoff)
+        self.max_backoff: float = float(max_backoff)
         self._state_lock = threading.Lock()
         self._down_until = 0.0   # monotonic time before which nothing is tried
         self._delay = 0.0        # the current backoff (0: up)
-        self.outages = 0         # times the server went from up to down
+        self.outages: int = 0         # times the server went from up to down
 
     def __repr__(self) -> str:
         return f"RedisStore({self.client!r}, ttl_ms={self.ttl_ms})"

@@ -12,7 +12,7 @@ the stored state into the request's sequence.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, List, Optional, Tuple, TypedDict
+from typing import Any, Dict, List, Optional, Tuple, TypedDict, cast
 
 from ..memory import STATE_HEADER, Memory
 from .base import StateStore, pack_value, unpack_value
@@ -47,9 +47,9 @@ class PrefixStore:
                  asynchronous: bool = True, max_queue: int = 64, max_queue_bytes: int = 256 << 20) -> None:
         if not isinstance(store, StateStore):
             raise TypeError(f"store must be a StateStore, not {type(store).__name__}")
-        self.store = store
-        self.keys = PrefixKeys(model_id, memory, block_size)
-        self.block_size = self.keys.block_size
+        self.store: StateStore = store
+        self.keys: PrefixKeys = PrefixKeys(model_id, memory, block_size)
+        self.block_size: int = self.keys.block_size
         self.writer: Optional[AsyncWriter] = (AsyncWriter(store, max_queue, max_queue_bytes)
                                               if asynchronous else None)
         self._lock = threading.Lock()
@@ -64,7 +64,7 @@ class PrefixStore:
 
     def stats(self) -> TierStats:
         with self._lock:
-            return TierStats(**self._counts)  # type: ignore[typeddict-item]
+            return cast(TierStats, dict(self._counts))
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Wait for the queued writes (True at once without a writer)."""
@@ -122,7 +122,7 @@ class PrefixStore:
             n_tokens, state = unpack_value(key, value)
             if n_tokens < length or (exact and n_tokens != length):
                 raise StateError(f"stored prefix holds {n_tokens} tokens, its key names {length}", "CORRUPT")
-            memory.state_read(state, seq_id, STATE_HEADER)
+            memory.state_read(state, seq_id, STATE_HEADER)  # type: ignore[arg-type]  # any bytes-like object
         except StateError as exc:
             self._count("refused")
             self.store.refuse(key, exc)

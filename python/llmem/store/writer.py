@@ -17,7 +17,7 @@ from .base import StateStore, check_key
 
 __all__ = ["AsyncWriter", "WriterStats"]
 
-log = logging.getLogger("llmem")
+log: logging.Logger = logging.getLogger("llmem")
 
 
 class WriterStats(TypedDict):
@@ -41,9 +41,9 @@ class AsyncWriter:
         for name, value in (("max_queue", max_queue), ("max_queue_bytes", max_queue_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.store = store
-        self.max_queue = max_queue
-        self.max_queue_bytes = max_queue_bytes
+        self.store: StateStore = store
+        self.max_queue: int = max_queue
+        self.max_queue_bytes: int = max_queue_bytes
         self._queue: Deque[Tuple[str, bytes]] = collections.deque()
         self._bytes = 0
         self._busy = 0  # values taken off the queue and being written
