@@ -73,14 +73,19 @@ def bench_put_get(store: "llmem.RedisStore", quick: bool) -> list:
         t_get, t_rawget = _alternate(lambda: store.get_sequence(cache, 1, "bench:seq"),
                                      lambda: client.get("bench:raw"), reps,
                                      after_a=lambda: cache.seq_rm(1, -1, -1))
-        (p, _), (s, _), (g, _), (rg, _) = (median_min_us(t) for t in (t_put, t_set, t_get, t_rawget))
+        buf = bytearray(len(raw))
+        t_write, t_read = _alternate(lambda: cache.state_write_into(buf, 0, llmem.STATE_HEADER),
+                                     lambda: cache.state_read(raw, 1, llmem.STATE_HEADER), reps,
+                                     after_b=lambda: cache.seq_rm(1, -1, -1))
+        (p, _), (s, _), (g, _), (rg, _), (w, _), (r, _) = (
+            median_min_us(t) for t in (t_put, t_set, t_get, t_rawget, t_write, t_read))
         rows.append([f"KV {n_layer} layers x {n_embd} f16, {n_tokens} tokens", f"{mib:.1f} MiB",
-                     _fmt(p), _fmt(s), f"{p / s:.2f}", _fmt(g), _fmt(rg), f"{g / rg:.2f}"])
+                     _fmt(p), _fmt(s), _fmt(w), f"{p / s:.2f}", _fmt(g), _fmt(rg), _fmt(r), f"{g / rg:.2f}"])
         client.delete("bench:seq", "bench:raw")
     print_table("State store on Redis (unix socket): put_sequence / get_sequence against raw SET / GET of the "
                 "same bytes (medians, alternating calls)",
-                ["sequence", "bytes", "put_sequence", "raw SET", "ratio", "get_sequence (+ state_read)", "raw GET",
-                 "ratio"], rows)
+                ["sequence", "bytes", "put_sequence", "raw SET", "(state_write_into)", "put / SET", "get_sequence",
+                 "raw GET", "(state_read)", "get / GET"], rows)
     return rows
 
 

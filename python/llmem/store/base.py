@@ -105,8 +105,8 @@ class StateStore(abc.ABC):
     # -- what a backend implements -----------------------------------------------------------------
 
     @abc.abstractmethod
-    def _put(self, key: str, value: bytes) -> bool:
-        """Publish ``value`` under ``key`` atomically (readers see the old value, none, or all of
+    def _put(self, key: str, value: memoryview) -> bool:
+        """Publish ``value`` (a flat byte view: copy it if kept) under ``key`` atomically (readers see the old value, none, or all of
         the new one); False when refused (too large). Raises on a backend failure."""
 
     @abc.abstractmethod
@@ -141,11 +141,11 @@ class StateStore(abc.ABC):
         with self._stats_lock:
             self._counts[name] += n
 
-    def put(self, key: str, value: bytes) -> bool:
+    def put(self, key: str, value: "bytes | bytearray | memoryview") -> bool:
         """Store ``value`` (bytes-like) under ``key``; True when written. A backend failure is
         logged and counted, and answers False."""
         check_key(key)
-        data = bytes(as_byte_view(value))
+        data = as_byte_view(value)  # not copied: the backend copies what it keeps
         if not self._available():
             self._count("put_failed")
             return False
@@ -228,10 +228,13 @@ class StateStore(abc.ABC):
         ``seq_pos_max + 1``). True when written. The memory is only read."""
         check_key(key)
         with memory.lock:
-            state = memory.state_write(seq_id, STATE_HEADER)
+            # the envelope and the state in one buffer: the state is written once, in place
+            buf = bytearray(_ENVELOPE.size + memory.state_size(seq_id, STATE_HEADER))
+            n = memory.state_write_into(memoryview(buf)[_ENVELOPE.size:], seq_id, STATE_HEADER)
             if n_tokens is None:
                 n_tokens = memory.seq_pos_max(seq_id) + 1
-        return self.put(key, pack_value(key, state, int(n_tokens)))
+        _ENVELOPE.pack_into(buf, 0, ENVELOPE_MAGIC, _VERSION, 0, int(n_tokens), _digest(key))
+        return self.put(key, memoryview(buf)[:_ENVELOPE.size + n])
 
     def get_sequence(self, memory: Memory, seq_id: int, key: str) -> Optional[int]:
         """Restore the sequence stored under ``key`` into ``seq_id`` of ``memory`` (replacing

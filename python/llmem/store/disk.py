@@ -68,7 +68,7 @@ class DiskStore(StateStore):
                     pass
         return total, n
 
-    def _put(self, key: str, value: bytes) -> bool:
+    def _put(self, key: str, value: memoryview) -> bool:
         if len(value) > self.max_bytes:
             return False
         final = self._file(key)

@@ -31,9 +31,10 @@ class MemoryStore(StateStore):
     def __repr__(self) -> str:
         return f"MemoryStore(max_bytes={self.max_bytes}, held={self._bytes})"
 
-    def _put(self, key: str, value: bytes) -> bool:
-        if len(value) > self.max_bytes:
+    def _put(self, key: str, view: memoryview) -> bool:
+        if len(view) > self.max_bytes:
             return False
+        value = bytes(view)
         with self._lock:
             old = self._values.pop(key, None)
             if old is not None:

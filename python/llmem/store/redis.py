@@ -126,7 +126,7 @@ class RedisStore(StateStore):
 
     # -- the byte operations -----------------------------------------------------------------------
 
-    def _put(self, key: str, value: bytes) -> bool:
+    def _put(self, key: str, value: memoryview) -> bool:
         if len(value) > self.max_value_bytes:
             return False
         if len(value) <= self.chunk_bytes:
@@ -134,10 +134,9 @@ class RedisStore(StateStore):
             self._ok()
             return True
         temp = f"{key}:tmp:{os.getpid()}:{threading.get_ident()}:{time.monotonic_ns()}"
-        view = memoryview(value)
-        self.client.set(temp, view[:self.chunk_bytes].tobytes(), px=self.temp_ttl_ms)
+        self.client.set(temp, value[:self.chunk_bytes], px=self.temp_ttl_ms)
         for at in range(self.chunk_bytes, len(value), self.chunk_bytes):
-            self.client.append(temp, view[at:at + self.chunk_bytes].tobytes())
+            self.client.append(temp, value[at:at + self.chunk_bytes])
         pipe = self.client.pipeline(transaction=True)
         pipe.rename(temp, key)
         if self.ttl_ms is None:
