@@ -276,7 +276,9 @@ class PrefixCache:
         """Counters a server exports: ``requests`` admitted, ``prompt_tokens`` they brought,
         ``hit_tokens`` found cached, ``hit_rate`` (hit / prompt tokens), ``evictions`` (nodes)
         and ``evicted_tokens``, ``cached_tokens`` and ``nodes`` held now, ``checkpoints`` and
-        ``checkpoint_bytes`` held now, ``live`` requests."""
+        ``checkpoint_bytes`` held now, ``live`` requests; with a store, ``store_hits`` and
+        ``store_hit_tokens`` (requests whose prefix came from the store) and ``store_spills``
+        (prefixes written to it when evicted)."""
         with self._lock:
             out = cast(PrefixStats, dict(self._stats))  # the keys below complete it
             out["hit_rate"] = out["hit_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
@@ -884,16 +886,14 @@ class PrefixCache:
         seq = self._free_seqs[-1]  # empty while free: a scratch sequence
         state: Optional[bytes] = None
         try:
-            if self._kv is not None:
-                for p in path:
-                    p1 = min(p.end, length)
-                    if p1 > p.start:
-                        self._kv.seq_cp(p.holder, seq, p.start, p1)
-            if self._recr is not None:
-                self._recr.checkpoint_restore(ck, seq)
+            self._assemble(path, length, ck, seq)
             if self._swa is None or (self._swa.seq_pos_max(seq) == length - 1 and
                                      self._swa.seq_pos_min(seq) <= max(0, length - self._window)):
                 state = self._memory.state_write(seq, STATE_HEADER)
+        except (LlmemError, ValueError) as exc:
+            # (no recurrent cell free for the scratch state, say): the prefix is not spilled,
+            # the eviction goes on
+            store.note_spill_failed(exc)
         finally:
             self._memory.seq_rm(seq, -1, -1)
             if self._recr is not None and self._recr.seq_pos_max(seq) != -1:
@@ -902,6 +902,17 @@ class PrefixCache:
             tokens = np.concatenate([p.tokens for p in path])[:length]
             if store.spill(tokens, cast(ExtraKey, node.key), length, state):
                 self._stats["store_spills"] += 1
+
+    def _assemble(self, path: List[_Node], length: int, ck: int, seq: int) -> None:
+        """Give the empty sequence ``seq`` the prefix of ``length`` tokens: the holders' cells
+        on ``path`` (shared, not copied) and checkpoint ``ck`` (with a recurrent part)."""
+        if self._kv is not None:
+            for p in path:
+                p1 = min(p.end, length)
+                if p1 > p.start:
+                    self._kv.seq_cp(p.holder, seq, p.start, p1)
+        if self._recr is not None:
+            self._recr.checkpoint_restore(ck, seq)
 
     # -- checks (tests) ------------------------------------------------------------------------------
 

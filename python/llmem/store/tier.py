@@ -11,6 +11,7 @@ the stored state into the request's sequence.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Dict, List, Optional, Tuple, TypedDict, cast
 
@@ -21,6 +22,8 @@ from .keys import ExtraKey, PrefixKeys
 from .writer import AsyncWriter
 
 __all__ = ["PrefixStore", "TierStats"]
+
+log: logging.Logger = logging.getLogger("llmem")
 
 
 class TierStats(TypedDict):
@@ -35,6 +38,7 @@ class TierStats(TypedDict):
     spills: int
     spilled_tokens: int
     spill_dropped: int
+    spill_failed: int
 
 
 class PrefixStore:
@@ -102,6 +106,11 @@ class PrefixStore:
             return []
         found = self.store.contains(wanted)
         return [(k, (first + i + 1) * self.block_size) for i, k in reversed(list(enumerate(wanted))) if found[i]]
+
+    def note_spill_failed(self, exc: BaseException) -> None:
+        """A prefix could not be assembled for a spill (counted, logged at debug level)."""
+        self._count("spill_failed")
+        log.debug("llmem store: a prefix was not spilled: %s", exc)
 
     def fetch(self, tokens: Any, extra: ExtraKey, n_max: int, n_have: int) -> List[Tuple[str, int, bytes]]:
         """The longest stored prefix of ``tokens[:n_max]`` longer than ``n_have``, fetched:
