@@ -485,3 +485,33 @@ def test_a_slow_or_absent_redis_costs_one_short_timeout(tmp_path):
     assert time.monotonic() - t0 < 5  # (not a timing claim: one failed connect, then no network)
     s = store.stats()
     assert s["errors"] == 1 and s["misses"] == 101 and s["put_failed"] == 1
+
+
+def test_a_hung_redis_times_out_once_then_is_bypassed_until_it_answers(caplog):
+    """A server that stops answering (SIGSTOP: connections stay open, no reply comes) costs one
+    socket timeout; the store then answers "not there" without the network until its backoff
+    ends, and works again once the server does."""
+    pytest.importorskip("redis", reason="the redis client (llmem[redis]) is not installed")
+    if find_redis_server() is None:
+        pytest.skip("redis-server is not installed (scripts/test.sh installs Debian's redis-server as root)")
+    server = RedisServer()
+    server.start()
+    try:
+        store = RedisStore(unix_socket_path=server.socket, socket_timeout=0.2, backoff=30)
+        assert store.put("k", b"v") and store.get("k") == b"v"
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            with caplog.at_level(logging.WARNING, logger="llmem"):
+                assert store.get("k") is None          # one timeout
+                for _ in range(50):                     # then no network while backing off
+                    assert store.get("k") is None and not store.put("k2", b"v")
+            s = store.stats()
+            assert s["errors"] == 1 and s["misses"] == 51 and s["put_failed"] == 50 and not store.up
+            assert "serving without the store tier" in caplog.text
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert store.ping() and store.up                # a probe ends the backoff
+        assert store.get("k") == b"v"
+    finally:
+        server.close()
