@@ -34,7 +34,7 @@ from . import llama_baseline, llama_driver  # noqa: E402
 from ._timing import Progress, host_probe_ms  # noqa: E402
 from .workloads import SEQ_OP_NAMES, Config, plan  # noqa: E402
 
-GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix", "capi")
+GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix", "capi", "store")
 GROUPS += ("quant",)  # quantized caches: bench_quant.py prints its own table
 
 
@@ -283,6 +283,10 @@ def main(argv=None) -> int:
         from . import bench_quant
         bench_quant.run(quick=not args.full)
         return 0
+    if args.only == ["store"]:
+        from . import bench_store  # its own tables: the state store against raw Redis
+        bench_store.run(quick=not args.full)
+        return 0
 
     cfg = Config(quick=not args.full, use_llama=not args.no_llama)
     if cfg.use_llama and not llama_driver.available():
@@ -339,6 +343,9 @@ def main(argv=None) -> int:
     if not args.only or "quant" in args.only:
         from . import bench_quant  # its own table: quantized caches against f16 and a copy
         bench_quant.run(quick=cfg.quick)
+    if not args.only or "store" in args.only:
+        from . import bench_store  # its own tables: the state store against raw Redis
+        bench_store.run(quick=cfg.quick)
     return 0
 
 

@@ -31,6 +31,15 @@ if ! dpkg -s libgtest-dev >/dev/null 2>&1; then
     fi
 fi
 echo "libgtest-dev: $(dpkg -s libgtest-dev | sed -n 's/^Version: //p')"
+# redis-server: the store tests start a private one on a unix socket (tests/python/redis_server.py)
+if ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+        echo "redis-server is missing: the Redis store tests will be skipped ('sudo apt-get install redis-server')" >&2
+    fi
+fi
 
 step "python environment ($venv)"
 # an isolated venv: with the system site-packages, an editable llmem installed there (a developer's
@@ -43,7 +52,7 @@ vpy="$venv/bin/python"
 missing=()
 for mod_pkg in scikit_build_core:scikit-build-core pybind11:pybind11 cmake:cmake ninja:ninja \
                numpy:numpy pytest:pytest hypothesis:hypothesis gguf:gguf \
-               Cython:cython setuptools:setuptools; do  # the last two: the C API's Cython test
+               Cython:cython setuptools:setuptools redis:redis; do  # Cython, setuptools: the C API's Cython test
     "$vpy" -c "import ${mod_pkg%%:*}" 2>/dev/null || missing+=("${mod_pkg#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

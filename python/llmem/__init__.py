@@ -27,6 +27,7 @@ from .ggml_types import GGML_TYPES, GGMLType, dequantize, quantize
 from .hparams import ModelHParams, read_gguf_hparams
 from .plan import MemoryPlan, plan_memory
 from .prefix import PrefixCache
+from .store import DiskStore, MemoryStore, PrefixKeys, PrefixStore, RedisStore, StateStore
 from .status import Status, SWAType, status_combine, status_is_fail
 from ._capi import get_cmake_dir, get_include
 
@@ -38,6 +39,7 @@ __all__ = [
     "BatchError",
     "Compat",
     "dequantize",
+    "DiskStore",
     "from_gguf",
     "from_hparams",
     "get_cmake_dir",
@@ -53,6 +55,7 @@ __all__ = [
     "Memory",
     "MemoryContext",
     "MemoryPlan",
+    "MemoryStore",
     "MemoryStats",
     "ModelHParams",
     "NoRoom",
@@ -60,11 +63,15 @@ __all__ = [
     "quantize",
     "plan_memory",
     "PrefixCache",
+    "PrefixKeys",
+    "PrefixStore",
     "read_gguf_hparams",
     "RecurrentContext",
     "RecurrentMemory",
+    "RedisStore",
     "Rope",
     "StateError",
+    "StateStore",
     "StaleContextError",
     "Status",
     "status_combine",

@@ -53,7 +53,9 @@ from .hybrid import HybridMemory
 from .kv_cache import IntsLike, KVCache, KVCacheISWA
 from .memory import STATE_HEADER, BatchOrAllocator, MemoryContext
 from .recurrent import RecurrentMemory, _int
+from .store.keys import ExtraKey, memory_config_digest
 from .status import Status, SWAType
+from .store.tier import PrefixStore
 
 __all__ = ["PrefixCache"]
 
@@ -76,6 +78,9 @@ class PrefixStats(TypedDict):
     checkpoints: int
     checkpoint_bytes: int
     live: int
+    store_hits: int
+    store_hit_tokens: int
+    store_spills: int
 
 
 class _Node:
@@ -132,6 +137,12 @@ def _as_tokens(tokens: IntsLike, name: str = "tokens") -> np.ndarray:
 
 
 
+def _stable_key(key: Hashable) -> bool:
+    """Whether a request key has a byte form that is the same in every process (the store's
+    keys are built from it)."""
+    return key is None or (isinstance(key, (str, bytes, int)) and not isinstance(key, bool))
+
+
 def _window_of(cache: KVCache) -> int:
     """How many positions before a token a window cache must hold for it: ``n_swa - 1`` with
     the standard mask (a key ``n_swa`` or more positions back is masked), ``n_swa`` with the
@@ -171,11 +182,18 @@ class PrefixCache:
         where the caller's batches end).
     max_checkpoints, max_checkpoint_bytes:
         The recurrent checkpoint pool's limits (None: the memory's current ones).
+    store:
+        A second tier (:class:`llmem.store.PrefixStore`: host memory, a directory, Redis):
+        what is evicted is spilled to it (block-aligned prefixes; recurrent states where a
+        checkpoint lies on a block boundary), and a request whose longest prefix in memory is
+        shorter than one in the store restores the stored one (see docs/store.md). Requests
+        whose ``key`` is not None, a str, bytes or an int do not use the store.
     """
 
     def __init__(self, memory: PrefixMemory, n_requests: Optional[int] = None, *,
                  max_cached_tokens: Optional[int] = None, checkpoint_interval: int = 0,
-                 max_checkpoints: Optional[int] = None, max_checkpoint_bytes: Optional[int] = None) -> None:
+                 max_checkpoints: Optional[int] = None, max_checkpoint_bytes: Optional[int] = None,
+                 store: Optional[PrefixStore] = None) -> None:
         kv: Optional[Union[KVCache, KVCacheISWA]]
         recr: Optional[RecurrentMemory]
         if isinstance(memory, HybridMemory):
@@ -225,7 +243,13 @@ class PrefixCache:
         self._n_ckpts = 0
         self._ckpt_node: Dict[int, _Node] = {}  # checkpoint id -> the node listing it
         self._stats: Dict[str, int] = {"requests": 0, "prompt_tokens": 0, "hit_tokens": 0, "evictions": 0,
-                       "evicted_tokens": 0, "checkpoints_saved": 0}
+                       "evicted_tokens": 0, "checkpoints_saved": 0, "store_hits": 0, "store_hit_tokens": 0,
+                       "store_spills": 0}
+        if store is not None and not isinstance(store, PrefixStore):
+            raise TypeError(f"store must be a llmem.store.PrefixStore, not {type(store).__name__}")
+        if store is not None and store.keys.config_digest != memory_config_digest(memory):
+            raise ValueError("the store's keys were made for a memory of another kind or configuration")
+        self._store = store
 
     # -- queries -----------------------------------------------------------------------------------
 
@@ -252,7 +276,9 @@ class PrefixCache:
         """Counters a server exports: ``requests`` admitted, ``prompt_tokens`` they brought,
         ``hit_tokens`` found cached, ``hit_rate`` (hit / prompt tokens), ``evictions`` (nodes)
         and ``evicted_tokens``, ``cached_tokens`` and ``nodes`` held now, ``checkpoints`` and
-        ``checkpoint_bytes`` held now, ``live`` requests."""
+        ``checkpoint_bytes`` held now, ``live`` requests; with a store, ``store_hits`` and
+        ``store_hit_tokens`` (requests whose prefix came from the store) and ``store_spills``
+        (prefixes written to it when evicted)."""
         with self._lock:
             out = cast(PrefixStats, dict(self._stats))  # the keys below complete it
             out["hit_rate"] = out["hit_tokens"] / out["prompt_tokens"] if out["prompt_tokens"] else 0.0
@@ -283,6 +309,9 @@ class PrefixCache:
         hybrid: the longest checkpointed length on it, restored. LlmemError when no sequence is
         free; ValueError for a busy ``seq_id``."""
         tokens = _as_tokens(tokens)
+        # the store is asked before the memory's lock is taken: other threads' decodes never
+        # wait on its network
+        stored = self._store_candidates(tokens, key)
         with self._lock:
             if seq_id is None:
                 if not self._free_seqs:
@@ -298,6 +327,16 @@ class PrefixCache:
                 raise ValueError(f"sequence {seq} holds cells or a state: remove them (seq_rm) before admitting "
                                  "a request into it")
             n_hit, path, ckpt = self._plan_hit(tokens, key)
+            for store_key, length, value in stored:
+                if length <= n_hit:
+                    break
+                assert self._store is not None  # candidates come only from a store
+                if self._store.restore_value(self._memory, seq, store_key, length, value,
+                                             exact=self._recr is not None):
+                    n_hit, path, ckpt = length, [], None
+                    self._stats["store_hits"] += 1
+                    self._stats["store_hit_tokens"] += length
+                    break
             matched = self._walk(tokens, len(tokens), key)[1] if self._recr is not None else n_hit
             # share the cells, then the state: nothing has changed if the restore refuses
             if self._kv is not None:
@@ -786,6 +825,8 @@ class PrefixCache:
             heapq.heappush(heap, entry)
 
     def _remove_leaf(self, node: _Node) -> Optional[_Node]:
+        if self._store is not None and _stable_key(node.key):
+            self._spill(node)
         if self._kv is not None:
             self._kv.seq_rm(node.holder, -1, -1)
             self._free_holders.append(node.holder)
@@ -806,6 +847,72 @@ class PrefixCache:
         self._stats["evictions"] += 1
         self._stats["evicted_tokens"] += len(node.tokens)
         return parent
+
+    # -- internals: the store tier ---------------------------------------------------------------------
+
+    def _store_candidates(self, tokens: np.ndarray, key: Hashable) -> List[Tuple[str, int, bytes]]:
+        """(key, length, value) of stored prefixes longer than the memory's hit, longest
+        first: the values fetched (at most two tried), so admit only reads them into the memory."""
+        if self._store is None or not _stable_key(key) or len(tokens) <= self._store.block_size:
+            return []
+        with self._lock:
+            n_have = self._plan_hit(tokens, key)[0]
+        return self._store.fetch(tokens, cast(ExtraKey, key), len(tokens) - 1, n_have)
+
+    def _spill(self, node: _Node) -> None:
+        """Before ``node`` (a leaf) is evicted: store the state of the prefix ending at its last
+        block boundary (K/V), or at its longest block-aligned checkpoint (recurrent, hybrid),
+        assembled in a free request sequence from the holders on its path."""
+        store = self._store
+        assert store is not None
+        block = store.block_size
+        ck = -1
+        if self._recr is not None:
+            aligned = [length for length in node.ckpts if length % block == 0]
+            if not aligned:
+                return
+            length = max(aligned)
+            ck = node.ckpts[length]
+        else:
+            length = node.end // block * block
+        if length <= node.start or not self._free_seqs:
+            return
+        path: List[_Node] = []
+        up: Optional[_Node] = node
+        while up is not None and up.parent is not None:
+            path.append(up)
+            up = up.parent
+        path.reverse()
+        seq = self._free_seqs[-1]  # empty while free: a scratch sequence
+        state: Optional[bytes] = None
+        try:
+            self._assemble(path, length, ck, seq)
+            if self._swa is None or (self._swa.seq_pos_max(seq) == length - 1 and
+                                     self._swa.seq_pos_min(seq) <= max(0, length - self._window)):
+                state = self._memory.state_write(seq, STATE_HEADER)
+        except (LlmemError, ValueError) as exc:
+            # (no recurrent cell free for the scratch state, say): the prefix is not spilled,
+            # the eviction goes on
+            store.note_spill_failed(exc)
+        finally:
+            self._memory.seq_rm(seq, -1, -1)
+            if self._recr is not None and self._recr.seq_pos_max(seq) != -1:
+                self._recr.seq_rm(seq, -1, -1)
+        if state is not None:
+            tokens = np.concatenate([p.tokens for p in path])[:length]
+            if store.spill(tokens, cast(ExtraKey, node.key), length, state):
+                self._stats["store_spills"] += 1
+
+    def _assemble(self, path: List[_Node], length: int, ck: int, seq: int) -> None:
+        """Give the empty sequence ``seq`` the prefix of ``length`` tokens: the holders' cells
+        on ``path`` (shared, not copied) and checkpoint ``ck`` (with a recurrent part)."""
+        if self._kv is not None:
+            for p in path:
+                p1 = min(p.end, length)
+                if p1 > p.start:
+                    self._kv.seq_cp(p.holder, seq, p.start, p1)
+        if self._recr is not None:
+            self._recr.checkpoint_restore(ck, seq)
 
     # -- checks (tests) ------------------------------------------------------------------------------
 
