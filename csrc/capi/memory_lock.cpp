@@ -293,6 +293,13 @@ bool memory_lock_owned(const memory_lock_state & s) {
     return s.owner.load(std::memory_order_relaxed) == this_thread() && s.count > 0;
 }
 
+bool memory_lock_python_acquire(PyObject * obj) {
+    if (lock_type == nullptr || !PyObject_TypeCheck(obj, lock_type)) {
+        return false;
+    }
+    return python_take(reinterpret_cast<memory_lock_object *>(obj), true, -1) == 1;
+}
+
 memory_lock_state * memory_lock_of(PyObject * obj) {
     if (lock_type == nullptr || !PyObject_TypeCheck(obj, lock_type)) {
         return nullptr;
