@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 
 namespace llmem::bind {
@@ -35,15 +36,14 @@ bool format_matches(const Py_buffer & v, elem e) {
     while (*f == '@' || *f == '=' || *f == '<') {
         ++f;
     }
-    const std::string fmt(f);
-    if (size_t(v.itemsize) != elem_size(e)) {
-        return false;
+    if (size_t(v.itemsize) != elem_size(e) || f[0] == 0 || f[1] != 0) {
+        return false;  // every accepted format is one character
     }
     switch (e) {
-        case elem::F32: return fmt == "f";
-        case elem::F16: return fmt == "e";
-        case elem::I32: return fmt == "i" || fmt == "l";
-        case elem::I64: return fmt == "l" || fmt == "q";
+        case elem::F32: return f[0] == 'f';
+        case elem::F16: return f[0] == 'e';
+        case elem::I32: return f[0] == 'i' || f[0] == 'l';
+        case elem::I64: return f[0] == 'l' || f[0] == 'q';
     }
     return false;
 }
@@ -90,6 +90,12 @@ public:
                                  "-byte items");
         }
         const size_t have = raw ? size_t(view_.len) / elem_size(e) : size_t(view_.len) / size_t(view_.itemsize);
+        capacity_ = have;
+        if (exact && !raw && size_t(view_.ndim) == shape.size() && have == n &&
+            std::equal(shape.begin(), shape.end(), view_.shape,
+                       [](size_t want, Py_ssize_t d) { return size_t(d) == want; })) {
+            return;  // the usual case: a typed buffer of exactly the shape asked
+        }
         std::vector<size_t> got;
         for (int d = 0; d < view_.ndim; ++d) {
             got.push_back(size_t(view_.shape[d]));
@@ -432,7 +438,7 @@ void register_kv_attention(py::module_ & m) {
               const std::vector<size_t> shape{ sh.n_rows(), sh.n_kv };
               py::object result = out;
               void *     dst    = nullptr;
-              std::unique_ptr<out_buffer> buf;
+              std::optional<out_buffer> buf;
               if (out.is_none()) {
                   if (f16) {
                       py::array a(py::dtype("float16"), std::vector<py::ssize_t>{ py::ssize_t(shape[0]), py::ssize_t(shape[1]) });
@@ -444,7 +450,7 @@ void register_kv_attention(py::module_ & m) {
                       result = a;
                   }
               } else {
-                  buf = std::make_unique<out_buffer>(out, "out", f16 ? elem::F16 : elem::F32, shape, true);
+                  buf.emplace(out, "out", f16 ? elem::F16 : elem::F32, shape, true);
                   dst = buf->data();
               }
               const size_t bytes = sh.n_elements() * (f16 ? 2 : 4);

@@ -796,7 +796,7 @@ kv_context kv_decode_step(kv_cache & cache, const seq_pos_source & positions, co
         return kv_context(memory_status::FAILED_PREPARE);
     }
     kv_context ctx(cache, std::move(slots), std::move(ubs));
-    ctx.apply();
+    ctx.apply_just_planned();  // find_slot ran on the state it applies to
     return ctx;
 }
 
@@ -817,8 +817,8 @@ std::pair<kv_context, kv_context> kv_iswa_decode_step(kv_cache & base, kv_cache 
         std::vector<ubatch> ubs2 = ubs;
         std::pair<kv_context, kv_context> out{ kv_context(base, std::move(sb), std::move(ubs)),
                                                kv_context(swa, std::move(ss), std::move(ubs2)) };
-        out.first.apply();
-        out.second.apply();
+        out.first.apply_just_planned();  // two caches: applying one leaves the other's plan valid
+        out.second.apply_just_planned();
         return out;
     }
     return { kv_context(memory_status::FAILED_PREPARE), kv_context(memory_status::FAILED_PREPARE) };

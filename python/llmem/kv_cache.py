@@ -804,14 +804,18 @@ class KVCacheContext(MemoryContext):
         mask under flash attention). ``out``: a writable C-contiguous buffer of that dtype and
         shape (or raw bytes of its size) written in place and returned: no allocation per step.
         Costs O(n_tokens x n_kv) writes; large fills release the GIL."""
-        f16 = _mask_f16(dtype)
-        self._cache._lock.acquire()
+        # the usual arguments checked without a call (a mask is asked for every layer and step)
+        f16 = False if dtype is np.float32 else True if dtype is np.float16 else _mask_f16(dtype)
+        if type(pad) is not int or not 1 <= pad <= _I32_MAX:
+            pad = _check_int(pad, "pad", 1, _I32_MAX)
+        lock = self._cache._lock
+        lock.acquire()
         try:
-            self._check_fresh("kq_mask")
-            return cast(np.ndarray, _core.kv_kq_mask(self._ctx, bool(causal), out, f16,
-                                                     _check_int(pad, "pad", 1, _I32_MAX)))
+            if self._version is not None and self._version != self._cache._version:
+                raise stale_context_error("kq_mask")
+            return cast(np.ndarray, _core.kv_kq_mask(self._ctx, causal is True or bool(causal), out, f16, pad))
         finally:
-            self._cache._lock.release()
+            lock.release()
 
     def kq_cells(self, causal: bool = True,
                  out: Optional[Sequence[WritableBuffer]] = None) -> tuple[np.ndarray, np.ndarray]:

@@ -458,6 +458,68 @@ def test_decode_step_bad_arguments_change_nothing():
     assert snapshot(cache) == full
 
 
+@pytest.mark.parametrize("kind", ["plain", "iswa"])
+def test_decode_step_id_arrays_of_any_layout_decide_alike(kind):
+    # the compiled step reads a 1-D C-contiguous int32 array in place and converts anything else:
+    # every spelling of the same ids gives the same cells
+    spellings = [lambda ids: list(ids), lambda ids: tuple(ids), lambda ids: np.array(ids, np.int32),
+                 lambda ids: np.array(ids, np.int64), lambda ids: np.array(ids, ">i4"),
+                 lambda ids: np.repeat(np.array(ids, np.int32), 2)[::2], lambda ids: np.array(ids, np.uint16)]
+    results = []
+    for spell in spellings:
+        mem = new_mem(kind, True, 40, 5)
+        rows = []
+        for ids, toks in (([0, 3, 1], [4, 5, 6]), ([4, 1], [7, 8]), ([2, 0, 1, 3], [1, 1, 1, 1])):
+            ctx = mem.decode_step(spell(ids), spell(toks))
+            rows.append([c.k_idxs().tolist() for c in sub_contexts(ctx)])
+            rows.append([c.ubatch.token.tolist() for c in sub_contexts(ctx)])
+        results.append((rows, snapshot(mem)))
+    assert all(r == results[0] for r in results[1:])
+    mem = new_mem(kind, True, 40, 5)
+    before = snapshot(mem)
+    for bad, exc in ((np.zeros((2, 1), np.int32), ValueError), (np.array([0.0, 1.0]), TypeError),
+                     (np.array([0, 0], np.int32), ValueError), (np.array([0, 9], np.int32), ValueError)):
+        with pytest.raises(exc):
+            mem.decode_step(bad)
+        assert snapshot(mem) == before
+        assert not mem.lock.locked()  # a refused step leaves the lock free
+
+
+def test_decode_step_k_idxs_are_cached_fresh_and_invalidated():
+    cache = KVCache(1, 4, 4, 32, n_seq_max=3, dtype_k=np.float32, dtype_v=np.float32, v_trans=False)
+    ctx = cache.decode_step(np.array([2, 0], np.int32))
+    rows = ctx.k_idxs()
+    assert rows.dtype == np.int64 and rows.tolist() == ctx.slot_cells().tolist()
+    assert ctx.k_idxs() is rows and ctx.v_idxs() is rows  # computed once by the step
+    buf = np.empty(2, np.int64)
+    assert ctx.k_idxs(out=buf) is buf and buf.tolist() == rows.tolist()
+    kept = rows.copy()
+    ctx2 = cache.decode_step([2, 0])
+    assert rows.tolist() == kept.tolist()  # each step returns its own array: older ones keep their rows
+    assert ctx2.k_idxs().tolist() != kept.tolist()
+    with pytest.raises(llmem.StaleContextError):
+        ctx.k_idxs()
+    with pytest.raises(llmem.StaleContextError):
+        ctx.v_idxs()
+    assert ctx2.next() is False
+    with pytest.raises(LlmemError):
+        ctx2.k_idxs()  # moved past its only micro-batch
+    # the lock: a caller may hold it around the step (re-entrant); it is free afterwards
+    with cache.lock:
+        cache.decode_step([1])
+    assert not cache.lock.locked()
+    # a general context computes its rows per micro-batch, after apply
+    gen = cache.init_batch(Batch(token=np.zeros(4, np.int32), seq_id=np.array([1, 1, 1, 1], np.int32)), 2)
+    gen.apply()
+    first = gen.k_idxs()
+    assert gen.k_idxs() is first
+    assert gen.next() is True
+    with pytest.raises(LlmemError, match="apply"):
+        gen.k_idxs()
+    gen.apply()
+    assert gen.k_idxs().tolist() == gen.slot_cells().tolist() != first.tolist()
+
+
 def test_decode_step_invalidates_older_contexts():
     cache = KVCache(1, 4, 4, 16, n_seq_max=2, dtype_k=np.float32, dtype_v=np.float32)
     old = cache.init_batch(Batch(token=np.arange(2, dtype=np.int32)), 4)
