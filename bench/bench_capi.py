@@ -151,14 +151,12 @@ def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
 
     # decode step: one token per sequence, cells planned, applied and read back ------------------
     steps = 8
-    batch = llmem.Batch(token=np.zeros(n_seqs, np.int32), seq_id=seqs, output=np.ones(n_seqs, bool))
 
     def py_step():
+        step = mem.decode_step
         t0 = time.perf_counter_ns()
         for _ in range(steps):
-            ctx = mem.init_batch(batch, n_seqs)
-            for _ub in ctx:
-                ctx.k_idxs()
+            step(seqs).k_idxs()
         ns = (time.perf_counter_ns() - t0) / steps
         _trim(mem, seq_list, base_len)
         return ns

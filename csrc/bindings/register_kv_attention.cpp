@@ -1,6 +1,8 @@
 #include "pybind.h"
 
+#include "llmem/batch.h"
 #include "llmem/errors.h"
+#include "llmem/hybrid.h"
 #include "llmem/kv_attention.h"
 #include "llmem/kv_cache.h"
 
@@ -416,10 +418,73 @@ PyMethodDef decode_step_defs[] = {
     { nullptr, nullptr, 0, nullptr },
 };
 
+// A hybrid memory's decode step in one call: the decode batch (token ids 0 without tokens, as
+// the general path's Batch), the allocator with the hybrid's positions, hybrid_prepare with n_ubatch
+// max(n, n_rs_seq + 2) and the apply of the first micro-batch on every part: init_batch + apply
+// without the Python objects between.
+py::tuple hybrid_decode_step(py::object base_obj, py::object swa_obj, py::object recr_obj, py::object positions_obj,
+                             py::handle seq_ids, py::handle tokens) {
+    kv_cache & base = base_obj.cast<kv_cache &>();
+    kv_cache * swa  = swa_obj.is_none() ? nullptr : swa_obj.cast<kv_cache *>();
+    auto *     recr = dynamic_cast<rs_memory *>(recr_obj.cast<seq_pos_source *>());
+    if (recr == nullptr) {
+        throw py::type_error("recr must be the compiled core of a RecurrentMemory");
+    }
+    const seq_pos_source & positions = *positions_obj.cast<const seq_pos_source *>();
+    const step_args        a         = read_step_args(seq_ids, tokens);
+    check_decode_step_args(base.n_seq_max(), a.ids, a.n, a.tok);
+    thread_local batch                         b;
+    thread_local std::unique_ptr<batch_allocr> balloc;
+    if (!balloc || balloc->n_seq_max() != base.n_seq_max()) {
+        balloc = std::make_unique<batch_allocr>(base.n_seq_max());
+    }
+    b.n_tokens = a.n;
+    if (a.tok) {
+        b.token.assign(a.tok, a.tok + a.n);
+    } else {
+        b.token.assign(a.n, 0);  // the allocator needs token ids: 0, as the C API's decode_step
+    }
+    b.embd.clear();
+    b.n_embd = 0;
+    b.pos.clear();
+    b.seq_id.assign(a.ids, a.ids + a.n);
+    b.seq_id_off.resize(size_t(a.n) + 1);
+    for (uint32_t i = 0; i <= a.n; ++i) {
+        b.seq_id_off[i] = int32_t(i);
+    }
+    b.output.assign(a.n, 1);
+    balloc->init(b, &positions, false);
+    // every sequence in one micro-batch, and room for the recurrent split's kept tail (n_rs_seq + 1
+    // tokens of a sequence stay together): the C API's decode_step n_ubatch
+    const uint32_t n_ubatch = std::max(a.n, recr->n_rs_seq() + 2);
+    hybrid_plan    plan     = hybrid_prepare(*balloc, n_ubatch, false, base, swa, *recr);
+    if (plan.status != memory_status::SUCCESS) {
+        throw llmem::error(no_room(a.n));
+    }
+    rs_context                recr_ctx(recr, plan.ubatches);
+    std::optional<kv_context> swa_ctx;
+    if (swa != nullptr) {
+        swa_ctx.emplace(*swa, std::move(plan.slots_swa), plan.ubatches);
+    }
+    kv_context base_ctx(base, std::move(plan.slots_base), std::move(plan.ubatches));
+    base_ctx.apply();  // the attention side first, then the recurrent side (HybridContext.apply)
+    if (swa_ctx) {
+        swa_ctx->apply();
+    }
+    recr_ctx.apply();
+    py::object swa_out = swa_ctx ? owned_by(py::cast(std::move(*swa_ctx)), swa_obj) : py::object(py::none());
+    return py::make_tuple(owned_by(py::cast(std::move(base_ctx)), base_obj), swa_out,
+                          owned_by(py::cast(std::move(recr_ctx)), recr_obj));
+}
+
 void add_decode_step_functions(py::module_ & m) {
     if (PyModule_AddFunctions(m.ptr(), decode_step_defs) != 0) {
         throw py::error_already_set();
     }
+    m.def("hybrid_decode_step", &hybrid_decode_step, py::arg("base"), py::arg("swa"), py::arg("recr"),
+          py::arg("positions"), py::arg("seq_ids"), py::arg("tokens") = py::none(),
+          "A hybrid memory's decode step (init_batch + apply of its first micro-batch) in one call: "
+          "(base context, swa context or None, recurrent context), applied.");
 }
 
 } // namespace

@@ -1087,8 +1087,9 @@ def _decode_step_general(mem: Memory, seq_ids: IntsLike, tokens: Optional[IntsLi
     """decode_step through init_batch + apply: where llama.cpp's split gives several micro-batches,
     and for memories without a compiled step (the hybrids)."""
     ids, tok = _decode_step_args(seq_ids, tokens, mem.n_seq_max)
-    # -1: an entry without a token id (the batch needs its length from somewhere)
-    tok = np.full(len(ids), -1, np.int32) if tok is None else tok
+    # without tokens: token ids 0 (the allocator refuses a batch without token ids or embeddings;
+    # the C API's decode_step does the same)
+    tok = np.zeros(len(ids), np.int32) if tok is None else tok
     batch = Batch(token=tok, seq_id=ids, output=np.ones(len(ids), dtype=bool))
     ctx = mem.init_batch(batch, len(ids))
     if ctx.status != Status.SUCCESS:

@@ -520,6 +520,20 @@ def test_decode_step_k_idxs_are_cached_fresh_and_invalidated():
     assert gen.k_idxs().tolist() == gen.slot_cells().tolist() != first.tolist()
 
 
+def test_decode_step_without_tokens_on_the_general_path():
+    # per-sequence streams, ids not consecutive: several micro-batches, the general path; without
+    # tokens its batch carries token ids 0 (the allocator needs ids), the cells as with tokens
+    a = KVCache(1, 4, 4, 8, n_seq_max=3, unified=False, dtype_k=np.float32, dtype_v=np.float32)
+    b = KVCache(1, 4, 4, 8, n_seq_max=3, unified=False, dtype_k=np.float32, dtype_v=np.float32)
+    got = a.decode_step([2, 0])
+    want = general_step(b, [2, 0], [0, 0])
+    assert got.ubatch.token.tolist() == [0] and snapshot(a) == snapshot(b)
+    assert got.next() and want.next()
+    got.apply()
+    want.apply()
+    assert got.k_idxs().tolist() == want.k_idxs().tolist() and snapshot(a) == snapshot(b)
+
+
 def test_decode_step_invalidates_older_contexts():
     cache = KVCache(1, 4, 4, 16, n_seq_max=2, dtype_k=np.float32, dtype_v=np.float32)
     old = cache.init_batch(Batch(token=np.arange(2, dtype=np.int32)), 4)
@@ -585,6 +599,74 @@ def test_hybrid_decode_step_decides_as_init_batch_and_apply():
         with pytest.raises(exc):
             a.decode_step(bad)
         assert _same_cells(a.cells(), before)
+
+
+def new_hybrid(iswa, unified, n_seq_max):
+    from llmem import HybridISWAMemory, HybridMemory, RecurrentMemory
+    size = 24 if unified else 8
+    if iswa:
+        attn = KVCacheISWA(2, 4, 4, size, n_seq_max=n_seq_max, unified=unified, n_swa=3, swa_type=SWAType.STANDARD,
+                           is_swa_layer=[True, False], n_ubatch=4, dtype_k=np.float32, dtype_v=np.float32)
+    else:
+        attn = KVCache(2, 4, 4, size, n_seq_max=n_seq_max, unified=unified, layer_filter=lambda il: il < 2,
+                       dtype_k=np.float32, dtype_v=np.float32)
+    recr = RecurrentMemory(3, n_embd_r=[0, 0, 2], n_embd_s=[0, 0, 3], mem_size=n_seq_max, n_seq_max=n_seq_max,
+                           n_rs_seq=1, layer_filter=[False, False, True])
+    cls = HybridISWAMemory if iswa else HybridMemory
+    return cls(attn=attn, recr=recr, is_recurrent_layer=[False, False, True])
+
+
+def hybrid_snapshot(mem):
+    attn = mem.mem_attn
+    out = snapshot(attn)
+    cells = mem.mem_recr.cells()
+    return out, {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in cells.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), iswa=st.booleans(), unified=st.booleans(), n_seq_max=st.integers(1, 4))
+def test_hybrid_decode_step_decides_as_init_batch_and_apply_on_random_states(data, iswa, unified, n_seq_max):
+    a = new_hybrid(iswa, unified, n_seq_max)  # decode_step (one compiled call)
+    b = new_hybrid(iswa, unified, n_seq_max)  # init_batch + apply
+    for _ in range(data.draw(st.integers(1, 10))):
+        if data.draw(st.integers(0, 4)) == 0:
+            s = data.draw(st.integers(0, n_seq_max - 1))
+            a.seq_rm(s, -1, -1)
+            b.seq_rm(s, -1, -1)
+            continue
+        ids = data.draw(st.lists(st.integers(0, n_seq_max - 1), min_size=1, max_size=n_seq_max, unique=True))
+        toks = data.draw(st.none() | st.lists(st.integers(0, 99), min_size=len(ids), max_size=len(ids)))
+        batch = Batch(token=np.zeros(len(ids), np.int32) if toks is None else np.asarray(toks, np.int32),
+                      seq_id=np.asarray(ids, np.int32), output=np.ones(len(ids), bool))
+        want = b.init_batch(batch, max(len(ids), b.mem_recr.n_rs_seq + 2))
+        if want.status != llmem.Status.SUCCESS:
+            before = hybrid_snapshot(a)
+            with pytest.raises(LlmemError, match="no room"):
+                a.decode_step(ids, toks)
+            assert hybrid_snapshot(a) == before
+            continue
+        want.apply()
+        got = a.decode_step(np.asarray(ids, np.int32) if data.draw(st.booleans()) else ids, toks)
+        assert hybrid_snapshot(a) == hybrid_snapshot(b)
+        while True:
+            assert got.ubatch.pos.tolist() == want.ubatch.pos.tolist()
+            assert got.ubatch.token.tolist() == want.ubatch.token.tolist()
+            assert got.recr.s_copy_all().tolist() == want.recr.s_copy_all().tolist()
+            for cg, cw in zip(sub_contexts(got.attn), sub_contexts(want.attn)):
+                assert cg.k_idxs().tolist() == cw.k_idxs().tolist()
+                np.testing.assert_array_equal(cg.kq_mask(), cw.kq_mask())
+            if not want.next():
+                assert got.next() is False
+                break
+            assert got.next() is True
+            want.apply()
+            got.apply()
+        assert hybrid_snapshot(a) == hybrid_snapshot(b)
+    a.clear()
+    old = a.init_batch(Batch(token=np.zeros(1, np.int32)), 4)
+    a.decode_step([0])
+    with pytest.raises(llmem.StaleContextError):
+        old.apply()  # the compiled step made older plans stale, as apply does
 
 
 def mask_from_lists(ctx, causal, n_rows, n_kv):
