@@ -8,8 +8,11 @@ from Python (llmem.KVCache), from a Cython extension through the C API without t
 with the lock held around the loop as a server's step holds it), and by a C++ loop
 calling the compiled core directly (llmem._core._time_core: no handle, lock or exception guard).
 Each figure is the median over rounds (the variants taken in turn) of the mean of a loop of calls. Target: the Cython path
-within 20% of the pure C++ core. The llama.cpp column is filled by the llama.cpp driver of the
-bench suite (another change); until then it reads "-".
+within 20% of the pure C++ core. The llama.cpp column is llama.cpp's own llama_kv_cache holding the
+same cells, driven from C++ by the bench's llama.cpp driver (bench/llama_driver.cpp) in the same
+rounds: seq_pos_max in a timed loop, a one-token seq_rm per call, the decode step (batch,
+allocator, init_batch, apply, k/v indices) per step; "-" with the reason where the driver is
+unavailable.
 """
 
 from __future__ import annotations
@@ -67,9 +70,23 @@ def _medians(fns, rounds: int) -> list[float]:
     return [statistics.median(x) for x in samples]
 
 
+def _llama_twin(n_seqs: int):
+    """llama.cpp's llama_kv_cache of N_CELLS cells holding what _filled holds (one sequence after
+    another, half full), or (None, why)."""
+    from . import workloads
+
+    cfg = workloads.Config(quick=True, use_llama=True)
+    note = workloads.driver_note(cfg)
+    if note:
+        return None, note
+    _, lk, _, note = workloads.twin_caches("unified", N_CELLS, n_seqs, cfg, with_llmem=False)
+    return lk, note
+
+
 def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
     mem = _filled(n_seqs)
     handle = drv.Memory(mem)
+    lk, llama_note = _llama_twin(n_seqs)
     seqs = np.arange(n_seqs, dtype=np.int32)
     base_len = [mem.seq_pos_max(int(s)) + 1 for s in seqs]
     seq_list = seqs.tolist()
@@ -85,10 +102,23 @@ def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
             q(i % n_seqs)
         return (time.perf_counter_ns() - t0) / reps
 
+    llama = {}  # workload -> llama.cpp's ns per call, sampled in the same rounds
+
+    def llama_rounds(name, fn):
+        """fn() as one more variant of the rounds when llama.cpp is driven, else a no-op."""
+        samples = llama.setdefault(name, [])
+
+        def run():
+            if lk is not None:
+                samples.append(fn())
+            return 0.0
+        return run
+
     rows.append(("seq_pos_max", *_medians([py_pos, lambda: drv.time_seq_pos_max(handle, n_seqs, reps),
                                             lambda: drv.time_seq_pos_max(handle, n_seqs, reps, True),
-                                            lambda: _core._time_core(mem, "seq_pos_max", seq_list, [], reps)],
-                                           rounds)))
+                                            lambda: _core._time_core(mem, "seq_pos_max", seq_list, [], reps),
+                                            llama_rounds("seq_pos_max", lambda: lk.loop_seq_pos_max(seqs, reps))],
+                                           rounds)[:4]))
 
     # seq_rm tail: one token appended to every sequence (not timed), then cut off again ---------
     tails = seqs.copy()
@@ -113,18 +143,20 @@ def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
         grow()
         return _core._time_core(mem, "seq_rm_tail", seq_list, base_len, 1)
 
-    rows.append(("seq_rm (tail of 1)", *_medians([py_rm, cy_rm, lambda: cy_rm(True), cpp_rm], rounds)))
+    rows.append(("seq_rm (tail of 1)", *_medians([py_rm, cy_rm, lambda: cy_rm(True), cpp_rm,
+                                                  llama_rounds("seq_rm (tail of 1)",
+                                                               lambda: statistics.median(
+                                                                   lk.time_seq_rm_tail(seqs, 1, n_seqs).tolist()))],
+                                                 rounds)[:4]))
 
     # decode step: one token per sequence, cells planned, applied and read back ------------------
     steps = 8
-    batch = llmem.Batch(token=np.zeros(n_seqs, np.int32), seq_id=seqs, output=np.ones(n_seqs, bool))
 
     def py_step():
+        step = mem.decode_step
         t0 = time.perf_counter_ns()
         for _ in range(steps):
-            ctx = mem.init_batch(batch, n_seqs)
-            for _ub in ctx:
-                ctx.k_idxs()
+            step(seqs).k_idxs()
         ns = (time.perf_counter_ns() - t0) / steps
         _trim(mem, seq_list, base_len)
         return ns
@@ -139,14 +171,25 @@ def measure(n_seqs: int, drv, rounds: int) -> list[dict]:
         _trim(mem, seq_list, base_len)
         return ns
 
-    rows.append(("decode step (1 token/seq)", *_medians([py_step, cy_step, lambda: cy_step(True), cpp_step],
-                                                         rounds)))
+    def llama_step():
+        ns = statistics.median(lk.decode_steps(seqs, steps, 0).tolist())
+        lk.seq_rm(-1, base_len[0], -1)  # every sequence holds base_len[0] tokens (side by side)
+        return ns
+
+    rows.append(("decode step (1 token/seq)", *_medians([py_step, cy_step, lambda: cy_step(True), cpp_step,
+                                                          llama_rounds("decode step (1 token/seq)", llama_step)],
+                                                         rounds)[:4]))
+    if lk is not None:
+        lk.close()
     out = []
     for name, py_ns, cy_ns, cy_held_ns, cpp_ns in rows:
+        ll = llama.get(name)
         out.append({"workload": name, "n_cells": N_CELLS, "n_seqs": n_seqs, "python_us": py_ns / 1e3,
                     "cython_capi_us": cy_ns / 1e3, "cython_capi_held_us": cy_held_ns / 1e3,
                     "cpp_core_us": cpp_ns / 1e3, "cython_vs_core": cy_ns / cpp_ns if cpp_ns else None,
-                    "cython_held_vs_core": cy_held_ns / cpp_ns if cpp_ns else None, "llama_us": None})
+                    "cython_held_vs_core": cy_held_ns / cpp_ns if cpp_ns else None,
+                    "llama_us": statistics.median(ll) / 1e3 if ll else None,
+                    "llama_note": "" if ll else llama_note})
     return out
 
 
@@ -167,14 +210,18 @@ def run(quick: bool = True, out=sys.stdout) -> list[dict]:
               "held/C++", "llama.cpp"]
     lines = [[r["workload"], str(r["n_seqs"]), f"{r['python_us']:.3f} us", f"{r['cython_capi_us']:.3f} us",
               f"{r['cython_capi_held_us']:.3f} us", f"{r['cpp_core_us']:.3f} us", f"{r['cython_vs_core']:.2f}x",
-              f"{r['cython_held_vs_core']:.2f}x", "-"] for r in records]
+              f"{r['cython_held_vs_core']:.2f}x",
+              "-" if r["llama_us"] is None else f"{r['llama_us']:.3f} us"] for r in records]
     widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     print(fmt(header), file=out)
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=out)
     for row in lines:
         print(fmt(row), file=out)
-    print("llama.cpp: filled in by the llama.cpp driver of the bench suite (not yet wired to these rows)", file=out)
+    notes = sorted({r["llama_note"] for r in records if r["llama_us"] is None and r["llama_note"]})
+    print("llama.cpp: its llama_kv_cache holding the same cells, timed inside C++ by the bench's driver "
+          "(seq_pos_max: loop mean; seq_rm and the decode step: median per call)"
+          + (f"; not measured: {'; '.join(notes)}" if notes else ""), file=out)
     print("Cython (C API): each call takes and frees memory.lock (an uncontended atomic exchange); lock "
           "held: the loop runs under api.lock(), as a server's step does, so each call's lock is the "
           "re-entrant fast path. C++ core: the same calls on the compiled cache, no handle, lock or guard.",

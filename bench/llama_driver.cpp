@@ -256,15 +256,16 @@ LMD_API void lmd_model_free(void * model) {
 // -- llama_kv_cache ----------------------------------------------------------------------------
 
 // kv_size cells per stream; unified = one stream for every sequence, else one per sequence
-// (llama_context's kv_unified). No SWA, f16 K/V of the model's width, V not transposed (flash
-// attention) unless v_trans.
+// (llama_context's kv_unified). f16 K/V of the model's width, V not transposed (flash attention)
+// unless v_trans; swa_type (llama_swa_type: 0 none, 1 standard, 2 chunked, 3 symmetric) with a
+// window of n_swa positions, as the constructor takes them (a cache of sliding-window layers).
 LMD_API void * lmd_kv_new(void * model, uint32_t kv_size, uint32_t n_seq_max, int unified, int v_trans,
-                          uint32_t n_ubatch, uint32_t n_tokens_max) {
+                          uint32_t n_ubatch, uint32_t n_tokens_max, uint32_t n_swa, int swa_type) {
     const auto & m = *static_cast<llama_model *>(model);
     auto         d = std::make_unique<kv_driver>(m);
     const int    rc = guarded([&] {
         d->kv = std::make_unique<llama_kv_cache>(m, m.hparams, GGML_TYPE_F16, GGML_TYPE_F16, v_trans != 0, false,
-                                                 unified != 0, kv_size, n_seq_max, 1, 0, LLAMA_SWA_TYPE_NONE, nullptr,
+                                                 unified != 0, kv_size, n_seq_max, 1, n_swa, llama_swa_type(swa_type), nullptr,
                                                  nullptr, nullptr, nullptr);
         d->path     = std::make_unique<batch_path>(m, d->kv.get(), n_seq_max, n_tokens_max);
         d->n_ubatch = n_ubatch;
@@ -459,6 +460,19 @@ LMD_API int lmd_kv_time_seq_pos_max(void * h, const int32_t * seqs, int32_t n_se
     }
     (void) sink;
     return 0;
+}
+
+// llama_kv_cache::seq_pos_max of seqs[i % n_seqs] in one timed loop of reps calls: nanoseconds
+// per call (the per-call samples above carry two clock reads each, more than the lookup costs).
+LMD_API double lmd_kv_loop_seq_pos_max(void * h, const int32_t * seqs, int32_t n_seqs, int32_t reps) {
+    auto &           d    = *static_cast<kv_driver *>(h);
+    volatile int32_t sink = 0;
+    const int64_t    t0   = now_ns();
+    for (int32_t k = 0; k < reps; ++k) {
+        sink = d.kv->seq_pos_max(seqs[k % n_seqs]);
+    }
+    (void) sink;
+    return double(now_ns() - t0) / double(reps > 0 ? reps : 1);
 }
 
 // llama_kv_cache::seq_rm of the last `tail` positions of seqs[i % n_seqs], reps calls each timed;

@@ -207,7 +207,7 @@ def _declare(lib) -> None:
         "lmd_model_load": (vp, [c.c_char_p]),
         "lmd_model_free": (None, [vp]),
         "lmd_model_n_layer": (u32, [vp]),
-        "lmd_kv_new": (vp, [vp, u32, u32, c.c_int, c.c_int, u32, u32]),
+        "lmd_kv_new": (vp, [vp, u32, u32, c.c_int, c.c_int, u32, u32, u32, c.c_int]),
         "lmd_kv_free": (None, [vp]),
         "lmd_kv_decode": (c.c_int, [vp, p_i32, p_i32, i32, u32]),
         "lmd_kv_decode_steps": (c.c_int, [vp, p_i32, i32, i32, i32, p_i64]),
@@ -222,6 +222,7 @@ def _declare(lib) -> None:
         "lmd_kv_n_stream": (u32, [vp]),
         "lmd_kv_time_seq_pos_max": (c.c_int, [vp, p_i32, i32, i32, p_i64]),
         "lmd_kv_time_seq_rm_tail": (c.c_int, [vp, p_i32, i32, i32, i32, p_i64]),
+        "lmd_kv_loop_seq_pos_max": (c.c_double, [vp, p_i32, i32, i32]),
         "lmd_rs_new": (vp, [vp, u32, u32, u32]),
         "lmd_rs_free": (None, [vp]),
         "lmd_rs_steps": (c.c_int, [vp, p_i32, i32, i32, p_i64]),
@@ -299,13 +300,16 @@ class Model:
 
 class KV:
     """A ``llama_kv_cache`` of ``kv_size`` cells per stream (one stream when ``unified``, else one
-    per sequence), f16 K/V of the model's width, V not transposed (as under flash attention)."""
+    per sequence), f16 K/V of the model's width, V not transposed (as under flash attention);
+    ``swa_type`` (llama_swa_type: 1 standard, 2 chunked, 3 symmetric) with ``n_swa`` makes it a
+    sliding-window cache."""
 
     def __init__(self, model: Model, kv_size: int, n_seq_max: int, unified: bool = True,
-                 n_ubatch: int = 512, n_tokens_max: int = 512, v_trans: bool = False) -> None:
+                 n_ubatch: int = 512, n_tokens_max: int = 512, v_trans: bool = False,
+                 n_swa: int = 0, swa_type: int = 0) -> None:
         self.model = model  # kept alive: the cache refers to its hyperparameters
         self.h = _lib.lmd_kv_new(model.h, kv_size, n_seq_max, int(unified), int(v_trans), n_ubatch,
-                                 max(n_tokens_max, n_ubatch, n_seq_max))
+                                 max(n_tokens_max, n_ubatch, n_seq_max), n_swa, swa_type)
         if not self.h:
             raise RuntimeError(_lib.lmd_last_error().decode(errors="replace"))
         self.unified = unified
@@ -390,6 +394,11 @@ class KV:
         _check(_lib.lmd_kv_time_seq_pos_max(self.h, _ptr(s, ctypes.c_int32), len(s), reps,
                                             _ptr(out, ctypes.c_int64)), "seq_pos_max")
         return out
+
+    def loop_seq_pos_max(self, seqs, reps: int) -> float:
+        """Nanoseconds per seq_pos_max call over a loop of ``reps`` calls (one clock read pair)."""
+        s = _i32(seqs)
+        return float(_lib.lmd_kv_loop_seq_pos_max(self.h, _ptr(s, ctypes.c_int32), len(s), reps))
 
     def time_seq_rm_tail(self, seqs, tail: int, reps: int) -> np.ndarray:
         s = _i32(seqs)

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 import llmem
-from llmem import Batch, KVCache, RecurrentMemory, Rope
+from llmem import Batch, KVCache, RecurrentMemory, Rope, SWAType
 
 from . import llama_baseline, llama_driver
 from ._timing import median_min_us, sample_ns
@@ -336,6 +336,10 @@ def seq_ops(n_cells: int, n_seqs: int, cfg: Config) -> Iterator[Result]:
 # decode step and prefill (batch allocator + slot search + apply)
 # ---------------------------------------------------------------------------------------------
 
+SWA_TYPES = {"none": SWAType.NONE, "standard": SWAType.STANDARD, "chunked": SWAType.CHUNKED,
+             "symmetric": SWAType.SYMMETRIC}
+
+
 class DecodeSide:
     """llmem's half of a decode-step comparison: the step (``KVCache.decode_step`` where the tree
     has it, else Batch + ``init_batch`` + ``apply``), its k/v indices, and the mask (written into
@@ -368,22 +372,22 @@ class DecodeSide:
         ctx.v_idxs()
         return ctx
 
-    def mask(self, ctx):
+    def mask(self, ctx, causal: bool = True):
         if self.mask_out is False:
-            return ctx.kq_mask()
+            return ctx.kq_mask(causal)
         shape = (len(self.seq_ids), ctx.n_kv)
         buf = self.bufs.get(shape)
         if buf is None:
             buf = self.bufs[shape] = np.empty(shape, np.float32)
         if self.mask_out:
-            return ctx.kq_mask(out=buf)
+            return ctx.kq_mask(causal, out=buf)
         try:
-            out = ctx.kq_mask(out=buf)
+            out = ctx.kq_mask(causal, out=buf)
             self.mask_out = True
             return out
         except (TypeError, ValueError):  # a tree without out= (or with another contract for it)
             self.mask_out = False
-            return ctx.kq_mask()
+            return ctx.kq_mask(causal)
 
     def mask_f16(self, ctx):
         """The f16 mask (llama.cpp's under flash attention) into a reused buffer, where the tree's
@@ -425,11 +429,13 @@ def driver_model(kind: str = "kv"):
 
 
 def twin_caches(layout: str, n_cells: int, n_seqs: int, cfg: Config, n_seq_max: Optional[int] = None,
-                per_seq: Optional[int] = None, v_trans: bool = False, with_llmem: bool = True):
+                per_seq: Optional[int] = None, v_trans: bool = False, with_llmem: bool = True,
+                swa: str = "none", n_swa: int = 0):
     """llmem's KVCache and (when the driver is available) llama.cpp's llama_kv_cache of the same
     shape, filled by the same batch: ``per_seq`` tokens of every sequence (default: half the
     cache), one micro-batch. ``n_cells`` is the total: per stream ``n_cells / n_seqs`` cells when
-    ``layout`` is "streams" (one stream per sequence, llama.cpp's kv_unified = false).
+    ``layout`` is "streams" (one stream per sequence, llama.cpp's kv_unified = false). ``swa``
+    ("standard", "chunked", "symmetric") with ``n_swa`` makes both sliding-window caches.
     Returns (kv, llama kv or None, per_seq, note)."""
     unified = layout == "unified"
     n_seq_max = n_seqs if n_seq_max is None else n_seq_max
@@ -442,7 +448,7 @@ def twin_caches(layout: str, n_cells: int, n_seqs: int, cfg: Config, n_seq_max: 
     kv = None
     if with_llmem:
         kv = KVCache(1, llama_baseline.N_EMBD, llama_baseline.N_EMBD, kv_size, n_seq_max=n_seq_max,
-                     unified=unified, v_trans=v_trans, compat="b11312")
+                     unified=unified, v_trans=v_trans, compat="b11312", n_swa=n_swa, swa_type=SWA_TYPES[swa])
         for _ in kv.init_batch(Batch(token=np.zeros(n, np.int32), seq_id=seq_of, pos=pos_of,
                                      output=np.zeros(n, bool)), n):
             pass
@@ -450,18 +456,18 @@ def twin_caches(layout: str, n_cells: int, n_seqs: int, cfg: Config, n_seq_max: 
     lk = None
     if not note:
         lk = llama_driver.KV(driver_model(), kv_size, n_seq_max, unified=unified, n_ubatch=max(512, n_seqs),
-                             n_tokens_max=n, v_trans=v_trans)
+                             n_tokens_max=n, v_trans=v_trans, n_swa=n_swa, swa_type=int(SWA_TYPES[swa]))
         lk.decode(seq_of, pos_of, n_ubatch=n)
     return kv, lk, per_seq, note
 
 
-def masks_agree(side: DecodeSide, lk) -> tuple[bool, str]:
+def masks_agree(side: DecodeSide, lk, causal: bool = True) -> tuple[bool, str]:
     """One decode step in each, then llama.cpp's mask (copied out of its graph input) against
     llmem's, and the k indices; both steps are left in the caches."""
     ctx = side.step()
     lk.decode_steps(side.seq_ids, 1, 0)
-    mine = np.asarray(side.mask(ctx), np.float32)
-    theirs = lk.mask()
+    mine = np.asarray(side.mask(ctx, causal), np.float32)
+    theirs = lk.mask(causal)
     if mine.shape != theirs.shape and mine.size == theirs.size:
         mine = mine.reshape(theirs.shape)
     if mine.shape != theirs.shape:
@@ -589,6 +595,48 @@ def decode_rows(layout: str, n_cells: int, n_seqs: int, cfg: Config, with_mask: 
                reference_note="-")
     if lk is not None:
         r.llama_us, r.llama_min_us = _stats(theirs)
+    else:
+        r.llama_note = note
+    yield r
+
+
+def mask_rows(layout: str, n_cells: int, n_seqs: int, cfg: Config, swa: str = "none", n_swa: int = 0,
+              causal: bool = True) -> Iterator[Result]:
+    """The f32 mask of a decode step's micro-batch (one token per sequence, half-full cache) in the
+    configurations the decode rows leave out: sliding-window caches (standard, chunked, symmetric)
+    and the non-causal mask (``causal_attn`` false, as for an embedding model), next to llama.cpp's
+    ``set_input_kq_mask`` on its own cache holding the same cells (same shape and type, a host
+    buffer; the masks checked equal first). Timed in interleaved rounds of repeated calls on one
+    applied step, as the ``kq_mask f32 (decode step)`` rows."""
+    params = {"layout": layout, "n_cells": n_cells, "n_seqs": n_seqs}
+    if swa != "none":
+        params["swa"] = f"{swa} {n_swa}"
+    if not causal:
+        params["causal"] = "no"
+    kv, lk, per_seq, note = twin_caches(layout, n_cells, n_seqs, cfg, swa=swa, n_swa=n_swa)
+    seq_ids = np.arange(n_seqs, dtype=np.int32)
+    side = DecodeSide(kv, seq_ids, max(512, n_seqs))
+    if lk is not None:
+        ok, why = masks_agree(side, lk, causal)
+        if not ok:
+            note, lk = f"not timed: {why}", None
+    ctx = side.step() if lk is None else None
+    if ctx is None:  # masks_agree left one applied step in each cache
+        kv.seq_rm(-1, per_seq, -1)
+        lk.seq_rm(-1, per_seq, -1)
+        ctx = side.step()
+        lk.decode_steps(seq_ids, 1, 0)
+    reps = 10 if cfg.quick else 40
+    mine, theirs = [], []
+    for _ in range(4 if cfg.quick else 16):
+        mine += sample_ns(lambda: side.mask(ctx, causal), reps)
+        if lk is not None:
+            theirs += lk.mask_reps(reps, causal=causal).tolist()
+    r = Result("kq_mask f32 (decode step)", params, *_stats(mine), extra={"llmem_api": side.api},
+               reference_note="see the kq_mask row of the mask group")
+    if lk is not None:
+        r.llama_us, r.llama_min_us = _stats(theirs)
+        lk.close()
     else:
         r.llama_note = note
     yield r
@@ -891,6 +939,19 @@ def plan(cfg: Config) -> list[tuple[str, str, Callable[[], Iterator[Result]]]]:
     for lay, c, s in decode_grid:
         tasks.append(("decode", f"decode step, {lay}, {c} cells, {s} seqs",
                       lambda lay=lay, c=c, s=s: decode_rows(lay, c, s, cfg)))
+    # the mask in the configurations the decode rows leave out: sliding windows, non-causal, 4k
+    mask_grid = [("unified", 65536, 1, "standard", 4096, True), ("unified", 65536, 1, "chunked", 4096, True),
+                 ("unified", 65536, 1, "symmetric", 4096, True), ("unified", 65536, 64, "standard", 4096, True),
+                 ("streams", 65536, 64, "chunked", 4096, True), ("unified", 65536, 1, "none", 0, False),
+                 ("unified", 65536, 64, "none", 0, False), ("unified", 4096, 1, "none", 0, True),
+                 ("unified", 4096, 4, "standard", 1024, True)]
+    if not cfg.quick:
+        mask_grid += [("unified", 1 << 20, 1, "chunked", 4096, True), ("unified", 65536, 4, "symmetric", 4096, False),
+                      ("streams", 1 << 20, 256, "standard", 4096, True), ("unified", 65536, 256, "none", 0, False)]
+    for lay, c, s, swa, n_swa, causal in mask_grid:
+        tasks.append(("mask", f"kq_mask, {lay}, {c} cells, {s} seqs, swa {swa}, causal {causal}",
+                      lambda lay=lay, c=c, s=s, swa=swa, n_swa=n_swa, causal=causal:
+                      mask_rows(lay, c, s, cfg, swa, n_swa, causal)))
     for c in prefill_sizes:
         tasks.append(("prefill", f"prefill, {c} cells", lambda c=c: prefill(c, cfg)))
     for s in rec_seqs:

@@ -1,12 +1,17 @@
 #include "pybind.h"
 
+#include "llmem/batch.h"
 #include "llmem/errors.h"
+#include "llmem/hybrid.h"
 #include "llmem/kv_attention.h"
 #include "llmem/kv_cache.h"
+
+#include "../capi/memory_lock.h"
 
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 
 namespace llmem::bind {
@@ -33,15 +38,14 @@ bool format_matches(const Py_buffer & v, elem e) {
     while (*f == '@' || *f == '=' || *f == '<') {
         ++f;
     }
-    const std::string fmt(f);
-    if (size_t(v.itemsize) != elem_size(e)) {
-        return false;
+    if (size_t(v.itemsize) != elem_size(e) || f[0] == 0 || f[1] != 0) {
+        return false;  // every accepted format is one character
     }
     switch (e) {
-        case elem::F32: return fmt == "f";
-        case elem::F16: return fmt == "e";
-        case elem::I32: return fmt == "i" || fmt == "l";
-        case elem::I64: return fmt == "l" || fmt == "q";
+        case elem::F32: return f[0] == 'f';
+        case elem::F16: return f[0] == 'e';
+        case elem::I32: return f[0] == 'i' || f[0] == 'l';
+        case elem::I64: return f[0] == 'l' || f[0] == 'q';
     }
     return false;
 }
@@ -88,6 +92,12 @@ public:
                                  "-byte items");
         }
         const size_t have = raw ? size_t(view_.len) / elem_size(e) : size_t(view_.len) / size_t(view_.itemsize);
+        capacity_ = have;
+        if (exact && !raw && size_t(view_.ndim) == shape.size() && have == n &&
+            std::equal(shape.begin(), shape.end(), view_.shape,
+                       [](size_t want, Py_ssize_t d) { return size_t(d) == want; })) {
+            return;  // the usual case: a typed buffer of exactly the shape asked
+        }
         std::vector<size_t> got;
         for (int d = 0; d < view_.ndim; ++d) {
             got.push_back(size_t(view_.shape[d]));
@@ -202,18 +212,279 @@ std::string no_room(size_t n) {
 thread_local std::vector<int32_t> t_seq_ids;
 thread_local std::vector<int32_t> t_tokens;
 
-// The decode step's arguments, checked: returns the token pointer (null without tokens).
-const int32_t * decode_args(py::handle seq_ids, py::handle tokens) {
-    read_ids(seq_ids, "seq_ids", t_seq_ids);
-    if (tokens.is_none()) {
+
+
+// -- the one-call decode step (KVCache.decode_step, KVCacheISWA.decode_step) ---------------------
+//
+// Plain CPython functions (METH_FASTCALL), not pybind11 definitions: the step of 64 sequences
+// costs about 2 us in C++, and pybind11's dispatcher (argument vectors on the heap, overload
+// loop) plus the Python-side lock, context construction and k_idxs call cost as much again. Each
+// call takes the memory's lock as `with memory.lock` does, reads int32 arrays in place, plans
+// and applies, bumps the Python version counter(s), computes the k rows once and builds the
+// Python context objects, all under the lock.
+
+struct step_names {
+    PyObject * core    = PyUnicode_InternFromString("_core");
+    PyObject * lock    = PyUnicode_InternFromString("_lock");
+    PyObject * version = PyUnicode_InternFromString("_version");
+    PyObject * base    = PyUnicode_InternFromString("base");
+    PyObject * swa     = PyUnicode_InternFromString("swa");
+};
+
+const step_names & names() {
+    static const step_names n;  // interned for the process's lifetime
+    return n;
+}
+
+// The memory's lock for the call, taken as Python takes it (memory_lock.h).
+class python_lock {
+public:
+    explicit python_lock(py::handle mem) {
+        lock_ = py::reinterpret_steal<py::object>(PyObject_GetAttr(mem.ptr(), names().lock));
+        if (!lock_) {
+            throw py::error_already_set();
+        }
+        state_ = capi::memory_lock_of(lock_.ptr());
+        if (state_ == nullptr || !capi::memory_lock_python_acquire(lock_.ptr())) {
+            throw py::type_error("memory._lock is not llmem's MemoryLock (was it replaced?)");
+        }
+    }
+    ~python_lock() { capi::memory_lock_release_held(*state_); }
+    python_lock(const python_lock &)             = delete;
+    python_lock & operator=(const python_lock &) = delete;
+
+private:
+    py::object                 lock_;
+    capi::memory_lock_state *  state_ = nullptr;
+};
+
+py::object attr(py::handle obj, PyObject * name) {
+    PyObject * r = PyObject_GetAttr(obj.ptr(), name);
+    if (r == nullptr) {
+        throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::object>(r);
+}
+
+// The int32 values of a 1-D C-contiguous int32 array in place; anything else converted (and
+// checked) into `scratch` as read_ids does.
+const int32_t * ids_view(py::handle obj, const char * name, std::vector<int32_t> & scratch, size_t & n) {
+    using exact = py::array_t<int32_t, py::array::c_style>;
+    if (exact::check_(obj)) {
+        const auto * a = py::detail::array_proxy(obj.ptr());
+        if (a->nd == 1) {
+            n = size_t(a->dimensions[0]);
+            return reinterpret_cast<const int32_t *>(a->data);
+        }
+    }
+    read_ids(obj, name, scratch);
+    n = scratch.size();
+    return scratch.data();
+}
+
+struct step_args {
+    const int32_t * ids = nullptr;
+    const int32_t * tok = nullptr;
+    uint32_t        n   = 0;
+};
+
+step_args read_step_args(py::handle seq_ids, py::handle tokens) {
+    step_args a;
+    size_t    n = 0;
+    a.ids       = ids_view(seq_ids, "seq_ids", t_seq_ids, n);
+    if (n > size_t(std::numeric_limits<int32_t>::max())) {
+        throw py::value_error("seq_ids has more than 2^31 - 1 entries");
+    }
+    a.n = uint32_t(n);
+    if (!tokens.is_none()) {
+        size_t nt = 0;
+        a.tok     = ids_view(tokens, "tokens", t_tokens, nt);
+        if (nt != n) {
+            throw py::value_error("tokens has " + std::to_string(nt) + " entries, seq_ids " + std::to_string(n) +
+                                  ": one token per sequence");
+        }
+    }
+    return a;
+}
+
+// cache._version += 1 (the Python side's change counter); returns the new value.
+py::object bump_version(py::handle cache) {
+    py::object v = attr(cache, names().version);
+    PyObject * one = PyLong_FromLong(1);
+    PyObject * nv  = one ? PyNumber_Add(v.ptr(), one) : nullptr;
+    Py_XDECREF(one);
+    if (nv == nullptr || PyObject_SetAttr(cache.ptr(), names().version, nv) != 0) {
+        Py_XDECREF(nv);
+        throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::object>(nv);
+}
+
+// The applied step as the Python context: context_type(cache, KVContext, version, k rows).
+py::object python_context(py::handle context_type, py::handle cache, py::handle core, kv_cache & c,
+                          kv_context && ctx) {
+    py::array_t<int64_t> rows(py::ssize_t(ctx.get_slot().idxs.size()));
+    kv_k_idxs(c, ctx.get_slot(), rows.mutable_data());
+    py::object compiled = owned_by(py::cast(std::move(ctx)), core);
+    py::object version  = bump_version(cache);
+    PyObject * args[]   = { cache.ptr(), compiled.ptr(), version.ptr(), rows.ptr() };
+    PyObject * r        = PyObject_Vectorcall(context_type.ptr(), args, 4, nullptr);
+    if (r == nullptr) {
+        throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::object>(r);
+}
+
+PyObject * translate_current() {
+    try {
+        throw;
+    } catch (py::error_already_set & e) {
+        e.restore();
+    } catch (...) {
+        py::detail::try_translate_exceptions();
+    }
+    return nullptr;
+}
+
+// kv_decode_step(cache, seq_ids, tokens, context_type) -> context or None
+PyObject * kv_decode_step_py(PyObject *, PyObject * const * args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "kv_decode_step(cache, seq_ids, tokens, context_type) takes 4 arguments");
         return nullptr;
     }
-    read_ids(tokens, "tokens", t_tokens);
-    if (t_tokens.size() != t_seq_ids.size()) {
-        throw py::value_error("tokens has " + std::to_string(t_tokens.size()) + " entries, seq_ids " +
-                              std::to_string(t_seq_ids.size()) + ": one token per sequence");
+    try {
+        py::handle      mem(args[0]);
+        py::object      core = attr(mem, names().core);
+        kv_cache &      c    = core.cast<kv_cache &>();
+        const step_args a    = read_step_args(args[1], args[2]);
+        python_lock     hold(mem);
+        // a plain cache is its own position source (as init_batch reads it)
+        kv_context ctx = kv_decode_step(c, c, a.ids, a.n, a.tok);
+        if (ctx.status() == memory_status::NO_UPDATE) {
+            Py_RETURN_NONE;  // several micro-batches: the caller takes the general path
+        }
+        if (ctx.status() != memory_status::SUCCESS) {
+            throw llmem::error(no_room(a.n));
+        }
+        return python_context(args[3], mem, core, c, std::move(ctx)).release().ptr();
+    } catch (...) {
+        return translate_current();
     }
-    return t_tokens.data();
+}
+
+// kv_iswa_decode_step(mem, seq_ids, tokens, context_type, iswa_context_type) -> context or None
+PyObject * kv_iswa_decode_step_py(PyObject *, PyObject * const * args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "kv_iswa_decode_step(mem, seq_ids, tokens, context_type, iswa_context_type) takes 5 arguments");
+        return nullptr;
+    }
+    try {
+        py::handle      mem(args[0]);
+        py::object      base = attr(mem, names().base), swa = attr(mem, names().swa);
+        py::object      core_b = attr(base, names().core), core_s = attr(swa, names().core);
+        kv_cache &      b = core_b.cast<kv_cache &>();
+        kv_cache &      s = core_s.cast<kv_cache &>();
+        const step_args a = read_step_args(args[1], args[2]);
+        python_lock     hold(mem);
+        auto            p = kv_iswa_decode_step(b, s, a.ids, a.n, a.tok);
+        if (p.first.status() == memory_status::NO_UPDATE) {
+            Py_RETURN_NONE;
+        }
+        if (p.first.status() != memory_status::SUCCESS) {
+            throw llmem::error(no_room(a.n));
+        }
+        py::object cb  = python_context(args[3], base, core_b, b, std::move(p.first));
+        py::object cs  = python_context(args[3], swa, core_s, s, std::move(p.second));
+        PyObject * in[] = { mem.ptr(), cb.ptr(), cs.ptr() };
+        return PyObject_Vectorcall(args[4], in, 3, nullptr);
+    } catch (...) {
+        return translate_current();
+    }
+}
+
+PyMethodDef decode_step_defs[] = {
+    { "kv_decode_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kv_decode_step_py)),
+      METH_FASTCALL,
+      "kv_decode_step($module, cache, seq_ids, tokens, context_type, /)\n--\n\n"
+      "One token per sequence planned and applied in one call, under cache._lock (see "
+      "llmem.KVCache.decode_step): context_type(cache, KVContext, version, k_idxs), or None when the "
+      "step takes several micro-batches." },
+    { "kv_iswa_decode_step",
+      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(kv_iswa_decode_step_py)), METH_FASTCALL,
+      "kv_iswa_decode_step($module, mem, seq_ids, tokens, context_type, iswa_context_type, /)\n--\n\n"
+      "The decode step of a KVCacheISWA in one call: iswa_context_type(mem, base context, swa context), or "
+      "None when the step takes several micro-batches." },
+    { nullptr, nullptr, 0, nullptr },
+};
+
+// A hybrid memory's decode step in one call: the decode batch (token ids 0 without tokens, as
+// the general path's Batch), the allocator with the hybrid's positions, hybrid_prepare with n_ubatch
+// max(n, n_rs_seq + 2) and the apply of the first micro-batch on every part: init_batch + apply
+// without the Python objects between.
+py::tuple hybrid_decode_step(py::object base_obj, py::object swa_obj, py::object recr_obj, py::object positions_obj,
+                             py::handle seq_ids, py::handle tokens) {
+    kv_cache & base = base_obj.cast<kv_cache &>();
+    kv_cache * swa  = swa_obj.is_none() ? nullptr : swa_obj.cast<kv_cache *>();
+    auto *     recr = dynamic_cast<rs_memory *>(recr_obj.cast<seq_pos_source *>());
+    if (recr == nullptr) {
+        throw py::type_error("recr must be the compiled core of a RecurrentMemory");
+    }
+    const seq_pos_source & positions = *positions_obj.cast<const seq_pos_source *>();
+    const step_args        a         = read_step_args(seq_ids, tokens);
+    check_decode_step_args(base.n_seq_max(), a.ids, a.n, a.tok);
+    thread_local batch                         b;
+    thread_local std::unique_ptr<batch_allocr> balloc;
+    if (!balloc || balloc->n_seq_max() != base.n_seq_max()) {
+        balloc = std::make_unique<batch_allocr>(base.n_seq_max());
+    }
+    b.n_tokens = a.n;
+    if (a.tok) {
+        b.token.assign(a.tok, a.tok + a.n);
+    } else {
+        b.token.assign(a.n, 0);  // the allocator needs token ids: 0, as the C API's decode_step
+    }
+    b.embd.clear();
+    b.n_embd = 0;
+    b.pos.clear();
+    b.seq_id.assign(a.ids, a.ids + a.n);
+    b.seq_id_off.resize(size_t(a.n) + 1);
+    for (uint32_t i = 0; i <= a.n; ++i) {
+        b.seq_id_off[i] = int32_t(i);
+    }
+    b.output.assign(a.n, 1);
+    balloc->init(b, &positions, false);
+    // every sequence in one micro-batch, and room for the recurrent split's kept tail (n_rs_seq + 1
+    // tokens of a sequence stay together): the C API's decode_step n_ubatch
+    const uint32_t n_ubatch = std::max(a.n, recr->n_rs_seq() + 2);
+    hybrid_plan    plan     = hybrid_prepare(*balloc, n_ubatch, false, base, swa, *recr);
+    if (plan.status != memory_status::SUCCESS) {
+        throw llmem::error(no_room(a.n));
+    }
+    rs_context                recr_ctx(recr, plan.ubatches);
+    std::optional<kv_context> swa_ctx;
+    if (swa != nullptr) {
+        swa_ctx.emplace(*swa, std::move(plan.slots_swa), plan.ubatches);
+    }
+    kv_context base_ctx(base, std::move(plan.slots_base), std::move(plan.ubatches));
+    base_ctx.apply();  // the attention side first, then the recurrent side (HybridContext.apply)
+    if (swa_ctx) {
+        swa_ctx->apply();
+    }
+    recr_ctx.apply();
+    py::object swa_out = swa_ctx ? owned_by(py::cast(std::move(*swa_ctx)), swa_obj) : py::object(py::none());
+    return py::make_tuple(owned_by(py::cast(std::move(base_ctx)), base_obj), swa_out,
+                          owned_by(py::cast(std::move(recr_ctx)), recr_obj));
+}
+
+void add_decode_step_functions(py::module_ & m) {
+    if (PyModule_AddFunctions(m.ptr(), decode_step_defs) != 0) {
+        throw py::error_already_set();
+    }
+    m.def("hybrid_decode_step", &hybrid_decode_step, py::arg("base"), py::arg("swa"), py::arg("recr"),
+          py::arg("positions"), py::arg("seq_ids"), py::arg("tokens") = py::none(),
+          "A hybrid memory's decode step (init_batch + apply of its first micro-batch) in one call: "
+          "(base context, swa context or None, recurrent context), applied.");
 }
 
 } // namespace
@@ -232,7 +503,7 @@ void register_kv_attention(py::module_ & m) {
               const std::vector<size_t> shape{ sh.n_rows(), sh.n_kv };
               py::object result = out;
               void *     dst    = nullptr;
-              std::unique_ptr<out_buffer> buf;
+              std::optional<out_buffer> buf;
               if (out.is_none()) {
                   if (f16) {
                       py::array a(py::dtype("float16"), std::vector<py::ssize_t>{ py::ssize_t(shape[0]), py::ssize_t(shape[1]) });
@@ -244,7 +515,7 @@ void register_kv_attention(py::module_ & m) {
                       result = a;
                   }
               } else {
-                  buf = std::make_unique<out_buffer>(out, "out", f16 ? elem::F16 : elem::F32, shape, true);
+                  buf.emplace(out, "out", f16 ? elem::F16 : elem::F32, shape, true);
                   dst = buf->data();
               }
               const size_t bytes = sh.n_elements() * (f16 ? 2 : 4);
@@ -389,39 +660,7 @@ void register_kv_attention(py::module_ & m) {
           py::arg("ctx"), py::arg("causal") = true, py::arg("out") = py::none(),
           "Paged-attention form of the current micro-batch: 9 int32 arrays (see llmem.PagedKV).");
 
-    m.def("kv_decode_step",
-          [](py::object self, py::handle seq_ids, py::handle tokens) -> py::object {
-              kv_cache &      c   = self.cast<kv_cache &>();
-              const int32_t * tok = decode_args(seq_ids, tokens);
-              // a plain cache is its own position source (as init_batch reads it)
-              kv_context ctx = kv_decode_step(c, c, t_seq_ids.data(), uint32_t(t_seq_ids.size()), tok);
-              if (ctx.status() == memory_status::NO_UPDATE) {
-                  return py::none();  // several micro-batches: the caller takes the general path
-              }
-              if (ctx.status() != memory_status::SUCCESS) {
-                  throw llmem::error(no_room(t_seq_ids.size()));
-              }
-              return owned_by(py::cast(std::move(ctx)), self);
-          },
-          py::arg("cache"), py::arg("seq_ids"), py::arg("tokens") = py::none(),
-          "One token per sequence planned and applied in one call (see llmem.KVCache.decode_step).");
-
-    m.def("kv_iswa_decode_step",
-          [](py::object base, py::object swa, py::handle seq_ids, py::handle tokens) -> py::object {
-              kv_cache &      b   = base.cast<kv_cache &>();
-              kv_cache &      s   = swa.cast<kv_cache &>();
-              const int32_t * tok = decode_args(seq_ids, tokens);
-              auto p = kv_iswa_decode_step(b, s, t_seq_ids.data(), uint32_t(t_seq_ids.size()), tok);
-              if (p.first.status() == memory_status::NO_UPDATE) {
-                  return py::none();
-              }
-              if (p.first.status() != memory_status::SUCCESS) {
-                  throw llmem::error(no_room(t_seq_ids.size()));
-              }
-              return py::make_tuple(owned_by(py::cast(std::move(p.first)), base),
-                                    owned_by(py::cast(std::move(p.second)), swa));
-          },
-          py::arg("base"), py::arg("swa"), py::arg("seq_ids"), py::arg("tokens") = py::none());
+    add_decode_step_functions(m);
 }
 
 } // namespace llmem::bind

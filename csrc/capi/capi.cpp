@@ -11,6 +11,7 @@
 #include "llmem/batch.h"
 #include "llmem/errors.h"
 #include "llmem/hybrid.h"
+#include "llmem/kv_attention.h"
 #include "llmem/kv_cache.h"
 #include "llmem/llmem_capi.h"
 #include "llmem/rs_memory.h"
@@ -720,6 +721,65 @@ int64_t k_row(const kv_cache & cache, const llmem::slot_info & s, size_t t) {
     return int64_t(s.strm[g]) * cache.size() + s.idxs[t];
 }
 
+// The decode step of a KV or iSWA cache through the compiled one-call step that
+// KVCache.decode_step runs (kv_attention.h): no batch allocator, the same decisions. Taken when
+// the step is one micro-batch (n_ubatch 0 or >= n; ascending consecutive ids with per-sequence
+// streams) and the arguments are ones the allocator accepts (ids in range, tokens >= 0): other
+// calls take the general path, whose allocator reports what is wrong. Returns whether it ran
+// (the lock is held and the ids are distinct).
+bool decode_step_compiled(llmem_memory & m, const int32_t * seq_ids, const int32_t * token, uint32_t n,
+                          uint32_t n_ubatch, llmem_step * out, int64_t * k_idxs, int32_t * pos,
+                          llmem_context ** ctx_out) {
+    if ((m.info.kind != LLMEM_KIND_KV && m.info.kind != LLMEM_KIND_KV_ISWA) || (n_ubatch != 0 && n_ubatch < n) ||
+        !llmem::decode_step_is_one_ubatch(m.info.n_stream, seq_ids, n)) {
+        return false;
+    }
+    for (uint32_t i = 0; i < n; ++i) {
+        if (seq_ids[i] < 0 || seq_ids[i] >= m.info.n_seq_max || (token != nullptr && token[i] < 0)) {
+            return false;
+        }
+    }
+    if (token == nullptr) {  // as the general path: token ids 0
+        m.batch.token.assign(n, 0);
+        token = m.batch.token.data();
+    }
+    std::optional<llmem::kv_context> base, swa;
+    if (m.swa == nullptr) {
+        base.emplace(llmem::kv_decode_step(*m.base, *m.base, seq_ids, n, token));
+    } else {
+        auto p = llmem::kv_iswa_decode_step(*m.base, *m.swa, seq_ids, n, token);
+        base.emplace(std::move(p.first));
+        swa.emplace(std::move(p.second));
+    }
+    *out        = llmem_step{};
+    out->status = int32_t(base->status());
+    if (base->status() != memory_status::SUCCESS) {
+        return true;  // no room: nothing changed
+    }
+    llmem::capi::memory_lock_changed(*m.lock);
+    out->n_ubatches = 1;
+    out->n_kv       = base->n_kv();
+    out->n_kv_swa   = swa ? swa->n_kv() : 0;
+    if (pos) {
+        const llmem::ubatch & ub = base->get_ubatch();  // one token per sequence, in input order
+        std::copy(ub.data->pos.begin(), ub.data->pos.begin() + n, pos);
+    }
+    if (k_idxs) {
+        llmem::kv_k_idxs(*m.base, base->get_slot(), k_idxs);
+    }
+    if (ctx_out) {
+        auto ctx    = std::make_unique<llmem_context>();
+        ctx->mem    = &m;
+        ctx->status = memory_status::SUCCESS;
+        ctx->n      = 1;
+        ctx->base   = std::move(base);
+        ctx->swa    = std::move(swa);
+        ctx->epoch  = m.lock->epoch;  // its own change, as apply_locked leaves it
+        *ctx_out    = ctx.release();
+    }
+    return true;
+}
+
 int decode_step(llmem_memory * mp, const int32_t * seq_ids, const int32_t * token, uint32_t n, uint32_t n_ubatch,
                 llmem_step * out, int64_t * k_idxs, int32_t * pos, llmem_context ** ctx_out, char * err, size_t len) {
     if (ctx_out) *ctx_out = nullptr;
@@ -746,6 +806,9 @@ int decode_step(llmem_memory * mp, const int32_t * seq_ids, const int32_t * toke
                 }
                 m.seen[size_t(s)] = m.stamp;
             }
+        }
+        if (decode_step_compiled(m, seq_ids, token, n, n_ubatch, out, k_idxs, pos, ctx_out)) {
+            return LLMEM_OK;
         }
         llmem::batch & b = m.batch;
         b.n_tokens = n;

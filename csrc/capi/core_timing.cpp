@@ -4,7 +4,7 @@
 
 #include "../bindings/pybind.h"
 
-#include "llmem/batch.h"
+#include "llmem/kv_attention.h"
 #include "llmem/kv_cache.h"
 
 #include <chrono>
@@ -54,34 +54,17 @@ void register_core_timing(py::module_ & m) {
                 return elapsed_ns(t0, seqs.size());
             }
             if (op == "decode_step") {
-                // what llmem_capi.decode_step does: the decode batch, validation with positions
-                // from the cache, the plan, the apply and each token's K row in input order
-                const uint32_t        n = uint32_t(seqs.size());
-                batch_allocr          balloc(c.n_seq_max());
-                batch                 b;
-                std::vector<int64_t>  rows(n);
-                b.n_tokens = n;
-                b.token.assign(n, 0);
-                b.seq_id = seqs;
-                b.seq_id_off.resize(size_t(n) + 1);
-                for (uint32_t i = 0; i <= n; ++i) {
-                    b.seq_id_off[i] = int32_t(i);
-                }
-                b.output.assign(n, 1);
-                const auto t0 = clock_type::now();
+                // what llmem_capi.decode_step and KVCache.decode_step run: the compiled one-call
+                // step (plan and apply without a batch allocator) and each token's K row
+                const uint32_t       n = uint32_t(seqs.size());
+                std::vector<int64_t> rows(n);
+                const auto           t0 = clock_type::now();
                 for (int64_t s = 0; s < repeat; ++s) {
-                    balloc.init(b, &c, false);
-                    kv_context ctx = kv_init_batch(c, balloc, n);
+                    kv_context ctx = kv_decode_step(c, c, seqs.data(), n, nullptr);
                     if (ctx.status() != memory_status::SUCCESS) {
                         throw std::runtime_error("_time_core: the cache is full");
                     }
-                    ctx.apply();
-                    const ubatch &    ub   = ctx.get_ubatch();
-                    const slot_info & slot = ctx.get_slot();
-                    for (uint32_t k = 0; k < ub.n_tokens; ++k) {
-                        const uint32_t g = slot.n_per_group ? k / slot.n_per_group : 0;
-                        rows[size_t(ub.data->batch_idx[k])] = int64_t(slot.strm[g]) * c.size() + slot.idxs[k];
-                    }
+                    kv_k_idxs(c, ctx.get_slot(), rows.data());
                 }
                 return elapsed_ns(t0, size_t(repeat));
             }

@@ -8,9 +8,22 @@ namespace llmem::capi {
 
 namespace {
 
-// pthread_self() rather than PyThread_get_thread_ident() (the same value, one call less on
-// every C API call); both sides of the lock use this one function.
-unsigned long this_thread() { return static_cast<unsigned long>(pthread_self()); }
+// The calling thread's identity, read on every C API call and every Python acquire: the thread
+// pointer register where the compiler exposes it (glibc's pthread_self() returns that same
+// value, through a call into libc), else pthread_self(). Both sides of the lock use this one
+// function, so only its uniqueness per live thread matters.
+#if defined(__has_builtin)
+#    if __has_builtin(__builtin_thread_pointer) && (defined(__x86_64__) || defined(__aarch64__))
+#        define LLMEM_THREAD_POINTER 1
+#    endif
+#endif
+unsigned long this_thread() {
+#if defined(LLMEM_THREAD_POINTER)
+    return reinterpret_cast<unsigned long>(__builtin_thread_pointer());
+#else
+    return static_cast<unsigned long>(pthread_self());
+#endif
+}
 
 PyTypeObject * lock_type = nullptr;
 
@@ -291,6 +304,13 @@ bool memory_lock_release(memory_lock_state & s) {
 
 bool memory_lock_owned(const memory_lock_state & s) {
     return s.owner.load(std::memory_order_relaxed) == this_thread() && s.count > 0;
+}
+
+bool memory_lock_python_acquire(PyObject * obj) {
+    if (lock_type == nullptr || !PyObject_TypeCheck(obj, lock_type)) {
+        return false;
+    }
+    return python_take(reinterpret_cast<memory_lock_object *>(obj), true, -1) == 1;
 }
 
 memory_lock_state * memory_lock_of(PyObject * obj) {

@@ -66,6 +66,12 @@ bool memory_lock_release(memory_lock_state & s);
 void memory_lock_release_held(memory_lock_state & s);
 /// Whether the calling thread holds it.
 bool memory_lock_owned(const memory_lock_state & s);
+/// Take the lock of a MemoryLock object as Python's `with memory.lock` does (the GIL held; it is
+/// released while waiting), with a Python acquire's bookkeeping (epoch, _touch() after C
+/// changes): for compiled Python-facing calls that hold the lock themselves (decode_step).
+/// False (nothing taken, no exception) when obj is not a MemoryLock.
+bool memory_lock_python_acquire(PyObject * obj);
+
 /// Record a change made through C (the holder calls it).
 inline void memory_lock_changed(memory_lock_state & s) {
     ++s.epoch;

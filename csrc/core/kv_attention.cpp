@@ -735,10 +735,12 @@ ubatch decode_ubatch(int32_t n_seq_max, const seq_pos_source & positions, const 
     throw std::invalid_argument("decode_step: " + what);
 }
 
+} // namespace
+
 // Ids in range and distinct, tokens non-negative: what the batch allocator would refuse, and the
 // shape the step is for (a repeated id would be two tokens of one sequence). Ascending ids (the
 // usual order) are distinct by their order; others are checked with a bitmap.
-void check_decode_args(int32_t n_seq_max, const int32_t * seq_ids, uint32_t n, const int32_t * tokens) {
+void check_decode_step_args(int32_t n_seq_max, const int32_t * seq_ids, uint32_t n, const int32_t * tokens) {
     if (n == 0) {
         bad_decode_arg("at least one sequence is needed, got seq_ids = []");
     }
@@ -776,11 +778,9 @@ void check_decode_args(int32_t n_seq_max, const int32_t * seq_ids, uint32_t n, c
     }
 }
 
-} // namespace
-
 kv_context kv_decode_step(kv_cache & cache, const seq_pos_source & positions, const int32_t * seq_ids, uint32_t n,
                           const int32_t * tokens) {
-    check_decode_args(cache.n_seq_max(), seq_ids, n, tokens);
+    check_decode_step_args(cache.n_seq_max(), seq_ids, n, tokens);
     if (!decode_step_is_one_ubatch(cache.n_stream(), seq_ids, n)) {
         return kv_context(memory_status::NO_UPDATE);
     }
@@ -796,13 +796,13 @@ kv_context kv_decode_step(kv_cache & cache, const seq_pos_source & positions, co
         return kv_context(memory_status::FAILED_PREPARE);
     }
     kv_context ctx(cache, std::move(slots), std::move(ubs));
-    ctx.apply();
+    ctx.apply_just_planned();  // find_slot ran on the state it applies to
     return ctx;
 }
 
 std::pair<kv_context, kv_context> kv_iswa_decode_step(kv_cache & base, kv_cache & swa, const int32_t * seq_ids,
                                                       uint32_t n, const int32_t * tokens) {
-    check_decode_args(base.n_seq_max(), seq_ids, n, tokens);
+    check_decode_step_args(base.n_seq_max(), seq_ids, n, tokens);
     const bool unified = base.n_stream() == 1;
     if (!decode_step_is_one_ubatch(base.n_stream(), seq_ids, n)) {
         return { kv_context(memory_status::NO_UPDATE), kv_context(memory_status::NO_UPDATE) };
@@ -817,8 +817,8 @@ std::pair<kv_context, kv_context> kv_iswa_decode_step(kv_cache & base, kv_cache 
         std::vector<ubatch> ubs2 = ubs;
         std::pair<kv_context, kv_context> out{ kv_context(base, std::move(sb), std::move(ubs)),
                                                kv_context(swa, std::move(ss), std::move(ubs2)) };
-        out.first.apply();
-        out.second.apply();
+        out.first.apply_just_planned();  // two caches: applying one leaves the other's plan valid
+        out.second.apply_just_planned();
         return out;
     }
     return { kv_context(memory_status::FAILED_PREPARE), kv_context(memory_status::FAILED_PREPARE) };

@@ -2054,6 +2054,13 @@ bool kv_context::apply() {
         throw error("the KV cache changed since init_batch: the cells planned for this micro-batch "
                     "are no longer free; call init_batch again");
     }
+    return apply_just_planned();
+}
+
+bool kv_context::apply_just_planned() {
+    if (is_full_ || status_ != memory_status::SUCCESS || i_cur_ >= ubatches_.size() || applied_) {
+        return apply();  // apply() says what is wrong
+    }
     cache_->apply_ubatch(slots_[i_cur_], ubatches_[i_cur_]);
     cache_->count_placed(ubatches_[i_cur_].n_tokens);
     n_kv_    = cache_->get_n_kv(slots_[i_cur_]);

@@ -11,7 +11,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'CAPI_VERSION', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'MemoryLock', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'dequantize', 'ggml_types', 'hybrid_init_batch', 'hybrid_state_read', 'kv_decode_step', 'kv_is_masked_swa', 'kv_iswa_decode_step', 'kv_iswa_init_batch', 'kv_k_idxs', 'kv_kq_cells', 'kv_kq_mask', 'kv_paged', 'kv_paged_sizes', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'kv_v_idxs', 'quantize', 'quantize_scatter', 'row_size', 'rs_checkpoints', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
+__all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'CAPI_VERSION', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'MemoryLock', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'dequantize', 'ggml_types', 'hybrid_decode_step', 'hybrid_init_batch', 'hybrid_state_read', 'kv_decode_step', 'kv_is_masked_swa', 'kv_iswa_decode_step', 'kv_iswa_init_batch', 'kv_k_idxs', 'kv_kq_cells', 'kv_kq_mask', 'kv_paged', 'kv_paged_sizes', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'kv_v_idxs', 'quantize', 'quantize_scatter', 'row_size', 'rs_checkpoints', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
 class Status(enum.IntEnum):
     """
     Outcome of preparing a memory context (llama.cpp numbering).
@@ -602,6 +602,10 @@ def ggml_types() -> list[typing.Any]:
     """
     The K/V types of the compiled core: (ggml id, name, block size, block bytes, quantized).
     """
+def hybrid_decode_step(base: typing.Any, swa: typing.Any, recr: typing.Any, positions: typing.Any, seq_ids: typing.Any, tokens: typing.Any = None) -> tuple[typing.Any, ...]:
+    """
+    A hybrid memory's decode step (init_batch + apply of its first micro-batch) in one call: (base context, swa context or None, recurrent context), applied.
+    """
 def hybrid_init_batch(balloc: BatchAllocator, n_ubatch: typing.SupportsInt | typing.SupportsIndex, embd_all: bool, base: KVCache, swa: KVCache, recr: typing.Any) -> tuple[typing.Any, ...]:
     """
     Split once and prepare the recurrent memory and the attention cache(s): (status, base context, swa context or None, recurrent context).
@@ -610,14 +614,16 @@ def hybrid_state_read(caches: collections.abc.Sequence[KVCache], recr: typing.An
     """
     Read attention sections then the recurrent section, all or nothing (StateError).
     """
-def kv_decode_step(cache: typing.Any, seq_ids: typing.Any, tokens: typing.Any = None) -> typing.Any:
+def kv_decode_step(cache: typing.Any, seq_ids: typing.Any, tokens: typing.Any, context_type: typing.Any, /) -> typing.Any:
     """
-    One token per sequence planned and applied in one call (see llmem.KVCache.decode_step).
+    One token per sequence planned and applied in one call, under cache._lock (see llmem.KVCache.decode_step): context_type(cache, KVContext, version, k_idxs), or None when the step takes several micro-batches.
     """
 def kv_is_masked_swa(n_swa: typing.SupportsInt | typing.SupportsIndex, swa_type: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex) -> bool:
     ...
-def kv_iswa_decode_step(base: typing.Any, swa: typing.Any, seq_ids: typing.Any, tokens: typing.Any = None) -> typing.Any:
-    ...
+def kv_iswa_decode_step(mem: typing.Any, seq_ids: typing.Any, tokens: typing.Any, context_type: typing.Any, iswa_context_type: typing.Any, /) -> typing.Any:
+    """
+    The decode step of a KVCacheISWA in one call: iswa_context_type(mem, base context, swa context), or None when the step takes several micro-batches.
+    """
 def kv_iswa_init_batch(base: KVCache, swa: KVCache, balloc: BatchAllocator, n_ubatch: typing.SupportsInt | typing.SupportsIndex) -> tuple[typing.Any, typing.Any]:
     """
     init_batch of an iSWA pair: (base context, swa context).

@@ -21,11 +21,11 @@ Unlike llama.cpp, an operation that fails on either side leaves *both* sides exa
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import _core, metrics
 from .errors import LlmemError
-from .kv_cache import IntsLike, KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext, _decode_step_general
+from .kv_cache import IntsLike, KVCache, KVCacheContext, KVCacheISWA, KVCacheISWAContext
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
                      stale_context_error)
 from .recurrent import RecurrentContext, RecurrentMemory, _int
@@ -198,12 +198,19 @@ class HybridMemory(Memory):
 
     def decode_step(self, seq_ids: IntsLike, tokens: Optional[IntsLike] = None) -> HybridContext:
         """One token for each of ``seq_ids`` (distinct) at its next position, every token an
-        output, planned and applied in one call, as :meth:`KVCache.decode_step`. A hybrid has no
-        compiled step yet: this is ``init_batch`` + ``apply`` (the same decisions, the general
-        path's cost). Raises :class:`LlmemError` when it does not fit, changing nothing."""
+        output, planned and applied in one call, as :meth:`KVCache.decode_step`: the decisions of
+        ``init_batch`` with ``n_ubatch = max(len(seq_ids), n_rs_seq + 2)`` (every sequence in one
+        micro-batch where the split allows, and room for the recurrent split's kept tail, as the
+        C API's ``decode_step``) + ``apply`` of the first micro-batch (where the split gives
+        several, the context continues with ``next()``/``apply()``), taken in one compiled call.
+        Raises :class:`LlmemError` when it does not fit, changing nothing."""
         self._lock.acquire()
         try:
-            return cast(HybridContext, _decode_step_general(self, seq_ids, tokens))
+            base, swa = self._attn_cores()
+            cb, cs, cr = _core.hybrid_decode_step(base, swa, self._recr._mem, self._positions, seq_ids, tokens)
+            self._touch()  # every part applied its first micro-batch
+            return HybridContext(self._attn_context(cb, cs),
+                                 RecurrentContext(self._recr, cr, self._recr._version), Status.SUCCESS)
         finally:
             self._lock.release()
 

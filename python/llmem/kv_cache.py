@@ -429,12 +429,12 @@ class KVCache(Memory):
         per-sequence streams llama.cpp's split puts only consecutive ascending ids in one
         micro-batch; for other ids the step takes the general path: every micro-batch is planned,
         the first is applied, and the context continues with ``next()``/``apply()``."""
-        with self._lock:
-            ctx = _core.kv_decode_step(self._core, seq_ids, tokens)
-            if ctx is None:
+        # one compiled call: the lock, the checks, plan, apply, the version and the k rows
+        ctx = _core.kv_decode_step(self, seq_ids, tokens, KVCacheContext)
+        if ctx is None:
+            with self._lock:
                 return cast(KVCacheContext, _decode_step_general(self, seq_ids, tokens))
-            self._version = version = self._version + 1
-            return KVCacheContext(self, ctx, version)
+        return cast(KVCacheContext, ctx)
 
     @locked
     def init_full(self) -> "KVCacheContext":
@@ -683,11 +683,14 @@ class KVCacheContext(MemoryContext):
 
     __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version", "_no_room")
 
-    def __init__(self, cache: KVCache, ctx: _core.KVContext, version: Optional[int] = None) -> None:
+    def __init__(self, cache: KVCache, ctx: _core.KVContext, version: Optional[int] = None,
+                 k_idxs: Optional[np.ndarray] = None) -> None:
         self._cache = cache
         self._ctx = ctx
-        self._kidx: Optional[np.ndarray] = None
-        self._kidx_at = -1
+        # the current micro-batch's k rows once computed (decode_step passes them); _kidx_at is 0
+        # while they are valid, -1 once next() moved on
+        self._kidx: Optional[np.ndarray] = k_idxs
+        self._kidx_at = -1 if k_idxs is None else 0
         # the cache's version the plan is valid for (None: a full context, valid at any time)
         self._version = version
 
@@ -722,6 +725,7 @@ class KVCacheContext(MemoryContext):
         return self._ctx.status
 
     def next(self) -> bool:
+        self._kidx_at = -1
         return self._ctx.next()
 
     def apply(self) -> bool:
@@ -767,22 +771,24 @@ class KVCacheContext(MemoryContext):
         """int64 row of each token in the stacked ``[n_stream * kv_size]`` K rows. With ``out``
         (a writable C-contiguous int64 buffer of ``n_tokens`` values) the rows are written there
         and ``out`` is returned; without, the array is cached per micro-batch."""
+        if self._kidx_at == 0 and out is None and self._version == self._cache._version:
+            return self._kidx  # type: ignore[return-value]  # set with _kidx_at
         if self._version is not None and self._version != self._cache._version:
             raise stale_context_error("k_idxs")
         self._check_applied()
         if out is not None:
             return cast(np.ndarray, _core.kv_k_idxs(self._ctx, out))
-        i = self._ctx.i_cur
-        if self._kidx_at != i:
-            self._kidx = self._ctx.k_idxs()
-            self._kidx_at = i
-        return self._kidx  # type: ignore[return-value]  # set above
+        self._kidx = cast(np.ndarray, _core.kv_k_idxs(self._ctx, None))
+        self._kidx_at = 0
+        return self._kidx
 
     def v_idxs(self, out: Optional[WritableBuffer] = None) -> np.ndarray:
         """V destinations: as ``k_idxs`` without ``v_trans``; with it, the flat element index of
         (token, feature j < n_embd_v_max) in the stacked ``[n_stream, n_embd_v_max, kv_size]`` V,
         token-major (length ``n_tokens * n_embd_v_max``). ``out``: an int64 buffer of that length."""
         if out is None and not self._cache._vt:
+            if self._kidx_at == 0 and self._version == self._cache._version:
+                return self._kidx  # type: ignore[return-value]  # set with _kidx_at
             return self.k_idxs()
         self._check_fresh("v_idxs")
         self._check_applied()
@@ -798,14 +804,18 @@ class KVCacheContext(MemoryContext):
         mask under flash attention). ``out``: a writable C-contiguous buffer of that dtype and
         shape (or raw bytes of its size) written in place and returned: no allocation per step.
         Costs O(n_tokens x n_kv) writes; large fills release the GIL."""
-        f16 = _mask_f16(dtype)
-        self._cache._lock.acquire()
+        # the usual arguments checked without a call (a mask is asked for every layer and step)
+        f16 = False if dtype is np.float32 else True if dtype is np.float16 else _mask_f16(dtype)
+        if type(pad) is not int or not 1 <= pad <= _I32_MAX:
+            pad = _check_int(pad, "pad", 1, _I32_MAX)
+        lock = self._cache._lock
+        lock.acquire()
         try:
-            self._check_fresh("kq_mask")
-            return cast(np.ndarray, _core.kv_kq_mask(self._ctx, bool(causal), out, f16,
-                                                     _check_int(pad, "pad", 1, _I32_MAX)))
+            if self._version is not None and self._version != self._cache._version:
+                raise stale_context_error("kq_mask")
+            return cast(np.ndarray, _core.kv_kq_mask(self._ctx, causal is True or bool(causal), out, f16, pad))
         finally:
-            self._cache._lock.release()
+            lock.release()
 
     def kq_cells(self, causal: bool = True,
                  out: Optional[Sequence[WritableBuffer]] = None) -> tuple[np.ndarray, np.ndarray]:
@@ -1077,8 +1087,9 @@ def _decode_step_general(mem: Memory, seq_ids: IntsLike, tokens: Optional[IntsLi
     """decode_step through init_batch + apply: where llama.cpp's split gives several micro-batches,
     and for memories without a compiled step (the hybrids)."""
     ids, tok = _decode_step_args(seq_ids, tokens, mem.n_seq_max)
-    # -1: an entry without a token id (the batch needs its length from somewhere)
-    tok = np.full(len(ids), -1, np.int32) if tok is None else tok
+    # without tokens: token ids 0 (the allocator refuses a batch without token ids or embeddings;
+    # the C API's decode_step does the same)
+    tok = np.zeros(len(ids), np.int32) if tok is None else tok
     batch = Batch(token=tok, seq_id=ids, output=np.ones(len(ids), dtype=bool))
     ctx = mem.init_batch(batch, len(ids))
     if ctx.status != Status.SUCCESS:
@@ -1195,17 +1206,11 @@ class KVCacheISWA(Memory):
     def decode_step(self, seq_ids: IntsLike, tokens: Optional[IntsLike] = None) -> "KVCacheISWAContext":
         """The decode step in one call on both caches, as :meth:`KVCache.decode_step` (the same
         decisions as ``init_batch`` + ``apply``, llama.cpp's order of split attempts)."""
-        self._lock.acquire()
-        try:
-            pair = _core.kv_iswa_decode_step(self.base._core, self.swa._core, seq_ids, tokens)
-            if pair is None:
+        ctx = _core.kv_iswa_decode_step(self, seq_ids, tokens, KVCacheContext, KVCacheISWAContext)
+        if ctx is None:
+            with self._lock:
                 return cast(KVCacheISWAContext, _decode_step_general(self, seq_ids, tokens))
-            self.base._version += 1
-            self.swa._version += 1
-            return KVCacheISWAContext(self, KVCacheContext(self.base, pair[0], self.base._version),
-                                      KVCacheContext(self.swa, pair[1], self.swa._version))
-        finally:
-            self._lock.release()
+        return cast(KVCacheISWAContext, ctx)
 
     @locked
     def init_full(self) -> "KVCacheISWAContext":

@@ -458,6 +458,82 @@ def test_decode_step_bad_arguments_change_nothing():
     assert snapshot(cache) == full
 
 
+@pytest.mark.parametrize("kind", ["plain", "iswa"])
+def test_decode_step_id_arrays_of_any_layout_decide_alike(kind):
+    # the compiled step reads a 1-D C-contiguous int32 array in place and converts anything else:
+    # every spelling of the same ids gives the same cells
+    spellings = [lambda ids: list(ids), lambda ids: tuple(ids), lambda ids: np.array(ids, np.int32),
+                 lambda ids: np.array(ids, np.int64), lambda ids: np.array(ids, ">i4"),
+                 lambda ids: np.repeat(np.array(ids, np.int32), 2)[::2], lambda ids: np.array(ids, np.uint16)]
+    results = []
+    for spell in spellings:
+        mem = new_mem(kind, True, 40, 5)
+        rows = []
+        for ids, toks in (([0, 3, 1], [4, 5, 6]), ([4, 1], [7, 8]), ([2, 0, 1, 3], [1, 1, 1, 1])):
+            ctx = mem.decode_step(spell(ids), spell(toks))
+            rows.append([c.k_idxs().tolist() for c in sub_contexts(ctx)])
+            rows.append([c.ubatch.token.tolist() for c in sub_contexts(ctx)])
+        results.append((rows, snapshot(mem)))
+    assert all(r == results[0] for r in results[1:])
+    mem = new_mem(kind, True, 40, 5)
+    before = snapshot(mem)
+    for bad, exc in ((np.zeros((2, 1), np.int32), ValueError), (np.array([0.0, 1.0]), TypeError),
+                     (np.array([0, 0], np.int32), ValueError), (np.array([0, 9], np.int32), ValueError)):
+        with pytest.raises(exc):
+            mem.decode_step(bad)
+        assert snapshot(mem) == before
+        assert not mem.lock.locked()  # a refused step leaves the lock free
+
+
+def test_decode_step_k_idxs_are_cached_fresh_and_invalidated():
+    cache = KVCache(1, 4, 4, 32, n_seq_max=3, dtype_k=np.float32, dtype_v=np.float32, v_trans=False)
+    ctx = cache.decode_step(np.array([2, 0], np.int32))
+    rows = ctx.k_idxs()
+    assert rows.dtype == np.int64 and rows.tolist() == ctx.slot_cells().tolist()
+    assert ctx.k_idxs() is rows and ctx.v_idxs() is rows  # computed once by the step
+    buf = np.empty(2, np.int64)
+    assert ctx.k_idxs(out=buf) is buf and buf.tolist() == rows.tolist()
+    kept = rows.copy()
+    ctx2 = cache.decode_step([2, 0])
+    assert rows.tolist() == kept.tolist()  # each step returns its own array: older ones keep their rows
+    assert ctx2.k_idxs().tolist() != kept.tolist()
+    with pytest.raises(llmem.StaleContextError):
+        ctx.k_idxs()
+    with pytest.raises(llmem.StaleContextError):
+        ctx.v_idxs()
+    assert ctx2.next() is False
+    with pytest.raises(LlmemError):
+        ctx2.k_idxs()  # moved past its only micro-batch
+    # the lock: a caller may hold it around the step (re-entrant); it is free afterwards
+    with cache.lock:
+        cache.decode_step([1])
+    assert not cache.lock.locked()
+    # a general context computes its rows per micro-batch, after apply
+    gen = cache.init_batch(Batch(token=np.zeros(4, np.int32), seq_id=np.array([1, 1, 1, 1], np.int32)), 2)
+    gen.apply()
+    first = gen.k_idxs()
+    assert gen.k_idxs() is first
+    assert gen.next() is True
+    with pytest.raises(LlmemError, match="apply"):
+        gen.k_idxs()
+    gen.apply()
+    assert gen.k_idxs().tolist() == gen.slot_cells().tolist() != first.tolist()
+
+
+def test_decode_step_without_tokens_on_the_general_path():
+    # per-sequence streams, ids not consecutive: several micro-batches, the general path; without
+    # tokens its batch carries token ids 0 (the allocator needs ids), the cells as with tokens
+    a = KVCache(1, 4, 4, 8, n_seq_max=3, unified=False, dtype_k=np.float32, dtype_v=np.float32)
+    b = KVCache(1, 4, 4, 8, n_seq_max=3, unified=False, dtype_k=np.float32, dtype_v=np.float32)
+    got = a.decode_step([2, 0])
+    want = general_step(b, [2, 0], [0, 0])
+    assert got.ubatch.token.tolist() == [0] and snapshot(a) == snapshot(b)
+    assert got.next() and want.next()
+    got.apply()
+    want.apply()
+    assert got.k_idxs().tolist() == want.k_idxs().tolist() and snapshot(a) == snapshot(b)
+
+
 def test_decode_step_invalidates_older_contexts():
     cache = KVCache(1, 4, 4, 16, n_seq_max=2, dtype_k=np.float32, dtype_v=np.float32)
     old = cache.init_batch(Batch(token=np.arange(2, dtype=np.int32)), 4)
@@ -523,6 +599,74 @@ def test_hybrid_decode_step_decides_as_init_batch_and_apply():
         with pytest.raises(exc):
             a.decode_step(bad)
         assert _same_cells(a.cells(), before)
+
+
+def new_hybrid(iswa, unified, n_seq_max):
+    from llmem import HybridISWAMemory, HybridMemory, RecurrentMemory
+    size = 24 if unified else 8
+    if iswa:
+        attn = KVCacheISWA(2, 4, 4, size, n_seq_max=n_seq_max, unified=unified, n_swa=3, swa_type=SWAType.STANDARD,
+                           is_swa_layer=[True, False], n_ubatch=4, dtype_k=np.float32, dtype_v=np.float32)
+    else:
+        attn = KVCache(2, 4, 4, size, n_seq_max=n_seq_max, unified=unified, layer_filter=lambda il: il < 2,
+                       dtype_k=np.float32, dtype_v=np.float32)
+    recr = RecurrentMemory(3, n_embd_r=[0, 0, 2], n_embd_s=[0, 0, 3], mem_size=n_seq_max, n_seq_max=n_seq_max,
+                           n_rs_seq=1, layer_filter=[False, False, True])
+    cls = HybridISWAMemory if iswa else HybridMemory
+    return cls(attn=attn, recr=recr, is_recurrent_layer=[False, False, True])
+
+
+def hybrid_snapshot(mem):
+    attn = mem.mem_attn
+    out = snapshot(attn)
+    cells = mem.mem_recr.cells()
+    return out, {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in cells.items()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), iswa=st.booleans(), unified=st.booleans(), n_seq_max=st.integers(1, 4))
+def test_hybrid_decode_step_decides_as_init_batch_and_apply_on_random_states(data, iswa, unified, n_seq_max):
+    a = new_hybrid(iswa, unified, n_seq_max)  # decode_step (one compiled call)
+    b = new_hybrid(iswa, unified, n_seq_max)  # init_batch + apply
+    for _ in range(data.draw(st.integers(1, 10))):
+        if data.draw(st.integers(0, 4)) == 0:
+            s = data.draw(st.integers(0, n_seq_max - 1))
+            a.seq_rm(s, -1, -1)
+            b.seq_rm(s, -1, -1)
+            continue
+        ids = data.draw(st.lists(st.integers(0, n_seq_max - 1), min_size=1, max_size=n_seq_max, unique=True))
+        toks = data.draw(st.none() | st.lists(st.integers(0, 99), min_size=len(ids), max_size=len(ids)))
+        batch = Batch(token=np.zeros(len(ids), np.int32) if toks is None else np.asarray(toks, np.int32),
+                      seq_id=np.asarray(ids, np.int32), output=np.ones(len(ids), bool))
+        want = b.init_batch(batch, max(len(ids), b.mem_recr.n_rs_seq + 2))
+        if want.status != llmem.Status.SUCCESS:
+            before = hybrid_snapshot(a)
+            with pytest.raises(LlmemError, match="no room"):
+                a.decode_step(ids, toks)
+            assert hybrid_snapshot(a) == before
+            continue
+        want.apply()
+        got = a.decode_step(np.asarray(ids, np.int32) if data.draw(st.booleans()) else ids, toks)
+        assert hybrid_snapshot(a) == hybrid_snapshot(b)
+        while True:
+            assert got.ubatch.pos.tolist() == want.ubatch.pos.tolist()
+            assert got.ubatch.token.tolist() == want.ubatch.token.tolist()
+            assert got.recr.s_copy_all().tolist() == want.recr.s_copy_all().tolist()
+            for cg, cw in zip(sub_contexts(got.attn), sub_contexts(want.attn)):
+                assert cg.k_idxs().tolist() == cw.k_idxs().tolist()
+                np.testing.assert_array_equal(cg.kq_mask(), cw.kq_mask())
+            if not want.next():
+                assert got.next() is False
+                break
+            assert got.next() is True
+            want.apply()
+            got.apply()
+        assert hybrid_snapshot(a) == hybrid_snapshot(b)
+    a.clear()
+    old = a.init_batch(Batch(token=np.zeros(1, np.int32)), 4)
+    a.decode_step([0])
+    with pytest.raises(llmem.StaleContextError):
+        old.apply()  # the compiled step made older plans stale, as apply does
 
 
 def mask_from_lists(ctx, causal, n_rows, n_kv):

@@ -105,6 +105,10 @@ kv_context kv_decode_step(kv_cache & cache, const seq_pos_source & positions, co
 std::pair<kv_context, kv_context> kv_iswa_decode_step(kv_cache & base, kv_cache & swa, const int32_t * seq_ids,
                                                       uint32_t n, const int32_t * tokens);
 
+/// The decode step's argument checks (std::invalid_argument naming the bad value): at least one
+/// id, ids in [0, n_seq_max) and distinct, tokens (may be null) not negative.
+void check_decode_step_args(int32_t n_seq_max, const int32_t * seq_ids, uint32_t n, const int32_t * tokens);
+
 /// Whether kv_decode_step's batch is one micro-batch for a cache of n_stream streams.
 bool decode_step_is_one_ubatch(uint32_t n_stream, const int32_t * seq_ids, uint32_t n);
 

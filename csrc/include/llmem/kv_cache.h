@@ -329,6 +329,9 @@ public:
     bool next();
     /// Commit the current ubatch into the cache.
     bool apply();
+    /// apply() of a plan made just now, under the same lock, by a caller that changed nothing
+    /// since (the one-call decode step): the check that its cells are still free is skipped.
+    bool apply_just_planned();
     bool has_ubatch() const { return i_cur_ < ubatches_.size(); }
     /// Whether the current micro-batch has been applied (its cells are the ones K/V writes go
     /// to); false for a full-cache context, which has no micro-batch.
