@@ -102,6 +102,7 @@ def bench_restore_vs_recompute(store: "llmem.RedisStore", quick: bool) -> list:
                                 output=np.arange(n_prompt) == n_prompt - 1)
             model.decode(batch, memory, 512)
             assert store.put_sequence(memory, 0, "bench:prefix")
+            state_kib = memory.state_size(0, llmem.STATE_HEADER) / 1024
             memory.seq_rm(0, -1, -1)
 
             def recompute() -> None:
@@ -114,9 +115,7 @@ def bench_restore_vs_recompute(store: "llmem.RedisStore", quick: bool) -> list:
                                                 after_a=lambda: memory.seq_rm(0, -1, -1),
                                                 after_b=lambda: memory.seq_rm(0, -1, -1))
             (r, _), (c, _) = median_min_us(t_restore), median_min_us(t_recompute)
-            rows.append([name, n_prompt, f"{memory.state_size(0, llmem.STATE_HEADER) / 1024:.0f} KiB"
-                         if memory.seq_pos_max(0) >= 0 else
-                         f"{len(store.get('bench:prefix') or b'') / 1024:.0f} KiB",
+            rows.append([name, n_prompt, f"{state_kib:.0f} KiB",
                          _fmt(r), _fmt(c), f"{c / r:.1f}x"])
             store.delete("bench:prefix")
     print_table("A prefix restored from Redis (get_sequence) against recomputing it with the model (decode)",

@@ -99,8 +99,7 @@ def sequence(arch: str, socket: str, out: str, key: str, mode: str) -> None:
         n = store.get_sequence(memory, seq, key)
         assert n is not None, store.stats()
         assert memory.seq_pos_max(seq) == n - 1
-        history = list(prompt)  # + the 3 generated tokens, read back from the first process's file
-        with open(out + ".history") as f:
+        with open(out + ".history") as f:  # the prompt and the 3 tokens the first process generated
             history = json.load(f)
     if mode == "put":
         with open(out + ".history", "w") as f:

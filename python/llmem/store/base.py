@@ -227,14 +227,24 @@ class StateStore(abc.ABC):
         envelope that records ``n_tokens`` (default: the sequence's length,
         ``seq_pos_max + 1``). True when written. The memory is only read."""
         check_key(key)
+        from ..kv_cache import KVCache, KVCacheISWA
+
+        head = _ENVELOPE.size
         with memory.lock:
-            # the envelope and the state in one buffer: the state is written once, in place
-            buf = bytearray(_ENVELOPE.size + memory.state_size(seq_id, STATE_HEADER))
-            n = memory.state_write_into(memoryview(buf)[_ENVELOPE.size:], seq_id, STATE_HEADER)
+            if isinstance(memory, (KVCache, KVCacheISWA)):
+                # the KV caches count their bytes without writing them: the envelope and the
+                # state go into one buffer, the state written once, in place
+                buf = bytearray(head + memory.state_size(seq_id, STATE_HEADER))
+                n = memory.state_write_into(memoryview(buf)[head:], seq_id, STATE_HEADER)
+            else:  # (the others write the state to measure it: write it once and copy it)
+                state = memory.state_write(seq_id, STATE_HEADER)
+                n = len(state)
+                buf = bytearray(head + n)
+                buf[head:] = state
             if n_tokens is None:
                 n_tokens = memory.seq_pos_max(seq_id) + 1
         _ENVELOPE.pack_into(buf, 0, ENVELOPE_MAGIC, _VERSION, 0, int(n_tokens), _digest(key))
-        return self.put(key, memoryview(buf)[:_ENVELOPE.size + n])
+        return self.put(key, memoryview(buf)[:head + n])
 
     def get_sequence(self, memory: Memory, seq_id: int, key: str) -> Optional[int]:
         """Restore the sequence stored under ``key`` into ``seq_id`` of ``memory`` (replacing

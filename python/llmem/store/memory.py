@@ -31,21 +31,21 @@ class MemoryStore(StateStore):
     def __repr__(self) -> str:
         return f"MemoryStore(max_bytes={self.max_bytes}, held={self._bytes})"
 
-    def _put(self, key: str, view: memoryview) -> bool:
-        if len(view) > self.max_bytes:
+    def _put(self, key: str, value: memoryview) -> bool:
+        if len(value) > self.max_bytes:
             return False
-        value = bytes(view)
+        data = bytes(value)  # a copy of our own: the caller's buffer may change
         with self._lock:
             old = self._values.pop(key, None)
             if old is not None:
                 self._bytes -= len(old)
             evicted = 0
-            while self._values and self._bytes + len(value) > self.max_bytes:
+            while self._values and self._bytes + len(data) > self.max_bytes:
                 _, dropped = self._values.popitem(last=False)
                 self._bytes -= len(dropped)
                 evicted += 1
-            self._values[key] = value
-            self._bytes += len(value)
+            self._values[key] = data
+            self._bytes += len(data)
         if evicted:
             self._count("evictions", evicted)
         return True
