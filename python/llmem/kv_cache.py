@@ -938,10 +938,10 @@ class KVCacheContext(MemoryContext):
         store = self._cache._store
         if store is None or not store.has_tensors:
             raise TypeError("k_idxs(device=...) needs a cache with torch storage")
-        if device is not None:
+        if device is not None and device is not store.device:
             import torch
-            if torch.device(device) != store.device and not (
-                    torch.device(device).type == store.device.type and torch.device(device).index is None):
+            dev = torch.device(device)
+            if dev != store.device and not (dev.type == store.device.type and dev.index is None):
                 raise ValueError(f"device={device!r}: this cache's tensors are on {store.device}")
         i = self._ctx.i_cur
         if self._didx_at != i:

@@ -170,6 +170,9 @@ def test_k_shift_f32_is_the_core_kshift_bit_for_bit_with_yarn(device):
         m.seq_add(0, 0, -1, 1000)
     update(ref, tch)
     assert_same_tensors(ref, tch)
+    for m in (ref, tch):  # a pending shift of part of the cells, saved as if applied (YaRN scales)
+        m.seq_add(0, 4, -1, -3)
+    assert ref.state_write() == tch.state_write()
     cs, sn = rope_tables(rope, 1000)
     assert cs.dtype == np.float32 and cs.shape == (4,)
 

@@ -68,11 +68,14 @@ class TorchStorage(Storage):
 
     def resolved_device(self) -> "torch.device":
         if self.device is not None:
-            return torch.device(self.device)
-        if self.buffers:
-            first = next(iter(self.buffers.values()))[0]
-            return first.device
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            dev = torch.device(self.device)
+        elif self.buffers:
+            dev = next(iter(self.buffers.values()))[0].device
+        else:
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.type == "cuda" and dev.index is None:  # "cuda" is the current device: name it
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
 
 
 class _Uploader:
@@ -132,20 +135,29 @@ def as_device_rows(values: Any, n: int, width: int, dtype: "torch.dtype", device
     return t.reshape(n, width).to(device=device, dtype=dtype, non_blocking=True)
 
 
-def rotate_rows(rows: "torch.Tensor", deltas: np.ndarray, rope: Any) -> "torch.Tensor":
-    """K rows ``[n, width]`` re-rotated by per-row position deltas, in float32 as the compiled core
-    does (same tables, same products), returned in the rows' dtype."""
+def rope_factors(deltas: np.ndarray, rope: Any, device: "torch.device") -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """cos and sin per row (``[n, 1, n_rot/2]`` float32 on ``device``) of per-row position deltas:
+    the compiled core's tables, one per distinct delta, uploaded once."""
+    uniq, inv = np.unique(deltas, return_inverse=True)
+    tables = [rope_tables(rope, int(d)) for d in uniq]
+    if len(uniq) == 1:  # the usual case: one seq_add moved every cell alike
+        cs = np.broadcast_to(tables[0][0], (len(deltas), len(tables[0][0])))
+        sn = np.broadcast_to(tables[0][1], cs.shape)
+    else:
+        cs = np.stack([t[0] for t in tables])[inv.reshape(-1)]
+        sn = np.stack([t[1] for t in tables])[inv.reshape(-1)]
+    both = torch.from_numpy(np.ascontiguousarray(np.stack([cs, sn]))).to(device, non_blocking=True)
+    return both[0][:, None, :], both[1][:, None, :]
+
+
+def rotate_rows(rows: "torch.Tensor", factors: Tuple["torch.Tensor", "torch.Tensor"], rope: Any) -> "torch.Tensor":
+    """K rows ``[n, width]`` re-rotated, in float32 as the compiled core does (same tables, same
+    products: ``a*c - b*s``, ``a*s + b*c``), returned in the rows' dtype."""
     n, width = rows.shape
     head_dim = int(rope.head_dim or rope.n_rot)
     n_head = width // head_dim
     n_rot, half = int(rope.n_rot), int(rope.n_rot) // 2
-    uniq, inv = np.unique(deltas, return_inverse=True)
-    tables = [rope_tables(rope, int(d)) for d in uniq]
-    cs = torch.from_numpy(np.stack([t[0] for t in tables])).to(rows.device)
-    sn = torch.from_numpy(np.stack([t[1] for t in tables])).to(rows.device)
-    sel = torch.from_numpy(inv.reshape(-1).astype(np.int64)).to(rows.device)
-    c = cs.index_select(0, sel)[:, None, :]
-    s = sn.index_select(0, sel)[:, None, :]
+    c, s = factors
     x = rows.to(torch.float32, copy=True)
     heads = x[:, :n_head * head_dim].view(n, n_head, head_dim)
     if rope.neox:
@@ -153,9 +165,8 @@ def rotate_rows(rows: "torch.Tensor", deltas: np.ndarray, rope: Any) -> "torch.T
     else:
         a, b = heads[:, :, 0:n_rot:2], heads[:, :, 1:n_rot:2]
     na = a * c - b * s
-    nb = a * s + b * c
+    b.mul_(c).add_(a * s)  # a*s + b*c: the sum of the same two products (addition commutes)
     a.copy_(na)
-    b.copy_(nb)
     return x.to(rows.dtype)
 
 
@@ -235,10 +246,17 @@ class TorchKV:
             t[dst].copy_(t[src])
 
     def k_shift(self, shift: KShift, rope: Any) -> None:
+        factors = rope_factors(shift.deltas, rope, self.device)
+        c0, n = int(shift.cells[0]), len(shift.cells)
+        if int(shift.cells[-1]) - c0 + 1 == n:  # one run of cells: rotated in place through a view
+            for K in self.k:
+                rows = K[shift.stream, c0:c0 + n]
+                rows.copy_(rotate_rows(rows, factors, rope))
+            return
         cells = torch.from_numpy(shift.cells).to(self.device)
         for K in self.k:
             rows = K[shift.stream].index_select(0, cells)
-            K[shift.stream].index_copy_(0, cells, rotate_rows(rows, shift.deltas, rope))
+            K[shift.stream].index_copy_(0, cells, rotate_rows(rows, factors, rope))
 
     def zero(self) -> None:
         for t in self.k + self.v:
@@ -249,8 +267,11 @@ class TorchKV:
     def _section(self, h: StateHole, l: int, cells: "torch.Tensor", rope: Any) -> "torch.Tensor":
         if h.kind == "k":
             rows = self.k[l][h.stream].index_select(0, cells)
-            if h.shift is not None:
-                rows = rotate_rows(rows, h.shift, rope)
+            if h.shift is not None:  # as the core: only cells that moved (a zero delta may still scale)
+                moved = np.flatnonzero(h.shift)
+                sel = torch.from_numpy(moved).to(self.device)
+                rows.index_copy_(0, sel, rotate_rows(rows.index_select(0, sel),
+                                                     rope_factors(h.shift[moved], rope, self.device), rope))
             return rows
         if h.kind == "v":
             return self.v[l][h.stream].index_select(0, cells)
