@@ -32,14 +32,15 @@ void register_state_holes(py::module_ & m) {
     m.def(
         "collect_state_holes",
         [](const py::function & call, const py::handle & buffer) {
-            size_t          size = 0;
-            const uintptr_t base = buffer_address(buffer, size);
-            state_hole_log  log;
-            py::object      result;
+            state_hole_log log;
+            py::object     result;
             {
                 state_hole_scope scope(log);
                 result = call();
             }
+            // None: the holes lie in the bytes call() returned
+            size_t          size = 0;
+            const uintptr_t base = buffer_address(buffer.is_none() ? result : buffer, size);
             constexpr py::ssize_t cols = 10;
             py::array_t<int64_t>  holes({ py::ssize_t(log.holes.size()), cols });
             auto                  h = holes.mutable_unchecked<2>();
@@ -69,9 +70,10 @@ void register_state_holes(py::module_ & m) {
             return py::make_tuple(result, holes, cells);
         },
         py::arg("call"), py::arg("buffer"),
-        "Run call() with a state hole log open on this thread; returns (call's result, holes, cells). "
+        "Run call() with a state hole log open on this thread; returns (call's result, holes, cells), offsets "
+        "relative to buffer (None: to the bytes call() returns). "
         "holes: int64 [n, 10] rows (owner address, offset in buffer, bytes, cache layer, kind 0 K rows / "
-        "1 V rows / 2 V transposed, row stream, cell stream, V columns, first cell, cell count); cells: "
+        "1 V rows / 2 V transposed / 3 r rows / 4 s rows, row stream, cell stream, V columns, first cell, cell count); cells: "
         "int64 cell indices the rows reference.");
 }
 

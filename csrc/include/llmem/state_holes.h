@@ -11,6 +11,8 @@ enum class hole_kind : uint32_t {
     K_ROWS  = 0,  // n_cells K rows of one cache layer, in the listed cell order
     V_ROWS  = 1,  // n_cells V rows (V not transposed)
     V_TRANS = 2,  // V transposed: for each of n_cols features, the listed cells' elements
+    R_ROWS  = 3,  // recurrent r rows of one present layer; the cells are absolute rows of its array
+    S_ROWS  = 4,  // recurrent s rows, likewise
 };
 
 /// A tensor data section of state bytes that a memory without buffers (bookkeeping-only, or
@@ -19,7 +21,7 @@ enum class hole_kind : uint32_t {
 /// `cells` of stream `stream`. Reading: the section at `at` holds the rows for `cells` of stream
 /// `stream`, already validated and placed.
 struct state_hole {
-    const void *    owner;        // the kv_cache whose tensors these are
+    const void *    owner;        // the kv_cache or rs_memory whose tensors these are
     const uint8_t * at;           // the section's first byte in the caller's output or input
     size_t          len;          // its bytes
     uint32_t        layer;        // cache layer

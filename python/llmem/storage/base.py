@@ -11,7 +11,7 @@ __all__ = ["Storage", "StateHole", "StateHoles", "KShift", "KVUpdateOps", "rope_
            "resolve_storage", "HOLE_KINDS"]
 
 #: kind column of the compiled core's hole log
-HOLE_KINDS = ("k", "v", "v_trans")
+HOLE_KINDS = ("k", "v", "v_trans", "r", "s")
 
 
 class Storage:
@@ -66,7 +66,9 @@ class StateHole(NamedTuple):
     * ``offset``, ``nbytes``: where in the state bytes;
     * ``layer``: the model layer id; ``kind``: ``"k"`` (``len(cells)`` K rows, in ``cells`` order),
       ``"v"`` (V rows) or ``"v_trans"`` (transposed V: for each of the first ``n_cols`` features,
-      the elements of ``cells`` in order, i.e. ``V[stream, :n_cols, cells]`` row-major);
+      the elements of ``cells`` in order, i.e. ``V[stream, :n_cols, cells]`` row-major), or for a
+      recurrent memory ``"r"``/``"s"`` (rows ``cells`` of the layer's r or s array, absolute
+      row indices, rollback planes included);
     * ``stream``: the stream whose rows these are (writing: the source of any pending
       cross-stream copy, as the copy's bytes are the ones that count);
     * ``cells``: int64 cell indices within the stream;

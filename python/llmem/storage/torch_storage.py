@@ -19,7 +19,7 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 
 from .base import KShift, StateHole, Storage, rope_tables
 
-__all__ = ["TorchStorage", "TorchKV", "torch_dtype"]
+__all__ = ["TorchStorage", "TorchKV", "TorchRS", "torch_dtype", "numpy_float_dtype"]
 
 # ggml type ids of the element types torch storage holds
 _GGML_OF = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30}
@@ -329,3 +329,133 @@ class TorchKV:
                 V[h.stream].index_copy_(0, cells, sec.view(self.dtype_v).view(n, V.shape[2]))
             else:
                 self.v[l][h.stream, :h.n_cols].index_copy_(1, cells, sec.view(self.dtype_v).view(h.n_cols, n))
+
+
+def numpy_float_dtype(dtype: Any, name: str) -> np.dtype:
+    """A recurrent state dtype argument (torch or numpy float32/float16) as the numpy dtype the
+    compiled core records; bfloat16 has no recurrent type id there (TypeError)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype == torch.float32:
+            return np.dtype(np.float32)
+        if dtype == torch.float16:
+            return np.dtype(np.float16)
+        raise TypeError(f"{name}: recurrent states are float32 or float16, got {dtype}")
+    return np.dtype(dtype)
+
+
+_TORCH_OF = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
+
+class TorchRS:
+    """The torch tensors of one recurrent memory (``[mem_size * (1 + n_rs_seq), width]`` per
+    present layer and array) and the torch ops of its row moves."""
+
+    has_tensors = True
+    name = "torch"
+
+    def __init__(self, spec: TorchStorage, rows: int, widths_r: Sequence[Optional[int]],
+                 widths_s: Sequence[Optional[int]], dtype_r: np.dtype, dtype_s: np.dtype) -> None:
+        if spec.buffers:
+            raise ValueError("TorchStorage(buffers=...) is for KV caches; a recurrent memory allocates its states")
+        self.device = spec.resolved_device()
+        self.dtype_r, self.dtype_s = _TORCH_OF[np.dtype(dtype_r)], _TORCH_OF[np.dtype(dtype_s)]
+        self.r: List[Optional["torch.Tensor"]] = [
+            None if w is None else torch.zeros(rows, w, dtype=self.dtype_r, device=self.device) for w in widths_r]
+        self.s: List[Optional["torch.Tensor"]] = [
+            None if w is None else torch.zeros(rows, w, dtype=self.dtype_s, device=self.device) for w in widths_s]
+        self.upload = _Uploader(self.device)
+
+    def array(self, kind: int, il: int) -> "torch.Tensor":
+        a = (self.s if kind else self.r)[il]
+        assert a is not None
+        return a
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.r + self.s if t is not None)
+
+    def zero(self) -> None:
+        for t in self.r + self.s:
+            if t is not None:
+                t.zero_()
+
+    def gather(self, A: "torch.Tensor", copies: np.ndarray, n_seqs: int, head: int, rs_z: int, size: int,
+               n_rs_seq: int) -> "torch.Tensor":
+        """The input states of a micro-batch (the core's gather, in torch): zero row ``rs_z``, read
+        the ``s_copy`` rows of the sequence sets, then move the slot's other cells (with their
+        rollback planes) into place, every source read before any destination is written."""
+        if rs_z >= 0:
+            A[rs_z].zero_()
+        idx = self.upload(copies.astype(np.int64))
+        out = A.index_select(0, idx[:n_seqs])
+        n_extra = len(copies) - n_seqs
+        if n_extra > 0:
+            extra = copies[n_seqs:].astype(np.int64)
+            planes = np.arange(1 + n_rs_seq, dtype=np.int64)[:, None]
+            src = np.where(planes == 0, extra[None, :], planes * size + extra[None, :] % size).reshape(-1)
+            dst = (planes * size + head + n_seqs + np.arange(n_extra, dtype=np.int64)[None, :]).reshape(-1)
+            moved = A.index_select(0, torch.from_numpy(src).to(self.device))
+            A.index_copy_(0, torch.from_numpy(dst).to(self.device), moved)
+        return out
+
+    def rows(self, new: Any, n_seqs: int, A: "torch.Tensor", max_planes: int, name: str) -> "torch.Tensor":
+        """New states ``[n_seqs, width]`` or ``[k, n_seqs, width]`` (k <= 1 + n_rs_seq) as
+        ``[k, n_seqs, width]`` on the device in the array's dtype (torch, DLPack or numpy)."""
+        if not isinstance(new, torch.Tensor):
+            new = torch.from_dlpack(new) if hasattr(new, "__dlpack__") and not isinstance(new, np.ndarray) \
+                else torch.from_numpy(np.ascontiguousarray(np.asarray(new)))
+        t = new.detach()
+        if not t.is_floating_point():
+            raise TypeError(f"{name} states must hold floats, got {t.dtype}")
+        width = A.shape[1]
+        if t.dim() == 2 and tuple(t.shape) == (n_seqs, width):
+            t = t[None]
+        elif not (t.dim() == 3 and 1 <= t.shape[0] <= max_planes and tuple(t.shape[1:]) == (n_seqs, width)):
+            raise ValueError(f"{name} states must have shape ({n_seqs}, {width}) or (k <= {max_planes}, {n_seqs}, "
+                             f"{width}), got {tuple(t.shape)}")
+        return t.to(device=self.device, dtype=A.dtype, non_blocking=True)
+
+    def store(self, A: "torch.Tensor", rows: "torch.Tensor", head: int, size: int) -> None:
+        n = rows.shape[1]
+        for p in range(rows.shape[0]):
+            A[p * size + head:p * size + head + n].copy_(rows[p])
+
+    def _holes(self, holes: List[StateHole], present_index: Sequence[int]) -> List[Tuple[StateHole, "torch.Tensor"]]:
+        return [(h, self.array(0 if h.kind == "r" else 1, h.layer)) for h in holes]
+
+    def fill(self, out: Any, holes: List[StateHole], present_index: Sequence[int]) -> None:
+        """The r/s rows of state holes: gathered on the device, one copy to pinned host memory."""
+        pairs = self._holes(holes, present_index)
+        if not pairs:
+            return
+        parts, offs, at = [], [], 0
+        for h, A in pairs:
+            b = A.index_select(0, torch.from_numpy(h.cells).to(self.device)).contiguous().view(-1).view(torch.uint8)
+            parts.append(b)
+            offs.append(at)
+            at += -(-h.nbytes // _ALIGN) * _ALIGN
+        dev = torch.empty(at, dtype=torch.uint8, device=self.device)
+        for b, o in zip(parts, offs):
+            dev[o:o + b.numel()].copy_(b)
+        host = torch.empty(at, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        host.copy_(dev)
+        hv, dst = host.numpy(), np.frombuffer(out, dtype=np.uint8)
+        for (h, _), o in zip(pairs, offs):
+            dst[h.offset:h.offset + h.nbytes] = hv[o:o + h.nbytes]
+
+    def scatter(self, data: Any, holes: List[StateHole], present_index: Sequence[int]) -> None:
+        pairs = self._holes(holes, present_index)
+        if not pairs:
+            return
+        src = np.frombuffer(data, dtype=np.uint8)
+        offs, at = [], 0
+        for h, _ in pairs:
+            offs.append(at)
+            at += -(-h.nbytes // _ALIGN) * _ALIGN
+        host = torch.empty(at, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        hv = host.numpy()
+        for (h, _), o in zip(pairs, offs):
+            hv[o:o + h.nbytes] = src[h.offset:h.offset + h.nbytes]
+        dev = host.to(self.device, non_blocking=True)
+        for (h, A), o in zip(pairs, offs):
+            rows = dev[o:o + h.nbytes].view(A.dtype).view(len(h.cells), A.shape[1])
+            A.index_copy_(0, torch.from_numpy(h.cells).to(self.device), rows)
