@@ -31,7 +31,7 @@ uintptr_t buffer_address(py::handle obj, size_t & size) {
 void register_state_holes(py::module_ & m) {
     m.def(
         "collect_state_holes",
-        [](const py::function & call, const py::handle & buffer) {
+        [](const py::object & call, const py::handle & buffer) {
             state_hole_log log;
             py::object     result;
             {

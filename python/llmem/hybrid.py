@@ -130,6 +130,17 @@ class HybridMemory(Memory):
         recr._share_lock(self._lock)
         self._positions = _core.HybridPositions(attn._pos_source, recr._pos_source)
 
+    @property
+    def storage(self) -> str:
+        """The parts' storage (``"numpy"``, ``"torch"``, ``"none"``), or ``"mixed"``."""
+        a, r = self._attn.storage, self._recr.storage
+        return a if a == r else "mixed"
+
+    @property
+    def device(self) -> Any:
+        """The torch device of the attention part's tensors (torch storage), else None."""
+        return self._attn.device
+
     def __repr__(self) -> str:
         n_rec = sum(self._pattern)
         return (f"{type(self).__name__}({len(self._pattern) - n_rec} attention + {n_rec} recurrent layers, "
@@ -455,7 +466,7 @@ class HybridISWAMemory(HybridMemory):
         return self._with_state_header(payload, seq_id, header_flags)
 
 
-def _kv_parts(mem: Any) -> list:
+def _kv_parts(mem: Any) -> List[Any]:
     """The KVCache objects of a hybrid's attention side (one, or base and swa)."""
     attn = mem._attn
     return [attn.base, attn.swa] if hasattr(attn, "base") else [attn]
@@ -468,7 +479,7 @@ def _storage_of_core(mem: Any, core: Any) -> Any:
     return None
 
 
-def _read_through_storage(mem: Any, caches: list, view: Any, seq_id: int, flags: int) -> None:
+def _read_through_storage(mem: Any, caches: List[Any], view: Any, seq_id: int, flags: int) -> None:
     """A hybrid state read whose parts keep their tensors in a storage (torch, or none: refused):
     the core validates and places both sides all or nothing, then each storage stores its rows."""
     from .kv_cache import _no_tensors, _scatter_state

@@ -503,7 +503,7 @@ class KVCache(Memory):
                 cells = np.flatnonzero((c["pos"] != -1) & (c["shift"] != 0))
                 if cells.size:
                     shifts.append(_storage.KShift(s, cells.astype(np.int64), c["shift"][cells].astype(np.int32)))
-        return _storage.KVUpdateOps(copies, tuple(shifts), self._rope)  # type: ignore[arg-type]
+        return _storage.KVUpdateOps(copies, tuple(shifts), self._rope)
 
     def _run_update(self) -> None:
         """The tensor work of the pending update on torch storage (before the core's update)."""
@@ -753,7 +753,7 @@ class KVCache(Memory):
 
     # -- state bytes through the caller's tensors ----------------------------------------------
 
-    def _pending_shifts(self) -> Optional[dict]:
+    def _pending_shifts(self) -> Optional[Dict[int, np.ndarray]]:
         """{stream: int32 shift per cell} when a K-shift is pending and state bytes hold K rows
         as if it were applied."""
         if not (self._rope is not None and self._core.get_can_shift() and self._core.get_has_shift()):
@@ -772,7 +772,7 @@ class KVCache(Memory):
         _, holes, cells = _core.collect_state_holes(lambda: self._core.state_read(view, seq), view)
         ran = copies if (seq != -1 and copies and not self._core.pending_copies) else ()
         return _storage.StateHoles(view, _storage.holes_from_log(holes, cells, self._core.address, self._layers),
-                                   seq == -1, ran)  # type: ignore[arg-type]
+                                   seq == -1, ran)
 
     def _stored_state(self, seq: int) -> bytes:
         if not self._store.has_tensors:

@@ -156,36 +156,6 @@ class RecurrentMemory(Memory):
         self._n_layer = n_layer
         self._tstore: Any = None  # numpy storage: the core holds the arrays and moves their rows
         self._own_balloc = None
-        self._lock = new_lock()
-        self._version = 0
-        self._staging = {}
-        self._checkpoints = None
-        if spec.name != "numpy":
-            self._present_index = []
-            for il in range(n_layer):
-                self._present_index.append(sum(present[:il]) if present[il] else -1)
-            kept = [il for il in range(n_layer) if present[il]]
-            isz_r, isz_s = self._dtype_r.itemsize, self._dtype_s.itemsize
-            self._mem.attach_geometry(n_layer, [widths_r[il] * isz_r for il in kept],
-                                      [widths_s[il] * isz_s for il in kept], _TYPE_IDS[self._dtype_r],
-                                      _TYPE_IDS[self._dtype_s])
-            if spec.name == "torch":
-                from .storage.torch_storage import TorchRS
-                self._tstore = TorchRS(spec, rows, [widths_r[il] if present[il] else None for il in range(n_layer)],
-                                       [widths_s[il] if present[il] else None for il in range(n_layer)],
-                                       self._dtype_r, self._dtype_s)
-                self._r, self._s = self._tstore.r, self._tstore.s
-            else:
-                from .kv_cache import _NoTensors
-                self._tstore = _NoTensors()
-                self._r = [None] * n_layer
-                self._s = [None] * n_layer
-            return
-        self._r: list[Optional[np.ndarray]] = [
-            np.zeros((rows, widths_r[il]), self._dtype_r) if present[il] else None for il in range(n_layer)]
-        self._s: list[Optional[np.ndarray]] = [
-            np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
-        self._own_balloc = None
         self._lock = new_lock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
         self._version = 0
@@ -194,6 +164,14 @@ class RecurrentMemory(Memory):
         self._present_index = []
         for il in range(n_layer):
             self._present_index.append(sum(present[:il]) if present[il] else -1)
+        # numpy arrays, or torch tensors with torch storage (None: a layer without state)
+        self._r: list[Any] = []
+        self._s: list[Any] = []
+        if spec.name != "numpy":
+            self._attach_storage(spec, rows, widths_r, widths_s, present)
+            return
+        self._r = [np.zeros((rows, widths_r[il]), self._dtype_r) if present[il] else None for il in range(n_layer)]
+        self._s = [np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
         self._mem.attach_buffers(
             n_layer,
             [a for a in self._r if a is not None],
@@ -201,6 +179,26 @@ class RecurrentMemory(Memory):
             _TYPE_IDS[self._dtype_r],
             _TYPE_IDS[self._dtype_s],
         )
+
+    def _attach_storage(self, spec: Any, rows: int, widths_r: List[int], widths_s: List[int],
+                        present: List[bool]) -> None:
+        """No host arrays: the core gets the row sizes only; torch storage allocates the tensors."""
+        n_layer = self._n_layer
+        kept = [il for il in range(n_layer) if present[il]]
+        isz_r, isz_s = self._dtype_r.itemsize, self._dtype_s.itemsize
+        self._mem.attach_geometry(n_layer, [widths_r[il] * isz_r for il in kept], [widths_s[il] * isz_s for il in kept],
+                                  _TYPE_IDS[self._dtype_r], _TYPE_IDS[self._dtype_s])
+        if spec.name == "torch":
+            from .storage.torch_storage import TorchRS
+            self._tstore = TorchRS(spec, rows, [widths_r[il] if present[il] else None for il in range(n_layer)],
+                                   [widths_s[il] if present[il] else None for il in range(n_layer)],
+                                   self._dtype_r, self._dtype_s)
+            self._r, self._s = self._tstore.r, self._tstore.s
+        else:
+            from .kv_cache import _NoTensors
+            self._tstore = _NoTensors()
+            self._r = [None] * n_layer
+            self._s = [None] * n_layer
 
     def __repr__(self) -> str:
         return (f"RecurrentMemory(n_layer={self._n_layer}, mem_size={self.size}, n_seq_max={self.n_seq_max}, "

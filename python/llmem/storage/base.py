@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -158,7 +158,7 @@ def rope_tables(rope: Any, delta: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def holes_from_log(holes: np.ndarray, cells: np.ndarray, owner: int, layers: List[int],
-                   shifts: Optional[dict] = None) -> List[StateHole]:
+                   shifts: Optional[Dict[int, np.ndarray]] = None) -> List[StateHole]:
     """The compiled core's hole rows of one cache as :class:`StateHole` s."""
     out = []
     for row in holes:

@@ -14,8 +14,9 @@ import numpy as np
 
 try:
     import torch
-except ImportError as exc:  # pragma: no cover - the message is the point
-    raise ImportError("llmem's torch storage needs torch: pip install llmem[torch]") from exc
+    import torch.utils.dlpack
+except ImportError:  # pragma: no cover - the message is the point
+    raise ImportError("llmem's torch storage needs torch: pip install llmem[torch]") from None
 
 from .base import KShift, StateHole, Storage, rope_tables
 
@@ -84,11 +85,11 @@ class _Uploader:
     refilled only after its previous upload finished (an event, normally long done)."""
 
     def __init__(self, device: "torch.device") -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
+        self.device: torch.device = device
+        self.cuda: bool = device.type == "cuda"
         self.bufs: List[Optional["torch.Tensor"]] = [None, None]
         self.events: List[Optional[Any]] = [None, None]
-        self.k = 0
+        self.k: int = 0
 
     def __call__(self, arr: np.ndarray) -> "torch.Tensor":
         host = torch.from_numpy(arr)
@@ -107,9 +108,10 @@ class _Uploader:
         part = buf[:n]
         part.copy_(host)
         out = part.to(self.device, non_blocking=True)
-        if self.events[k] is None:
-            self.events[k] = torch.cuda.Event()
-        self.events[k].record()
+        event = self.events[k]
+        if event is None:
+            event = self.events[k] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
         return out
 
 
@@ -120,7 +122,7 @@ def as_device_rows(values: Any, n: int, width: int, dtype: "torch.dtype", device
     (cupy, jax) and numpy arrays."""
     if not isinstance(values, torch.Tensor):
         if hasattr(values, "__dlpack__") and not isinstance(values, np.ndarray):
-            values = torch.from_dlpack(values)
+            values = torch.utils.dlpack.from_dlpack(values)
         else:
             a = np.asarray(values)
             if a.dtype.kind != "f":
@@ -132,7 +134,8 @@ def as_device_rows(values: Any, n: int, width: int, dtype: "torch.dtype", device
     if t.dim() < 2 or t.shape[0] != n or t.numel() != n * width:
         raise ValueError(f"{name} must have shape [n_tokens={n}, {width}] (or [n_tokens, n_head, head_dim]), "
                          f"got {tuple(t.shape)}")
-    return t.reshape(n, width).to(device=device, dtype=dtype, non_blocking=True)
+    out: torch.Tensor = t.reshape(n, width).to(device=device, dtype=dtype, non_blocking=True)
+    return out
 
 
 def rope_factors(deltas: np.ndarray, rope: Any, device: "torch.device") -> Tuple["torch.Tensor", "torch.Tensor"]:
@@ -179,9 +182,13 @@ class TorchKV:
     def __init__(self, spec: TorchStorage, layers: Sequence[int], n_stream: int, kv_size: int,
                  ek: Sequence[int], ev: Sequence[int], e_vmax: int, v_trans: bool, dtype_k: "torch.dtype",
                  dtype_v: "torch.dtype") -> None:
-        self.device = spec.resolved_device()
-        self.dtype_k, self.dtype_v = dtype_k, dtype_v
-        self.v_trans, self.kv_size, self.e_vmax, self.n_stream = v_trans, kv_size, e_vmax, n_stream
+        self.device: torch.device = spec.resolved_device()
+        self.dtype_k: torch.dtype = dtype_k
+        self.dtype_v: torch.dtype = dtype_v
+        self.v_trans: bool = v_trans
+        self.kv_size: int = kv_size
+        self.e_vmax: int = e_vmax
+        self.n_stream: int = n_stream
         self.k: List["torch.Tensor"] = []
         self.v: List["torch.Tensor"] = []
         given = spec.buffers or {}
@@ -201,7 +208,7 @@ class TorchKV:
                 v = torch.zeros(v_shape, dtype=dtype_v, device=self.device)
             self.k.append(k)
             self.v.append(v)
-        self.upload = _Uploader(self.device)
+        self.upload: _Uploader = _Uploader(self.device)
         self._j: Dict[int, "torch.Tensor"] = {}
 
     def _check_buffer(self, t: Any, shape: Tuple[int, ...], dtype: "torch.dtype", name: str) -> None:
@@ -340,7 +347,8 @@ def numpy_float_dtype(dtype: Any, name: str) -> np.dtype:
         if dtype == torch.float16:
             return np.dtype(np.float16)
         raise TypeError(f"{name}: recurrent states are float32 or float16, got {dtype}")
-    return np.dtype(dtype)
+    out: np.dtype = np.dtype(dtype)
+    return out
 
 
 _TORCH_OF = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
@@ -357,13 +365,14 @@ class TorchRS:
                  widths_s: Sequence[Optional[int]], dtype_r: np.dtype, dtype_s: np.dtype) -> None:
         if spec.buffers:
             raise ValueError("TorchStorage(buffers=...) is for KV caches; a recurrent memory allocates its states")
-        self.device = spec.resolved_device()
-        self.dtype_r, self.dtype_s = _TORCH_OF[np.dtype(dtype_r)], _TORCH_OF[np.dtype(dtype_s)]
+        self.device: torch.device = spec.resolved_device()
+        self.dtype_r: torch.dtype = _TORCH_OF[np.dtype(dtype_r)]
+        self.dtype_s: torch.dtype = _TORCH_OF[np.dtype(dtype_s)]
         self.r: List[Optional["torch.Tensor"]] = [
             None if w is None else torch.zeros(rows, w, dtype=self.dtype_r, device=self.device) for w in widths_r]
         self.s: List[Optional["torch.Tensor"]] = [
             None if w is None else torch.zeros(rows, w, dtype=self.dtype_s, device=self.device) for w in widths_s]
-        self.upload = _Uploader(self.device)
+        self.upload: _Uploader = _Uploader(self.device)
 
     def array(self, kind: int, il: int) -> "torch.Tensor":
         a = (self.s if kind else self.r)[il]
@@ -401,7 +410,7 @@ class TorchRS:
         """New states ``[n_seqs, width]`` or ``[k, n_seqs, width]`` (k <= 1 + n_rs_seq) as
         ``[k, n_seqs, width]`` on the device in the array's dtype (torch, DLPack or numpy)."""
         if not isinstance(new, torch.Tensor):
-            new = torch.from_dlpack(new) if hasattr(new, "__dlpack__") and not isinstance(new, np.ndarray) \
+            new = torch.utils.dlpack.from_dlpack(new) if hasattr(new, "__dlpack__") and not isinstance(new, np.ndarray) \
                 else torch.from_numpy(np.ascontiguousarray(np.asarray(new)))
         t = new.detach()
         if not t.is_floating_point():
@@ -412,7 +421,8 @@ class TorchRS:
         elif not (t.dim() == 3 and 1 <= t.shape[0] <= max_planes and tuple(t.shape[1:]) == (n_seqs, width)):
             raise ValueError(f"{name} states must have shape ({n_seqs}, {width}) or (k <= {max_planes}, {n_seqs}, "
                              f"{width}), got {tuple(t.shape)}")
-        return t.to(device=self.device, dtype=A.dtype, non_blocking=True)
+        out: torch.Tensor = t.to(device=self.device, dtype=A.dtype, non_blocking=True)
+        return out
 
     def store(self, A: "torch.Tensor", rows: "torch.Tensor", head: int, size: int) -> None:
         n = rows.shape[1]
