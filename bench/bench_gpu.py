@@ -167,6 +167,47 @@ def _kshift_vs_copy(dtype: Any, device: str, n_cells: int) -> Dict[str, float]:
             "kshift_gbs": 2 * k_bytes / s / 1e3, "copy_gbs": 2 * k_bytes / c / 1e3}
 
 
+def _recurrent_vs_copy(dtype: Any, device: str, n_seqs: int, n_layer: int = 4) -> Dict[str, float]:
+    """A decode step's recurrent state work (every layer's s gathered through s_copy and stored
+    back, r likewise) with torch storage, against device-to-device copies of the same bytes."""
+    import torch
+    n_embd_r, n_embd_s = 3 * 8192, 128 * 64 * 16  # Mamba-2-like: conv window, heads x head_dim x d_state
+    mem = llmem.RecurrentMemory(n_layer, n_embd_r, n_embd_s, mem_size=n_seqs, n_seq_max=n_seqs, dtype_r=dtype,
+                                dtype_s=dtype, storage="torch", device=device)
+    ids = np.arange(n_seqs, dtype=np.int32)
+    pos = [0]
+
+    def step() -> None:
+        ctx = mem.init_batch(llmem.Batch(token=np.zeros(n_seqs, np.int32), pos=np.full(n_seqs, pos[0], np.int32),
+                                         seq_id=ids), n_seqs)
+        for _ in ctx:
+            for il in range(n_layer):
+                ctx.store_r(il, ctx.get_r(il))
+                ctx.store_s(il, ctx.get_s(il))
+        pos[0] += 1
+    step()
+    row_bytes = (n_embd_r + n_embd_s) * torch.tensor([], dtype=dtype).element_size()
+    moved = n_layer * n_seqs * row_bytes  # gathered once, stored once: read + write each
+    src = torch.empty(moved, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    rs_us, copy_us = [], []
+    for _ in range(6):
+        _sync()
+        t0 = time.perf_counter()
+        step()
+        _sync()
+        rs_us.append((time.perf_counter() - t0) * 1e6)
+        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ev0.record()
+        dst.copy_(src)
+        ev1.record()
+        _sync()
+        copy_us.append(ev0.elapsed_time(ev1) * 1e3)
+    r, c = statistics.median(rs_us[1:]), statistics.median(copy_us[1:])
+    return {"seqs": n_seqs, "bytes": moved, "rs_us": r, "copy_us": c, "rs_gbs": 4 * moved / r / 1e3,
+            "copy_gbs": 2 * moved / c / 1e3}
+
+
 def run(quick: bool = True) -> int:
     why = skip_reason()
     if why:
@@ -214,6 +255,14 @@ def run(quick: bool = True) -> int:
     for n in (4096, 65536):
         r = _kshift_vs_copy(dtype, device, n)
         print(f"{r['cells']:>7} | {r['k_bytes'] / 2**20:>7.0f}Mi | {r['kshift_us']:>10.0f} | {r['kshift_gbs']:>10.1f} | "
+              f"{r['copy_us']:>8.0f} | {r['copy_gbs']:>10.1f}")
+    print("\nrecurrent decode step: r and s of every layer gathered (s_copy) and stored back, torch storage, vs a "
+          "device-to-device copy of the rows once")
+    print(f"{'seqs':>5} | {'state bytes':>11} | {'gather+store us':>15} | {'GB/s (2r+2w)':>12} | {'copy us':>8} | "
+          f"{'GB/s (r+w)':>10}")
+    for n in (64, 256):
+        r = _recurrent_vs_copy(torch.float32, device, n)
+        print(f"{r['seqs']:>5} | {r['bytes'] / 2**20:>9.0f}Mi | {r['rs_us']:>15.0f} | {r['rs_gbs']:>12.1f} | "
               f"{r['copy_us']:>8.0f} | {r['copy_gbs']:>10.1f}")
     return 0
 
