@@ -143,13 +143,12 @@ def rope_factors(deltas: np.ndarray, rope: Any, device: "torch.device") -> Tuple
     the compiled core's tables, one per distinct delta, uploaded once."""
     uniq, inv = np.unique(deltas, return_inverse=True)
     tables = [rope_tables(rope, int(d)) for d in uniq]
-    if len(uniq) == 1:  # the usual case: one seq_add moved every cell alike
-        cs = np.broadcast_to(tables[0][0], (len(deltas), len(tables[0][0])))
-        sn = np.broadcast_to(tables[0][1], cs.shape)
+    if len(uniq) == 1:  # the usual case: one seq_add moved every cell alike; broadcast one table
+        cs, sn = tables[0][0][None], tables[0][1][None]
     else:
         cs = np.stack([t[0] for t in tables])[inv.reshape(-1)]
         sn = np.stack([t[1] for t in tables])[inv.reshape(-1)]
-    both = torch.from_numpy(np.ascontiguousarray(np.stack([cs, sn]))).to(device, non_blocking=True)
+    both = torch.from_numpy(np.ascontiguousarray(np.stack([cs, sn]))).to(device)
     return both[0][:, None, :], both[1][:, None, :]
 
 
@@ -168,8 +167,9 @@ def rotate_rows(rows: "torch.Tensor", factors: Tuple["torch.Tensor", "torch.Tens
     else:
         a, b = heads[:, :, 0:n_rot:2], heads[:, :, 1:n_rot:2]
     na = a * c - b * s
-    b.mul_(c).add_(a * s)  # a*s + b*c: the sum of the same two products (addition commutes)
+    nb = a * s + b * c
     a.copy_(na)
+    b.copy_(nb)
     return x.to(rows.dtype)
 
 
