@@ -34,7 +34,7 @@ from . import llama_baseline, llama_driver  # noqa: E402
 from ._timing import Progress, host_probe_ms  # noqa: E402
 from .workloads import SEQ_OP_NAMES, Config, plan  # noqa: E402
 
-GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix", "capi", "store")
+GROUPS = ("seq_ops", "decode", "prefill", "recurrent", "mask", "state", "kshift", "cpy", "prefix", "capi", "store", "gpu")
 GROUPS += ("quant",)  # quantized caches: bench_quant.py prints its own table
 
 
@@ -275,6 +275,9 @@ def main(argv=None) -> int:
                     help=f"run only these groups ({', '.join(GROUPS)})")
     ap.add_argument("--no-llama", action="store_true", help="skip the llama.cpp baseline")
     args = ap.parse_args(argv)
+    if args.only == ["gpu"]:
+        from . import bench_gpu  # K/V on a CUDA device through torch storage (skips without one)
+        return bench_gpu.run(quick=not args.full)
     if args.only == ["prefix"]:
         from . import bench_prefix  # its own tables: the prefix cache and the checkpoints
         bench_prefix.run(quick=not args.full)

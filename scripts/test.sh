@@ -68,6 +68,9 @@ done
 if [ ${#tools[@]} -gt 0 ]; then
     "$vpy" -m pip install -q "${tools[@]}"
 fi
+# torch storage (issue 17): the CPU wheel of exactly this version (a plain `torch` or a range could
+# pull a multi-GB CUDA build); tests/python/test_torch_*.py run on CPU, and on CUDA where present
+"$vpy" -c "import torch" 2>/dev/null || "$vpy" -m pip install -q torch==2.13.0
 export PATH="$venv/bin:$PATH"   # the venv's cmake/ninja when they came from PyPI
 
 run_ctest() {  # build dir, extra cmake args...

@@ -14,4 +14,5 @@ PYBIND11_MODULE(_core, m) {
     llmem::bind::register_state_file(m);
     llmem::bind::register_capi(m);
     llmem::bind::register_quant(m);
+    llmem::bind::register_state_holes(m);
 }

@@ -26,6 +26,7 @@ void register_state_file(py::module_ & m);
 /// The C API capsule (_C_API) and the MemoryLock type it shares with Python (csrc/capi).
 void register_capi(py::module_ & m);
 void register_quant(py::module_ & m);
+void register_state_holes(py::module_ & m);
 
 /// A read-only 1-D numpy view of `n` elements at `ptr`, kept alive by `owner`.
 template <typename T>

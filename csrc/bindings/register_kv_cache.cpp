@@ -191,6 +191,17 @@ live in numpy arrays registered with set_layer_buffers; use llmem.KVCache, which
         .def_property_readonly("used", &kv_cache::used_count)
         .def_property_readonly("n_embd_v_max", [](const kv_cache & c) { return c.params().n_embd_v_max; })
         .def_property_readonly("pending_copies", [](const kv_cache & c) { return c.pending_copies().size(); })
+        .def("pending_copy_list",
+             [](const kv_cache & c) {
+                 py::list out;
+                 for (const stream_copy & x : c.pending_copies()) {
+                     out.append(py::make_tuple(x.src, x.dst));
+                 }
+                 return out;
+             },
+             "The whole-stream copies (src, dst) the next update() runs, in order.")
+        .def_property_readonly("address", [](const kv_cache & c) { return reinterpret_cast<uintptr_t>(&c); },
+                               "This cache's address: the owner column of collect_state_holes.")
         .def("head", [](const kv_cache & c, int64_t s) { return c.head(to_count(s, "stream")); }, py::arg("stream") = 0)
         .def("k_buffer_bytes", &kv_cache::k_buffer_bytes, py::arg("layer"))
         .def("v_buffer_bytes", &kv_cache::v_buffer_bytes, py::arg("layer"))

@@ -87,6 +87,25 @@ void attach(py_rs_memory & mem, uint32_t n_layer_total, std::vector<py::array> r
     mem.arrays = std::move(keep);
 }
 
+// No arrays: a memory whose rows a storage holds elsewhere (torch, or the caller's own); the
+// row sizes are still the core's, for the state bytes and the checks.
+void attach_geometry(py_rs_memory & mem, uint32_t n_layer_total, const std::vector<uint64_t> & r_row_bytes,
+                     const std::vector<uint64_t> & s_row_bytes, int32_t type_r, int32_t type_s) {
+    if (r_row_bytes.size() != s_row_bytes.size()) {
+        throw std::invalid_argument("r and s must list the same present layers");
+    }
+    llmem::rs_buffers b;
+    b.n_layer_total = n_layer_total;
+    b.type_r = type_r;
+    b.type_s = type_s;
+    b.r_row_bytes = r_row_bytes;
+    b.s_row_bytes = s_row_bytes;
+    b.r.assign(r_row_bytes.size(), nullptr);
+    b.s.assign(s_row_bytes.size(), nullptr);
+    mem.attach_buffers(b);
+    mem.arrays.clear();
+}
+
 py::dict cells_snapshot(const py_rs_memory & mem) {
     const size_t n = mem.size();
     py::array_t<int32_t> pos(n), src(n), src0(n), tail(n);
@@ -238,6 +257,11 @@ One plan of a recurrent memory (private; use the context llmem.RecurrentMemory r
 The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.RecurrentMemory).
 )doc")
         .def(py::init<uint32_t, int32_t, uint32_t>(), py::arg("size"), py::arg("n_seq_max"), py::arg("n_rs_seq"))
+        .def("attach_geometry", &attach_geometry, py::arg("n_layer_total"), py::arg("r_row_bytes"),
+             py::arg("s_row_bytes"), py::arg("type_r"), py::arg("type_s"),
+             "No arrays (a storage holds the rows): only the row sizes of each present layer.")
+        .def_property_readonly("address", [](const py_rs_memory & mem) { return reinterpret_cast<uintptr_t>(&mem); },
+                               "This memory's address: the owner column of collect_state_holes.")
         .def("attach_buffers", &attach, py::arg("n_layer_total"), py::arg("r"), py::arg("s"), py::arg("type_r"),
              py::arg("type_s"), py::arg("p") = std::vector<py::object>(),
              "Use these numpy arrays (one r and one s per present layer, and optionally one p or None each) as the state.")
@@ -320,6 +344,15 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
              "Write the input states of the ubatch's sets for one array (once per ubatch) into out.")
         .def("store", &store_states, py::arg("kind"), py::arg("layer"), py::arg("rows"), py::arg("max_planes"),
              "Write new states (n_seqs rows, or k planes of them) into the ubatch's cells.")
+        .def("mark_gathered", [](llmem::rs_context & ctx, int kind, size_t layer) { ctx.gather(kind, layer, nullptr); },
+             py::arg("kind"), py::arg("layer"),
+             "A buffer-less memory's gather: the checks and the once-per-micro-batch mark; the storage moves the rows.")
+        .def("mark_stored",
+             [](llmem::rs_context & ctx, int kind, size_t layer, uint32_t n_planes) {
+                 ctx.store(kind, layer, nullptr, n_planes);
+             },
+             py::arg("kind"), py::arg("layer"), py::arg("n_planes"),
+             "A buffer-less memory's store: the checks (and the gather mark); the storage writes the rows.")
         .def("s_copy_all", [](llmem::rs_context & ctx) {
             const std::vector<int32_t> & c = ctx.s_copy_all();
             return py::array_t<int32_t>(py::ssize_t(c.size()), c.data());

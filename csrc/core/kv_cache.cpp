@@ -3,6 +3,7 @@
 #include "llmem/batch.h"
 #include "llmem/errors.h"
 #include "llmem/quant.h"
+#include "llmem/state_holes.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -1168,6 +1169,17 @@ std::vector<uint32_t> & scratch_sel() {
     return sel;
 }
 
+// The cells of a stream's runs appended to a hole log once; returns where they start.
+size_t log_cells(state_hole_log & log, const std::vector<cell_run> & runs) {
+    const size_t at = log.cells.size();
+    for (const cell_run & r : runs) {
+        for (uint32_t k = 0; k < r.len; ++k) {
+            log.cells.push_back(r.cell + k);
+        }
+    }
+    return at;
+}
+
 // Plain stores into the output, with a cursor.
 struct byte_writer {
     uint8_t * at;
@@ -1353,6 +1365,7 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
     const size_t            es     = v_elem_bytes(p_);
     byte_writer             out{ dst };
 
+    state_hole_log * log = active_state_hole_log();
     out.put(uint32_t(n_stream_));
     for (uint32_t s = 0; s < n_stream_; ++s) {
         const kv_cells & T = cells_[s];
@@ -1362,6 +1375,19 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
         if (n == 0) {
             continue;
         }
+        size_t logged_at = SIZE_MAX;  // this stream's cells in the hole log, once a hole needs them
+        // A buffer-less layer's section stays zero; with a log open, it is reported for the
+        // storage that holds the tensor to fill.
+        const auto hole = [&](const uint8_t * at, size_t len, uint32_t l, hole_kind kind, uint32_t src_stream,
+                              uint32_t n_cols) {
+            if (log == nullptr) {
+                return;
+            }
+            if (logged_at == SIZE_MAX) {
+                logged_at = log_cells(*log, runs);
+            }
+            log->holes.push_back({ this, at, len, l, kind, src_stream, s, n_cols, logged_at, n });
+        };
         for (const cell_run & r : runs) {
             for (uint32_t i = r.cell; i < r.cell + r.len; ++i) {
                 out.put(int32_t(T.pos_get(i)));
@@ -1399,6 +1425,7 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
             uint8_t * w = out.block(rb * n);
             if (!k_[l]) {
                 std::memset(w, 0, rb * n);
+                hole(w, rb * n, l, hole_kind::K_ROWS, src, 0);
                 continue;
             }
             for (const cell_run & r : runs) {
@@ -1427,6 +1454,7 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
                 uint8_t * w = out.block(rb * n);
                 if (!v_[l]) {
                     std::memset(w, 0, rb * n);
+                    hole(w, rb * n, l, hole_kind::V_ROWS, src, 0);
                     continue;
                 }
                 const uint8_t * base = v_[l] + size_t(src) * p_.kv_size * rb;
@@ -1440,6 +1468,7 @@ void kv_cache::write_state(uint8_t * dst, int32_t seq) const {
                 uint8_t * w = out.block(size_t(ne) * n * es);
                 if (!v_[l]) {
                     std::memset(w, 0, size_t(ne) * n * es);
+                    hole(w, size_t(ne) * n * es, l, hole_kind::V_TRANS, src, ne);
                     continue;
                 }
                 for (uint32_t j = 0; j < ne; ++j) {
@@ -1791,6 +1820,7 @@ void kv_cache::state_commit(parsed_state & ps) {
         }
     }
     std::vector<cell_run> & runs = scratch_runs();
+    state_hole_log *        log  = active_state_hole_log();
     for (auto & st : ps.streams) {
         if (st.cell_count == 0) {
             continue;
@@ -1800,8 +1830,32 @@ void kv_cache::state_commit(parsed_state & ps) {
         for (uint32_t c = 0; c < st.cell_count; ++c) {
             add_cell(runs, c, st.slot.idxs[c]);
         }
+        size_t logged_at = SIZE_MAX;
+        // A buffer-less layer's section is reported (with its destination cells) for the storage
+        // that holds the tensor to scatter; the bytes are valid and the cells placed by now.
+        const auto hole = [&](const uint8_t * at, size_t len, uint32_t l, hole_kind kind, uint32_t n_cols) {
+            if (log == nullptr) {
+                return;
+            }
+            if (logged_at == SIZE_MAX) {
+                logged_at = log->cells.size();
+                log->cells.insert(log->cells.end(), st.slot.idxs.begin(), st.slot.idxs.begin() + st.cell_count);
+            }
+            log->holes.push_back({ this, at, len, l, kind, S, S, n_cols, logged_at, st.cell_count });
+        };
         for (uint32_t l = 0; l < n_layer(); ++l) {
             const size_t rk = k_row_bytes(l);
+            if (!k_[l]) {
+                hole(st.k_data[l], rk * st.cell_count, l, hole_kind::K_ROWS, 0);
+            }
+            if (!v_[l]) {
+                if (!p_.v_trans) {
+                    hole(st.v_data[l], v_row_bytes(l) * st.cell_count, l, hole_kind::V_ROWS, 0);
+                } else {
+                    hole(st.v_data[l], size_t(p_.n_embd_v[l]) * st.cell_count * es_v, l, hole_kind::V_TRANS,
+                         p_.n_embd_v[l]);
+                }
+            }
             if (k_[l]) {
                 for (const cell_run & r : runs) {
                     std::memcpy(k_row_mut(l, S, r.cell), st.k_data[l] + r.first * rk, r.len * rk);

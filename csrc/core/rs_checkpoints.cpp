@@ -55,10 +55,25 @@ int32_t rs_checkpoints::pos(int64_t id) const {
     return find(id).pos;
 }
 
+namespace {
+// Checkpoints copy rows through host memory: a memory whose rows live elsewhere (torch storage,
+// bookkeeping-only) has none to copy.
+void require_host_rows(const rs_memory & mem) {
+    const rs_buffers & b = mem.buffers();
+    for (size_t l = 0; l < b.r.size(); ++l) {
+        if ((b.r[l] == nullptr && b.r_row_bytes[l] != 0) || (b.s[l] == nullptr && b.s_row_bytes[l] != 0)) {
+            throw error("recurrent checkpoints need the states in host memory (numpy storage): this memory's "
+                        "rows are held by its storage");
+        }
+    }
+}
+} // namespace
+
 int64_t rs_checkpoints::save(const rs_memory & mem, int32_t seq) {
     if (!same_layout(mem)) {
         throw std::invalid_argument("checkpoint pool: the memory's rows differ from the pool's");
     }
+    require_host_rows(mem);
     const int64_t row = mem.seq_state_row(seq);
     if (row < 0) {
         throw std::invalid_argument("sequence " + std::to_string(seq) + " holds no state to checkpoint");
@@ -108,6 +123,7 @@ void rs_checkpoints::restore(rs_memory & mem, int64_t id, int32_t seq) const {
     if (!same_layout(mem)) {
         throw std::invalid_argument("checkpoint pool: the memory's rows differ from the pool's");
     }
+    require_host_rows(mem);
     const uint64_t row = mem.seq_place(seq, s.pos);  // throws, unchanged, when seq cannot take it
     const rs_buffers & b = mem.buffers();
     const uint8_t * in = s.data.get();

@@ -1,4 +1,5 @@
 #include "llmem/rs_memory.h"
+#include "llmem/state_holes.h"
 
 #include "llmem/batch.h"
 #include "llmem/errors.h"
@@ -61,6 +62,18 @@ public:
     template <typename T>
     void write(T v) {
         put(&v, sizeof(T));
+    }
+
+    // k zero bytes; returns where they start (a section a buffer-less memory leaves to its storage)
+    const uint8_t * zeros(size_t k) {
+        if (n_ - off_ < k) {
+            throw std::logic_error("rs_memory::state_write: output smaller than state_write_size()");
+        }
+        if (k != 0) {
+            std::memset(out_ + off_, 0, k);
+        }
+        off_ += k;
+        return out_ + off_ - k;
     }
 
     void put(const void * src, size_t k) {
@@ -130,7 +143,13 @@ void rs_memory::attach_buffers(const rs_buffers & bufs) {
     if (n_present > bufs.n_layer_total) {
         throw std::invalid_argument("rs_buffers: more present layers than n_layer_total");
     }
+    // no array at all: a buffer-less memory (its storage holds the rows elsewhere); otherwise
+    // every present layer needs its arrays
+    bool none = true;
     for (size_t l = 0; l < n_present; ++l) {
+        none = none && bufs.r[l] == nullptr && bufs.s[l] == nullptr;
+    }
+    for (size_t l = 0; l < n_present && !none; ++l) {
         if ((bufs.r[l] == nullptr && bufs.r_row_bytes[l] != 0) ||
             (bufs.s[l] == nullptr && bufs.s_row_bytes[l] != 0)) {
             throw std::invalid_argument("rs_buffers: a present layer has no array");
@@ -835,7 +854,19 @@ void rs_memory::state_write(uint8_t * out, size_t n_out, int32_t seq, uint32_t f
 
     w.write<uint32_t>(0);  // s_trans
     w.write<uint32_t>(bufs_.n_layer_total);
-    auto write_rows = [&](const uint8_t * base, uint64_t row_bytes) {
+    state_hole_log * log = active_state_hole_log();
+    auto write_rows = [&](const uint8_t * base, uint64_t row_bytes, size_t l, hole_kind kind) {
+        if (base == nullptr && row_bytes != 0) {
+            // a buffer-less memory: zeros here, and with a log open, the rows the storage fills
+            const uint8_t * at = w.zeros(size_t(n_cells * row_bytes));
+            if (log != nullptr) {
+                const size_t first = log->cells.size();
+                for_each_selected([&](uint32_t i) { log->cells.push_back(uint32_t(source_row(i, write_plane(seq, i)))); });
+                log->holes.push_back({ this, at, size_t(n_cells * row_bytes), uint32_t(l), kind, 0, 0, 0, first,
+                                       size_t(n_cells) });
+            }
+            return;
+        }
         for_each_selected([&](uint32_t i) {
             const uint64_t row = source_row(i, write_plane(seq, i));
             w.put(base + row * row_bytes, size_t(row_bytes));
@@ -844,17 +875,17 @@ void rs_memory::state_write(uint8_t * out, size_t n_out, int32_t seq, uint32_t f
     for (size_t l = 0; l < bufs_.r.size(); ++l) {
         w.write<int32_t>(bufs_.type_r);
         w.write<uint64_t>(bufs_.r_row_bytes[l]);
-        write_rows(bufs_.r[l], bufs_.r_row_bytes[l]);
+        write_rows(bufs_.r[l], bufs_.r_row_bytes[l], l, hole_kind::R_ROWS);
         // llama.cpp writes a layer's P rows (row size, then the rows) right after its R rows
         if (bufs_.p_bytes(l) != 0) {
             w.write<uint64_t>(bufs_.p_bytes(l));
-            write_rows(bufs_.p[l], bufs_.p_bytes(l));
+            write_rows(bufs_.p[l], bufs_.p_bytes(l), l, hole_kind::P_ROWS);
         }
     }
     for (size_t l = 0; l < bufs_.s.size(); ++l) {
         w.write<int32_t>(bufs_.type_s);
         w.write<uint64_t>(bufs_.s_row_bytes[l]);
-        write_rows(bufs_.s[l], bufs_.s_row_bytes[l]);
+        write_rows(bufs_.s[l], bufs_.s_row_bytes[l], l, hole_kind::S_ROWS);
     }
 }
 
@@ -1029,21 +1060,30 @@ size_t rs_memory::state_read(const uint8_t * data, size_t n_data, int32_t seq, u
         rs_idx_[uint32_t(seq)] = 0;
     }
 
+    state_hole_log * log = active_state_hole_log();
+    // a buffer-less memory's rows are reported (rows first.. of plane 0) for its storage to store
+    const auto rows_to = [&](uint8_t * base, uint64_t rb, size_t at, size_t l, hole_kind kind) {
+        if (rb == 0 || ps.cell_count == 0) {
+            return;
+        }
+        if (base != nullptr) {
+            std::memcpy(base + uint64_t(first) * rb, data + at, size_t(ps.cell_count * rb));
+        } else if (log != nullptr) {
+            const size_t c0 = log->cells.size();
+            for (uint32_t k = 0; k < ps.cell_count; ++k) {
+                log->cells.push_back(first + k);
+            }
+            log->holes.push_back({ this, data + at, size_t(ps.cell_count * rb), uint32_t(l), kind, 0, 0, 0, c0,
+                                   size_t(ps.cell_count) });
+        }
+    };
     for (size_t l = 0; l < bufs_.r.size(); ++l) {
-        const uint64_t rb = bufs_.r_row_bytes[l];
-        if (rb != 0 && ps.cell_count != 0) {
-            std::memcpy(bufs_.r[l] + uint64_t(first) * rb, data + ps.r_rows[l], size_t(ps.cell_count * rb));
-        }
-        const uint64_t pb = bufs_.p_bytes(l);
-        if (pb != 0 && ps.cell_count != 0) {
-            std::memcpy(bufs_.p[l] + uint64_t(first) * pb, data + ps.p_rows[l], size_t(ps.cell_count * pb));
-        }
+        rows_to(bufs_.r[l], bufs_.r_row_bytes[l], ps.r_rows[l], l, hole_kind::R_ROWS);
+        rows_to(l < bufs_.p.size() ? bufs_.p[l] : nullptr, bufs_.p_bytes(l), l < ps.p_rows.size() ? ps.p_rows[l] : 0,
+                l, hole_kind::P_ROWS);
     }
     for (size_t l = 0; l < bufs_.s.size(); ++l) {
-        const uint64_t sb = bufs_.s_row_bytes[l];
-        if (sb != 0 && ps.cell_count != 0) {
-            std::memcpy(bufs_.s[l] + uint64_t(first) * sb, data + ps.s_rows[l], size_t(ps.cell_count * sb));
-        }
+        rows_to(bufs_.s[l], bufs_.s_row_bytes[l], ps.s_rows[l], l, hole_kind::S_ROWS);
     }
     return ps.consumed;
 }
@@ -1051,13 +1091,13 @@ size_t rs_memory::state_read(const uint8_t * data, size_t n_data, int32_t seq, u
 void rs_memory::zero_buffers() {
     const uint64_t rows = (uint64_t(n_rs_seq_) + 1) * size_;
     for (size_t l = 0; l < bufs_.r.size(); ++l) {
-        if (bufs_.r_row_bytes[l] != 0) {
+        if (bufs_.r_row_bytes[l] != 0 && bufs_.r[l] != nullptr) {
             std::memset(bufs_.r[l], 0, size_t(rows * bufs_.r_row_bytes[l]));
         }
-        if (bufs_.s_row_bytes[l] != 0) {
+        if (bufs_.s_row_bytes[l] != 0 && bufs_.s[l] != nullptr) {
             std::memset(bufs_.s[l], 0, size_t(rows * bufs_.s_row_bytes[l]));
         }
-        if (bufs_.p_bytes(l) != 0) {
+        if (bufs_.p_bytes(l) != 0 && bufs_.p[l] != nullptr) {
             std::memset(bufs_.p[l], 0, size_t(rows * bufs_.p_bytes(l)));
         }
     }
@@ -1176,7 +1216,7 @@ void rs_context::gather(int kind, size_t layer, uint8_t * out) {
     const uint32_t n_seqs = ubatches_[i_].n_seqs;
     const uint32_t head = mem_->head();
     const size_t n_rs = copies.size();
-    if (rb == 0) {
+    if (rb == 0 || base == nullptr) {  // a buffer-less memory: its storage moves the rows
         return;
     }
     if (mem_->rs_z() >= 0) {
@@ -1223,6 +1263,9 @@ void rs_context::store(int kind, size_t layer, const uint8_t * rows, uint32_t n_
     }
     const uint64_t n_seqs = ubatches_[i_].n_seqs;
     const uint64_t head = mem_->head();
+    if (base == nullptr || rows == nullptr) {  // a buffer-less memory: its storage writes the rows
+        return;
+    }
     for (uint64_t p = 0; p < n_planes; ++p) {
         std::memcpy(base + (p * mem_->size() + head) * rb, rows + p * n_seqs * rb, size_t(n_seqs * rb));
     }

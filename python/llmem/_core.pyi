@@ -11,6 +11,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
+__all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'CAPI_VERSION', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'MemoryLock', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'collect_state_holes', 'dequantize', 'ggml_types', 'hybrid_init_batch', 'hybrid_state_read', 'kv_decode_step', 'kv_is_masked_swa', 'kv_iswa_decode_step', 'kv_iswa_init_batch', 'kv_k_idxs', 'kv_kq_cells', 'kv_kq_mask', 'kv_paged', 'kv_paged_sizes', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'kv_v_idxs', 'quantize', 'quantize_scatter', 'row_size', 'rs_checkpoints', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
 __all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'CAPI_VERSION', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'MemoryLock', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'dequantize', 'ggml_types', 'hybrid_decode_step', 'hybrid_init_batch', 'hybrid_state_read', 'kv_decode_step', 'kv_is_masked_swa', 'kv_iswa_decode_step', 'kv_iswa_init_batch', 'kv_k_idxs', 'kv_kq_cells', 'kv_kq_mask', 'kv_paged', 'kv_paged_sizes', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'kv_v_idxs', 'quantize', 'quantize_scatter', 'row_size', 'rs_checkpoints', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
 class Status(enum.IntEnum):
     """
@@ -299,6 +300,10 @@ class KVCache(seq_pos_source):
         ...
     def k_buffer_bytes(self, layer: typing.SupportsInt | typing.SupportsIndex) -> int:
         ...
+    def pending_copy_list(self) -> list[typing.Any]:
+        """
+        The whole-stream copies (src, dst) the next update() runs, in order.
+        """
     def seq_add(self, seq_id: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex, shift: typing.SupportsInt | typing.SupportsIndex) -> None:
         ...
     def seq_cp(self, seq_id_src: typing.SupportsInt | typing.SupportsIndex, seq_id_dst: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex = -1, p1: typing.SupportsInt | typing.SupportsIndex = -1) -> None:
@@ -354,6 +359,11 @@ class KVCache(seq_pos_source):
     def v_buffer_bytes(self, layer: typing.SupportsInt | typing.SupportsIndex) -> int:
         ...
     @property
+    def address(self) -> int:
+        """
+        This cache's address: the owner column of collect_state_holes.
+        """
+    @property
     def n_embd_v_max(self) -> int:
         ...
     @property
@@ -395,6 +405,14 @@ class rs_context:
     def gather(self, kind: typing.SupportsInt | typing.SupportsIndex, layer: typing.SupportsInt | typing.SupportsIndex, out: numpy.ndarray[typing.Any, numpy.dtype[typing.Any]]) -> None:
         """
         Write the input states of the ubatch's sets for one array (once per ubatch) into out.
+        """
+    def mark_gathered(self, kind: typing.SupportsInt | typing.SupportsIndex, layer: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        A buffer-less memory's gather: the checks and the once-per-micro-batch mark; the storage moves the rows.
+        """
+    def mark_stored(self, kind: typing.SupportsInt | typing.SupportsIndex, layer: typing.SupportsInt | typing.SupportsIndex, n_planes: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        A buffer-less memory's store: the checks (and the gather mark); the storage writes the rows.
         """
     def next(self) -> bool:
         ...
@@ -441,6 +459,10 @@ class rs_memory(seq_pos_source):
         """
         Use these numpy arrays (one r and one s per present layer, and optionally one p or None each) as the state.
         """
+    def attach_geometry(self, n_layer_total: typing.SupportsInt | typing.SupportsIndex, r_row_bytes: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], s_row_bytes: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], type_r: typing.SupportsInt | typing.SupportsIndex, type_s: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """
+        No arrays (a storage holds the rows): only the row sizes of each present layer.
+        """
     def cells(self) -> dict[str, typing.Any]:
         ...
     def check_seq_add(self, seq: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex, shift: typing.SupportsInt | typing.SupportsIndex) -> None:
@@ -485,6 +507,11 @@ class rs_memory(seq_pos_source):
         """
     def state_write(self, seq: typing.SupportsInt | typing.SupportsIndex, flags: typing.SupportsInt | typing.SupportsIndex) -> bytes:
         ...
+    @property
+    def address(self) -> int:
+        """
+        This memory's address: the owner column of collect_state_holes.
+        """
     @property
     def b11549_rules(self) -> bool:
         ...
@@ -593,6 +620,10 @@ class MemoryLock:
 def _time_core(memory: typing.Any, op: str, seqs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], p0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> float:
     """
     Bench only: nanoseconds per call of op (seq_pos_max, seq_rm_tail, decode_step) on a KVCache's core.
+    """
+def collect_state_holes(call: typing.Any, buffer: typing.Any) -> tuple[typing.Any, numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.int64]]:
+    """
+    Run call() with a state hole log open on this thread; returns (call's result, holes, cells), offsets relative to buffer (None: to the bytes call() returns). holes: int64 [n, 10] rows (owner address, offset in buffer, bytes, cache layer, kind 0 K rows / 1 V rows / 2 V transposed / 3 r rows / 4 s rows, row stream, cell stream, V columns, first cell, cell count); cells: int64 cell indices the rows reference.
     """
 def dequantize(type: typing.SupportsInt | typing.SupportsIndex, src: numpy.ndarray[typing.Any, numpy.dtype[typing.Any]], n: typing.SupportsInt | typing.SupportsIndex, out: typing.Annotated[numpy.typing.ArrayLike, numpy.float32]) -> None:
     """

@@ -66,6 +66,7 @@ class DemoReport:
     n_ctx: int
     seed: int
     system_prompt: int = 0
+    backend: str = "numpy"        # the model's math: numpy, or torch on a device
     prompt_tokens: int = 0
     generated_tokens: int = 0
     decoded_tokens: int = 0
@@ -131,17 +132,28 @@ def _sample(logits: np.ndarray, rng: np.random.Generator) -> int:
     return int(rng.choice(len(p), p=p / p.sum()))
 
 
+def _host(logits: Any) -> np.ndarray:
+    """Logits as a host array (a torch model returns them on its device)."""
+    if isinstance(logits, np.ndarray):
+        return logits
+    return logits.detach().cpu().numpy()  # type: ignore[no-any-return]
+
+
 def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: int = 512,
              seed: int = 0, n_batch: int = 64, n_ubatch: int = 16, verify: int = 6,
-             progress: Optional[TextIO] = None) -> DemoReport:
+             progress: Optional[TextIO] = None, device: Any = None) -> DemoReport:
     """Serve ``clients`` requests, ``parallel`` at a time, through the toy model ``arch`` on a
     memory of ``n_ctx`` cells; verify ``verify`` of them (plus the shifted and the restored one)
-    against ``forward_full``. ``progress``: a stream for the progress bar, or None."""
+    against ``forward_full``. ``progress``: a stream for the progress bar, or None. ``device``: a
+    torch device: the model's math and its memory (torch storage) there."""
     if clients < 1 or parallel < 1 or n_batch < 1 or n_ubatch < 1:
         raise ValueError("clients, parallel, batch and ubatch must be >= 1")
+    if device is not None and arch in ("recurrent", "hybrid"):
+        raise ValueError(f"--device runs the attention toys (transformer, iswa): the {arch} demo's prefix "
+                         "cache keeps recurrent checkpoints, which need the states in host memory (numpy storage)")
     t_wall = time.perf_counter()
     rng = np.random.default_rng(seed)
-    model = make_model(arch, seed)
+    model = make_model(arch, seed, device)
     cfg = model.config
     # request sequences, then the prefix cache's holders (one per cached node); a recurrent
     # memory needs none: its cache keeps checkpoints
@@ -162,6 +174,8 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
                         f"n_embd {cfg.n_embd}, vocab {cfg.n_vocab}", memory=type(memory).__name__,
                         clients=clients, parallel=parallel, n_ctx=n_ctx, seed=seed,
                         system_prompt=SYSTEM_PROMPT_LEN, holders=n_holders)
+    if device is not None:
+        report.backend = f"torch on {model.device}"
 
     system = [int(t) for t in rng.integers(0, cfg.n_vocab, SYSTEM_PROMPT_LEN)]
     requests = []
@@ -242,7 +256,7 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
             # no room: the cache evicts what it must (least recently used, never a live request)
             if cache.init_batch(batch, n_ubatch).status != Status.SUCCESS:
                 raise RuntimeError("no room for a decode even after emptying the prefix cache")
-        logits = model.decode(batch, memory, n_ubatch)
+        logits = _host(model.decode(batch, memory, n_ubatch))
         report.steps += 1
         report.decoded_tokens += len(entries)
         report.peak_cells = max(report.peak_cells, memory.used)
@@ -351,7 +365,7 @@ def _verify(model: ToyModel, requests: List[_Request], verify: int, rng: Any, re
                 if req.comparable_until is None or i < req.comparable_until]
         if not rows:
             continue
-        ref = model.forward_full(req.history)
+        ref = _host(model.forward_full(req.history))
         idx = [i for i, _ in rows]
         got = np.array([l for _, l in rows])
         err = np.abs(got - ref[idx])
@@ -390,7 +404,7 @@ def format_report(r: DemoReport) -> str:
         f"save/restore   {r.save_restore}",
         f"llmem work     {1e6 * r.llmem_s / steps:8.1f} µs/step  (init_batch, apply, next, context "
         f"reads/writes, seq and state ops)",
-        f"model compute  {1e6 * r.model_s / steps:8.1f} µs/step  (numpy)",
+        f"model compute  {1e6 * r.model_s / steps:8.1f} µs/step  ({r.backend})",
         f"verified       {r.verified_requests} requests, {r.verified_rows} outputs against forward_full: "
         f"max |diff| {r.max_error:.2g} (rtol {RTOL:g}, atol {ATOL:g})  {verdict}",
     ]
@@ -401,7 +415,10 @@ def format_report(r: DemoReport) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``llmem demo``."""
-    p.add_argument("--arch", choices=ARCHS, default="hybrid", help="toy model (default hybrid)")
+    p.add_argument("--arch", choices=ARCHS, default=None,
+                   help="toy model (default hybrid; transformer with --device)")
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help="run the model and its KV cache on torch there (cuda, cuda:1, cpu; needs torch)")
     p.add_argument("--clients", type=int, default=16, metavar="N", help="requests to serve (default 16)")
     p.add_argument("--parallel", type=int, default=4, metavar="S",
                    help="requests decoded at the same time (default 4)")
@@ -418,8 +435,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the demo for parsed arguments; 0 when verified, 1 on a mismatch, 2 on bad options."""
     try:
-        report = run_demo(args.arch, args.clients, args.parallel, args.ctx, args.seed, args.batch,
-                          args.ubatch, args.verify, progress=None if args.no_progress else sys.stderr)
+        arch = args.arch or ("hybrid" if args.device is None else "transformer")
+        report = run_demo(arch, args.clients, args.parallel, args.ctx, args.seed, args.batch,
+                          args.ubatch, args.verify, progress=None if args.no_progress else sys.stderr,
+                          device=args.device)
     except ValueError as exc:
         print(f"llmem demo: error: {exc}", file=sys.stderr)
         return 2

@@ -130,6 +130,17 @@ class HybridMemory(Memory):
         recr._share_lock(self._lock)
         self._positions = _core.HybridPositions(attn._pos_source, recr._pos_source)
 
+    @property
+    def storage(self) -> str:
+        """The parts' storage (``"numpy"``, ``"torch"``, ``"none"``), or ``"mixed"``."""
+        a, r = self._attn.storage, self._recr.storage
+        return a if a == r else "mixed"
+
+    @property
+    def device(self) -> Any:
+        """The torch device of the attention part's tensors (torch storage), else None."""
+        return self._attn.device
+
     def __repr__(self) -> str:
         n_rec = sum(self._pattern)
         return (f"{type(self).__name__}({len(self._pattern) - n_rec} attention + {n_rec} recurrent layers, "
@@ -376,8 +387,12 @@ class HybridMemory(Memory):
             raise ValueError(f"seq_id must be -1 or in [0, {self.n_seq_max}), got {seq_id}")
         self._lock.acquire()
         try:
-            _core.hybrid_state_read(self._attn_caches(flags), self._recr._mem, as_byte_view(data), seq_id, flags)
-            self._touch()
+            caches = self._attn_caches(flags)
+            if all(_storage_of_core(self, c) is None for c in caches) and self._recr._tstore is None:
+                _core.hybrid_state_read(caches, self._recr._mem, as_byte_view(data), seq_id, flags)
+                self._touch()
+                return
+            _read_through_storage(self, caches, as_byte_view(data), seq_id, flags)
         finally:
             self._lock.release()
 
@@ -456,3 +471,43 @@ class HybridISWAMemory(HybridMemory):
         seq_id, flags = _int("seq_id", seq_id), _int("flags", flags)
         payload = self._attn.state_write(seq_id, flags) + self._recr.state_write(seq_id, flags)
         return self._with_state_header(payload, seq_id, header_flags)
+
+
+def _kv_parts(mem: Any) -> List[Any]:
+    """The KVCache objects of a hybrid's attention side (one, or base and swa)."""
+    attn = mem._attn
+    return [attn.base, attn.swa] if hasattr(attn, "base") else [attn]
+
+
+def _storage_of_core(mem: Any, core: Any) -> Any:
+    for c in _kv_parts(mem):
+        if c._core is core:
+            return c._store
+    return None
+
+
+def _read_through_storage(mem: Any, caches: List[Any], view: Any, seq_id: int, flags: int) -> None:
+    """A hybrid state read whose parts keep their tensors in a storage (torch, or none: refused):
+    the core validates and places both sides all or nothing, then each storage stores its rows."""
+    from .kv_cache import _no_tensors, _scatter_state
+    from .storage import base as _storage
+    parts = [c for c in _kv_parts(mem) if any(c._core is k for k in caches)]
+    if any(p._store is not None and not p._store.has_tensors for p in parts) or (
+            mem._recr._tstore is not None and not mem._recr._tstore.has_tensors):
+        raise _no_tensors("state_read of a bookkeeping-only hybrid (read its parts' state_read_holes)")
+    copies = [tuple(tuple(c) for c in p._core.pending_copy_list()) for p in parts]
+    _, holes, cells = _core.collect_state_holes(
+        lambda: _core.hybrid_state_read(caches, mem._recr._mem, view, seq_id, flags), view)
+    mem._touch()
+    for p, cp in zip(parts, copies):
+        if p._store is None:
+            continue
+        ran = cp if (seq_id != -1 and cp and not p._core.pending_copies) else ()
+        _scatter_state(p, _storage.StateHoles(
+            view, _storage.holes_from_log(holes, cells, p._core.address, p._layers), seq_id == -1, ran))
+    recr = mem._recr
+    if recr._tstore is not None:
+        if seq_id == -1:
+            recr._tstore.zero()
+        recr._tstore.scatter(view, _storage.holes_from_log(holes, cells, recr._mem.address, recr._present_layers()),
+                             recr._present_index)

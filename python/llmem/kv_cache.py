@@ -32,6 +32,7 @@ from .errors import LlmemError
 from .ggml_types import GGMLType, dequantize, ggml_type
 from .memory import BatchOrAllocator, Memory, MemoryContext, as_byte_view, locked, new_lock, stale_context_error
 from .status import Status, SWAType, status_combine
+from .storage import base as _storage
 
 #: Sequence ids or token ids of a decode step: a list of ints or a 1-D integer array.
 IntsLike = Union[Sequence[int], "npt.NDArray[np.integer[Any]]"]
@@ -222,10 +223,17 @@ class KVCache(Memory):
     and the context reads return the source's, and it writes nothing. ``cell_tokens`` keeps each
     cell's token (in the state bytes too, as llama.cpp's cell ext of n-gram embedding models) for
     :meth:`seq_pos_tok_le`.
+
+    ``storage`` says where K and V live (``docs/storage.md``): ``"numpy"`` (the default, host
+    arrays), ``"torch"`` with ``device=`` (torch tensors on that device, ``dtype_k``/``dtype_v``
+    f32/f16/bf16 as torch or numpy dtypes or names; or a :class:`llmem.storage.TorchStorage` with
+    tensors of the caller's), or ``None``/``"none"``: no tensors, the caller keeps them and
+    performs what :meth:`pending_update`, :meth:`state_write_holes` and :meth:`state_read_holes`
+    describe.
     """
 
     __slots__ = ("_core", "_k", "_v", "_layers", "_layer_index", "_type_k", "_type_v", "_rope",
-                 "_vt", "_ev", "_own_balloc", "_lock", "_version", "_ek", "_reuse")
+                 "_vt", "_ev", "_own_balloc", "_lock", "_version", "_ek", "_reuse", "_store")
 
     def __init__(self, n_layer: int, n_embd_k_gqa: Union[int, Sequence[int]],
                  n_embd_v_gqa: Union[int, Sequence[int]], kv_size: int, n_seq_max: int = 1,
@@ -236,8 +244,13 @@ class KVCache(Memory):
                  n_pos_per_embd: int = 1, compat: Any = None, state_format: Optional[int] = None,
                  n_rot_k: int = 0, n_rot_v: int = 0,
                  layer_reuse: Union[Callable[[int], int], Sequence[int], None] = None,
-                 cell_tokens: bool = False) -> None:
+                 cell_tokens: bool = False, storage: Any = "numpy", device: Any = None) -> None:
         n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
+        spec = _storage.resolve_storage(storage, device)
+        if spec.name == "torch":  # torch dtypes named as ggml types for the core
+            from .storage.torch_storage import torch_dtype
+            t_k, t_v = torch_dtype(dtype_k, "dtype_k"), torch_dtype(dtype_v, "dtype_v")
+            dtype_k, dtype_v = (_TORCH_NAMES[str(t_k)], _TORCH_NAMES[str(t_v)])
         compat = resolve_compat(compat)
         state_format = resolve_state_format(state_format, compat)
         n_rot_k = _check_int(n_rot_k, "n_rot_k", 0, 1 << 16)
@@ -285,6 +298,10 @@ class KVCache(Memory):
             n_rot_k, n_rot_v, state_format, bool(cell_tokens))
         n_stream = self._core.n_stream
         self._k, self._v = [], []
+        self._store: Any = None  # numpy: the core holds the buffers and does their tensor work
+        if spec.name != "numpy":
+            self._attach_storage(spec, n_stream, kv_size, e_vmax)
+            return
         tk, tv = self.ggml_type_k, self.ggml_type_v
         for l, il in enumerate(self._layers):
             # a block type: one uint8 row of ggml blocks per cell
@@ -296,6 +313,25 @@ class KVCache(Memory):
             self._core.set_layer_buffers(l, k, v)
             self._k.append(k)
             self._v.append(v)
+
+    def _attach_storage(self, spec: Any, n_stream: int, kv_size: int, e_vmax: int) -> None:
+        if spec.name == "torch":
+            from .storage.torch_storage import TorchKV, torch_dtype
+            self._store = TorchKV(spec, self._layers, n_stream, kv_size, self._ek, self._ev, e_vmax, self._vt,
+                                  torch_dtype(self.type_k, "dtype_k"), torch_dtype(self.type_v, "dtype_v"))
+            self._k, self._v = self._store.k, self._store.v
+        else:
+            self._store = _NoTensors()
+
+    @property
+    def storage(self) -> str:
+        """``"numpy"``, ``"torch"`` or ``"none"`` (bookkeeping-only)."""
+        return "numpy" if self._store is None else self._store.name
+
+    @property
+    def device(self) -> Any:
+        """The torch device of the tensors (torch storage), else None."""
+        return getattr(self._store, "device", None)
 
     # -- argument checks -------------------------------------------------------------------------
 
@@ -318,12 +354,19 @@ class KVCache(Memory):
                              f"(layers: {self._layers})") from None
 
     def k(self, il: int) -> np.ndarray:
-        """K of model layer ``il``: ``[n_stream, kv_size, n_embd_k]`` (the cache's own array)."""
-        return self._k[self._layer(il)]
+        """K of model layer ``il``: ``[n_stream, kv_size, n_embd_k]`` (the cache's own array; a
+        torch tensor with torch storage)."""
+        l = self._layer(il)
+        if not self._k:
+            raise _no_tensors("k")
+        return self._k[l]
 
     def v(self, il: int) -> np.ndarray:
         """V of model layer ``il``; ``[n_stream, n_embd_v_max, kv_size]`` when ``v_trans``."""
-        return self._v[self._layer(il)]
+        l = self._layer(il)
+        if not self._v:
+            raise _no_tensors("v")
+        return self._v[l]
 
     @property
     def layers(self) -> list[int]:
@@ -446,6 +489,35 @@ class KVCache(Memory):
         """Pending stream copies and K-shift; NO_UPDATE if there is nothing to do."""
         return KVUpdateContext(self)
 
+    @locked
+    def pending_update(self) -> _storage.KVUpdateOps:
+        """The tensor work the next ``init_update().apply()`` stands for, as data: the whole-stream
+        copies ``(src, dst)`` in order, then the K-shift of each stream (cells, position deltas)
+        with :attr:`rope`. A bookkeeping-only cache's caller runs them on its tensors, then calls
+        ``apply()`` (which changes the cells only)."""
+        copies = tuple(tuple(c) for c in self._core.pending_copy_list())
+        shifts = []
+        if self._core.get_has_shift():
+            for s in range(self.n_stream):
+                c = self._core.cells(s)
+                cells = np.flatnonzero((c["pos"] != -1) & (c["shift"] != 0))
+                if cells.size:
+                    shifts.append(_storage.KShift(s, cells.astype(np.int64), c["shift"][cells].astype(np.int32)))
+        return _storage.KVUpdateOps(copies, tuple(shifts), self._rope)
+
+    def _run_update(self) -> None:
+        """The tensor work of the pending update on torch storage (before the core's update)."""
+        store = self._store
+        if store is None or not store.has_tensors:
+            return
+        ops = self.pending_update()
+        if ops.k_shift and (self._rope is None or not self._core.get_can_shift()):
+            return  # the core refuses it next, changing nothing
+        for src, dst in ops.copies:
+            store.copy_stream(src, dst)
+        for sh in ops.k_shift:
+            store.k_shift(sh, self._rope)
+
     def _touch(self) -> None:
         """Record a change of the cells (contexts planned before it become stale)."""
         self._version += 1
@@ -453,6 +525,8 @@ class KVCache(Memory):
     @locked
     def clear(self, data: bool = True) -> None:
         self._core.clear(bool(data))
+        if data and self._store is not None and self._store.has_tensors:
+            self._store.zero()
         self._version += 1
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
@@ -549,7 +623,10 @@ class KVCache(Memory):
         return self._core.get_has_shift()
 
     def memory_breakdown(self) -> dict[str, int]:
-        """Bytes of the K/V buffers (one host buffer type, as llama.cpp's CPU entry)."""
+        """Bytes of the K/V buffers (one host buffer type, as llama.cpp's CPU entry; torch storage:
+        its device, bookkeeping-only: none)."""
+        if self._store is not None:
+            return {str(self._store.device).upper(): self._store.nbytes()} if self._store.has_tensors else {}
         return {"CPU": int(self._core.total_bytes())}
 
     @property
@@ -619,7 +696,10 @@ class KVCache(Memory):
         lock = self._lock
         lock.acquire()
         try:
-            data = self._core.state_write(seq)
+            if self._store is not None:
+                data = self._stored_state(seq)
+            else:
+                data = self._core.state_write(seq)
             return self._with_state_header(data, seq, flags) if flags else data
         finally:
             lock.release()
@@ -639,6 +719,9 @@ class KVCache(Memory):
         lock = self._lock
         lock.acquire()
         try:
+            if self._store is not None:
+                data = self._stored_state(seq)
+                return _copy_into(buffer, self._with_state_header(data, seq, flags) if flags else data)
             if not flags:
                 return self._core.state_write_into(buffer, seq)
             return self._write_into(buffer, seq, flags, self._core.state_size(seq),
@@ -656,15 +739,82 @@ class KVCache(Memory):
         try:
             if flags:
                 data, flags = self._without_state_header(data, seq, flags)
-            self._core.state_read(data, seq)
-            self._version += 1
+            if self._store is not None:
+                if not self._store.has_tensors:
+                    raise _no_tensors("state_read (use state_read_holes)")
+                read = self._read_holes(data, seq)
+                self._version += 1
+                _scatter_state(self, read)
+            else:
+                self._core.state_read(data, seq)
+                self._version += 1
         finally:
             lock.release()
 
+    # -- state bytes through the caller's tensors ----------------------------------------------
+
+    def _pending_shifts(self) -> Optional[Dict[int, np.ndarray]]:
+        """{stream: int32 shift per cell} when a K-shift is pending and state bytes hold K rows
+        as if it were applied."""
+        if not (self._rope is not None and self._core.get_can_shift() and self._core.get_has_shift()):
+            return None
+        return {s: self._core.cells(s)["shift"] for s in range(self.n_stream)}
+
+    def _write_holes(self, seq: int) -> _storage.StateHoles:
+        buf = bytearray(self._core.state_size(seq))
+        _, holes, cells = _core.collect_state_holes(lambda: self._core.state_write_into(buf, seq), buf)
+        return _storage.StateHoles(buf, _storage.holes_from_log(holes, cells, self._core.address, self._layers,
+                                                                self._pending_shifts()))
+
+    def _read_holes(self, data: Any, seq: int) -> _storage.StateHoles:
+        copies = tuple(tuple(c) for c in self._core.pending_copy_list())
+        view = as_byte_view(data)
+        _, holes, cells = _core.collect_state_holes(lambda: self._core.state_read(view, seq), view)
+        ran = copies if (seq != -1 and copies and not self._core.pending_copies) else ()
+        return _storage.StateHoles(view, _storage.holes_from_log(holes, cells, self._core.address, self._layers),
+                                   seq == -1, ran)
+
+    def _stored_state(self, seq: int) -> bytes:
+        if not self._store.has_tensors:
+            raise _no_tensors("state_write (use state_write_holes)")
+        w = self._write_holes(seq)
+        _fill_state(self, w.data, w.holes)
+        return bytes(w.data)
+
+    def state_write_holes(self, seq_id: int = -1) -> _storage.StateHoles:
+        """llama.cpp's KV state bytes of the cells (a ``bytearray``) with every tensor section
+        left zero and described by a :class:`~llmem.storage.StateHole` (where, which layer, K or
+        V, stream, cells, pending shift): filled from the caller's tensors, the bytes are exactly
+        ``state_write``'s. For bookkeeping-only caches (any storage works)."""
+        seq = self._state_seq(seq_id, 0)
+        with self._lock:
+            if self._store is None:  # numpy: the core fills every section itself
+                return _storage.StateHoles(bytearray(self._core.state_write(seq)), [])
+            return self._write_holes(seq)
+
+    def state_read_holes(self, data: Any, seq_id: int = -1) -> _storage.StateHoles:
+        """Restore the cells of state bytes (validated all or nothing, as ``state_read``) and return
+        the tensor sections the caller's tensors take: for each :class:`~llmem.storage.StateHole`,
+        ``data[offset:offset+nbytes]`` holds the rows of ``cells`` of ``stream``. Run
+        ``copies_first`` on the tensors before scattering them. Bookkeeping-only caches."""
+        seq = self._state_seq(seq_id, 0)
+        with self._lock:
+            if self._store is None:
+                self._core.state_read(data, seq)
+                self._version += 1
+                return _storage.StateHoles(data, [])
+            read = self._read_holes(data, seq)
+            self._version += 1
+            return read
+
     @locked
     def state_clear(self, seq_id: int) -> None:
-        """Remove ``seq_id`` (-1: everything) and zero the K/V rows of the cells it alone held."""
-        self._core.state_clear(self._seq(seq_id, allow_all=True))
+        """Remove ``seq_id`` (-1: everything) and zero the K/V rows of the cells it alone held
+        (numpy storage; torch storage zeroes everything for -1 and leaves freed rows as they are)."""
+        seq = self._seq(seq_id, allow_all=True)
+        self._core.state_clear(seq)
+        if seq == -1 and self._store is not None and self._store.has_tensors:
+            self._store.zero()
         self._version += 1
 
     def __repr__(self) -> str:
@@ -681,7 +831,7 @@ class KVCacheContext(MemoryContext):
     ``kq_cells`` the same visibility as per-token cell lists.
     """
 
-    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version", "_no_room")
+    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version", "_no_room", "_didx", "_didx_at")
 
     def __init__(self, cache: KVCache, ctx: _core.KVContext, version: Optional[int] = None,
                  k_idxs: Optional[np.ndarray] = None) -> None:
@@ -691,6 +841,8 @@ class KVCacheContext(MemoryContext):
         # while they are valid, -1 once next() moved on
         self._kidx: Optional[np.ndarray] = k_idxs
         self._kidx_at = -1 if k_idxs is None else 0
+        self._didx: Any = None  # k_idxs on the storage's device (torch storage)
+        self._didx_at = -1
         # the cache's version the plan is valid for (None: a full context, valid at any time)
         self._version = version
 
@@ -767,20 +919,39 @@ class KVCacheContext(MemoryContext):
         self._check_fresh("slot_cells")
         return self._ctx.slot_cells()
 
-    def k_idxs(self, out: Optional[WritableBuffer] = None) -> np.ndarray:
+    def k_idxs(self, out: Optional[WritableBuffer] = None, device: Any = None) -> np.ndarray:
         """int64 row of each token in the stacked ``[n_stream * kv_size]`` K rows. With ``out``
         (a writable C-contiguous int64 buffer of ``n_tokens`` values) the rows are written there
-        and ``out`` is returned; without, the array is cached per micro-batch."""
-        if self._kidx_at == 0 and out is None and self._version == self._cache._version:
+        and ``out`` is returned; without, the array is cached per micro-batch. ``device`` (torch
+        storage: its device, the only one accepted): a torch tensor there, uploaded from a
+        pinned buffer without synchronising the device, cached per micro-batch."""
+        if self._kidx_at == 0 and out is None and device is None and self._version == self._cache._version:
             return self._kidx  # type: ignore[return-value]  # set with _kidx_at
         if self._version is not None and self._version != self._cache._version:
             raise stale_context_error("k_idxs")
         self._check_applied()
+        if device is not None:
+            return cast(np.ndarray, self._device_idxs(device))
         if out is not None:
             return cast(np.ndarray, _core.kv_k_idxs(self._ctx, out))
         self._kidx = cast(np.ndarray, _core.kv_k_idxs(self._ctx, None))
         self._kidx_at = 0
         return self._kidx
+
+    def _device_idxs(self, device: Any = None) -> Any:
+        store = self._cache._store
+        if store is None or not store.has_tensors:
+            raise TypeError("k_idxs(device=...) needs a cache with torch storage")
+        if device is not None and device is not store.device:
+            import torch
+            dev = torch.device(device)
+            if dev != store.device and not (dev.type == store.device.type and dev.index is None):
+                raise ValueError(f"device={device!r}: this cache's tensors are on {store.device}")
+        i = self._ctx.i_cur
+        if self._didx_at != i:
+            self._didx = store.upload(self.k_idxs())
+            self._didx_at = i
+        return self._didx
 
     def v_idxs(self, out: Optional[WritableBuffer] = None) -> np.ndarray:
         """V destinations: as ``k_idxs`` without ``v_trans``; with it, the flat element index of
@@ -858,6 +1029,10 @@ class KVCacheContext(MemoryContext):
         c._lock.acquire()
         try:
             c._check_writes(il)
+            if c._store is not None:
+                l = c._layer(il)
+                _store_of(c).cpy_k(l, self._device_idxs(), k_cur, c._ek[l])
+                return
             K = c.k(il)
             idx = self.k_idxs()
             tk = c.ggml_type_k
@@ -876,6 +1051,10 @@ class KVCacheContext(MemoryContext):
         c._lock.acquire()
         try:
             c._check_writes(il)
+            if c._store is not None:
+                l = c._layer(il)
+                _store_of(c).cpy_v(l, self._device_idxs(), v_cur, c._ev[l])
+                return
             V = c.v(il)
             idx = self.k_idxs()
             ne = c._n_embd_v(il)
@@ -917,6 +1096,8 @@ class KVCacheContext(MemoryContext):
         c = self._cache
         c._lock.acquire()
         try:
+            if c._store is not None:
+                return self.get_k(il).float()  # type: ignore[no-any-return,attr-defined]
             return dequantize(self.get_k(il), c.ggml_type_k, c._n_embd_k(il))
         finally:
             c._lock.release()
@@ -928,6 +1109,8 @@ class KVCacheContext(MemoryContext):
         c._lock.acquire()
         try:
             V = self.get_v(il)
+            if c._store is not None:
+                return V.float()  # type: ignore[no-any-return,attr-defined]
             if c._vt:
                 return dequantize(V, c.ggml_type_v)
             return dequantize(V, c.ggml_type_v, c._n_embd_v(il))
@@ -1000,10 +1183,11 @@ class KVUpdateContext(MemoryContext):
     """Pending work of a KV cache: whole-stream copies left by ``seq_cp`` across streams, then the
     K-shift (RoPE re-rotation of shifted cells), then the shifts are cleared."""
 
-    __slots__ = ("_caches", "_status")
+    __slots__ = ("_caches", "_status", "_ops_seen")
 
     def __init__(self, *caches: KVCache) -> None:
-        self._caches = caches  # they share one lock (the caches of one iSWA pair)
+        self._caches = caches
+        self._ops_seen = False  # they share one lock (the caches of one iSWA pair)
         pending = any(c._core.update_pending() for c in caches)
         self._status = Status.SUCCESS if pending else Status.NO_UPDATE
 
@@ -1014,11 +1198,23 @@ class KVUpdateContext(MemoryContext):
     def next(self) -> bool:
         return False
 
+    def ops(self) -> List[_storage.KVUpdateOps]:
+        """The tensor work of ``apply()`` per cache (one, or base and swa of an iSWA cache), as
+        data (:meth:`KVCache.pending_update`): the caller of a bookkeeping-only cache runs it on
+        its tensors before ``apply()``."""
+        self._ops_seen = True
+        return [c.pending_update() for c in self._caches]
+
     def _check_apply(self) -> None:
         for c in self._caches:
             if c.get_has_shift() and c._rope is None:
                 raise LlmemError("cannot apply a K-shift: positions were shifted (seq_add/seq_div) but "
                                  "the cache was built without rope=...")
+            if (c._store is not None and not c._store.has_tensors and not self._ops_seen
+                    and c._core.update_pending()):
+                raise LlmemError("a bookkeeping-only cache's update changes tensors llmem does not hold: "
+                                 "take ctx.ops() (stream copies, K-shift) and run them on your tensors "
+                                 "before apply()")
 
     def apply(self) -> bool:
         self._caches[0]._lock.acquire()
@@ -1027,6 +1223,7 @@ class KVUpdateContext(MemoryContext):
             self._check_apply()
             for c in self._caches:
                 shifted = metrics.logger.isEnabledFor(logging.INFO) and c.get_has_shift()
+                c._run_update()
                 c._core.update()
                 c._version += 1
                 if shifted:
@@ -1039,6 +1236,73 @@ class KVUpdateContext(MemoryContext):
     @property
     def ubatch(self) -> None:
         return None
+
+
+_TORCH_NAMES = {"torch.float32": "f32", "torch.float16": "f16", "torch.bfloat16": "bf16"}
+
+
+class _NoTensors:
+    """The storage of a bookkeeping-only cache: it holds nothing."""
+
+    name = "none"
+    has_tensors = False
+    device = None
+
+    def __getattr__(self, op: str) -> Any:
+        raise _no_tensors(op)
+
+
+def _no_tensors(op: str) -> LlmemError:
+    return LlmemError(f"{op}: this cache is bookkeeping-only (storage=None) and holds no K/V tensors; the "
+                      "caller's tensors take the K/V rows at k_idxs()/v_idxs() (docs/storage.md)")
+
+
+def _store_of(cache: KVCache) -> Any:
+    store = cache._store
+    if not store.has_tensors:
+        raise _no_tensors("cpy_k/cpy_v")
+    return store
+
+
+def _fill_state(cache: KVCache, out: Any, holes: List[_storage.StateHole]) -> None:
+    cache._store.fill(out, [(h, cache._layer_index[h.layer]) for h in holes], cache._rope)
+
+
+def _scatter_state(cache: KVCache, read: _storage.StateHoles) -> None:
+    store = cache._store
+    if read.clear_first:
+        store.zero()
+    for src, dst in read.copies_first:
+        store.copy_stream(src, dst)
+    store.scatter(read.data, [(h, cache._layer_index[h.layer]) for h in read.holes])
+
+
+def _copy_into(buffer: Any, data: bytes) -> int:
+    """state_write_into of bytes made already (storages whose sections come from device tensors)."""
+    try:
+        view = memoryview(buffer)
+    except TypeError:
+        raise TypeError(f"buffer must be a writable bytes-like object, not {type(buffer).__name__}") from None
+    if view.readonly or not view.c_contiguous:
+        raise TypeError("buffer must be a writable, C-contiguous bytes-like object")
+    out = view.cast("B")
+    if len(out) < len(data):
+        raise ValueError(f"state_write_into: the buffer holds {len(out)} bytes, the state needs {len(data)}")
+    out[:len(data)] = data
+    return len(data)
+
+
+def _split_storage(spec: Any, swa_flags: List[bool]) -> "tuple[Any, Any]":
+    """The storage of an iSWA cache's base and swa parts (tensors of the caller's go to the part
+    that stores their layer)."""
+    buffers = getattr(spec, "buffers", None)
+    if not buffers:
+        return spec, spec
+    from .storage.torch_storage import TorchStorage
+    dev = spec.resolved_device()
+    base = {il: b for il, b in buffers.items() if not (0 <= il < len(swa_flags) and swa_flags[il])}
+    swa = {il: b for il, b in buffers.items() if 0 <= il < len(swa_flags) and swa_flags[il]}
+    return TorchStorage(device=dev, buffers=base), TorchStorage(device=dev, buffers=swa)
 
 
 def _rows(values: Any, n_tokens: int, width: int, name: str) -> np.ndarray:
@@ -1116,7 +1380,8 @@ class KVCacheISWA(Memory):
                  rope: Optional[Rope] = None, rope_swa: Optional[Rope] = None,
                  n_pos_per_embd: int = 1, compat: Any = None,
                  state_format: Optional[int] = None, n_rot_k: int = 0, n_rot_v: int = 0,
-                 layer_reuse: Union[Callable[[int], int], Sequence[int], None] = None) -> None:
+                 layer_reuse: Union[Callable[[int], int], Sequence[int], None] = None,
+                 storage: Any = "numpy", device: Any = None) -> None:
         n_layer = _check_int(n_layer, "n_layer", 0, MAX_LAYERS)
         kv_size = _check_int(kv_size, "kv_size", 1)
         n_seq_max = _check_int(n_seq_max, "n_seq_max", 1, _SEQ_MAX_LIMIT)
@@ -1147,17 +1412,30 @@ class KVCacheISWA(Memory):
                                       state_format=state_format, n_rot_k=n_rot_k, n_rot_v=n_rot_v,
                                       layer_reuse=layer_reuse)
         self._own_balloc = None
+        spec = _storage.resolve_storage(storage, device)
+        base_spec, swa_spec = _split_storage(spec, flags)
         self.base: KVCache = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, kv_size,
-                            layer_filter=lambda il: not flags[il] and keep(il), rope=rope, **common)
+                            layer_filter=lambda il: not flags[il] and keep(il), rope=rope, storage=base_spec,
+                            **common)
         self.swa: KVCache = KVCache(n_layer, n_embd_k_gqa, n_embd_v_gqa, size_swa, n_swa=n_swa,
                            swa_type=swa_type, layer_filter=lambda il: flags[il] and keep(il),
-                           rope=rope if rope_swa is None else rope_swa, **common)
+                           rope=rope if rope_swa is None else rope_swa, storage=swa_spec, **common)
         self._share_lock(new_lock())
 
     def _share_lock(self, lock: Any) -> None:
         self._lock = lock
         self.base._share_lock(lock)
         self.swa._share_lock(lock)
+
+    @property
+    def storage(self) -> str:
+        """``"numpy"``, ``"torch"`` or ``"none"`` (both parts alike)."""
+        return self.base.storage
+
+    @property
+    def device(self) -> Any:
+        """The torch device of the tensors (torch storage), else None."""
+        return self.base.device
 
     def _touch(self) -> None:
         self.base._touch()
@@ -1347,6 +1625,8 @@ class KVCacheISWA(Memory):
         flags = _check_int(flags, "flags")
         seq = self.base._seq(seq_id, allow_all=True)
         cores = self._state_cores(flags)
+        if self.base._store is not None:  # the sections come from the storage's tensors
+            return _copy_into(buffer, self.state_write(seq_id, flags))
 
         def sections(view: Any) -> Any:
             at = 0
@@ -1366,8 +1646,22 @@ class KVCacheISWA(Memory):
         cores = [self.swa._core] if flags & STATE_PARTIAL_ONLY else [self.base._core, self.swa._core]
         self._lock.acquire()
         try:
-            _core.kv_state_read(cores, as_byte_view(data), self.base._seq(seq_id, allow_all=True))
+            seq = self.base._seq(seq_id, allow_all=True)
+            if self.base._store is None:
+                _core.kv_state_read(cores, as_byte_view(data), seq)
+                self._touch()
+                return
+            if not self.base._store.has_tensors:
+                raise _no_tensors("state_read")
+            caches = [self.swa] if flags & STATE_PARTIAL_ONLY else [self.base, self.swa]
+            view = as_byte_view(data)
+            copies = [tuple(tuple(c) for c in k._core.pending_copy_list()) for k in caches]
+            _, holes, cells = _core.collect_state_holes(lambda: _core.kv_state_read(cores, view, seq), view)
             self._touch()
+            for k, cp in zip(caches, copies):
+                ran = cp if (seq != -1 and cp and not k._core.pending_copies) else ()
+                _scatter_state(k, _storage.StateHoles(
+                    view, _storage.holes_from_log(holes, cells, k._core.address, k._layers), seq == -1, ran))
         finally:
             self._lock.release()
 

@@ -29,6 +29,7 @@ from .kv_cache import MAX_LAYERS
 from .memory import (STATE_HEADER, BatchOrAllocator, Memory, MemoryContext, _wants_header, as_byte_view, locked,
                      new_lock, stale_context_error)
 from .status import Status, status_is_fail
+from .storage import base as _storage
 
 __all__ = ["RecurrentMemory", "RecurrentContext"]
 
@@ -149,11 +150,12 @@ class RecurrentMemory(Memory):
     """
 
     __slots__ = ("_mem", "_r", "_s", "_p", "_n_layer", "_dtype_r", "_dtype_s", "_own_balloc", "_present_index",
-                 "_staging", "_lock", "_version", "_checkpoints")
+                 "_staging", "_lock", "_version", "_checkpoints", "_tstore")
 
     def __init__(self, n_layer: int, n_embd_r: Union[int, Sequence[int]], n_embd_s: Union[int, Sequence[int]],
                  mem_size: int, n_seq_max: int = 1, n_rs_seq: int = 0, dtype_r: Any = np.float32, dtype_s: Any = np.float32,
-                 layer_filter: LayerFilter = None, compat: Any = None, n_embd_p: PWidths = None) -> None:
+                 layer_filter: LayerFilter = None, compat: Any = None, n_embd_p: PWidths = None,
+                 storage: Any = "numpy", device: Any = None) -> None:
         n_layer = _int("n_layer", n_layer, 1, MAX_LAYERS)
         compat = resolve_compat(compat)
         widths_r = _widths("n_embd_r", n_embd_r, n_layer)
@@ -162,6 +164,10 @@ class RecurrentMemory(Memory):
         mem_size = _int("mem_size", mem_size, 1)
         n_seq_max = _int("n_seq_max", n_seq_max, 1)
         n_rs_seq = _int("n_rs_seq", n_rs_seq, 0)
+        spec = _storage.resolve_storage(storage, device)
+        if spec.name == "torch":  # torch dtypes as the numpy dtypes the core knows
+            from .storage.torch_storage import numpy_float_dtype
+            dtype_r, dtype_s = numpy_float_dtype(dtype_r, "dtype_r"), numpy_float_dtype(dtype_s, "dtype_s")
         self._dtype_r = _dtype("dtype_r", dtype_r)
         self._dtype_s = _dtype("dtype_s", dtype_s)
         present = _present_layers(layer_filter, n_layer)
@@ -173,13 +179,7 @@ class RecurrentMemory(Memory):
         self._mem.set_b11549_rules(compat is Compat.B11549, no_layers)
         rows = mem_size * (1 + n_rs_seq)
         self._n_layer = n_layer
-        self._r: list[Optional[np.ndarray]] = [
-            np.zeros((rows, widths_r[il]), self._dtype_r) if present[il] else None for il in range(n_layer)]
-        self._s: list[Optional[np.ndarray]] = [
-            np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
-        self._p: list[Optional[np.ndarray]] = [
-            np.zeros((rows, widths_p[il]), self._dtype_r) if present[il] and widths_p[il] > 0 else None
-            for il in range(n_layer)]
+        self._tstore: Any = None  # numpy storage: the core holds the arrays and moves their rows
         self._own_balloc = None
         self._lock = new_lock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
@@ -189,6 +189,20 @@ class RecurrentMemory(Memory):
         self._present_index = []
         for il in range(n_layer):
             self._present_index.append(sum(present[:il]) if present[il] else -1)
+        # numpy arrays, or torch tensors with torch storage (None: a layer without state)
+        self._r: list[Any] = []
+        self._s: list[Any] = []
+        self._p: list[Optional[np.ndarray]] = [None] * n_layer
+        if spec.name != "numpy":
+            if any(widths_p[il] > 0 and present[il] for il in range(n_layer)):
+                raise ValueError(f"n_embd_p={n_embd_p!r}: the P array (llama.cpp's PLE conv history) is held "
+                                 f"by numpy storage only, not by storage={spec.name!r}")
+            self._attach_storage(spec, rows, widths_r, widths_s, present)
+            return
+        self._r = [np.zeros((rows, widths_r[il]), self._dtype_r) if present[il] else None for il in range(n_layer)]
+        self._s = [np.zeros((rows, widths_s[il]), self._dtype_s) if present[il] else None for il in range(n_layer)]
+        self._p = [np.zeros((rows, widths_p[il]), self._dtype_r) if present[il] and widths_p[il] > 0 else None
+                   for il in range(n_layer)]
         self._mem.attach_buffers(
             n_layer,
             [a for a in self._r if a is not None],
@@ -198,6 +212,26 @@ class RecurrentMemory(Memory):
             # P arrays (type r), one entry per present layer, only when some layer has one
             [self._p[il] for il in range(n_layer) if present[il]] if any(a is not None for a in self._p) else [],
         )
+
+    def _attach_storage(self, spec: Any, rows: int, widths_r: List[int], widths_s: List[int],
+                        present: List[bool]) -> None:
+        """No host arrays: the core gets the row sizes only; torch storage allocates the tensors."""
+        n_layer = self._n_layer
+        kept = [il for il in range(n_layer) if present[il]]
+        isz_r, isz_s = self._dtype_r.itemsize, self._dtype_s.itemsize
+        self._mem.attach_geometry(n_layer, [widths_r[il] * isz_r for il in kept], [widths_s[il] * isz_s for il in kept],
+                                  _TYPE_IDS[self._dtype_r], _TYPE_IDS[self._dtype_s])
+        if spec.name == "torch":
+            from .storage.torch_storage import TorchRS
+            self._tstore = TorchRS(spec, rows, [widths_r[il] if present[il] else None for il in range(n_layer)],
+                                   [widths_s[il] if present[il] else None for il in range(n_layer)],
+                                   self._dtype_r, self._dtype_s)
+            self._r, self._s = self._tstore.r, self._tstore.s
+        else:
+            from .kv_cache import _NoTensors
+            self._tstore = _NoTensors()
+            self._r = [None] * n_layer
+            self._s = [None] * n_layer
 
     def __repr__(self) -> str:
         return (f"RecurrentMemory(n_layer={self._n_layer}, mem_size={self.size}, n_seq_max={self.n_seq_max}, "
@@ -251,8 +285,21 @@ class RecurrentMemory(Memory):
             self._staging[key] = staging
         return staging
 
+    @property
+    def storage(self) -> str:
+        """``"numpy"``, ``"torch"`` or ``"none"`` (bookkeeping-only)."""
+        return "numpy" if self._tstore is None else self._tstore.name
+
+    @property
+    def device(self) -> Any:
+        """The torch device of the states (torch storage), else None."""
+        return getattr(self._tstore, "device", None)
+
     def _layer_array(self, arrays: List[Optional[np.ndarray]], kind: str, il: int) -> np.ndarray:
         il = _int("il", il, 0, self._n_layer - 1)
+        if self._tstore is not None and not self._tstore.has_tensors and self._present_index[il] >= 0:
+            from .kv_cache import _no_tensors
+            raise _no_tensors(f"{kind}({il})")
         a = arrays[il]
         if a is None:
             left_out = self._r[il] is None
@@ -304,6 +351,8 @@ class RecurrentMemory(Memory):
     def clear(self, data: bool = True) -> None:
         """Forget every sequence and pending rollback; with ``data`` zero every state array."""
         self._mem.clear(bool(data))
+        if data and self._tstore is not None and self._tstore.has_tensors:
+            self._tstore.zero()
         self._version += 1
 
     @locked
@@ -489,7 +538,41 @@ class RecurrentMemory(Memory):
         """
         payload_flags = flags & ~STATE_HEADER if _wants_header(flags) else flags
         seq_id = _int("seq_id", seq_id)
+        if self._tstore is not None:
+            if not self._tstore.has_tensors:
+                from .kv_cache import _no_tensors
+                raise _no_tensors("state_write (use state_write_holes)")
+            w = self.state_write_holes(seq_id, payload_flags)
+            self._tstore.fill(w.data, w.holes, self._present_index)
+            return self._with_state_header(bytes(w.data), seq_id, flags)
         return self._with_state_header(self._mem.state_write(seq_id, _int("flags", payload_flags, 0)), seq_id, flags)
+
+    @locked
+    def state_write_holes(self, seq_id: int = -1, flags: int = 0) -> _storage.StateHoles:
+        """The state block (a ``bytearray``) with the r/s rows left zero and described by
+        :class:`~llmem.storage.StateHole` s (``kind`` ``"r"`` or ``"s"``, ``layer``, ``cells``:
+        the absolute rows of the layer's ``[mem_size * (1 + n_rs_seq), width]`` array, in order):
+        filled from the caller's arrays the bytes are ``state_write``'s (docs/storage.md)."""
+        seq_id = _int("seq_id", seq_id)
+        data, holes, cells = _core.collect_state_holes(
+            lambda: self._mem.state_write(seq_id, _int("flags", flags, 0)), None)
+        buf = bytearray(data)
+        return _storage.StateHoles(buf, _storage.holes_from_log(holes, cells, self._mem.address,
+                                                                self._present_layers()))
+
+    @locked
+    def state_read_holes(self, data: Any, seq_id: int = -1, flags: int = 0) -> _storage.StateHoles:
+        """Restore a block's cells (all or nothing, as :meth:`state_read`) and return the r/s row
+        sections the caller's arrays take: ``data[offset:offset+nbytes]`` are the rows ``cells``."""
+        view = as_byte_view(data)
+        _, holes, cells = _core.collect_state_holes(
+            lambda: self._mem.state_read(view, _int("seq_id", seq_id), _int("flags", flags, 0)), view)
+        self._version += 1
+        return _storage.StateHoles(view, _storage.holes_from_log(holes, cells, self._mem.address,
+                                                                 self._present_layers()), seq_id == -1)
+
+    def _present_layers(self) -> List[int]:
+        return [il for il in range(self._n_layer) if self._present_index[il] >= 0]
 
     @locked
     def state_read(self, data: Any, seq_id: int = -1, flags: int = 0) -> None:
@@ -501,6 +584,15 @@ class RecurrentMemory(Memory):
         one cell for one sequence) and then leaves the memory, metadata and arrays, unchanged.
         """
         data, flags = self._without_state_header(data, seq_id, flags)
+        if self._tstore is not None:
+            if not self._tstore.has_tensors:
+                from .kv_cache import _no_tensors
+                raise _no_tensors("state_read (use state_read_holes)")
+            read = self.state_read_holes(data, seq_id, flags)
+            if read.clear_first:
+                self._tstore.zero()
+            self._tstore.scatter(read.data, read.holes, self._present_index)
+            return
         self._mem.state_read(as_byte_view(data), _int("seq_id", seq_id), _int("flags", flags, 0))
         self._version += 1
 
@@ -730,6 +822,12 @@ class RecurrentContext(MemoryContext):
         try:
             self._check_fresh("get_" + _KINDS[kind])
             out = self._gathered.get(key)
+            if out is None and memory._tstore is not None:
+                ctx = self._ctx
+                ctx.mark_gathered(kind, layer)  # checks (applied, once per micro-batch) and marks
+                out = memory._tstore.gather(memory._tstore.array(kind, il), ctx.s_copy_all(), ctx.n_seqs,
+                                            memory._mem.head, memory._mem.rs_z, memory.size, memory.n_rs_seq)
+                self._gathered[key] = out
             if out is None:
                 staging = memory._staging_for(kind, layer, il)
                 n_seqs = self._ctx.n_seqs
@@ -744,6 +842,16 @@ class RecurrentContext(MemoryContext):
         memory = self._memory
         layer, dtype = memory._array_slot(kind, il)
         name = "new " + _KINDS[kind]
+        if memory._tstore is not None:
+            with memory._lock:
+                self._check_fresh("store_" + _KINDS[kind])
+                if _N_KINDS * layer + kind not in self._gathered:
+                    self._gather(kind, il)  # the slot's other cells move before their rows are overwritten
+                store = memory._tstore
+                rows = store.rows(new, self._ctx.n_seqs, store.array(kind, il), memory.n_rs_seq + 1, name)
+                self._ctx.mark_stored(kind, layer, rows.shape[0])
+                store.store(store.array(kind, il), rows, memory._mem.head, memory.size)
+            return
         if not isinstance(new, np.ndarray):
             raise TypeError(f"{name} states must be a numpy array, not {type(new).__name__}")
         if new.dtype != dtype:

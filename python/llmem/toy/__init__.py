@@ -14,6 +14,8 @@ batch through the memory: the two must agree, which is what proves the memories 
     assert np.allclose(logits[-1], model.forward_full(prompt)[-1], rtol=1e-4, atol=1e-5)
 """
 
+from typing import Any
+
 from .base import ATTN, SSM, SWA, DecodeClock, NoSlotError, ToyConfig, ToyModel
 from .hybrid import ToyHybrid
 from .recurrent import ToyRecurrent
@@ -26,14 +28,15 @@ __all__ = ["ATTN", "SSM", "SWA", "DecodeClock", "NoSlotError", "ToyConfig", "Toy
 ARCHS = ("transformer", "recurrent", "hybrid", "iswa")
 
 
-def make_model(arch: str, seed: int = 0) -> ToyModel:
-    """The toy model of one architecture name of :data:`ARCHS`."""
+def make_model(arch: str, seed: int = 0, device: Any = None) -> ToyModel:
+    """The toy model of one architecture name of :data:`ARCHS`; ``device`` (a torch device):
+    torch math there and memories in torch storage on it."""
     if arch == "transformer":
-        return ToyTransformer(seed)
+        return ToyTransformer(seed, device=device)
     if arch == "iswa":
-        return ToyTransformer.iswa(seed)
+        return ToyTransformer.iswa(seed, device=device)
     if arch == "recurrent":
-        return ToyRecurrent(seed)
+        return ToyRecurrent(seed, device=device)
     if arch == "hybrid":
-        return ToyHybrid(seed)
+        return ToyHybrid(seed, device=device)
     raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 
@@ -171,11 +171,41 @@ class ToyModel:
     through the context, and returns the logits of the batch's output tokens in batch order.
     """
 
-    def __init__(self, config: ToyConfig, seed: int = 0) -> None:
+    def __init__(self, config: ToyConfig, seed: int = 0, device: Any = None) -> None:
         self.config = config
         self.seed = seed
         self.weights: Dict[str, Any] = _init_weights(config, seed)
         self.clock: DecodeClock = DecodeClock()
+        #: None: numpy math and numpy storage; a torch device: torch math there, and memories in
+        #: torch storage on it (the same weights)
+        self.device: Any = None
+        self._L: Any = L
+        if device is not None:
+            import torch
+
+            from . import layers_torch
+            self.device = torch.device(device)
+            self._L = layers_torch
+            dev = self.device
+
+            def to_dev(w: Any) -> Any:
+                if isinstance(w, dict):
+                    return {k: to_dev(v) for k, v in w.items()}
+                if isinstance(w, list):
+                    return [to_dev(v) for v in w]
+                return torch.from_numpy(w).to(dev)
+            self.weights = to_dev(self.weights)
+
+    def _storage_args(self) -> Dict[str, Any]:
+        """The ``storage``/``device`` arguments of the model's memories."""
+        return {} if self.device is None else {"storage": "torch", "device": self.device}
+
+    def _tensor(self, a: Any) -> Any:
+        """A host array (indices, a mask) as the model's array type."""
+        if self.device is None:
+            return a
+        import torch
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     # -- the memory ------------------------------------------------------------------------------
 
@@ -205,22 +235,22 @@ class ToyModel:
         pos = np.arange(len(tokens), dtype=np.int64) if pos is None else np.asarray(pos, np.int64)  # type: ignore[assignment]  # the sequences are re-bound as arrays
         if pos.shape != tokens.shape:  # type: ignore[attr-defined, union-attr]  # the sequences are re-bound as arrays
             raise ValueError(f"pos has shape {pos.shape}, tokens {tokens.shape}")  # type: ignore[attr-defined, union-attr]  # the sequences are re-bound as arrays
-        x = self.weights["tok_embd"][tokens]
+        x = self.weights["tok_embd"][self._tensor(tokens)]
         delta = pos[:, None] - pos[None, :]  # type: ignore[call-overload, index]  # query position minus key position
-        causal = np.where(delta >= 0, 0.0, -np.inf).astype(np.float32)
-        windowed = np.where((delta >= 0) & (delta < max(cfg.n_swa, 1)), 0.0, -np.inf).astype(np.float32)
+        causal = self._tensor(np.where(delta >= 0, 0.0, -np.inf).astype(np.float32))
+        windowed = self._tensor(np.where((delta >= 0) & (delta < max(cfg.n_swa, 1)), 0.0, -np.inf).astype(np.float32))
         for il, kind in enumerate(cfg.layer_kinds):
             lw = self.weights["layers"][il]
-            h = L.rms_norm(x, lw["mix_norm"], cfg.norm_eps)
+            h = self._L.rms_norm(x, lw["mix_norm"], cfg.norm_eps)
             if kind == SSM:
-                zeros_r = np.zeros((1, cfg.d_conv - 1, cfg.conv_channels), np.float32)
-                zeros_s = np.zeros((1, cfg.ssm_n_head, cfg.ssm_head_dim, cfg.d_state), np.float32)
+                zeros_r = self._tensor(np.zeros((1, cfg.d_conv - 1, cfg.conv_channels), np.float32))
+                zeros_s = self._tensor(np.zeros((1, cfg.ssm_n_head, cfg.ssm_head_dim, cfg.d_state), np.float32))
                 y, _, _ = self._ssm(lw, h[None], zeros_r, zeros_s)
                 x = x + y[0]
             else:
                 q, k, v = self._qkv(lw, h, pos)  # type: ignore[arg-type]  # the sequences are re-bound as arrays
                 mask = windowed if kind == SWA else causal
-                x = x + L.attention(q, k, v.reshape(k.shape), mask) @ lw["wo"]
+                x = x + self._L.attention(q, k, v.reshape(k.shape), mask) @ lw["wo"]
             x = x + self._ffn(lw, x)
         return self._logits(x)
 
@@ -245,7 +275,7 @@ class ToyModel:
         n_rs_seq = self._rollback_depth(memory)
         if ctx.status != Status.SUCCESS:
             raise NoSlotError(f"no memory slot for the batch (status {Status(ctx.status).name})")
-        outputs = []
+        outputs: List[Any] = []
         while True:
             with clock:
                 if not ctx.apply():
@@ -258,11 +288,15 @@ class ToyModel:
                 break
         with clock:
             out_ids = np.asarray(balloc.out_ids)
-        logits = np.concatenate(outputs) if outputs else np.zeros((0, self.config.n_vocab), np.float32)
+        if self.device is not None:
+            import torch
+            logits: Any = torch.cat(outputs) if outputs else self._tensor(np.zeros((0, self.config.n_vocab), np.float32))
+        else:
+            logits = np.concatenate(outputs) if outputs else np.zeros((0, self.config.n_vocab), np.float32)
         # outputs come out in micro-batch order; out_ids maps each back to its batch index
-        result = logits[np.argsort(out_ids, kind="stable")]
+        result: Any = logits[self._tensor(np.argsort(out_ids, kind="stable"))]
         clock.model += (time.perf_counter() - t_start) - (clock.llmem - llmem_before)
-        return result
+        return result  # type: ignore[no-any-return]  # a torch tensor for a model on a device
 
     def _forward_ubatch(self, ub: Any, ctx: Any, n_rs_seq: int) -> np.ndarray:
         cfg, clock = self.config, self.clock
@@ -271,10 +305,10 @@ class ToyModel:
             pos = np.asarray(ub.pos, dtype=np.int64)
             out_rows = np.flatnonzero(np.asarray(ub.output))
             n_seqs, n_seq_tokens = ub.n_seqs, ub.n_seq_tokens
-        x = self.weights["tok_embd"][tokens]
+        x = self.weights["tok_embd"][self._tensor(tokens)]
         for il, kind in enumerate(cfg.layer_kinds):
             lw = self.weights["layers"][il]
-            h = L.rms_norm(x, lw["mix_norm"], cfg.norm_eps)
+            h = self._L.rms_norm(x, lw["mix_norm"], cfg.norm_eps)
             if kind == SSM:
                 # recurrent micro-batches hold n_seqs sequences of n_seq_tokens tokens each,
                 # grouped by sequence: row s of get_r/get_s is the state of group s
@@ -283,15 +317,15 @@ class ToyModel:
             else:
                 x = x + self._attention_cached(il, lw, h, pos, self._attn_ctx(ctx))
             x = x + self._ffn(lw, x)
-        return self._logits(x[out_rows])
+        return self._logits(x[self._tensor(out_rows)])
 
     # -- layer math ------------------------------------------------------------------------------
 
     def _qkv(self, lw: Dict[str, Any], h: np.ndarray, pos: np.ndarray) -> Any:
         cfg = self.config
         n = h.shape[0]
-        q = L.rope((h @ lw["wq"]).reshape(n, cfg.n_head, cfg.head_dim), pos, cfg.rope_base)
-        k = L.rope((h @ lw["wk"]).reshape(n, cfg.n_head_kv, cfg.head_dim), pos, cfg.rope_base)
+        q = self._L.rope((h @ lw["wq"]).reshape(n, cfg.n_head, cfg.head_dim), pos, cfg.rope_base)
+        k = self._L.rope((h @ lw["wk"]).reshape(n, cfg.n_head_kv, cfg.head_dim), pos, cfg.rope_base)
         v = h @ lw["wv"]
         return q, k, v
 
@@ -316,6 +350,18 @@ class ToyModel:
                 rows = sub.k_idxs() // sub.cache.size
                 stream = rows - rows.min()
         n_kv = keys.shape[1]
+        if self.device is not None:  # torch storage: the cache's tensors, on the model's device
+            if v_trans:
+                values = values[:, :cfg.n_embd_k, :].permute(0, 2, 1)
+            keys = keys.float().reshape(-1, n_kv, cfg.n_head_kv, cfg.head_dim)
+            values = values.float().reshape(-1, n_kv, cfg.n_head_kv, cfg.head_dim)
+            mask = self._tensor(mask)
+            if keys.shape[0] > 1:
+                st = self._tensor(stream)  # pyright: ignore[reportPossiblyUnboundVariable]  # set above when keys.shape[0] > 1
+                keys, values = keys[st], values[st]
+            else:
+                keys, values = keys[0], values[0]
+            return self._L.attention(q, keys, values, mask) @ lw["wo"]  # type: ignore[no-any-return]
         if v_trans:
             values = values[:, :cfg.n_embd_k, :].transpose(0, 2, 1)
         keys = keys.astype(np.float32, copy=False).reshape(-1, n_kv, cfg.n_head_kv, cfg.head_dim)
@@ -335,15 +381,20 @@ class ToyModel:
         proj = h @ lw["in_proj"]
         z = proj[..., :cfg.d_inner]
         xbc = proj[..., cfg.d_inner:cfg.d_inner + cfg.conv_channels]
-        dt = L.softplus(proj[..., cfg.d_inner + cfg.conv_channels:] + lw["dt_bias"])
-        window = np.concatenate([r_prev, xbc], axis=1)
-        conv = L.silu(L.causal_conv(window, lw["conv_w"], lw["conv_b"]))
+        Lx = self._L
+        dt = Lx.softplus(proj[..., cfg.d_inner + cfg.conv_channels:] + lw["dt_bias"])
+        if self.device is not None:
+            import torch
+            window: Any = torch.cat([cast(Any, r_prev), xbc], dim=1)
+        else:
+            window = np.concatenate([r_prev, xbc], axis=1)
+        conv = Lx.silu(Lx.causal_conv(window, lw["conv_w"], lw["conv_b"]))
         xs = conv[..., :cfg.d_inner].reshape(n_seqs, n_steps, cfg.ssm_n_head, cfg.ssm_head_dim)
         b = conv[..., cfg.d_inner:cfg.d_inner + cfg.d_state]
         c = conv[..., cfg.d_inner + cfg.d_state:]
-        y, states = L.ssm_scan(s_prev, xs, b, c, dt, lw["a"])
+        y, states = Lx.ssm_scan(s_prev, xs, b, c, dt, lw["a"])
         y = y + lw["d"][:, None] * xs
-        y = y.reshape(n_seqs, n_steps, cfg.d_inner) * L.silu(z)
+        y = y.reshape(n_seqs, n_steps, cfg.d_inner) * Lx.silu(z)
         return y @ lw["out_proj"], window, states
 
     def _ssm_cached(self, il: int, lw: Dict[str, Any], h: np.ndarray, ctx: Any, n_rs_seq: int) -> np.ndarray:
@@ -352,6 +403,21 @@ class ToyModel:
         with clock:
             r_in = ctx.get_r(il)
             s_in = ctx.get_s(il)
+        if self.device is not None:  # torch storage: the states are tensors on the model's device
+            import torch
+            r_prev = r_in.float().reshape(n_seqs, cfg.d_conv - 1, cfg.conv_channels)
+            s_prev = s_in.float().reshape(n_seqs, cfg.ssm_n_head, cfg.ssm_head_dim, cfg.d_state)
+            y, window, states = self._ssm(lw, h, r_prev, s_prev)
+            n_planes = min(n_steps + 1, 1 + n_rs_seq)
+            w = cfg.d_conv - 1
+            planes_r: Any = torch.stack([window[:, n_steps - d:n_steps - d + w] for d in range(n_planes)])
+            planes_s: Any = torch.flip(states, [0])[:n_planes]
+            planes_r = planes_r.reshape(n_planes, n_seqs, -1).to(r_in.dtype).contiguous()
+            planes_s = planes_s.reshape(n_planes, n_seqs, -1).to(s_in.dtype).contiguous()
+            with clock:
+                ctx.store_r(il, planes_r if n_planes > 1 else planes_r[0])
+                ctx.store_s(il, planes_s if n_planes > 1 else planes_s[0])
+            return y  # type: ignore[no-any-return]
         r_prev = r_in.astype(np.float32).reshape(n_seqs, cfg.d_conv - 1, cfg.conv_channels)
         s_prev = s_in.astype(np.float32).reshape(n_seqs, cfg.ssm_n_head, cfg.ssm_head_dim, cfg.d_state)
         y, window, states = self._ssm(lw, h, r_prev, s_prev)
@@ -369,8 +435,8 @@ class ToyModel:
         return y  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
 
     def _ffn(self, lw: Dict[str, Any], x: np.ndarray) -> np.ndarray:
-        h = L.rms_norm(x, lw["ffn_norm"], self.config.norm_eps)
-        return L.swiglu(h, lw["ffn_gate"], lw["ffn_up"], lw["ffn_down"])
+        h = self._L.rms_norm(x, lw["ffn_norm"], self.config.norm_eps)
+        return self._L.swiglu(h, lw["ffn_gate"], lw["ffn_up"], lw["ffn_down"])  # type: ignore[no-any-return]
 
     def _logits(self, x: np.ndarray) -> np.ndarray:
-        return L.rms_norm(x, self.weights["out_norm"], self.config.norm_eps) @ self.weights["output"]  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any
+        return self._L.rms_norm(x, self.weights["out_norm"], self.config.norm_eps) @ self.weights["output"]  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any

@@ -20,8 +20,8 @@ class ToyHybrid(ToyModel):
     """State-space and attention layers in one stack; the attention layers keep a KV cache, the
     state-space layers a recurrent state, both behind one hybrid memory."""
 
-    def __init__(self, seed: int = 0, config: Optional[ToyConfig] = None) -> None:
-        super().__init__(config or ToyConfig(layer_kinds=(SSM, ATTN, SSM, ATTN)), seed)
+    def __init__(self, seed: int = 0, config: Optional[ToyConfig] = None, device: Any = None) -> None:
+        super().__init__(config or ToyConfig(layer_kinds=(SSM, ATTN, SSM, ATTN)), seed, device)
         kinds = set(self.config.layer_kinds)
         if kinds != {SSM, ATTN}:
             raise ValueError("a ToyHybrid has both 'ssm' and 'attn' layers and no others")
@@ -36,10 +36,10 @@ class ToyHybrid(ToyModel):
                        [0 if r else cfg.n_embd_k for r in recurrent], kv_size=n_ctx,
                        n_seq_max=n_seq_max, dtype_k=dtype, dtype_v=dtype, v_trans=v_trans,
                        unified=unified, layer_filter=lambda il: not recurrent[il],
-                       rope=model_rope(cfg))
+                       rope=model_rope(cfg), **self._storage_args())
         recr = RecurrentMemory(cfg.n_layer, cfg.n_embd_r, cfg.n_embd_s, mem_size=max(1, n_seq_max),
                                n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, dtype_r=dtype, dtype_s=dtype,
-                               layer_filter=recurrent)
+                               layer_filter=recurrent, **self._storage_args())
         return HybridMemory(attn=attn, recr=recr, is_recurrent_layer=recurrent)
 
     def _attn_ctx(self, ctx: Any) -> Any:

@@ -21,8 +21,8 @@ __all__ = ["ToyRecurrent"]
 class ToyRecurrent(ToyModel):
     """SSM-only toy model: its whole memory is one conv window and one SSM state per sequence."""
 
-    def __init__(self, seed: int = 0, config: Optional[ToyConfig] = None) -> None:
-        super().__init__(config or ToyConfig(layer_kinds=(SSM, SSM, SSM)), seed)
+    def __init__(self, seed: int = 0, config: Optional[ToyConfig] = None, device: Any = None) -> None:
+        super().__init__(config or ToyConfig(layer_kinds=(SSM, SSM, SSM)), seed, device)
         if any(k != SSM for k in self.config.layer_kinds):
             raise ValueError("a ToyRecurrent has state-space layers only")
 
@@ -34,7 +34,7 @@ class ToyRecurrent(ToyModel):
         cfg = self.config
         return RecurrentMemory(cfg.n_layer, cfg.n_embd_r, cfg.n_embd_s,
                                mem_size=mem_size or max(1, n_seq_max), n_seq_max=n_seq_max,
-                               n_rs_seq=n_rs_seq, dtype_r=dtype, dtype_s=dtype)
+                               n_rs_seq=n_rs_seq, dtype_r=dtype, dtype_s=dtype, **self._storage_args())
 
     def _rollback_depth(self, memory: Any) -> int:
         return memory.n_rs_seq  # type: ignore[no-any-return]  # numpy reference model: numpy's results are Any

@@ -26,17 +26,17 @@ class ToyTransformer(ToyModel):
     memory is an iSWA cache: a full cache for the global layers and a small one for the window
     layers."""
 
-    def __init__(self, seed: int = 0, config: Optional[ToyConfig] = None) -> None:
-        super().__init__(config or ToyConfig(layer_kinds=(ATTN, ATTN, ATTN)), seed)
+    def __init__(self, seed: int = 0, config: Optional[ToyConfig] = None, device: Any = None) -> None:
+        super().__init__(config or ToyConfig(layer_kinds=(ATTN, ATTN, ATTN)), seed, device)
         if any(k not in (ATTN, SWA) for k in self.config.layer_kinds):
             raise ValueError("a ToyTransformer has attention layers only")
 
     @classmethod
-    def iswa(cls, seed: int = 0, n_swa: int = 6, n_layer: int = 4) -> "ToyTransformer":
+    def iswa(cls, seed: int = 0, n_swa: int = 6, n_layer: int = 4, device: Any = None) -> "ToyTransformer":
         """The sliding-window variant: window layers with a global layer every other layer
         (as Gemma-style models interleave them)."""
         kinds = tuple(SWA if il % 2 == 0 else ATTN for il in range(n_layer))
-        return cls(seed, ToyConfig(layer_kinds=kinds, n_swa=n_swa))
+        return cls(seed, ToyConfig(layer_kinds=kinds, n_swa=n_swa), device)
 
     @property
     def has_swa(self) -> bool:
@@ -49,7 +49,7 @@ class ToyTransformer(ToyModel):
         cfg = self.config
         common: Dict[str, Any] = dict(n_layer=cfg.n_layer, n_embd_k_gqa=cfg.n_embd_k, n_embd_v_gqa=cfg.n_embd_k,
                       kv_size=n_ctx, n_seq_max=n_seq_max, dtype_k=dtype, dtype_v=dtype,
-                      v_trans=v_trans, unified=unified, rope=model_rope(cfg))
+                      v_trans=v_trans, unified=unified, rope=model_rope(cfg), **self._storage_args())
         if not self.has_swa:
             return KVCache(**common)
         return KVCacheISWA(n_swa=cfg.n_swa, swa_type=SWAType.STANDARD, swa_full=swa_full,
@@ -59,5 +59,5 @@ class ToyTransformer(ToyModel):
     def with_layers(self, n_layer: int) -> "ToyTransformer":
         """The same model cut to its first ``n_layer`` layers (same weights)."""
         cut = ToyTransformer(self.seed, dataclasses.replace(
-            self.config, layer_kinds=self.config.layer_kinds[:n_layer]))
+            self.config, layer_kinds=self.config.layer_kinds[:n_layer]), self.device)
         return cut
