@@ -356,8 +356,8 @@ PyObject * kv_decode_step_py(PyObject *, PyObject * const * args, Py_ssize_t nar
         py::handle      mem(args[0]);
         py::object      core = attr(mem, names().core);
         kv_cache &      c    = core.cast<kv_cache &>();
-        const step_args a    = read_step_args(args[1], args[2]);
-        python_lock     hold(mem);
+        python_lock     hold(mem);  // first: the ids are read into per-thread scratch under it
+        const step_args a = read_step_args(args[1], args[2]);
         // a plain cache is its own position source (as init_batch reads it)
         kv_context ctx = kv_decode_step(c, c, a.ids, a.n, a.tok);
         if (ctx.status() == memory_status::NO_UPDATE) {
@@ -385,8 +385,8 @@ PyObject * kv_iswa_decode_step_py(PyObject *, PyObject * const * args, Py_ssize_
         py::object      core_b = attr(base, names().core), core_s = attr(swa, names().core);
         kv_cache &      b = core_b.cast<kv_cache &>();
         kv_cache &      s = core_s.cast<kv_cache &>();
-        const step_args a = read_step_args(args[1], args[2]);
         python_lock     hold(mem);
+        const step_args a = read_step_args(args[1], args[2]);
         auto            p = kv_iswa_decode_step(b, s, a.ids, a.n, a.tok);
         if (p.first.status() == memory_status::NO_UPDATE) {
             Py_RETURN_NONE;

@@ -1348,8 +1348,8 @@ def _decode_step_args(seq_ids: IntsLike, tokens: Optional[IntsLike],
 
 
 def _decode_step_general(mem: Memory, seq_ids: IntsLike, tokens: Optional[IntsLike]) -> MemoryContext:
-    """decode_step through init_batch + apply: where llama.cpp's split gives several micro-batches,
-    and for memories without a compiled step (the hybrids)."""
+    """decode_step through init_batch + apply: where llama.cpp's split gives several micro-batches
+    (per-sequence streams, ids not consecutive and ascending)."""
     ids, tok = _decode_step_args(seq_ids, tokens, mem.n_seq_max)
     # without tokens: token ids 0 (the allocator refuses a batch without token ids or embeddings;
     # the C API's decode_step does the same)
