@@ -11,8 +11,7 @@ import numpy
 import numpy.typing
 import typing
 import typing_extensions
-__all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'CAPI_VERSION', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'MemoryLock', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'collect_state_holes', 'dequantize', 'ggml_types', 'hybrid_init_batch', 'hybrid_state_read', 'kv_decode_step', 'kv_is_masked_swa', 'kv_iswa_decode_step', 'kv_iswa_init_batch', 'kv_k_idxs', 'kv_kq_cells', 'kv_kq_mask', 'kv_paged', 'kv_paged_sizes', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'kv_v_idxs', 'quantize', 'quantize_scatter', 'row_size', 'rs_checkpoints', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
-__all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'CAPI_VERSION', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'MemoryLock', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'dequantize', 'ggml_types', 'hybrid_decode_step', 'hybrid_init_batch', 'hybrid_state_read', 'kv_decode_step', 'kv_is_masked_swa', 'kv_iswa_decode_step', 'kv_iswa_init_batch', 'kv_k_idxs', 'kv_kq_cells', 'kv_kq_mask', 'kv_paged', 'kv_paged_sizes', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'kv_v_idxs', 'quantize', 'quantize_scatter', 'row_size', 'rs_checkpoints', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
+__all__: list[str] = ['Batch', 'BatchAllocator', 'BatchError', 'CAPI_VERSION', 'HybridPositions', 'KVCache', 'KVContext', 'LlmemError', 'MemoryLock', 'POS_OPEN', 'SEQ_MAX_LIMIT', 'STATE_FILE_MAGIC', 'STATE_FILE_VERSION', 'STATE_HEADER', 'SWAType', 'StateError', 'Status', 'UBatch', 'collect_state_holes', 'dequantize', 'ggml_types', 'hybrid_decode_step', 'hybrid_init_batch', 'hybrid_state_read', 'kv_decode_step', 'kv_is_masked_swa', 'kv_iswa_decode_step', 'kv_iswa_init_batch', 'kv_k_idxs', 'kv_kq_cells', 'kv_kq_mask', 'kv_paged', 'kv_paged_sizes', 'kv_scatter_v_trans', 'kv_state_read', 'kv_state_read_partial', 'kv_v_idxs', 'quantize', 'quantize_scatter', 'row_size', 'rs_checkpoints', 'rs_context', 'rs_memory', 'seq_pos_source', 'state_config', 'state_header', 'state_header_check', 'status_combine', 'status_is_fail']
 class Status(enum.IntEnum):
     """
     Outcome of preparing a memory context (llama.cpp numbering).
@@ -497,6 +496,10 @@ class rs_memory(seq_pos_source):
         ...
     def seq_rm(self, seq: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
+    def seq_state_row(self, seq: typing.SupportsInt | typing.SupportsIndex) -> int:
+        """
+        Row of seq's current state in every present layer's arrays (a pending rollback: the snapshot it selects); -1 when seq holds none.
+        """
     def set_b11549_rules(self, on: bool, no_layers: bool) -> None:
         """
         seq_rm as llama.cpp b11549 (shared-cell rollback refused; a layerless memory moves the position only).
@@ -548,7 +551,7 @@ class rs_checkpoints:
     """
     A bounded pool of recurrent-state checkpoints (private; use RecurrentMemory.checkpoint_*).
     """
-    def __init__(self, mem: rs_memory, max_count: typing.SupportsInt | typing.SupportsIndex, max_bytes: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def __init__(self, mem: rs_memory, max_count: typing.SupportsInt | typing.SupportsIndex, max_bytes: typing.SupportsInt | typing.SupportsIndex, copy_rows: bool = True) -> None:
         ...
     def clear(self) -> None:
         ...
@@ -571,6 +574,9 @@ class rs_checkpoints:
         ...
     @property
     def checkpoint_bytes(self) -> int:
+        ...
+    @property
+    def copies_rows(self) -> bool:
         ...
     @property
     def count(self) -> int:

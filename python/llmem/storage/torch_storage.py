@@ -412,6 +412,7 @@ class TorchRS:
         self.s: List[Optional["torch.Tensor"]] = [
             None if w is None else torch.zeros(rows, w, dtype=self.dtype_s, device=self.device) for w in widths_s]
         self.upload: _Uploader = _Uploader(self.device)
+        self._ckpt: Dict[int, List["torch.Tensor"]] = {}  # checkpoint id -> its r and s rows
 
     def array(self, kind: int, il: int) -> "torch.Tensor":
         a = (self.s if kind else self.r)[il]
@@ -467,6 +468,24 @@ class TorchRS:
         n = rows.shape[1]
         for p in range(rows.shape[0]):
             A[p * size + head:p * size + head + n].copy_(rows[p])
+
+    # -- checkpoints: the rows of one state row, kept on the device (the core's pool keeps the ids,
+    #    positions and limits)
+
+    def checkpoint_save(self, cid: int, row: int) -> None:
+        """Copy row ``row`` of every present array into checkpoint ``cid`` (device to device)."""
+        self._ckpt[cid] = [A[row].clone() for A in self.r + self.s if A is not None]
+
+    def checkpoint_restore(self, cid: int, row: int) -> None:
+        """Copy checkpoint ``cid``'s rows into row ``row`` of every present array."""
+        for A, saved in zip([A for A in self.r + self.s if A is not None], self._ckpt[cid]):
+            A[row].copy_(saved)
+
+    def checkpoint_drop(self, cid: int) -> None:
+        self._ckpt.pop(cid, None)
+
+    def checkpoint_clear(self) -> None:
+        self._ckpt.clear()
 
     def _holes(self, holes: List[StateHole], present_index: Sequence[int]) -> List[Tuple[StateHole, "torch.Tensor"]]:
         return [(h, self.array(0 if h.kind == "r" else 1, h.layer)) for h in holes]
