@@ -219,10 +219,11 @@ void register_rs_checkpoints(py::module_ & m) {
     py::class_<llmem::rs_checkpoints>(m, "rs_checkpoints", R"doc(
 A bounded pool of recurrent-state checkpoints (private; use RecurrentMemory.checkpoint_*).
 )doc")
-        .def(py::init([](const py_rs_memory & mem, uint64_t max_count, uint64_t max_bytes) {
-                 return std::make_unique<llmem::rs_checkpoints>(mem, max_count, max_bytes);
+        .def(py::init([](const py_rs_memory & mem, uint64_t max_count, uint64_t max_bytes, bool copy_rows) {
+                 return std::make_unique<llmem::rs_checkpoints>(mem, max_count, max_bytes, copy_rows);
              }),
-             py::arg("mem"), py::arg("max_count"), py::arg("max_bytes"))
+             py::arg("mem"), py::arg("max_count"), py::arg("max_bytes"), py::arg("copy_rows") = true)
+        .def_property_readonly("copies_rows", &llmem::rs_checkpoints::copies_rows)
         .def("save", [](llmem::rs_checkpoints & pool, const py_rs_memory & mem, int32_t seq) {
                  py::gil_scoped_release release;
                  return pool.save(mem, seq);
@@ -281,6 +282,9 @@ The cell bookkeeping of llama.cpp's recurrent-state memory (private; use llmem.R
              py::arg("d"), "Raise what seq_div would raise; changes nothing.")
         .def("seq_pos_min", &llmem::rs_memory::seq_pos_min, py::arg("seq"))
         .def("seq_pos_max", &llmem::rs_memory::seq_pos_max, py::arg("seq"))
+        .def("seq_state_row", &llmem::rs_memory::seq_state_row, py::arg("seq"),
+             "Row of seq's current state in every present layer's arrays (a pending rollback: the "
+             "snapshot it selects); -1 when seq holds none.")
         .def("init_batch",
              [](py::object self, llmem::batch_allocr & balloc, uint32_t n_ubatch, bool embd_all) {
                  return owned_by(py::cast(self.cast<py_rs_memory &>().init_batch(balloc, n_ubatch, embd_all)), self);

@@ -8,8 +8,8 @@
 
 namespace llmem {
 
-rs_checkpoints::rs_checkpoints(const rs_memory & mem, uint64_t max_count, uint64_t max_bytes)
-    : max_count_(max_count), max_bytes_(max_bytes) {
+rs_checkpoints::rs_checkpoints(const rs_memory & mem, uint64_t max_count, uint64_t max_bytes, bool copy_rows)
+    : copy_rows_(copy_rows), max_count_(max_count), max_bytes_(max_bytes) {
     const rs_buffers & b = mem.buffers();
     r_row_bytes_ = b.r_row_bytes;
     s_row_bytes_ = b.s_row_bytes;
@@ -73,7 +73,9 @@ int64_t rs_checkpoints::save(const rs_memory & mem, int32_t seq) {
     if (!same_layout(mem)) {
         throw std::invalid_argument("checkpoint pool: the memory's rows differ from the pool's");
     }
-    require_host_rows(mem);
+    if (copy_rows_) {
+        require_host_rows(mem);
+    }
     const int64_t row = mem.seq_state_row(seq);
     if (row < 0) {
         throw std::invalid_argument("sequence " + std::to_string(seq) + " holds no state to checkpoint");
@@ -92,23 +94,25 @@ int64_t rs_checkpoints::save(const rs_memory & mem, int32_t seq) {
         k = uint32_t(slots_.size() - 1);
     }
     slot & s = slots_[k];
-    if (!s.data && bytes_ != 0) {
-        s.data.reset(new uint8_t[bytes_]);
-    }
-    const rs_buffers & b = mem.buffers();
-    uint8_t * out = s.data.get();
-    for (size_t l = 0; l < b.r.size(); ++l) {
-        std::memcpy(out, b.r[l] + uint64_t(row) * r_row_bytes_[l], size_t(r_row_bytes_[l]));
-        out += r_row_bytes_[l];
-    }
-    for (size_t l = 0; l < b.s.size(); ++l) {
-        std::memcpy(out, b.s[l] + uint64_t(row) * s_row_bytes_[l], size_t(s_row_bytes_[l]));
-        out += s_row_bytes_[l];
-    }
-    for (size_t l = 0; l < p_row_bytes_.size(); ++l) {
-        if (p_row_bytes_[l] != 0) {
-            std::memcpy(out, b.p[l] + uint64_t(row) * p_row_bytes_[l], size_t(p_row_bytes_[l]));
-            out += p_row_bytes_[l];
+    if (copy_rows_) {
+        if (!s.data && bytes_ != 0) {
+            s.data.reset(new uint8_t[bytes_]);
+        }
+        const rs_buffers & b = mem.buffers();
+        uint8_t * out = s.data.get();
+        for (size_t l = 0; l < b.r.size(); ++l) {
+            std::memcpy(out, b.r[l] + uint64_t(row) * r_row_bytes_[l], size_t(r_row_bytes_[l]));
+            out += r_row_bytes_[l];
+        }
+        for (size_t l = 0; l < b.s.size(); ++l) {
+            std::memcpy(out, b.s[l] + uint64_t(row) * s_row_bytes_[l], size_t(s_row_bytes_[l]));
+            out += s_row_bytes_[l];
+        }
+        for (size_t l = 0; l < p_row_bytes_.size(); ++l) {
+            if (p_row_bytes_[l] != 0) {
+                std::memcpy(out, b.p[l] + uint64_t(row) * p_row_bytes_[l], size_t(p_row_bytes_[l]));
+                out += p_row_bytes_[l];
+            }
         }
     }
     s.id = next_id_++;
@@ -123,8 +127,13 @@ void rs_checkpoints::restore(rs_memory & mem, int64_t id, int32_t seq) const {
     if (!same_layout(mem)) {
         throw std::invalid_argument("checkpoint pool: the memory's rows differ from the pool's");
     }
-    require_host_rows(mem);
+    if (copy_rows_) {
+        require_host_rows(mem);
+    }
     const uint64_t row = mem.seq_place(seq, s.pos);  // throws, unchanged, when seq cannot take it
+    if (!copy_rows_) {
+        return;  // the rows' holder copies them into seq_state_row(seq)
+    }
     const rs_buffers & b = mem.buffers();
     const uint8_t * in = s.data.get();
     for (size_t l = 0; l < b.r.size(); ++l) {

@@ -496,6 +496,10 @@ class rs_memory(seq_pos_source):
         ...
     def seq_rm(self, seq: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex) -> bool:
         ...
+    def seq_state_row(self, seq: typing.SupportsInt | typing.SupportsIndex) -> int:
+        """
+        Row of seq's current state in every present layer's arrays (a pending rollback: the snapshot it selects); -1 when seq holds none.
+        """
     def set_b11549_rules(self, on: bool, no_layers: bool) -> None:
         """
         seq_rm as llama.cpp b11549 (shared-cell rollback refused; a layerless memory moves the position only).
@@ -547,7 +551,7 @@ class rs_checkpoints:
     """
     A bounded pool of recurrent-state checkpoints (private; use RecurrentMemory.checkpoint_*).
     """
-    def __init__(self, mem: rs_memory, max_count: typing.SupportsInt | typing.SupportsIndex, max_bytes: typing.SupportsInt | typing.SupportsIndex) -> None:
+    def __init__(self, mem: rs_memory, max_count: typing.SupportsInt | typing.SupportsIndex, max_bytes: typing.SupportsInt | typing.SupportsIndex, copy_rows: bool = True) -> None:
         ...
     def clear(self) -> None:
         ...
@@ -570,6 +574,9 @@ class rs_checkpoints:
         ...
     @property
     def checkpoint_bytes(self) -> int:
+        ...
+    @property
+    def copies_rows(self) -> bool:
         ...
     @property
     def count(self) -> int:

@@ -148,9 +148,6 @@ def run_demo(arch: str = "hybrid", clients: int = 16, parallel: int = 4, n_ctx: 
     torch device: the model's math and its memory (torch storage) there."""
     if clients < 1 or parallel < 1 or n_batch < 1 or n_ubatch < 1:
         raise ValueError("clients, parallel, batch and ubatch must be >= 1")
-    if device is not None and arch in ("recurrent", "hybrid"):
-        raise ValueError(f"--device runs the attention toys (transformer, iswa): the {arch} demo's prefix "
-                         "cache keeps recurrent checkpoints, which need the states in host memory (numpy storage)")
     t_wall = time.perf_counter()
     rng = np.random.default_rng(seed)
     model = make_model(arch, seed, device)
@@ -416,9 +413,9 @@ def format_report(r: DemoReport) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``llmem demo``."""
     p.add_argument("--arch", choices=ARCHS, default=None,
-                   help="toy model (default hybrid; transformer with --device)")
+                   help="toy model (default hybrid)")
     p.add_argument("--device", default=None, metavar="DEV",
-                   help="run the model and its KV cache on torch there (cuda, cuda:1, cpu; needs torch)")
+                   help="run the model and its memory on torch there (cuda, cuda:1, cpu; needs torch)")
     p.add_argument("--clients", type=int, default=16, metavar="N", help="requests to serve (default 16)")
     p.add_argument("--parallel", type=int, default=4, metavar="S",
                    help="requests decoded at the same time (default 4)")
@@ -435,7 +432,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the demo for parsed arguments; 0 when verified, 1 on a mismatch, 2 on bad options."""
     try:
-        arch = args.arch or ("hybrid" if args.device is None else "transformer")
+        arch = args.arch or "hybrid"
         report = run_demo(arch, args.clients, args.parallel, args.ctx, args.seed, args.batch,
                           args.ubatch, args.verify, progress=None if args.no_progress else sys.stderr,
                           device=args.device)

@@ -831,7 +831,8 @@ class KVCacheContext(MemoryContext):
     ``kq_cells`` the same visibility as per-token cell lists.
     """
 
-    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version", "_no_room", "_didx", "_didx_at")
+    __slots__ = ("_cache", "_ctx", "_kidx", "_kidx_at", "_version", "_no_room", "_didx", "_didx_at", "_dtab",
+                 "_dtab_key")
 
     def __init__(self, cache: KVCache, ctx: _core.KVContext, version: Optional[int] = None,
                  k_idxs: Optional[np.ndarray] = None) -> None:
@@ -843,6 +844,8 @@ class KVCacheContext(MemoryContext):
         self._kidx_at = -1 if k_idxs is None else 0
         self._didx: Any = None  # k_idxs on the storage's device (torch storage)
         self._didx_at = -1
+        self._dtab: Any = None  # the last mask / paged table put on the device, and its key
+        self._dtab_key: Any = None
         # the cache's version the plan is valid for (None: a full context, valid at any time)
         self._version = version
 
@@ -938,15 +941,35 @@ class KVCacheContext(MemoryContext):
         self._kidx_at = 0
         return self._kidx
 
-    def _device_idxs(self, device: Any = None) -> Any:
+    def _torch_store(self, device: Any, what: str) -> Any:
+        """The cache's torch storage, ``device`` checked against its device (None: its device)."""
         store = self._cache._store
         if store is None or not store.has_tensors:
-            raise TypeError("k_idxs(device=...) needs a cache with torch storage")
+            raise TypeError(f"{what}(device=...) needs a cache with torch storage")
         if device is not None and device is not store.device:
             import torch
-            dev = torch.device(device)
+            try:
+                dev = torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device={device!r} is not a torch device: {e}") from None
             if dev != store.device and not (dev.type == store.device.type and dev.index is None):
                 raise ValueError(f"device={device!r}: this cache's tensors are on {store.device}")
+        return store
+
+    def _device_table(self, key: Any, what: str, shape: Any, dtype: Any,
+                      write: Callable[[np.ndarray], Any]) -> Any:
+        """A mask or paged table on the storage's device, filled on the host through ``write``
+        into a pinned buffer and uploaded without synchronising the device; the last one is kept
+        for the same micro-batch and arguments (asked for every layer)."""
+        key = (self._ctx.i_cur, self._version, what) + key
+        if self._dtab_key == key:
+            return self._dtab
+        self._dtab = self._cache._store.uploader(what).fill(shape, dtype, write)
+        self._dtab_key = key
+        return self._dtab
+
+    def _device_idxs(self, device: Any = None) -> Any:
+        store = self._torch_store(device, "k_idxs")
         i = self._ctx.i_cur
         if self._didx_at != i:
             self._didx = store.upload(self.k_idxs())
@@ -966,7 +989,7 @@ class KVCacheContext(MemoryContext):
         return cast(np.ndarray, _core.kv_v_idxs(self._ctx, out))
 
     def kq_mask(self, causal: bool = True, out: Optional[WritableBuffer] = None, dtype: npt.DTypeLike = np.float32,
-                pad: int = 1) -> np.ndarray:
+                pad: int = 1, device: Any = None) -> np.ndarray:
         """llama.cpp's KQ mask of the current micro-batch: 0 where a token attends a cell, -inf
         elsewhere, shape ``[n_groups * rows, n_kv]`` (``n_groups``: 1 for a unified cache, else the
         micro-batch's sequences, one stream each; ``rows``: the tokens of a group, rounded up to a
@@ -974,17 +997,37 @@ class KVCacheContext(MemoryContext):
         ``[n_kv, n_tokens/n_groups, 1, n_groups]``). ``dtype`` float32 or float16 (llama.cpp's
         mask under flash attention). ``out``: a writable C-contiguous buffer of that dtype and
         shape (or raw bytes of its size) written in place and returned: no allocation per step.
-        Costs O(n_tokens x n_kv) writes; large fills release the GIL."""
+        Costs O(n_tokens x n_kv) writes; large fills release the GIL.
+
+        ``device`` (torch storage: its device): the mask as a torch tensor there (torch.float32 or
+        float16), filled into a reused pinned buffer and uploaded into a reused device buffer
+        without synchronising the device; the same tensor is returned again for the same
+        micro-batch and arguments. It stays valid for the work queued before the cache's next two
+        mask uploads: take it per step, do not keep it. On the CPU it is a new tensor."""
         # the usual arguments checked without a call (a mask is asked for every layer and step)
         f16 = False if dtype is np.float32 else True if dtype is np.float16 else _mask_f16(dtype)
         if type(pad) is not int or not 1 <= pad <= _I32_MAX:
             pad = _check_int(pad, "pad", 1, _I32_MAX)
+        causal = causal is True or bool(causal)
+        if device is not None:
+            self._torch_store(device, "kq_mask")
+            if out is not None:
+                raise ValueError("kq_mask: give out= (a host buffer) or device=, not both")
         lock = self._cache._lock
         lock.acquire()
         try:
             if self._version is not None and self._version != self._cache._version:
                 raise stale_context_error("kq_mask")
-            return cast(np.ndarray, _core.kv_kq_mask(self._ctx, causal is True or bool(causal), out, f16, pad))
+            ctx = self._ctx
+            if device is not None and ctx.has_ubatch and ctx.applied:
+                ub = ctx.ubatch
+                n_groups = 1 if self._cache.n_stream == 1 else max(1, ub.n_seqs_unq)
+                rows = -(-(ub.n_tokens // n_groups) // pad) * pad
+                return cast(np.ndarray, self._device_table(
+                    (causal, f16, pad), "mask", (n_groups * rows, ctx.n_kv), np.float16 if f16 else np.float32,
+                    lambda host: _core.kv_kq_mask(ctx, causal, host, f16, pad)))
+            # (no applied micro-batch: the core raises its error for the device form too)
+            return cast(np.ndarray, _core.kv_kq_mask(ctx, causal, out, f16, pad))
         finally:
             lock.release()
 
@@ -1010,15 +1053,31 @@ class KVCacheContext(MemoryContext):
         finally:
             self._cache._lock.release()
 
-    def paged_kv(self, causal: bool = True, out: Optional["PagedKV"] = None) -> "PagedKV":
+    def paged_kv(self, causal: bool = True, out: Optional["PagedKV"] = None, device: Any = None) -> "PagedKV":
         """The current micro-batch's attention in paged form (page size 1: one cell), as paged
         attention kernels (FlashInfer, FlashAttention varlen) take it; see :class:`PagedKV`.
         Costs O(cells attended + n_tokens log). ``out``: a :class:`PagedKV` of buffers with room
-        enough (``PagedKV.empty``), filled in place; the result holds views of their used parts."""
+        enough (``PagedKV.empty``), filled in place; the result holds views of their used parts.
+        ``device`` (torch storage: its device): the arrays as int32 torch tensors there, views of
+        one buffer uploaded as ``kq_mask(device=...)`` uploads (same reuse and lifetime)."""
+        if device is not None:
+            self._torch_store(device, "paged_kv")
+            if out is not None:
+                raise ValueError("paged_kv: give out= (host buffers) or device=, not both")
         self._cache._lock.acquire()
         try:
             self._check_fresh("paged_kv")
-            return PagedKV(*_core.kv_paged(self._ctx, bool(causal), out))
+            host = PagedKV(*_core.kv_paged(self._ctx, bool(causal), out))
+            if device is None:
+                return host
+            sizes = [len(a) for a in host]
+            ends = np.cumsum(sizes).tolist()
+
+            def write(buf: np.ndarray) -> None:
+                np.concatenate(host, out=buf)
+
+            flat = self._device_table((bool(causal),), "paged", (ends[-1],), np.int32, write)
+            return PagedKV(*[flat[e - n:e] for n, e in zip(sizes, ends)])
         finally:
             self._cache._lock.release()
 
@@ -1738,17 +1797,18 @@ class KVCacheISWAContext(MemoryContext):
         return self._ctx_of(il).get_v_float(il)
 
     def kq_mask(self, il: int, causal: bool = True, out: Optional[WritableBuffer] = None,
-                dtype: npt.DTypeLike = np.float32, pad: int = 1) -> np.ndarray:
+                dtype: npt.DTypeLike = np.float32, pad: int = 1, device: Any = None) -> np.ndarray:
         """The mask for the layer's cache (base: no window; swa: with it); arguments as
         :meth:`KVCacheContext.kq_mask`."""
-        return self._ctx_of(il).kq_mask(causal, out=out, dtype=dtype, pad=pad)
+        return self._ctx_of(il).kq_mask(causal, out=out, dtype=dtype, pad=pad, device=device)
 
     def kq_cells(self, il: int, causal: bool = True,
                  out: Optional[Sequence[WritableBuffer]] = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-token visible cells of the layer's cache (:meth:`KVCacheContext.kq_cells`)."""
         return self._ctx_of(il).kq_cells(causal, out=out)
 
-    def paged_kv(self, il: int, causal: bool = True, out: Optional[PagedKV] = None) -> PagedKV:
+    def paged_kv(self, il: int, causal: bool = True, out: Optional[PagedKV] = None,
+                 device: Any = None) -> PagedKV:
         """The paged form for the layer's cache: the base table for full-attention layers, the
         window's table for sliding-window layers (:meth:`KVCacheContext.paged_kv`)."""
-        return self._ctx_of(il).paged_kv(causal, out=out)
+        return self._ctx_of(il).paged_kv(causal, out=out, device=device)

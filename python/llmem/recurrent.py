@@ -598,9 +598,12 @@ class RecurrentMemory(Memory):
 
     # -- checkpoints ------------------------------------------------------------------------------
     # A checkpoint is a copy of one sequence's state (its r, s and p rows of every present layer) at
-    # its current position, kept in host memory by a bounded pool: it outlives the sequence and
-    # restores into any sequence that holds no state. The rows are copied in the compiled core
-    # without the GIL; the prefix cache (llmem.PrefixCache) takes one after every decode.
+    # its current position, kept by a bounded pool: it outlives the sequence and restores into any
+    # sequence that holds no state. numpy storage: the rows are copied in the compiled core without
+    # the GIL, into host memory. torch storage: the core's pool keeps the bookkeeping only (ids,
+    # positions, limits, bytes) and the rows are copied by torch on the device. Bookkeeping-only
+    # (storage=None): the same pool, and the engine copies the rows of state_row(seq_id). The
+    # prefix cache (llmem.PrefixCache) takes one after every decode.
 
     #: limits of a pool nobody configured: checkpoints, and bytes in all
     DEFAULT_CHECKPOINT_COUNT = 256
@@ -610,8 +613,16 @@ class RecurrentMemory(Memory):
         pool = self._checkpoints
         if pool is None:
             pool = self._checkpoints = _core.rs_checkpoints(self._mem, self.DEFAULT_CHECKPOINT_COUNT,
-                                                            self.DEFAULT_CHECKPOINT_BYTES)
+                                                            self.DEFAULT_CHECKPOINT_BYTES, self._tstore is None)
         return pool
+
+    @locked
+    def state_row(self, seq_id: int) -> int:
+        """Row of the current state of ``seq_id`` in every present layer's r and s arrays
+        (``plane * size + cell``; a pending rollback: the snapshot it selects), -1 when it holds
+        none. A bookkeeping-only memory's engine copies this row out after ``checkpoint_save``
+        and into it after ``checkpoint_restore``."""
+        return int(self._mem.seq_state_row(_int("seq_id", seq_id)))
 
     @locked
     def set_checkpoint_limits(self, max_count: Optional[int] = None, max_bytes: Optional[int] = None) -> None:
@@ -627,30 +638,52 @@ class RecurrentMemory(Memory):
         """Copy the state of ``seq_id`` at its current position (a pending rollback: the state it
         selects) into a new checkpoint; returns the checkpoint's id. Take it after a decode has
         stored its states. ValueError when the sequence holds no state, :class:`LlmemError` when
-        the pool is full (nothing changes either way)."""
-        return self._pool().save(self._mem, _int("seq_id", seq_id))
+        the pool is full (nothing changes either way). Bookkeeping-only memories: the engine then
+        copies row ``state_row(seq_id)`` of its arrays (see docs/storage.md)."""
+        seq_id = _int("seq_id", seq_id)
+        pool = self._pool()
+        cid: int = pool.save(self._mem, seq_id)
+        store = self._tstore
+        if store is not None and store.has_tensors:
+            try:
+                store.checkpoint_save(cid, int(self._mem.seq_state_row(seq_id)))
+            except BaseException:
+                pool.drop(cid)
+                raise
+        return cid
 
     @locked
     def checkpoint_restore(self, checkpoint_id: int, seq_id: int) -> int:
         """Give ``seq_id``, which must hold no state, the checkpoint's state: it then stands at
         the checkpoint's position, which is returned (the next token goes at that + 1). The
         checkpoint stays in the pool. ValueError (nothing changed) for an unknown id or a
-        sequence holding a state or outside ``[0, min(mem_size, n_seq_max))``."""
+        sequence holding a state or outside ``[0, min(mem_size, n_seq_max))``. Bookkeeping-only
+        memories: the engine then copies the checkpoint's rows into row ``state_row(seq_id)``."""
         pool = self._pool()
         checkpoint_id = _int("checkpoint_id", checkpoint_id, 0, 2**63 - 1)
-        pool.restore(self._mem, checkpoint_id, _int("seq_id", seq_id))
+        seq_id = _int("seq_id", seq_id)
+        pool.restore(self._mem, checkpoint_id, seq_id)
         self._version += 1
+        store = self._tstore
+        if store is not None and store.has_tensors:
+            store.checkpoint_restore(checkpoint_id, int(self._mem.seq_state_row(seq_id)))
         return pool.pos(checkpoint_id)
 
     @locked
     def checkpoint_drop(self, checkpoint_id: int) -> bool:
         """Forget a checkpoint (its slot is reused); False when there is none with that id."""
-        return self._pool().drop(_int("checkpoint_id", checkpoint_id, -(2**63), 2**63 - 1))
+        checkpoint_id = _int("checkpoint_id", checkpoint_id, -(2**63), 2**63 - 1)
+        dropped: bool = self._pool().drop(checkpoint_id)
+        if dropped and self._tstore is not None and self._tstore.has_tensors:
+            self._tstore.checkpoint_drop(checkpoint_id)
+        return dropped
 
     @locked
     def checkpoint_clear(self) -> None:
         """Forget every checkpoint."""
         self._pool().clear()
+        if self._tstore is not None and self._tstore.has_tensors:
+            self._tstore.checkpoint_clear()
 
     @locked
     def checkpoint_pos(self, checkpoint_id: int) -> int:

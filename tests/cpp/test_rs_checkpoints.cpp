@@ -132,3 +132,24 @@ TEST(RsCheckpoints, APendingRollbackIsSavedAsItsSnapshot) {
     const int64_t id = pool.save(m.mem, 0);
     EXPECT_EQ(pool.pos(id), 2);
 }
+
+TEST(RsCheckpoints, BookkeepingOnlyKeepsIdsPositionsAndLimitsAndLeavesRowsAlone) {
+    memory_with_rows m(4, 2);
+    rs_checkpoints pool(m.mem, 2, 1 << 20, /*copy_rows=*/false);
+    EXPECT_FALSE(pool.copies_rows());
+    EXPECT_EQ(pool.checkpoint_bytes(), 2u * (3 + 5) * 4);  // counted as if held (by the rows' holder)
+    EXPECT_THROW(pool.save(m.mem, 0), std::invalid_argument);  // no state: refused the same way
+    m.decode(0, 17, 1.0f);
+    const int64_t id = pool.save(m.mem, 0);
+    EXPECT_EQ(pool.pos(id), 17);
+    EXPECT_EQ(pool.bytes_used(), pool.checkpoint_bytes());
+    ASSERT_TRUE(m.mem.seq_rm(0, -1, -1));
+    const std::vector<std::vector<float>> r_before = m.r, s_before = m.s;
+    pool.restore(m.mem, id, 1);
+    EXPECT_EQ(m.mem.seq_pos_max(1), 17);
+    EXPECT_GE(m.mem.seq_state_row(1), 0);  // where the holder writes the rows
+    EXPECT_EQ(m.r, r_before);              // the pool copied nothing
+    EXPECT_EQ(m.s, s_before);
+    pool.save(m.mem, 1);
+    EXPECT_THROW(pool.save(m.mem, 1), error);  // the count limit holds without rows
+}

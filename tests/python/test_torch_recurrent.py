@@ -100,10 +100,92 @@ def test_recurrent_torch_matches_numpy(device, dtype):
     with pytest.raises(llmem.StateError):
         tch2.state_read(whole[:-2])
     same_arrays(ref2, tch2)
-    with pytest.raises(LlmemError, match="host memory"):
-        tch2.checkpoint_save(0)
     tch2.clear()
     assert float(tch2.s(0).abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_recurrent_torch_checkpoints_match_numpy(device, dtype):
+    """Checkpoints of a torch-storage memory: the pool's bookkeeping is the core's, the rows stay
+    torch tensors on the device; saves, restores (also of a pending rollback's snapshot) and
+    drops leave exactly numpy storage's arrays and state bytes."""
+    rng = np.random.default_rng(21)
+    ref, tch = make(device, dtype)
+    scenario(ref, tch, rng)
+    for m in (ref, tch):
+        assert m.seq_rm(0, 6, -1)  # a pending rollback: the checkpoint takes the snapshot it selects
+    ids = {}
+    for seq in (0, 1, 3):
+        a, b = ref.checkpoint_save(seq), tch.checkpoint_save(seq)
+        assert a == b and ref.checkpoint_pos(a) == tch.checkpoint_pos(b)
+        ids[seq] = a
+    assert ref.checkpoint_stats() == tch.checkpoint_stats()
+    assert all(t.device.type == device for rows in tch._tstore._ckpt.values() for t in rows)
+    state = {seq: ref.state_write(seq) for seq in ids}
+    step([ref, tch], [(1, 5), (3, 1)], rng)  # the sequences move on; the checkpoints stay
+    for m in (ref, tch):
+        m.seq_rm(0)
+        m.seq_rm(1)
+    for seq_from, seq_to in ((0, 1), (1, 0)):
+        assert ref.checkpoint_restore(ids[seq_from], seq_to) == tch.checkpoint_restore(ids[seq_from], seq_to)
+        assert tch.state_write(seq_to) == ref.state_write(seq_to)
+    same_arrays(ref, tch)
+    # what a restore placed equals what the numpy memory saved, byte for byte
+    assert tch.state_write(1) == state[0]
+    # refusals leave both the pool and the device rows as they were
+    with pytest.raises(ValueError):
+        tch.checkpoint_restore(ids[3], 3)  # 3 holds a state
+    with pytest.raises(ValueError):
+        tch.checkpoint_restore(12345, 2)
+    for m in (ref, tch):
+        m.set_checkpoint_limits(max_count=3)
+    with pytest.raises(LlmemError, match="full"):
+        tch.checkpoint_save(2)
+    assert len(tch._tstore._ckpt) == 3 and tch.checkpoint_stats()["count"] == 3
+    assert ref.checkpoint_drop(ids[3]) and tch.checkpoint_drop(ids[3]) and not tch.checkpoint_drop(ids[3])
+    assert len(tch._tstore._ckpt) == 2
+    step([ref, tch], [(2, 7)], rng)
+    a, b = ref.checkpoint_save(2), tch.checkpoint_save(2)
+    assert a == b
+    for m in (ref, tch):
+        m.seq_rm(2)
+        m.checkpoint_restore(a, 2)
+    same_arrays(ref, tch)
+    tch.checkpoint_clear()
+    assert not tch._tstore._ckpt and tch.checkpoint_stats()["count"] == 0
+
+
+def test_recurrent_bookkeeping_only_checkpoints():
+    """storage=None: the pool keeps ids, positions and limits; the engine copies the rows of
+    state_row(seq) out after a save and into it after a restore (checked here on a copy of a
+    numpy memory's arrays run in lockstep)."""
+    rng = np.random.default_rng(22)
+    ref, bk = make(None, np.float32, storage=None)
+    step([ref], [(0, 0), (0, 1), (1, 0)], rng, planes=2)
+    ctx = bk.init_batch(batch([(0, 0), (0, 1), (1, 0)]), 512)
+    for _ in ctx:
+        pass
+    for m in (ref, bk):
+        assert m.seq_rm(0, 1, -1)  # pending rollback: the row is in a snapshot plane
+    assert bk.state_row(0) == ref.state_row(0) >= ref.size and bk.state_row(3) == -1
+    engine = {il: (ref.r(il).copy(), ref.s(il).copy()) for il in PRESENT}
+    cid = bk.checkpoint_save(0)
+    assert cid == ref.checkpoint_save(0)
+    row = bk.state_row(0)
+    saved = {il: (r[row].copy(), s[row].copy()) for il, (r, s) in engine.items()}
+    assert bk.checkpoint_stats() == ref.checkpoint_stats()
+    for m in (ref, bk):
+        m.seq_rm(0)
+        m.seq_rm(1)
+    assert bk.checkpoint_restore(cid, 1) == ref.checkpoint_restore(cid, 1)
+    row = bk.state_row(1)
+    for il, (r, s) in engine.items():
+        r[row], s[row] = saved[il]
+        assert r[row].tobytes() == ref.r(il)[row].tobytes() and s[row].tobytes() == ref.s(il)[row].tobytes()
+    assert bk.cells()["tail"].tolist() == ref.cells()["tail"].tolist()
+    with pytest.raises(ValueError):
+        bk.checkpoint_restore(cid, 1)  # holds a state now
 
 
 def test_recurrent_bookkeeping_only():

@@ -325,3 +325,94 @@ def test_iswa_torch_matches_numpy(device):
     assert tch2.state_write() == data
     buf = bytearray(len(data))
     assert tch2.state_write_into(buf) == len(data) and bytes(buf) == data
+
+
+def _mask_batches(mem, rng):
+    """A prefill of two sequences, then mixed decode steps: micro-batches to ask masks of."""
+    for seqs, pos in (([0, 0, 0, 0, 0, 1, 1, 1], [0, 1, 2, 3, 4, 0, 1, 2]), ([0, 1, 1], [5, 3, 4]), ([1, 0], [5, 6])):
+        batch = Batch(token=np.arange(len(pos), dtype=np.int32), pos=np.asarray(pos, np.int32),
+                      seq_id=np.asarray(seqs, np.int32))
+        ctx = mem.init_batch(batch, 4)
+        assert ctx.status == Status.SUCCESS
+        while True:
+            ctx.apply()
+            yield ctx
+            if not ctx.next():
+                break
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("unified", [True, False])
+@pytest.mark.parametrize("swa", [0, 3])
+def test_masks_and_paged_tables_on_the_device(device, unified, swa):
+    """kq_mask(device=) / paged_kv(device=): torch tensors on the storage's device equal to the
+    host forms, for causal and not, f32 and f16, padded rows, sliding windows, unified or one
+    stream per sequence; cached per micro-batch and arguments."""
+    rng = np.random.default_rng(31)
+    kw = dict(n_seq_max=2, unified=unified, rope=Rope(n_rot=4, head_dim=8))
+    if swa:
+        kw.update(n_swa=swa, swa_type=llmem.SWAType.STANDARD)
+    mem = KVCache(2, 8, 8, 32, dtype_k=torch.float32, dtype_v=torch.float32, storage="torch", device=device, **kw)
+    seen = 0
+    for ctx in _mask_batches(mem, rng):
+        for causal in (True, False):
+            for dtype, tdtype in ((np.float32, torch.float32), (np.float16, torch.float16)):
+                for pad in (1, 4):
+                    want = ctx.kq_mask(causal, dtype=dtype, pad=pad)
+                    got = ctx.kq_mask(causal, dtype=dtype, pad=pad, device=device)
+                    assert isinstance(got, torch.Tensor) and got.device.type == device and got.dtype == tdtype
+                    assert tuple(got.shape) == want.shape
+                    assert got.cpu().numpy().tobytes() == want.tobytes(), (causal, dtype, pad)
+                    assert ctx.kq_mask(causal, dtype=dtype, pad=pad, device=device) is got
+            host = ctx.paged_kv(causal)
+            dev = ctx.paged_kv(causal, device=device)
+            for name, a, t in zip(host._fields, host, dev):
+                assert t.device.type == device and t.dtype == torch.int32, name
+                assert t.cpu().tolist() == a.tolist(), name
+        seen += 1
+    assert seen >= 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_iswa_and_hybrid_masks_on_the_device(device):
+    kw = dict(n_swa=3, is_swa_layer=[True, False, True], n_seq_max=2, rope=Rope(n_rot=4, head_dim=8), n_ubatch=4)
+    iswa = KVCacheISWA(3, 8, 8, 32, dtype_k=torch.float32, dtype_v=torch.float32, storage="torch",
+                       device=device, **kw)
+    rng = np.random.default_rng(32)
+    for ctx in _mask_batches(iswa, rng):
+        for il in range(3):
+            want = ctx.kq_mask(il, dtype=np.float16, pad=2)
+            got = ctx.kq_mask(il, dtype=np.float16, pad=2, device=device)
+            assert got.cpu().numpy().tobytes() == want.tobytes(), il
+            assert [t.cpu().tolist() for t in ctx.paged_kv(il, device=device)] == [a.tolist() for a in ctx.paged_kv(il)]
+    attn = KVCache(3, 8, 8, 32, n_seq_max=2, dtype_k=torch.float32, dtype_v=torch.float32,
+                   layer_filter=lambda il: il == 1, storage="torch", device=device)
+    recr = llmem.RecurrentMemory(3, 4, 4, mem_size=2, n_seq_max=2, layer_filter=lambda il: il != 1,
+                                 storage="torch", device=device)
+    hyb = llmem.HybridMemory(attn, recr)
+    ctx = hyb.init_batch(Batch(token=np.zeros(3, np.int32), seq_id=np.array([0, 0, 1], np.int32)), 8)
+    ctx.apply()
+    assert ctx.attn.kq_mask(device=device).cpu().numpy().tobytes() == ctx.attn.kq_mask().tobytes()
+
+
+def test_device_masks_refused():
+    mem = KVCache(1, 8, 8, 16, storage="torch", device="cpu")
+    ctx = mem.decode_step([0])
+    with pytest.raises(ValueError, match="meta"):
+        ctx.kq_mask(device="meta")
+    with pytest.raises(ValueError, match="not a torch device"):
+        ctx.kq_mask(device="gpu7")
+    with pytest.raises(ValueError, match="meta"):
+        ctx.paged_kv(device="meta")
+    with pytest.raises(ValueError, match="not both"):
+        ctx.kq_mask(out=np.empty((1, ctx.n_kv), np.float32), device="cpu")
+    full = mem.init_full()
+    with pytest.raises(LlmemError):
+        full.kq_mask(device="cpu")  # no micro-batch: the host form's error
+    for storage in ("numpy", None):
+        ctx = KVCache(1, 8, 8, 16, storage=storage).decode_step([0])
+        with pytest.raises(TypeError, match="torch storage"):
+            ctx.kq_mask(device="cpu")
+        with pytest.raises(TypeError, match="torch storage"):
+            ctx.paged_kv(device="cpu")
+        assert ctx.kq_mask().shape == (1, ctx.n_kv)  # the host forms are unchanged

@@ -114,5 +114,29 @@ def test_demo_on_torch(device):
     report = run_demo("iswa", clients=3, parallel=2, n_ctx=256, verify=2, device=device)
     assert report.ok and report.verified_rows > 0, format_report(report)
     assert report.backend.startswith("torch")
-    with pytest.raises(ValueError, match="host memory"):
-        run_demo("hybrid", device=device)
+    for arch in ("recurrent", "hybrid"):  # their prefix cache's checkpoints stay on the device
+        report = run_demo(arch, clients=4, parallel=2, n_ctx=256, verify=2, device=device)
+        assert report.ok and report.verified_rows > 0 and report.checkpoints > 0, format_report(report)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["recurrent", "hybrid"])
+def test_prefix_cache_over_torch_storage(device, arch):
+    """PrefixCache serves torch-storage recurrent and hybrid memories (its recurrent checkpoints
+    are torch tensors on the device) with forward_full's outputs."""
+    from prefix_workload import make_workload, serve, verify
+    rng = np.random.default_rng(41)
+    model = make_model(arch, seed=8, device=device)
+    m = AsNumpy(model)
+    memory = model.new_memory(n_seq_max=3) if arch == "recurrent" else model.new_memory(512, n_seq_max=3 + 40)
+    assert memory.storage == "torch"
+    cache = llmem.PrefixCache(memory, n_requests=3, checkpoint_interval=8)
+    chats = make_workload(rng, model.config.n_vocab)
+    counts = serve(m, memory, cache, chats, rng, check=cache.check)
+    verify(m, chats)
+    assert counts["decoded"] + counts["hit"] == counts["without_cache"]
+    assert counts["hit"] > 0.3 * counts["without_cache"], counts
+    recr = memory if arch == "recurrent" else memory.mem_recr
+    assert recr.checkpoint_stats()["count"] > 0
+    assert all(t.device.type == device for rows in recr._tstore._ckpt.values() for t in rows)
+

@@ -22,7 +22,13 @@ namespace llmem {
 class rs_checkpoints {
 public:
     /// Checkpoints of `mem`'s layout; max_count >= 0 checkpoints of at most max_bytes in all.
-    rs_checkpoints(const rs_memory & mem, uint64_t max_count, uint64_t max_bytes);
+    /// copy_rows false: bookkeeping only (ids, positions, limits, bytes counted as if held); the
+    /// rows live outside host memory (torch storage, the engine's tensors) and whoever holds them
+    /// copies them: out of seq_state_row(seq) after save, into it after restore.
+    rs_checkpoints(const rs_memory & mem, uint64_t max_count, uint64_t max_bytes, bool copy_rows = true);
+
+    /// Whether save/restore copy the rows (false: bookkeeping only).
+    bool copies_rows() const { return copy_rows_; }
 
     /// Bytes one checkpoint of this layout takes (every present layer's r and s row).
     uint64_t checkpoint_bytes() const { return bytes_; }
@@ -66,6 +72,7 @@ private:
     std::vector<uint64_t> s_row_bytes_;
     std::vector<uint64_t> p_row_bytes_;  // empty when no layer has a P array
     uint64_t bytes_ = 0;
+    bool copy_rows_;
     uint64_t max_count_;
     uint64_t max_bytes_;
     uint64_t count_ = 0;

@@ -8,7 +8,7 @@ torch is imported when this module is: ``import llmem`` does not need it."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -80,39 +80,69 @@ class TorchStorage(Storage):
 
 
 class _Uploader:
-    """Host int64 index arrays to the device without synchronising it: copied into one of two
-    pinned buffers (reused across steps), then to the device with ``non_blocking``; a buffer is
-    refilled only after its previous upload finished (an event, normally long done)."""
+    """Host arrays to the device without synchronising it: copied (or filled in place) into one
+    of two pinned buffers (reused across steps), then to the device with ``non_blocking``; a
+    buffer is refilled only after its previous upload finished (an event, normally long done).
+    ``fill`` also reuses one device buffer per pinned buffer (stream order keeps a result valid
+    for the work queued before the upload after next)."""
 
     def __init__(self, device: "torch.device") -> None:
         self.device: torch.device = device
         self.cuda: bool = device.type == "cuda"
         self.bufs: List[Optional["torch.Tensor"]] = [None, None]
+        self.dev_bufs: List[Optional["torch.Tensor"]] = [None, None]
         self.events: List[Optional[Any]] = [None, None]
         self.k: int = 0
 
-    def __call__(self, arr: np.ndarray) -> "torch.Tensor":
-        host = torch.from_numpy(arr)
-        if not self.cuda:
-            return host.to(self.device)
+    def _staging(self, n: int, dtype: "torch.dtype") -> Tuple[int, "torch.Tensor"]:
+        """The next pinned buffer's first ``n`` elements, free to write."""
         k = self.k
         self.k ^= 1
         buf = self.bufs[k]
-        n = host.numel()
-        if buf is None or buf.numel() < n or buf.dtype != host.dtype:
-            buf = self.bufs[k] = torch.empty(max(n, 256), dtype=host.dtype, pin_memory=True)
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self.bufs[k] = torch.empty(max(n, 256), dtype=dtype, pin_memory=True)
             self.events[k] = None
         ev = self.events[k]
         if ev is not None:
             ev.synchronize()
-        part = buf[:n]
-        part.copy_(host)
-        out = part.to(self.device, non_blocking=True)
+        return k, buf[:n]
+
+    def _send(self, k: int, part: "torch.Tensor", dst: Optional["torch.Tensor"]) -> "torch.Tensor":
+        if dst is None:
+            out = part.to(self.device, non_blocking=True)
+        else:
+            out = dst.copy_(part, non_blocking=True)
         event = self.events[k]
         if event is None:
             event = self.events[k] = torch.cuda.Event()  # type: ignore[no-untyped-call]
         event.record()
         return out
+
+    def __call__(self, arr: np.ndarray) -> "torch.Tensor":
+        host = torch.from_numpy(arr)
+        if not self.cuda:
+            return host.to(self.device)
+        k, part = self._staging(host.numel(), host.dtype)
+        part.copy_(host)
+        return self._send(k, part, None)
+
+    def fill(self, shape: Tuple[int, ...], dtype: np.dtype, write: Callable[[np.ndarray], Any]) -> "torch.Tensor":
+        """A device tensor of ``shape`` whose values ``write(host)`` puts into a host array of that
+        shape and numpy ``dtype`` (a pinned buffer on CUDA; on the CPU a new array, shared)."""
+        if not self.cuda:
+            host = np.empty(shape, dtype=dtype)
+            write(host)
+            return torch.from_numpy(host)
+        n = 1
+        for d in shape:
+            n *= d
+        tdtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+        k, part = self._staging(n, tdtype)
+        write(part.numpy().reshape(shape))
+        dev = self.dev_bufs[k]
+        if dev is None or dev.numel() < n or dev.dtype != tdtype:
+            dev = self.dev_bufs[k] = torch.empty(max(n, 256), dtype=tdtype, device=self.device)
+        return self._send(k, part, dev[:n]).view(shape)
 
 
 def as_device_rows(values: Any, n: int, width: int, dtype: "torch.dtype", device: "torch.device",
@@ -210,6 +240,15 @@ class TorchKV:
             self.v.append(v)
         self.upload: _Uploader = _Uploader(self.device)
         self._j: Dict[int, "torch.Tensor"] = {}
+        self._uploaders: Dict[str, _Uploader] = {}
+
+    def uploader(self, what: str) -> _Uploader:
+        """The uploader of one kind of table (``"mask"``, ``"paged"``): its own pinned and device
+        buffers, so tables of different dtypes and sizes do not evict each other's."""
+        u = self._uploaders.get(what)
+        if u is None:
+            u = self._uploaders[what] = _Uploader(self.device)
+        return u
 
     def _check_buffer(self, t: Any, shape: Tuple[int, ...], dtype: "torch.dtype", name: str) -> None:
         if not isinstance(t, torch.Tensor):
@@ -373,6 +412,7 @@ class TorchRS:
         self.s: List[Optional["torch.Tensor"]] = [
             None if w is None else torch.zeros(rows, w, dtype=self.dtype_s, device=self.device) for w in widths_s]
         self.upload: _Uploader = _Uploader(self.device)
+        self._ckpt: Dict[int, List["torch.Tensor"]] = {}  # checkpoint id -> its r and s rows
 
     def array(self, kind: int, il: int) -> "torch.Tensor":
         a = (self.s if kind else self.r)[il]
@@ -428,6 +468,24 @@ class TorchRS:
         n = rows.shape[1]
         for p in range(rows.shape[0]):
             A[p * size + head:p * size + head + n].copy_(rows[p])
+
+    # -- checkpoints: the rows of one state row, kept on the device (the core's pool keeps the ids,
+    #    positions and limits)
+
+    def checkpoint_save(self, cid: int, row: int) -> None:
+        """Copy row ``row`` of every present array into checkpoint ``cid`` (device to device)."""
+        self._ckpt[cid] = [A[row].clone() for A in self.r + self.s if A is not None]
+
+    def checkpoint_restore(self, cid: int, row: int) -> None:
+        """Copy checkpoint ``cid``'s rows into row ``row`` of every present array."""
+        for A, saved in zip([A for A in self.r + self.s if A is not None], self._ckpt[cid]):
+            A[row].copy_(saved)
+
+    def checkpoint_drop(self, cid: int) -> None:
+        self._ckpt.pop(cid, None)
+
+    def checkpoint_clear(self) -> None:
+        self._ckpt.clear()
 
     def _holes(self, holes: List[StateHole], present_index: Sequence[int]) -> List[Tuple[StateHole, "torch.Tensor"]]:
         return [(h, self.array(0 if h.kind == "r" else 1, h.layer)) for h in holes]
