@@ -171,7 +171,8 @@ llmem::batch make_batch(py::object token, py::object embd, py::object pos, py::o
         } else if (p.shape.size() == 2) {
             n = checked_length(n, len, "pos", first_name);
         }
-        b.pos = std::move(p.values);
+        b.pos       = std::move(p.values);
+        b.pos_given = true;  // an empty pos for a non-empty batch is a shape error, not 'no positions'
     }
     b.n_tokens = n;
     return b;

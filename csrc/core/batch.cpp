@@ -184,7 +184,7 @@ static void append_stored_ids(const int32_t * ids, int32_t n, std::vector<int32_
 bool batch_allocr::init_decode_shape(const batch & b, const seq_pos_source * memory, bool output_all) {
     state &        st = *spare_;
     const uint32_t n  = b.n_tokens;
-    if (n_pos_ != 1 || b.token.size() != n || !b.embd.empty() || !b.pos.empty() ||
+    if (n_pos_ != 1 || b.token.size() != n || !b.embd.empty() || !b.pos.empty() || b.pos_given ||
         b.seq_id_off.size() != size_t(n) + 1 || b.seq_id.size() != n || b.seq_id_off[n] != int32_t(n) ||
         (!b.output.empty() && b.output.size() != n)) {
         return false;
@@ -353,7 +353,7 @@ void batch_allocr::init_checked(const batch & b, const seq_pos_source * memory, 
     // array shapes that depend on the content kind (checked after the token ids, whose check
     // llama.cpp runs first)
     st.n_pos_val = st.has_token ? 1 : n_pos_;
-    if (!b.pos.empty() && b.pos.size() != size_t(st.n_pos_val) * n) {
+    if ((b.pos_given || !b.pos.empty()) && b.pos.size() != size_t(st.n_pos_val) * n) {
         reject(batch_reject::BAD_SHAPE,
                format("pos has %zu values, this batch needs %u (%u per token)", b.pos.size(),
                       st.n_pos_val * n, st.n_pos_val));

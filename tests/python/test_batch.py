@@ -118,6 +118,10 @@ BAD_BATCHES = [
     ("BAD_TOKEN", Batch(token=[3, 64]), {}),
     ("BAD_TOKEN", Batch(token=[-7]), {}),
     ("BAD_SHAPE", Batch(token=[1, 2], pos=[0, 1, 2]), {}),
+    # an empty pos is given positions of the wrong length, not "no positions" (found by
+    # test_batch_model: with a bad id too, the shape is reported first, as the reference does)
+    ("BAD_SHAPE", Batch(token=[1], pos=[]), {}),
+    ("BAD_SHAPE", Batch(token=[0], pos=np.zeros(0, np.int32), seq_id=[[0, -1]]), {}),
     ("BAD_SHAPE", Batch(embd=np.zeros((2, 3), dtype=np.float32)), {}),
     ("NO_SEQ_ID", Batch(token=[1, 2], seq_id=[[0], []]), {}),
     ("BAD_SEQ_ID", Batch(token=[1], seq_id=[4]), {}),

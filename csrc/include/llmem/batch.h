@@ -18,6 +18,7 @@ struct batch {
     std::vector<float>   embd;        // [n_tokens * n_embd]
     uint32_t             n_embd = 0;
     std::vector<int32_t> pos;         // token batches: [n_tokens]; embedding-only: [n_pos * n_tokens]
+    bool                 pos_given = false;  // pos was passed, even empty (then its length is checked)
     std::vector<int32_t> seq_id_off;  // [n_tokens + 1]; empty: every entry is sequence 0
     std::vector<int32_t> seq_id;      // ids in the caller's order (repeats allowed)
     std::vector<int8_t>  output;      // [n_tokens]; empty: only the last entry is an output
