@@ -203,6 +203,43 @@ def rotate_rows(rows: "torch.Tensor", factors: Tuple["torch.Tensor", "torch.Tens
     return x.to(rows.dtype)
 
 
+def _section_offsets(holes: Sequence[StateHole]) -> Tuple[List[int], int]:
+    """Offsets of the holes' sections in one staging buffer (each aligned), and its size."""
+    offs, at = [], 0
+    for h in holes:
+        offs.append(at)
+        at += -(-h.nbytes // _ALIGN) * _ALIGN
+    return offs, at
+
+
+def _download_sections(device: "torch.device", holes: Sequence[StateHole], parts: Sequence["torch.Tensor"],
+                       out: Any) -> None:
+    """State bytes: the gathered sections (uint8 tensors on ``device``) packed on the device, one
+    copy to a pinned host buffer, then each written at its hole's offset of ``out``."""
+    offs, at = _section_offsets(holes)
+    dev = torch.empty(at, dtype=torch.uint8, device=device)
+    for b, o in zip(parts, offs):
+        dev[o:o + b.numel()].copy_(b)
+    host = torch.empty(at, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    host.copy_(dev)
+    hv, dst = host.numpy(), np.frombuffer(out, dtype=np.uint8)
+    for h, o in zip(holes, offs):
+        dst[h.offset:h.offset + h.nbytes] = hv[o:o + h.nbytes]
+
+
+def _upload_sections(device: "torch.device", holes: Sequence[StateHole], data: Any) -> List["torch.Tensor"]:
+    """State bytes read: the holes' sections gathered into one pinned host buffer, one copy to
+    ``device``; the uint8 section of each hole there, in order."""
+    offs, at = _section_offsets(holes)
+    src = np.frombuffer(data, dtype=np.uint8)
+    host = torch.empty(at, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    hv = host.numpy()
+    for h, o in zip(holes, offs):
+        hv[o:o + h.nbytes] = src[h.offset:h.offset + h.nbytes]
+    dev = host.to(device, non_blocking=True)
+    return [dev[o:o + h.nbytes] for h, o in zip(holes, offs)]
+
+
 class TorchKV:
     """The torch tensors of one KV cache and the torch ops of its tensor work."""
 
@@ -328,7 +365,7 @@ class TorchKV:
         to a pinned host buffer, then into place."""
         if not holes:
             return
-        parts, offs, at = [], [], 0
+        parts = []
         for h, l in holes:
             cells = torch.from_numpy(h.cells).to(self.device)
             b = self._section(h, l, cells, rope).contiguous().view(-1).view(torch.uint8)
@@ -336,37 +373,17 @@ class TorchKV:
                 raise AssertionError(f"state section of layer {h.layer} ({h.kind}): {b.numel()} bytes, "
                                      f"the writer reserved {h.nbytes}")
             parts.append(b)
-            offs.append(at)
-            at += -(-h.nbytes // _ALIGN) * _ALIGN
-        dev = torch.empty(at, dtype=torch.uint8, device=self.device)
-        for b, o in zip(parts, offs):
-            dev[o:o + b.numel()].copy_(b)
-        host = torch.empty(at, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        host.copy_(dev)
-        hv = host.numpy()
-        dst = np.frombuffer(out, dtype=np.uint8)
-        for (h, _), o in zip(holes, offs):
-            dst[h.offset:h.offset + h.nbytes] = hv[o:o + h.nbytes]
+        _download_sections(self.device, [h for h, _ in holes], parts, out)
 
     def scatter(self, data: Any, holes: List[Tuple[StateHole, int]]) -> None:
         """Store the rows of read state bytes: the sections gathered into one pinned host buffer,
         one copy to the device, then scattered into their cells."""
         if not holes:
             return
-        src = np.frombuffer(data, dtype=np.uint8)
-        offs, at = [], 0
-        for h, _ in holes:
-            offs.append(at)
-            at += -(-h.nbytes // _ALIGN) * _ALIGN
-        host = torch.empty(at, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        hv = host.numpy()
-        for (h, _), o in zip(holes, offs):
-            hv[o:o + h.nbytes] = src[h.offset:h.offset + h.nbytes]
-        dev = host.to(self.device, non_blocking=True)
-        for (h, l), o in zip(holes, offs):
+        sections = _upload_sections(self.device, [h for h, _ in holes], data)
+        for (h, l), sec in zip(holes, sections):
             cells = torch.from_numpy(h.cells).to(self.device)
             n = len(h.cells)
-            sec = dev[o:o + h.nbytes]
             if h.kind == "k":
                 K = self.k[l]
                 K[h.stream].index_copy_(0, cells, sec.view(self.dtype_k).view(n, K.shape[2]))
@@ -495,35 +512,15 @@ class TorchRS:
         pairs = self._holes(holes, present_index)
         if not pairs:
             return
-        parts, offs, at = [], [], 0
-        for h, A in pairs:
-            b = A.index_select(0, torch.from_numpy(h.cells).to(self.device)).contiguous().view(-1).view(torch.uint8)
-            parts.append(b)
-            offs.append(at)
-            at += -(-h.nbytes // _ALIGN) * _ALIGN
-        dev = torch.empty(at, dtype=torch.uint8, device=self.device)
-        for b, o in zip(parts, offs):
-            dev[o:o + b.numel()].copy_(b)
-        host = torch.empty(at, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        host.copy_(dev)
-        hv, dst = host.numpy(), np.frombuffer(out, dtype=np.uint8)
-        for (h, _), o in zip(pairs, offs):
-            dst[h.offset:h.offset + h.nbytes] = hv[o:o + h.nbytes]
+        parts = [A.index_select(0, torch.from_numpy(h.cells).to(self.device)).contiguous().view(-1).view(torch.uint8)
+                 for h, A in pairs]
+        _download_sections(self.device, [h for h, _ in pairs], parts, out)
 
     def scatter(self, data: Any, holes: List[StateHole], present_index: Sequence[int]) -> None:
         pairs = self._holes(holes, present_index)
         if not pairs:
             return
-        src = np.frombuffer(data, dtype=np.uint8)
-        offs, at = [], 0
-        for h, _ in pairs:
-            offs.append(at)
-            at += -(-h.nbytes // _ALIGN) * _ALIGN
-        host = torch.empty(at, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        hv = host.numpy()
-        for (h, _), o in zip(pairs, offs):
-            hv[o:o + h.nbytes] = src[h.offset:h.offset + h.nbytes]
-        dev = host.to(self.device, non_blocking=True)
-        for (h, A), o in zip(pairs, offs):
-            rows = dev[o:o + h.nbytes].view(A.dtype).view(len(h.cells), A.shape[1])
+        sections = _upload_sections(self.device, [h for h, _ in pairs], data)
+        for (h, A), sec in zip(pairs, sections):
+            rows = sec.view(A.dtype).view(len(h.cells), A.shape[1])
             A.index_copy_(0, torch.from_numpy(h.cells).to(self.device), rows)
