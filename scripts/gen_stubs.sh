@@ -30,12 +30,13 @@ text = re.sub(r"-> list:", "-> list[typing.Any]:", text)
 text = re.sub(r"-> dict:", "-> dict[str, typing.Any]:", text)
 text = re.sub(r"-> tuple:", "-> tuple[typing.Any, ...]:", text)
 text = re.sub(r"([\[ ])(list|dict)([,\]])", r"\1\2[typing.Any]\3", text).replace("dict[typing.Any]", "dict[str, typing.Any]")
-# the decode-step functions are plain CPython functions (csrc/bindings/register_kv_attention.cpp)
+# the decode-step functions are plain CPython functions (csrc/bindings/register_decode_step.cpp)
 # whose text signatures carry no types: positional-only parameters of any type, any result
 def any_params(m):
     params = ", ".join(f"{p.strip()}: typing.Any" for p in m.group(2).split(","))
     return f"def {m.group(1)}({params}, /) -> typing.Any:"
-text = re.sub(r"^def (kv_decode_step|kv_iswa_decode_step)\(([^):]*)\):$", any_params, text, flags=re.M)
+text = re.sub(r"^def (kv_decode_step|kv_iswa_decode_step|_decode_step_fast_layout)\(([^):]*)\):$", any_params,
+              text, flags=re.M)
 # MemoryLock is a C type (csrc/capi/memory_lock.cpp) without signatures: its RLock protocol, typed
 ml = (
     "class MemoryLock:\n"

@@ -9,6 +9,7 @@ PYBIND11_MODULE(_core, m) {
     llmem::bind::register_batch(m);
     llmem::bind::register_kv_cache(m);
     llmem::bind::register_kv_attention(m);
+    llmem::bind::register_decode_step(m);
     llmem::bind::register_recurrent(m);
     llmem::bind::register_hybrid(m);
     llmem::bind::register_state_file(m);

@@ -20,6 +20,8 @@ void register_status(py::module_ & m);
 void register_batch(py::module_ & m);
 void register_kv_cache(py::module_ & m);
 void register_kv_attention(py::module_ & m);
+/// The one-call decode steps (register_decode_step.cpp).
+void register_decode_step(py::module_ & m);
 void register_recurrent(py::module_ & m);
 void register_hybrid(py::module_ & m);
 void register_state_file(py::module_ & m);

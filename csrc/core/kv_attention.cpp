@@ -16,6 +16,7 @@
 
 namespace llmem {
 
+
 namespace {
 
 constexpr int32_t POS_MAX = std::numeric_limits<int32_t>::max();
@@ -489,11 +490,15 @@ void kv_cache::kq_cells(const slot_info & slot, const ubatch & ub, uint32_t n_kv
 // -- write indices ------------------------------------------------------------------------------
 
 void kv_k_idxs(const kv_cache & cache, const slot_info & slot, int64_t * out) {
-    const uint32_t n    = slot.n_per_group;
-    const int64_t  size = cache.size();
-    for (size_t t = 0; t < slot.idxs.size(); ++t) {
-        const uint32_t g = n ? uint32_t(t / n) : 0;
-        out[t]           = int64_t(slot.strm[g]) * size + slot.idxs[t];
+    const uint32_t * idxs = slot.idxs.data();
+    const size_t     m    = slot.idxs.size();
+    const size_t     n    = slot.n_per_group ? slot.n_per_group : m;  // group g: entries [g n, (g+1) n)
+    const int64_t    size = cache.size();
+    for (size_t g = 0, t = 0; t < m; ++g) {
+        const int64_t base = int64_t(slot.strm[g]) * size;
+        for (const size_t end = std::min(m, t + n); t < end; ++t) {
+            out[t] = base + idxs[t];
+        }
     }
 }
 
@@ -700,19 +705,23 @@ ubatch decode_ubatch(int32_t n_seq_max, const seq_pos_source & positions, const 
         d->token.clear();
     }
     d->pos.resize(n);
+    positions.seq_pos_max_each(seq_ids, n, d->pos.data());
     d->seq_id.assign(seq_ids, seq_ids + n);
     d->seq_id_off.resize(size_t(n) + 1);
     d->output.assign(n, 1);
     d->batch_idx.resize(n);
     d->seq_id_unq.assign(seq_ids, seq_ids + n);
-    bool sorted = true;
+    int32_t * pos    = d->pos.data();
+    int32_t * off    = d->seq_id_off.data();
+    int32_t * bidx   = d->batch_idx.data();
+    bool      sorted = true;
     for (uint32_t k = 0; k < n; ++k) {
-        d->pos[k]        = positions.seq_pos_max(seq_ids[k]) + 1;
-        d->seq_id_off[k] = int32_t(k);
-        d->batch_idx[k]  = int32_t(k);
-        sorted           = sorted && (k == 0 || seq_ids[k - 1] < seq_ids[k]);
+        pos[k] += 1;
+        off[k]  = int32_t(k);
+        bidx[k] = int32_t(k);
+        sorted  = sorted && (k == 0 || seq_ids[k - 1] < seq_ids[k]);
     }
-    d->seq_id_off[n] = int32_t(n);
+    off[n] = int32_t(n);
     if (!sorted) {
         std::sort(d->seq_id_unq.begin(), d->seq_id_unq.end());
     }

@@ -614,6 +614,13 @@ int32_t kv_cache::seq_pos_max(int32_t seq) const {
     return cells_[seq_to_stream(seq)].seq_pos_max(seq);
 }
 
+void kv_cache::seq_pos_max_each(const int32_t * seqs, uint32_t n, int32_t * out) const {
+    for (uint32_t k = 0; k < n; ++k) {
+        check_seq(seqs[k], "seq_pos_max");
+        out[k] = cells_[seq_to_stream(seqs[k])].seq_pos_max(seqs[k]);
+    }
+}
+
 bool kv_cache::get_has_shift() const {
     for (const auto & c : cells_) {
         if (c.has_shift()) {
@@ -760,14 +767,9 @@ bool kv_cache::find_slot(const ubatch & ub, bool cont, slot_info & out) const {
         const size_t start = out.idxs.size();
         if (!cont && p_.swa == swa_type::NONE) {
             // Only empty cells are usable: take the first n in cyclic order from h.
-            uint32_t got = 0;
-            for (uint32_t c = T.next_empty(h); c < size && got < n; c = T.next_empty(c + 1)) {
-                out.idxs.push_back(c);
-                ++got;
-            }
-            for (uint32_t c = got < n ? T.next_empty(0) : h; c < h && got < n; c = T.next_empty(c + 1)) {
-                out.idxs.push_back(c);
-                ++got;
+            uint32_t got = T.collect_empty(h, size, n, out.idxs);
+            if (got < n) {
+                got += T.collect_empty(0, h, n - got, out.idxs);
             }
             if (got < n) {
                 out.clear();
@@ -822,10 +824,17 @@ void kv_cache::apply_ubatch(const slot_info & slot, const ubatch & ub) {
     const uint32_t n       = slot.n_per_group;
     const bool     two_d   = ub.n_pos >= 3;
     const bool     set_ext = with_ext_ && (two_d || ub.has_token());
+    // one sequence per token (no entry lists several): empty cells take their tokens in one pass
+    const bool one_seq_each = ub.data->seq_id.size() == ub.n_tokens && !set_ext;
     max_rm_seqs_.clear();
     for (uint32_t g = 0; g < slot.n_groups(); ++g) {
         kv_cells & T = wcells(slot.strm[g]);
-        for (uint32_t k = 0; k < n; ++k) {
+        uint32_t   k = 0;
+        if (one_seq_each) {
+            const uint32_t at = g * n;  // the entry seq_id_off[at] is `at` when every entry has one id
+            k = T.occupy_each(slot.idxs.data() + at, ub.data->pos.data() + at, ub.data->seq_id.data() + at, n);
+        }
+        for (; k < n; ++k) {
             const uint32_t i = g * n + k;
             const uint32_t c = slot.idxs[i];
             if (!T.is_empty(c)) {

@@ -116,6 +116,35 @@ uint32_t kv_cells::next_empty(uint32_t from) const {
     }
 }
 
+uint32_t kv_cells::collect_empty(uint32_t from, uint32_t to, uint32_t n, std::vector<uint32_t> & out) const {
+    to = std::min(to, size_);
+    if (from >= to || n == 0) {
+        return 0;
+    }
+    const size_t start = out.size();
+    out.resize(start + n);
+    uint32_t * dst = out.data() + start;
+    uint32_t   got = 0;
+    size_t     w   = from / 64;
+    uint64_t   free = ~used_bits_[w] & (~uint64_t(0) << (from % 64));
+    const size_t w_end = (size_t(to) + 63) / 64;
+    while (true) {
+        if (w + 1 == w_end && to % 64 != 0) {
+            free &= (uint64_t(1) << (to % 64)) - 1;  // the bits past `to` in its last word
+        }
+        while (free != 0 && got < n) {
+            dst[got++] = uint32_t(w * 64) + ctz64(free);
+            free &= free - 1;
+        }
+        if (got == n || ++w >= w_end) {
+            break;
+        }
+        free = ~used_bits_[w];
+    }
+    out.resize(start + got);
+    return got;
+}
+
 uint32_t kv_cells::next_used(uint32_t from) const {
     if (from >= size_) {
         return size_;
@@ -168,7 +197,7 @@ void kv_cells::index_insert(int32_t s, int32_t p, uint32_t i) {
     auto &         v    = ix(s);
     uint64_t &     last = last_key_[size_t(s - seq_base_)];
     const uint64_t k    = key(p, i);
-    if (v.empty() || last < k) {
+    if (last < k) {  // an empty index has last 0, below every key
         v.push_back(k);  // the decode case: the newest position of the sequence
         last = k;
         return;
@@ -390,6 +419,41 @@ void kv_cells::occupy(uint32_t i, int32_t p, int32_t s) {
     ids_[size_t(i) * 2] = s;
     n_seq_[i]           = 1;
     index_insert(s, p, i);
+}
+
+uint32_t kv_cells::occupy_each(const uint32_t * cells, const int32_t * pos, const int32_t * seqs, uint32_t n) {
+    uint32_t k   = 0;
+    uint32_t top = 0;
+    for (; k < n; ++k) {
+        const uint32_t i = cells[k];
+        const int32_t  s = seqs[k];
+        const int32_t  p = pos[k];
+        if (pos_[i] != -1) {
+            break;
+        }
+        assert(n_seq_[i] == 0 && p >= 0 && in_range(s));
+        // occupy(i, p, s) written out: this loop is the whole apply of a decode step
+        touch(i);
+        pos_[i] = p;
+        used_bits_[i / 64] |= uint64_t(1) << (i % 64);
+        ids_[size_t(i) * 2] = s;
+        n_seq_[i]           = 1;
+        top                 = std::max(top, i);
+        const uint64_t key_i = key(p, i);
+        uint64_t &     last  = last_key_[size_t(s - seq_base_)];
+        if (last < key_i) {  // the newest position of s (an empty index has last 0): append
+            ix(s).push_back(key_i);
+            last = key_i;
+        } else {
+            auto & v = ix(s);
+            v.insert(std::upper_bound(v.begin(), v.end(), key_i), key_i);
+        }
+    }
+    used_count_ += k;
+    if (k > 0 && top + 1 > used_max_hint_) {
+        used_max_hint_ = top + 1;
+    }
+    return k;
 }
 
 void kv_cells::occupy_all(const uint32_t * cells, const int32_t * pos, uint32_t n, int32_t s) {
@@ -766,7 +830,7 @@ bool kv_cells::check_invariants() const {
         return false;
     }
     for (int32_t s = seq_base_; s < seq_base_ + n_local_; ++s) {
-        if (!ix(s).empty() && last_key_[size_t(s - seq_base_)] != ix(s).back()) {
+        if (last_key_[size_t(s - seq_base_)] != (ix(s).empty() ? 0 : ix(s).back())) {
             return false;
         }
     }

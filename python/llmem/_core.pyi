@@ -623,6 +623,10 @@ class MemoryLock:
         """
         Release the lock once (RuntimeError if not held by this thread).
         """
+def _decode_step_fast_layout(kind: typing.Any, context_type: typing.Any, /) -> typing.Any:
+    """
+    Whether the decode step builds context_type ('kv' or 'iswa' kind) from its slots, without calling it.
+    """
 def _time_core(memory: typing.Any, op: str, seqs: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex], p0: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] = [], repeat: typing.SupportsInt | typing.SupportsIndex = 1) -> float:
     """
     Bench only: nanoseconds per call of op (seq_pos_max, seq_rm_tail, decode_step) on a KVCache's core.
@@ -653,7 +657,7 @@ def hybrid_state_read(caches: collections.abc.Sequence[KVCache], recr: typing.An
     """
 def kv_decode_step(cache: typing.Any, seq_ids: typing.Any, tokens: typing.Any, context_type: typing.Any, /) -> typing.Any:
     """
-    One token per sequence planned and applied in one call, under cache._lock (see llmem.KVCache.decode_step): context_type(cache, KVContext, version, k_idxs), or None when the step takes several micro-batches.
+    One token per sequence planned and applied in one call, under cache._lock (see llmem.KVCache.decode_step): the context context_type(cache, KVContext, version, k_idxs) would make, or None when the step takes several micro-batches.
     """
 def kv_is_masked_swa(n_swa: typing.SupportsInt | typing.SupportsIndex, swa_type: typing.SupportsInt | typing.SupportsIndex, p0: typing.SupportsInt | typing.SupportsIndex, p1: typing.SupportsInt | typing.SupportsIndex) -> bool:
     ...

@@ -233,7 +233,7 @@ class KVCache(Memory):
     """
 
     __slots__ = ("_core", "_k", "_v", "_layers", "_layer_index", "_type_k", "_type_v", "_rope",
-                 "_vt", "_ev", "_own_balloc", "_lock", "_version", "_ek", "_reuse", "_store")
+                 "_vt", "_ev", "_own_balloc", "_lock", "_version", "_ek", "_reuse", "_store", "_step")
 
     def __init__(self, n_layer: int, n_embd_k_gqa: Union[int, Sequence[int]],
                  n_embd_v_gqa: Union[int, Sequence[int]], kv_size: int, n_seq_max: int = 1,
@@ -291,6 +291,8 @@ class KVCache(Memory):
         self._lock = new_lock()  # an RLock that C callers can take too (docs/capi.md)
         # bumped by every change of the cells: a context planned at another value is stale
         self._version = 0
+        # decode_step's reusable compiled contexts and k-row arrays (made by its first call)
+        self._step: Any = None
         self._core = _core.KVCache(
             kv_size, n_seq_max, bool(unified), n_pad, n_swa, int(swa_type), n_pos_per_embd,
             self._type_k, self._type_v, bool(v_trans), self._layers,
@@ -471,13 +473,18 @@ class KVCache(Memory):
         arguments (a repeated or out-of-range id, a negative token), changing nothing. With
         per-sequence streams llama.cpp's split puts only consecutive ascending ids in one
         micro-batch; for other ids the step takes the general path: every micro-batch is planned,
-        the first is applied, and the context continues with ``next()``/``apply()``."""
-        # one compiled call: the lock, the checks, plan, apply, the version and the k rows
-        ctx = _core.kv_decode_step(self, seq_ids, tokens, KVCacheContext)
+        the first is applied, and the context continues with ``next()``/``apply()``.
+
+        The step allocates nothing in the steady state: the compiled context and the k-row array of
+        an earlier step are refilled once nothing references them any more (an array or context
+        you keep is never touched)."""
+        # one compiled call: the lock, the checks, plan, apply, the version, the k rows and the
+        # context (register_decode_step.cpp)
+        ctx: Optional[KVCacheContext] = _core.kv_decode_step(self, seq_ids, tokens, KVCacheContext)
         if ctx is None:
             with self._lock:
                 return cast(KVCacheContext, _decode_step_general(self, seq_ids, tokens))
-        return cast(KVCacheContext, ctx)
+        return ctx
 
     @locked
     def init_full(self) -> "KVCacheContext":
@@ -836,6 +843,8 @@ class KVCacheContext(MemoryContext):
 
     def __init__(self, cache: KVCache, ctx: _core.KVContext, version: Optional[int] = None,
                  k_idxs: Optional[np.ndarray] = None) -> None:
+        # decode_step builds this class without calling __init__, filling these slots with the
+        # same values (csrc/bindings/register_decode_step.cpp): a slot added here goes there too
         self._cache = cache
         self._ctx = ctx
         # the current micro-batch's k rows once computed (decode_step passes them); _kidx_at is 0
@@ -1543,11 +1552,12 @@ class KVCacheISWA(Memory):
     def decode_step(self, seq_ids: IntsLike, tokens: Optional[IntsLike] = None) -> "KVCacheISWAContext":
         """The decode step in one call on both caches, as :meth:`KVCache.decode_step` (the same
         decisions as ``init_batch`` + ``apply``, llama.cpp's order of split attempts)."""
-        ctx = _core.kv_iswa_decode_step(self, seq_ids, tokens, KVCacheContext, KVCacheISWAContext)
+        ctx: Optional[KVCacheISWAContext] = _core.kv_iswa_decode_step(self, seq_ids, tokens, KVCacheContext,
+                                                                      KVCacheISWAContext)
         if ctx is None:
             with self._lock:
                 return cast(KVCacheISWAContext, _decode_step_general(self, seq_ids, tokens))
-        return cast(KVCacheISWAContext, ctx)
+        return ctx
 
     @locked
     def init_full(self) -> "KVCacheISWAContext":
@@ -1736,6 +1746,7 @@ class KVCacheISWAContext(MemoryContext):
     __slots__ = ("_mem", "base", "swa", "_no_room")
 
     def __init__(self, mem: KVCacheISWA, base: KVCacheContext, swa: KVCacheContext) -> None:
+        # decode_step fills these slots without calling __init__ (register_decode_step.cpp)
         self._mem = mem
         self.base: KVCacheContext = base
         self.swa: KVCacheContext = swa

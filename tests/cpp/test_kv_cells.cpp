@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -155,6 +156,63 @@ TEST(KvCells, NextEmptySkipsWholeWords) {
     EXPECT_EQ(T.used_max_p1(), 150u);
     T.seq_rm_range(0, 100, 150);
     EXPECT_EQ(T.used_max_p1(), 100u);
+}
+
+// collect_empty against a cell-by-cell scan of next_empty, over ranges that start and end inside
+// words, across words, and limits on the count.
+TEST(KvCells, CollectEmptyMatchesCellByCellScan) {
+    kv_cells T(300, 2, false);
+    for (uint32_t i = 0; i < 300; ++i) {
+        if (i % 7 == 3 || (i >= 64 && i < 130) || i == 299) {
+            T.pos_set(i, int32_t(i));
+            T.seq_add(i, int32_t(i % 2));
+        }
+    }
+    const uint32_t bounds[] = { 0, 1, 3, 63, 64, 65, 127, 128, 130, 200, 256, 299, 300, 400 };
+    for (const uint32_t from : bounds) {
+        for (const uint32_t to : bounds) {
+            for (const uint32_t n : { 0u, 1u, 5u, 64u, 1000u }) {
+                std::vector<uint32_t> want;
+                for (uint32_t c = T.next_empty(from); c < std::min(to, 300u) && want.size() < n; c = T.next_empty(c + 1)) {
+                    want.push_back(c);
+                }
+                std::vector<uint32_t> got = { 7u };  // appended after what is there
+                const uint32_t k = T.collect_empty(from, to, n, got);
+                ASSERT_EQ(k, want.size()) << from << " " << to << " " << n;
+                want.insert(want.begin(), 7u);
+                ASSERT_EQ(got, want) << from << " " << to << " " << n;
+            }
+        }
+    }
+}
+
+// occupy_each is occupy per cell: the same table, invariants, used count and bound; it stops at
+// the first used cell (returning how many it placed) and inserts out-of-order keys in place.
+TEST(KvCells, OccupyEachEqualsOccupyAndStopsAtAUsedCell) {
+    kv_cells a(64, 3, false), b(64, 3, false);
+    for (kv_cells * T : { &a, &b }) {
+        T->occupy(10, 7, 1);  // seq 1 holds position 7: a later position 5 is not appended
+        T->occupy(40, 2, 2);
+    }
+    const uint32_t cells[] = { 3, 4, 20, 5, 40, 6 };
+    const int32_t  pos[]   = { 8, 0, 5, 3, 9, 9 };
+    const int32_t  seqs[]  = { 1, 0, 1, 2, 0, 0 };
+    a.journal_begin();
+    EXPECT_EQ(a.occupy_each(cells, pos, seqs, 6), 4u);  // cell 40 is used
+    for (uint32_t k = 0; k < 4; ++k) {
+        b.occupy(cells[k], pos[k], seqs[k]);
+    }
+    EXPECT_EQ(dump(a), dump(b));
+    EXPECT_TRUE(a.check_invariants());
+    EXPECT_EQ(a.used_count(), b.used_count());
+    EXPECT_EQ(a.used_max_p1(), 41u);
+    EXPECT_EQ(a.seq_pos_max(1), 8);
+    EXPECT_EQ(a.seq_index(1).size(), 3u);
+    a.journal_rollback();  // the journal saw every cell
+    EXPECT_TRUE(a.check_invariants());
+    EXPECT_EQ(a.used_count(), 2u);
+    EXPECT_EQ(a.seq_pos_max(0), -1);
+    EXPECT_EQ(a.occupy_each(cells, pos, seqs, 0), 0u);
 }
 
 TEST(KvCells, JournalRollbackRestoresEverything) {

@@ -520,6 +520,110 @@ def test_decode_step_k_idxs_are_cached_fresh_and_invalidated():
     assert gen.k_idxs().tolist() == gen.slot_cells().tolist() != first.tolist()
 
 
+def test_decode_step_context_is_what_init_makes():
+    # the compiled step builds KVCacheContext from its slots (no __init__): every slot as __init__
+    # would set it, and the fast build is in use for llmem's own context types
+    from llmem import _core
+    from llmem.kv_cache import KVCacheContext, KVCacheISWAContext
+    assert _core._decode_step_fast_layout("kv", KVCacheContext)
+    assert _core._decode_step_fast_layout("iswa", KVCacheISWAContext)
+    cache = KVCache(1, 4, 4, 32, n_seq_max=3, dtype_k=np.float32, dtype_v=np.float32, v_trans=False)
+    ctx = cache.decode_step([0, 2], [5, 6])
+    ref = KVCacheContext(cache, ctx._ctx, cache._version, ctx._kidx)
+    for name in KVCacheContext.__slots__:
+        assert hasattr(ctx, name) == hasattr(ref, name), name
+        if hasattr(ref, name):
+            assert getattr(ctx, name) is getattr(ref, name) or getattr(ctx, name) == getattr(ref, name), name
+    assert not hasattr(ctx, "_no_room")  # __init__ leaves it unset too
+    assert type(ctx) is KVCacheContext and ctx._cache is cache and ctx._version == cache._version
+    mem = new_mem("iswa", True, 40, 3)
+    ictx = mem.decode_step([1])
+    assert type(ictx) is KVCacheISWAContext and ictx._mem is mem and not hasattr(ictx, "_no_room")
+    assert ictx.base._cache is mem.base and ictx.swa._cache is mem.swa
+
+
+def test_decode_step_context_types_it_cannot_build_are_called():
+    # a type with other slots, a __dict__ or its own __new__ is called (its __init__ runs)
+    from llmem import _core
+    from llmem.kv_cache import KVCacheContext
+
+    class Extra(KVCacheContext):
+        __slots__ = ("extra",)
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.extra = "init ran"
+
+    class WithDict(KVCacheContext):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.extra = "init ran"
+
+    for kind in (Extra, WithDict):
+        assert not _core._decode_step_fast_layout("kv", kind)
+        cache = KVCache(1, 4, 4, 32, n_seq_max=2, dtype_k=np.float32, dtype_v=np.float32)
+        ctx = _core.kv_decode_step(cache, [0, 1], None, kind)
+        assert type(ctx) is kind and ctx.extra == "init ran"
+        assert ctx.k_idxs().tolist() == ctx.slot_cells().tolist()
+    with pytest.raises(ValueError, match="kind"):
+        _core._decode_step_fast_layout("other", KVCacheContext)
+
+
+def test_decode_step_reuses_only_what_nobody_holds():
+    import weakref
+    # the compiled contexts and k-row arrays of earlier steps are reused once nothing references
+    # them: anything a caller kept (the context, its k rows, a view, the compiled context) keeps
+    # its values through later steps
+    cache = KVCache(1, 4, 4, 256, n_seq_max=4, dtype_k=np.float32, dtype_v=np.float32, v_trans=False)
+    ids = np.arange(4, dtype=np.int32)
+    kept_ctx = cache.decode_step(ids)
+    expect = [kept_ctx.k_idxs().copy()]
+    kept_rows = cache.decode_step(ids).k_idxs()
+    expect.append(kept_rows.copy())
+    kept_view = cache.decode_step(ids).k_idxs()[1:]
+    expect.append(kept_view.copy())
+    kept_compiled = cache.decode_step(ids)._ctx
+    expect.append(kept_compiled.slot_cells())
+    # with nothing held, the ring keeps an earlier step's k-row array (a weak reference sees it
+    # alive after the context is gone) and a later step hands that same array out again
+    ctx = cache.decode_step(ids)
+    ring_rows = weakref.ref(ctx.k_idxs())
+    del ctx
+    reused = 0
+    for _ in range(20):
+        ctx = cache.decode_step(ids)
+        assert ctx.k_idxs().tolist() == ctx.slot_cells().tolist()
+        assert ring_rows() is not None
+        reused += ctx.k_idxs() is ring_rows()
+        del ctx
+    assert reused > 0
+    assert kept_ctx._ctx.slot_cells().tolist() == expect[0].tolist()
+    assert kept_ctx._kidx.tolist() == expect[0].tolist()
+    assert kept_rows.tolist() == expect[1].tolist() and kept_view.tolist() == expect[2].tolist()
+    assert kept_compiled.slot_cells().tolist() == expect[3].tolist()
+    # a different number of sequences gets arrays of its length
+    ctx = cache.decode_step([1, 3])
+    assert ctx.k_idxs().shape == (2,) and ctx.k_idxs().tolist() == ctx.slot_cells().tolist()
+    assert cache.seq_pos_max(1) == 25 and cache.seq_pos_max(0) == 24  # 25 and 26 steps
+
+
+def test_decode_step_leaves_no_reference_cycle():
+    # the ring of reusable objects lives on the cache and references nothing that references the
+    # cache: dropping the cache frees it (and its buffers) without the cycle collector
+    import gc
+    import weakref
+    cache = KVCache(1, 4, 4, 64, n_seq_max=2, dtype_k=np.float32, dtype_v=np.float32)
+    probe = weakref.ref(cache._k[0])  # the cache's K buffer (a numpy array) dies with it
+    for _ in range(5):
+        cache.decode_step([0, 1]).k_idxs()
+    gc.disable()
+    try:
+        del cache
+        assert probe() is None
+    finally:
+        gc.enable()
+
+
 def test_decode_step_without_tokens_on_the_general_path():
     # per-sequence streams, ids not consecutive: several micro-batches, the general path; without
     # tokens its batch carries token ids 0 (the allocator needs ids), the cells as with tokens

@@ -140,6 +140,7 @@ public:
     void check_seq_div(int32_t seq, int32_t p0, int32_t p1, int32_t d) const;
     int32_t seq_pos_min(int32_t seq) const override;
     int32_t seq_pos_max(int32_t seq) const override;
+    void    seq_pos_max_each(const int32_t * seqs, uint32_t n, int32_t * out) const override;
     /// The token of seq's cell at the largest position <= p, -1 if none (llama.cpp's
     /// seq_pos_tok_le, used for n-gram embeddings). Throws llmem::error when the cells keep no
     /// tokens (neither cell_tokens nor M-RoPE).

@@ -58,7 +58,13 @@ public:
     /// -1 when the sequence holds no cell (or is outside [0, n_seq_max)).
     int32_t seq_pos_min(int32_t s) const;
     int32_t seq_pos_max(int32_t s) const {
-        return in_range(s) && !ix(s).empty() ? key_pos(last_key_[size_t(s - seq_base_)]) : -1;
+        // last_key_ is 0 exactly when the index is empty (a key of a position >= 0 has its top
+        // bit set): one dense read, not the index's header
+        if (!in_range(s)) {
+            return -1;
+        }
+        const uint64_t k = last_key_[size_t(s - seq_base_)];
+        return k != 0 ? key_pos(k) : -1;
     }
     /// Number of cells holding s.
     uint32_t seq_n_cells(int32_t s) const;
@@ -75,6 +81,9 @@ public:
 
     /// First empty index >= from (size() if none), skipping used cells 64 at a time.
     uint32_t next_empty(uint32_t from) const;
+    /// Appends to out the empty indices in [from, to) in increasing order, at most n of them;
+    /// returns how many (a word of the used set at a time: the decode step's slot search).
+    uint32_t collect_empty(uint32_t from, uint32_t to, uint32_t n, std::vector<uint32_t> & out) const;
     /// First used index >= from (size() if none).
     uint32_t next_used(uint32_t from) const;
 
@@ -97,6 +106,10 @@ public:
     void pos_set(uint32_t i, int32_t p);
     /// pos_set(i, p) then seq_add(i, s) in one step: placing a token of one sequence.
     void occupy(uint32_t i, int32_t p, int32_t s);
+    /// occupy(cells[k], pos[k], seqs[k]) for k < n in one pass while the cells are empty (the
+    /// micro-batch of a decode step, one sequence per token); stops at the first used cell and
+    /// returns how many were placed.
+    uint32_t occupy_each(const uint32_t * cells, const int32_t * pos, const int32_t * seqs, uint32_t n);
     /// occupy(cells[k], pos[k], s) for every k < n, merging the n keys into s's index at once
     /// (restoring a sequence's state places all its cells).
     void occupy_all(const uint32_t * cells, const int32_t * pos, uint32_t n, int32_t s);
@@ -186,7 +199,7 @@ private:
     bool                  has_shift_ = false;
 
     std::vector<std::vector<uint64_t>> index_;  // per sequence, sorted keys
-    // Per sequence, a copy of index_'s last key (meaningless while that index is empty). The
+    // Per sequence, a copy of index_'s last key, 0 while that index is empty. The
     // decode step asks every sequence for its newest position and appends one key to each: kept
     // here in one dense array, those reads hit a few cache lines instead of one line per sequence
     // scattered over the heap (at 256 sequences that was the largest cost of the step).
