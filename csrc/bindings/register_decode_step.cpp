@@ -104,9 +104,13 @@ thread_local std::vector<int32_t> t_tokens;
 // checked) into `scratch` as read_ids does.
 const int32_t * ids_view(py::handle obj, const char * name, std::vector<int32_t> & scratch, size_t & n) {
     using exact = py::array_t<int32_t, py::array::c_style>;
-    if (exact::check_(obj)) {
-        const auto * a = py::detail::array_proxy(obj.ptr());
-        if (a->nd == 1) {
+    auto & api = py::detail::npy_api::get();
+    if (api.PyArray_Check_(obj.ptr())) {
+        const auto *             a     = py::detail::array_proxy(obj.ptr());
+        static PyObject * const int32 = py::dtype::of<int32_t>().release().ptr();  // kept for the process
+        // the usual array carries numpy's int32 descriptor itself: no equivalence call
+        const bool is_int32 = a->descr == int32 || exact::check_(obj);
+        if (is_int32 && a->nd == 1 && (a->flags & py::detail::npy_api::NPY_ARRAY_C_CONTIGUOUS_) != 0) {
             n = size_t(a->dimensions[0]);
             return reinterpret_cast<const int32_t *>(a->data);
         }

@@ -617,7 +617,9 @@ int32_t kv_cache::seq_pos_max(int32_t seq) const {
 void kv_cache::seq_pos_max_each(const int32_t * seqs, uint32_t n, int32_t * out) const {
     for (uint32_t k = 0; k < n; ++k) {
         check_seq(seqs[k], "seq_pos_max");
-        out[k] = cells_[seq_to_stream(seqs[k])].seq_pos_max(seqs[k]);
+        const kv_cells & T = cells_[seq_to_stream(seqs[k])];
+        out[k]             = T.seq_pos_max(seqs[k]);
+        T.prefetch_append(seqs[k]);  // the decode step appends there next (apply_ubatch)
     }
 }
 

@@ -73,6 +73,15 @@ public:
     /// (llama_kv_cells::seq_pos_tok_le). Tokens are kept only with ext data (with_ext).
     int32_t seq_pos_tok_le(int32_t s, int32_t p) const;
 
+    /// Starts loading the end of s's index, where the next key of s goes: a decode step asks for
+    /// all its sequences first and appends much later, when the lines are there (between steps a
+    /// model or other work has usually evicted them).
+    void prefetch_append(int32_t s) const {
+        if (in_range(s)) {
+            const auto & v = ix(s);
+            __builtin_prefetch(v.data() + v.size(), 1);
+        }
+    }
     /// Keys of the cells of s in (pos, cell) order; decode with key_pos / key_cell.
     const std::vector<uint64_t> & seq_index(int32_t s) const { return in_range(s) ? ix(s) : empty_index_; }
     static uint64_t key(int32_t p, uint32_t i) { return (uint64_t(uint32_t(p) ^ 0x80000000u) << 32) | i; }

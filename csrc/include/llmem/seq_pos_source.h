@@ -14,7 +14,8 @@ public:
     virtual int32_t seq_pos_max(int32_t seq) const = 0;
 
     /// out[k] = seq_pos_max(seqs[k]) for k < n: one call for a decode step's sequences (a memory
-    /// overrides it with a loop that needs no call per sequence).
+    /// overrides it with a loop that needs no call per sequence, and may start loading what the
+    /// step will write for them).
     virtual void seq_pos_max_each(const int32_t * seqs, uint32_t n, int32_t * out) const {
         for (uint32_t k = 0; k < n; ++k) {
             out[k] = seq_pos_max(seqs[k]);
