@@ -41,8 +41,12 @@
 #include <optional>
 #include <string>
 
+// the member-type names of Python 3.12+ (structmember.h's older names before)
 #ifndef Py_T_OBJECT_EX
 #    define Py_T_OBJECT_EX T_OBJECT_EX
+#endif
+#ifndef Py_READONLY
+#    define Py_READONLY READONLY
 #endif
 
 namespace llmem::bind {
@@ -223,7 +227,7 @@ private:
             if (Py_TYPE(d) == &PyMemberDescr_Type) {
                 const PyMemberDef * m = reinterpret_cast<PyMemberDescrObject *>(d)->d_member;
                 offset[k]             = m->offset;
-                plain                 = m->type == Py_T_OBJECT_EX && (m->flags & READONLY) == 0;
+                plain                 = m->type == Py_T_OBJECT_EX && (m->flags & Py_READONLY) == 0;
             }
             Py_DECREF(d);
             if (!plain) {
