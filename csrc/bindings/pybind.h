@@ -7,9 +7,41 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "llmem/status.h"
+
 #include <cstdint>
 #include <string>
 #include <vector>
+
+namespace llmem::bind {
+/// The member of llmem._core.Status for `s` (borrowed), or nullptr before the enum is registered.
+PyObject * status_member(memory_status s);
+} // namespace llmem::bind
+
+namespace pybind11::detail {
+// A memory_status returned to Python (every context's .status) is the Status member itself, taken
+// from a table made when the enum is registered (register_status.cpp): pybind11's native_enum
+// caster calls Status(value), which runs enum's Python-level __call__ (about 0.7 us a read).
+// Loading a Status argument is pybind11's.
+template <>
+class type_caster<llmem::memory_status> : public type_caster_enum_type<llmem::memory_status> {
+    using base = type_caster_enum_type<llmem::memory_status>;
+
+public:
+    template <typename SrcType>
+    static handle cast(SrcType && src, return_value_policy policy, handle parent) {
+        if (PyObject * member = llmem::bind::status_member(static_cast<llmem::memory_status>(src))) {
+            return handle(member).inc_ref();
+        }
+        return base::cast(std::forward<SrcType>(src), policy, parent);
+    }
+
+    template <typename SrcType>
+    static handle cast(SrcType * src, return_value_policy policy, handle parent) {
+        return cast(*src, policy, parent);
+    }
+};
+} // namespace pybind11::detail
 
 namespace py = pybind11;
 

@@ -7,6 +7,16 @@
 
 namespace llmem::bind {
 
+namespace {
+// Status's members by value, held for the process's lifetime (the enum class outlives every use).
+PyObject * status_members[4] = { nullptr, nullptr, nullptr, nullptr };
+} // namespace
+
+PyObject * status_member(memory_status s) {
+    const auto v = static_cast<int32_t>(s);
+    return v >= 0 && v < 4 ? status_members[v] : nullptr;
+}
+
 void register_status(py::module_ & m) {
     py::native_enum<llmem::memory_status>(m, "Status", "enum.IntEnum",
                                           "Outcome of preparing a memory context (llama.cpp numbering).")
@@ -15,6 +25,12 @@ void register_status(py::module_ & m) {
         .value("FAILED_PREPARE", llmem::memory_status::FAILED_PREPARE)
         .value("FAILED_COMPUTE", llmem::memory_status::FAILED_COMPUTE)
         .finalize();
+    {
+        const py::object status = m.attr("Status");
+        for (int32_t v = 0; v < 4; ++v) {
+            status_members[v] = status(v).release().ptr();
+        }
+    }
 
     py::native_enum<llmem::swa_type>(m, "SWAType", "enum.IntEnum", "Sliding-window attention kinds.")
         .value("NONE", llmem::swa_type::NONE)

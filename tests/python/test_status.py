@@ -35,6 +35,23 @@ def test_combine_returns_the_enum():
     assert isinstance(status_combine(Status.NO_UPDATE, Status.NO_UPDATE), Status)
 
 
+@pytest.mark.parametrize("a,b", list(itertools.product(list(Status), repeat=2)))
+def test_statuses_from_the_core_are_the_enum_members(a, b):
+    # the core returns Status's member objects themselves (a table, not Status(value) per read):
+    # identity, type and the IntEnum behaviour hold for every value
+    got = status_combine(a, b)
+    assert type(got) is Status and got is Status(int(got)) and got == int(got)
+
+
+def test_context_status_is_the_member():
+    import numpy as np
+    cache = llmem.KVCache(1, 4, 4, 16, n_seq_max=2, dtype_k=np.float32, dtype_v=np.float32)
+    ctx = cache.decode_step([0, 1])
+    assert ctx.status is Status.SUCCESS and ctx._ctx.status is Status.SUCCESS
+    full = cache.init_batch(llmem.Batch(token=np.zeros(40, np.int32)), 40)
+    assert full.status is Status.FAILED_PREPARE
+
+
 def test_public_names():
     for name in llmem.__all__:
         assert hasattr(llmem, name), name
