@@ -139,6 +139,17 @@ def _time_rounds(contenders: Dict[str, Callable[[int], None]], rounds: int, step
     return out
 
 
+def _device_copy_us(dst: Any, src: Any) -> float:
+    """Microseconds of one device-to-device copy of src into dst, timed with CUDA events."""
+    import torch
+    ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    ev0.record()
+    dst.copy_(src)
+    ev1.record()
+    _sync()
+    return float(ev0.elapsed_time(ev1)) * 1e3
+
+
 def _kshift_vs_copy(dtype: Any, device: str, n_cells: int) -> Dict[str, float]:
     import torch
     kv = llmem.KVCache(N_LAYER, N_KV_HEAD * HEAD_DIM, N_KV_HEAD * HEAD_DIM, n_cells, dtype_k=dtype, dtype_v=dtype,
@@ -156,12 +167,7 @@ def _kshift_vs_copy(dtype: Any, device: str, n_cells: int) -> Dict[str, float]:
         kv.init_update().apply()
         _sync()
         shift_us.append((time.perf_counter() - t0) * 1e6)
-        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ev0.record()
-        dst.copy_(src)
-        ev1.record()
-        _sync()
-        copy_us.append(ev0.elapsed_time(ev1) * 1e3)
+        copy_us.append(_device_copy_us(dst, src))
     s, c = statistics.median(shift_us[1:]), statistics.median(copy_us[1:])
     return {"cells": n_cells, "k_bytes": k_bytes, "kshift_us": s, "copy_us": c,
             "kshift_gbs": 2 * k_bytes / s / 1e3, "copy_gbs": 2 * k_bytes / c / 1e3}
@@ -197,12 +203,7 @@ def _recurrent_vs_copy(dtype: Any, device: str, n_seqs: int, n_layer: int = 4) -
         step()
         _sync()
         rs_us.append((time.perf_counter() - t0) * 1e6)
-        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ev0.record()
-        dst.copy_(src)
-        ev1.record()
-        _sync()
-        copy_us.append(ev0.elapsed_time(ev1) * 1e3)
+        copy_us.append(_device_copy_us(dst, src))
     r, c = statistics.median(rs_us[1:]), statistics.median(copy_us[1:])
     return {"seqs": n_seqs, "bytes": moved, "rs_us": r, "copy_us": c, "rs_gbs": 4 * moved / r / 1e3,
             "copy_gbs": 2 * moved / c / 1e3}

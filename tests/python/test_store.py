@@ -34,13 +34,27 @@ HERE = Path(__file__).resolve().parent
 WORKER = HERE / "store_worker.py"
 
 
-@pytest.fixture(scope="session")
-def redis_server():
+def started_redis_server() -> RedisServer:
+    """A redis-server of its own, started (the test is skipped without the client or the server)."""
     pytest.importorskip("redis", reason="the redis client (llmem[redis]) is not installed")
     if find_redis_server() is None:
         pytest.skip("redis-server is not installed (scripts/test.sh installs Debian's redis-server as root)")
     server = RedisServer()
     server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = started_redis_server()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_redis_server():
+    """A server for one test, which stops, restarts or freezes it."""
+    server = started_redis_server()
     yield server
     server.close()
 
@@ -423,56 +437,49 @@ def test_a_killed_writer_never_leaves_a_readable_half_value(redis_store, redis_s
     assert disk is not None and not list(directory.glob(".tmp-*"))
 
 
-def test_redis_stopped_and_restarted_mid_run(tmp_path, caplog):
-    pytest.importorskip("redis", reason="the redis client (llmem[redis]) is not installed")
-    if find_redis_server() is None:
-        pytest.skip("redis-server is not installed (scripts/test.sh installs Debian's redis-server as root)")
-    server = RedisServer()
-    server.start()
-    try:
-        model = MODELS["transformer"]
-        store = RedisStore(unix_socket_path=server.socket, backoff=0.05, max_backoff=0.2)
-        memory = new_memory("transformer")
-        tier = PrefixStore(store, "toy", memory, block_size=8)
-        cache = llmem.PrefixCache(memory, n_requests=3, store=tier)
-        rng = np.random.default_rng(41)
-        chats = make_workload(rng, model.config.n_vocab)
-        serve(model, memory, cache, chats[:4], rng)
+def test_redis_stopped_and_restarted_mid_run(tmp_path, caplog, own_redis_server):
+    server = own_redis_server
+    model = MODELS["transformer"]
+    store = RedisStore(unix_socket_path=server.socket, backoff=0.05, max_backoff=0.2)
+    memory = new_memory("transformer")
+    tier = PrefixStore(store, "toy", memory, block_size=8)
+    cache = llmem.PrefixCache(memory, n_requests=3, store=tier)
+    rng = np.random.default_rng(41)
+    chats = make_workload(rng, model.config.n_vocab)
+    serve(model, memory, cache, chats[:4], rng)
+    cache.clear()
+    assert tier.flush(10) and store.stats()["puts"] > 0
+    with caplog.at_level(logging.WARNING, logger="llmem"):
+        server.stop()
+        # serving goes on without the tier: every output still exact
+        serve(model, memory, cache, chats[4:], rng)
+        verify(model, chats[4:])
         cache.clear()
-        assert tier.flush(10) and store.stats()["puts"] > 0
-        with caplog.at_level(logging.WARNING, logger="llmem"):
-            server.stop()
-            # serving goes on without the tier: every output still exact
-            serve(model, memory, cache, chats[4:], rng)
-            verify(model, chats[4:])
-            cache.clear()
-            tier.flush(10)
-            assert store.stats()["errors"] > 0 and not store.up
-            assert "serving without the store tier" in caplog.text
-            server.start()
-            time.sleep(0.3)  # past the backoff
-            ok = [store.put("after", b"1") for _ in range(3)]
-            assert any(ok) and store.up and store.get("after") == b"1"
-            assert "reachable again" in caplog.text
-        # the tier works again: a fresh cache finds prefixes spilled after the restart
-        memory2 = new_memory("transformer")
-        cache.clear()
-        for c in chats[:2]:
-            seq, n = cache.admit(c.history)
-            decode(model, memory, seq, c.history[n:])
-            cache.commit(seq, c.history[n:])
-            cache.release(seq)
-        cache.clear()
-        assert tier.flush(10)
-        tier2 = PrefixStore(store, "toy", memory2, block_size=8, asynchronous=False)
-        cache2 = llmem.PrefixCache(memory2, n_requests=3, store=tier2)
-        seq, n = cache2.admit(chats[0].history)
-        assert n >= 8 and cache2.stats()["store_hits"] == 1
-        logits = decode(model, memory2, seq, chats[0].history[n:])
-        np.testing.assert_allclose(logits, model.forward_full(chats[0].history)[-1], **TOL)
-        tier.close()
-    finally:
-        server.close()
+        tier.flush(10)
+        assert store.stats()["errors"] > 0 and not store.up
+        assert "serving without the store tier" in caplog.text
+        server.start()
+        time.sleep(0.3)  # past the backoff
+        ok = [store.put("after", b"1") for _ in range(3)]
+        assert any(ok) and store.up and store.get("after") == b"1"
+        assert "reachable again" in caplog.text
+    # the tier works again: a fresh cache finds prefixes spilled after the restart
+    memory2 = new_memory("transformer")
+    cache.clear()
+    for c in chats[:2]:
+        seq, n = cache.admit(c.history)
+        decode(model, memory, seq, c.history[n:])
+        cache.commit(seq, c.history[n:])
+        cache.release(seq)
+    cache.clear()
+    assert tier.flush(10)
+    tier2 = PrefixStore(store, "toy", memory2, block_size=8, asynchronous=False)
+    cache2 = llmem.PrefixCache(memory2, n_requests=3, store=tier2)
+    seq, n = cache2.admit(chats[0].history)
+    assert n >= 8 and cache2.stats()["store_hits"] == 1
+    logits = decode(model, memory2, seq, chats[0].history[n:])
+    np.testing.assert_allclose(logits, model.forward_full(chats[0].history)[-1], **TOL)
+    tier.close()
 
 
 def test_a_slow_or_absent_redis_costs_one_short_timeout(tmp_path):
@@ -487,31 +494,24 @@ def test_a_slow_or_absent_redis_costs_one_short_timeout(tmp_path):
     assert s["errors"] == 1 and s["misses"] == 101 and s["put_failed"] == 1
 
 
-def test_a_hung_redis_times_out_once_then_is_bypassed_until_it_answers(caplog):
+def test_a_hung_redis_times_out_once_then_is_bypassed_until_it_answers(caplog, own_redis_server):
     """A server that stops answering (SIGSTOP: connections stay open, no reply comes) costs one
     socket timeout; the store then answers "not there" without the network until its backoff
     ends, and works again once the server does."""
-    pytest.importorskip("redis", reason="the redis client (llmem[redis]) is not installed")
-    if find_redis_server() is None:
-        pytest.skip("redis-server is not installed (scripts/test.sh installs Debian's redis-server as root)")
-    server = RedisServer()
-    server.start()
+    server = own_redis_server
+    store = RedisStore(unix_socket_path=server.socket, socket_timeout=0.2, backoff=30)
+    assert store.put("k", b"v") and store.get("k") == b"v"
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
     try:
-        store = RedisStore(unix_socket_path=server.socket, socket_timeout=0.2, backoff=30)
-        assert store.put("k", b"v") and store.get("k") == b"v"
-        assert server.proc is not None
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        try:
-            with caplog.at_level(logging.WARNING, logger="llmem"):
-                assert store.get("k") is None          # one timeout
-                for _ in range(50):                     # then no network while backing off
-                    assert store.get("k") is None and not store.put("k2", b"v")
-            s = store.stats()
-            assert s["errors"] == 1 and s["misses"] == 51 and s["put_failed"] == 50 and not store.up
-            assert "serving without the store tier" in caplog.text
-        finally:
-            os.kill(server.proc.pid, signal.SIGCONT)
-        assert store.ping() and store.up                # a probe ends the backoff
-        assert store.get("k") == b"v"
+        with caplog.at_level(logging.WARNING, logger="llmem"):
+            assert store.get("k") is None          # one timeout
+            for _ in range(50):                     # then no network while backing off
+                assert store.get("k") is None and not store.put("k2", b"v")
+        s = store.stats()
+        assert s["errors"] == 1 and s["misses"] == 51 and s["put_failed"] == 50 and not store.up
+        assert "serving without the store tier" in caplog.text
     finally:
-        server.close()
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert store.ping() and store.up                # a probe ends the backoff
+    assert store.get("k") == b"v"
